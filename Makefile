@@ -1,0 +1,36 @@
+# Developer and CI entry points. `make test` is what CI runs (via .ci/run).
+
+PYTHON ?= python3.11
+VENV := .venv
+# The demo command; adjust here when the demo changes.
+DEMO_CMD ?= $(VENV)/bin/gatekeeper phantom demo
+# DICOM tools the tests use: DCMTK (storescu), dicom3tools (dciodvfy), Orthanc (a PACS to send to).
+SYSTEM_PACKAGES := dcmtk orthanc dicom3tools
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv system-deps test demo
+
+venv: $(VENV)/.installed
+
+# Re-installs only when pyproject.toml changed. torch==2.13.0 (the `train` extra) comes from the
+# local wheel folder that pip's configuration points to; it takes a minute.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[train,test]'
+	touch $@
+
+# Installs the Debian packages only if one of their programs is missing. Installing orthanc may
+# also start a system Orthanc service (ports 4242/8042); the tests start their own and do not use it.
+system-deps:
+	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null; then \
+		echo "system-deps: storescu, dciodvfy and Orthanc are installed"; \
+	else \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+test: system-deps venv
+	$(VENV)/bin/pytest
+
+demo: venv
+	$(DEMO_CMD)

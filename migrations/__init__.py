@@ -1,0 +1,1 @@
+"""Alembic migrations of the gatekeeper database; run them with `gatekeeper db upgrade`."""

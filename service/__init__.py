@@ -1,0 +1,1 @@
+"""CT Gatekeeper: everything that runs in production. Never imports torch."""

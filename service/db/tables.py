@@ -1,0 +1,156 @@
+"""Tables for DICOM ingest, as SQLAlchemy 2 declarative classes.
+
+A *series version* is one reception of a series: when instances of an already completed series
+arrive again, a new `Series` row with the next `version` is made and the older one is marked
+`superseded`. Display fields (patient name and id, study date, series description) are stored
+here for the worklist only; they must never appear in logs.
+
+Every datetime is timezone-aware UTC, also on SQLite, which stores none (see `UTCDateTime`).
+Changes to these classes need a hand-reviewed Alembic revision under `migrations/versions/`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Constraint names that are the same on every database, so that migrations can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UID = String(64)  # DICOM UI: at most 64 characters
+AE_TITLE = String(16)  # DICOM AE: at most 16 characters
+
+
+def utc_now() -> dt.datetime:
+    """The current time as a timezone-aware UTC datetime."""
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A `TIMESTAMP WITH TIME ZONE` that takes and gives timezone-aware UTC datetimes only.
+
+    Raises:
+        ValueError: on binding a naive datetime, whose meaning would be a guess.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"datetime {value.isoformat()} has no time zone; expected an aware UTC datetime")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # SQLite gives back what was stored, which is UTC
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+class SeriesState(StrEnum):
+    """Where a series version is in its life; stored as a string, later stages add values."""
+
+    RECEIVING = "receiving"  # instances are arriving; the quiet period has not passed
+    COMPLETE = "complete"  # the quiet period passed; the series is not yet handed on
+    QUEUED = "queued"  # handed to the pipeline
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every gatekeeper table."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Series(Base):
+    """One received version of a DICOM series."""
+
+    __tablename__ = "series"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    # 1 for the first reception of this SeriesInstanceUID, then 2, 3, ...
+    version: Mapped[int]
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(UID)
+    modality: Mapped[str] = mapped_column(String(16))
+    # AE title of the sender of the first instance of this version.
+    calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
+    # A `SeriesState` value.
+    state: Mapped[str] = mapped_column(String(32), default=SeriesState.RECEIVING.value)
+    num_instances: Mapped[int] = mapped_column(default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # True once a later version of the same series exists; superseded versions are not processed.
+    superseded: Mapped[bool] = mapped_column(default=False)
+
+    # Display only, never logged. Text: real-world values may exceed the DICOM lengths.
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    patient_id: Mapped[str | None] = mapped_column(Text)
+    study_date: Mapped[dt.date | None] = mapped_column(Date)
+    series_description: Mapped[str | None] = mapped_column(Text)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", passive_deletes=True)
+    events: Mapped[list[SeriesEvent]] = relationship(back_populates="series", passive_deletes=True)
+
+
+class Instance(Base):
+    """One stored DICOM instance (file) of a series version."""
+
+    __tablename__ = "instance"
+    __table_args__ = (UniqueConstraint("series_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    # Path of the file relative to `Settings.storage_dir`, with forward slashes.
+    relative_path: Mapped[str] = mapped_column(Text)
+    # Hex SHA-256 of the file as written.
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class SeriesEvent(Base):
+    """Something that happened to a series version, for its audit trail (no patient data in `detail`)."""
+
+    __tablename__ = "series_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+    series: Mapped[Series] = relationship(back_populates="events")

@@ -1,0 +1,25 @@
+"""Logging setup for every gatekeeper process.
+
+Log lines carry internal ids and DICOM UIDs only — never patient names, ids, birth dates or
+accession numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send log records to stderr as `time level logger: message`, once per process."""
+    root = logging.getLogger()
+    if any(getattr(h, "_gatekeeper", False) for h in root.handlers):
+        root.setLevel(level)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._gatekeeper = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    # highdicom narrates every attribute it copies at INFO; keep its warnings only.
+    logging.getLogger("highdicom").setLevel(max(level, logging.WARNING))

@@ -1,0 +1,132 @@
+"""`gatekeeper phantom`: write synthetic CT series with exact ground truth.
+
+    gatekeeper phantom --out DIR --series N --slices K --seed S [--anomaly TYPE]
+    gatekeeper phantom dataset --out DIR [--large] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from service.phantom.anomalies import ANOMALY_TYPES
+from service.phantom.generate import (
+    DEFAULT_NOISE_SIGMA,
+    count_slices,
+    dataset_specs,
+    generate_run,
+    series_specs,
+    spec_summary,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "phantom",
+        help="generate synthetic abdominal CT series with ground truth",
+        description="Generate synthetic abdominal CT series (CT Image Storage files) with exact ground truth "
+        "(DICOM-SEG of organs and of the injected anomaly) and a manifest.json. "
+        "'gatekeeper phantom dataset' builds the seed protocol: 96 train, 10 validation, 50 test series.",
+    )
+    p.add_argument("mode", nargs="?", choices=["dataset"], help="'dataset': build the seed protocol")
+    p.add_argument("--out", required=True, type=Path, help="output folder (must be empty, or use --force)")
+    p.add_argument("--series", type=int, default=1, help="number of series (default 1; not with 'dataset')")
+    p.add_argument("--slices", type=int, default=None,
+                   help="slices per series (default: a realistic scan range, ~40–380 slices)")
+    p.add_argument("--seed", type=int, default=0, help="seed: same seed, same output (default 0)")
+    p.add_argument("--anomaly", default="none",
+                   help=f"anomaly to inject in every series: none, {', '.join(ANOMALY_TYPES)} (default none)")
+    p.add_argument("--matrix", type=int, default=512, help="rows and columns per slice (default 512)")
+    p.add_argument("--noise-sigma", type=float, default=DEFAULT_NOISE_SIGMA,
+                   help=f"CT noise standard deviation in HU for an average adult (default {DEFAULT_NOISE_SIGMA:g})")
+    p.add_argument("--large", action="store_true", help="with 'dataset': the >= 300-series test set instead")
+    p.add_argument("--jobs", type=int, default=1, help="series generated in parallel (default 1)")
+    p.add_argument("--force", action="store_true", help="replace an earlier phantom run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from service.cli import UsageError
+
+    if args.slices is not None and args.slices < 1:
+        raise UsageError(f"--slices must be >= 1, got {args.slices}")
+    if args.series < 1:
+        raise UsageError(f"--series must be >= 1, got {args.series}")
+    if args.anomaly not in ("none", *ANOMALY_TYPES):
+        raise UsageError(f"unknown --anomaly {args.anomaly!r}; expected one of: none, {', '.join(ANOMALY_TYPES)}")
+    if not 64 <= args.matrix <= 1024:
+        raise UsageError(f"--matrix must be within 64..1024 pixels, got {args.matrix}")
+    if not args.noise_sigma >= 0:
+        raise UsageError(f"--noise-sigma must be >= 0 HU, got {args.noise_sigma}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.mode == "dataset":
+        if args.series != 1 or args.anomaly != "none":
+            raise UsageError("'phantom dataset' builds the fixed protocol; --series and --anomaly do not apply")
+    elif args.large:
+        raise UsageError("--large applies to 'gatekeeper phantom dataset' only")
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Make sure `out` is an empty folder; with `force`, clear an earlier phantom run there.
+
+    Raises:
+        UsageError: `out` is a file, or a non-empty folder without --force, or a non-empty folder
+            that is not a phantom run (no manifest.json) — never deleted, even with --force.
+    """
+    from service.cli import UsageError
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"--out {out} is not empty; use --force to replace an earlier phantom run")
+        if not (out / "manifest.json").is_file():
+            raise UsageError(f"--out {out} is not empty and holds no phantom manifest.json; refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.cli import UsageError
+
+    _check_args(args)
+    anomaly = None if args.anomaly == "none" else args.anomaly
+    try:
+        if args.mode == "dataset":
+            specs = dataset_specs(seed=args.seed, large=args.large, num_slices=args.slices, matrix=args.matrix,
+                                  noise_sigma=args.noise_sigma)
+        else:
+            specs = series_specs(count=args.series, seed=args.seed, num_slices=args.slices, anomaly=anomaly,
+                                 matrix=args.matrix, noise_sigma=args.noise_sigma)
+        # Fail on impossible geometry before touching the output folder.
+        count_slices(specs[0])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    prepare_output(args.out, args.force)
+    command = "gatekeeper " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("gatekeeper") else None
+    meta = {"seed": args.seed, "protocol": "dataset-large" if args.large else ("dataset" if args.mode else "series"),
+            "summary": spec_summary(specs), "command": command}
+    manifest = generate_run(specs, args.out, jobs=args.jobs, progress=not args.quiet, meta=meta)
+    print_manifest(manifest, args.out)
+    return 0
+
+
+def print_manifest(manifest: dict, out: Path) -> None:
+    """Print one line per series written: folder, slices, anomaly and the slices it affects."""
+    print(f"Wrote {len(manifest['series'])} series under {out} (manifest: {out / 'manifest.json'})")
+    print(f"{'folder':34} {'slices':>6} {'spacing':>8} {'anomaly':15} affected slices")
+    for entry in manifest["series"]:
+        g = entry["geometry"]
+        anomaly = entry["anomaly"]
+        affected = "-"
+        if anomaly:
+            s = anomaly["slices"]
+            affected = f"{len(s)} ({s[0]}–{s[-1]})"
+        print(f"{entry['folder']:34} {g['num_slices']:>6} {g['slice_thickness_mm']:>6g}mm "
+              f"{(anomaly or {}).get('type', 'normal'):15} {affected}")

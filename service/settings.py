@@ -1,0 +1,218 @@
+"""Every tunable of CT Gatekeeper, in one typed class.
+
+Values come from, highest priority first:
+
+1. environment variables `GATEKEEPER_<FIELD>` (e.g. `GATEKEEPER_PORT=11113`);
+2. the TOML file named by `GATEKEEPER_CONFIG`, with the field names as top-level keys
+   (e.g. `port = 11113`); an unknown key is an error, so a typo cannot pass silently;
+3. the defaults below, which are enough for a single-machine development setup: SQLite and
+   an SQLite-backed Celery broker under `storage_dir`, the listener on the loopback address.
+
+List fields take a TOML array in the file, and a comma-separated string in the environment
+(`GATEKEEPER_ALLOWED_AE_TITLES=CT1,CT2`).
+
+This is the only module that reads the process environment. To add a setting, add a typed field
+with a default and a comment that states its meaning and unit; validators below show how to check
+a value and say what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "GATEKEEPER_"
+CONFIG_ENV_VAR = "GATEKEEPER_CONFIG"
+EXIT_BAD_SETTINGS = 2
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ConfigFileError(Exception):
+    """The file named by GATEKEEPER_CONFIG is missing or is not valid TOML."""
+
+
+def check_ae_title(value: str) -> str:
+    """Return `value` without trailing spaces if it is a valid DICOM Application Entity title.
+
+    A valid AE title (PS3.5, VR "AE") has 1 to 16 characters from the default character
+    repertoire (printable ASCII), no backslash, and is not made of spaces only.
+
+    Raises:
+        ValueError: the title breaks one of those rules; the message says which.
+    """
+    if not 1 <= len(value) <= 16:
+        raise ValueError(f"AE title {value!r} has {len(value)} characters; expected 1 to 16")
+    if "\\" in value:
+        raise ValueError(f"AE title {value!r} contains a backslash")
+    if any(not " " <= ch <= "~" for ch in value):
+        raise ValueError(f"AE title {value!r} has characters outside printable ASCII")
+    if not value.strip():
+        raise ValueError("AE title is all spaces")
+    return value.rstrip()
+
+
+def split_list(value: Any) -> Any:
+    """Turn a comma-separated environment string into a list; leave other values to pydantic."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The configuration of one gatekeeper process; invalid values refuse to load."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    # Folder for received DICOM files, the default SQLite database and the default broker.
+    storage_dir: Path = Path("./var")
+    # SQLAlchemy URL; `postgresql://` URLs use psycopg 3. Empty: SQLite file `storage_dir/gatekeeper.db`.
+    database_url: str = ""
+    # Celery broker URL, e.g. `redis://127.0.0.1:6379/0`. Empty: the embedded SQLAlchemy transport
+    # on `storage_dir/broker.db`, which needs no server but suits one machine only.
+    broker_url: str = ""
+
+    # Our own DICOM Application Entity title, as the senders address us.
+    ae_title: str = "GATEKEEPER"
+    # TCP port of the DICOM listener.
+    port: int = Field(default=11112, ge=1, le=65535)
+    # IP address the DICOM listener binds to; `0.0.0.0` listens on every interface.
+    bind_address: str = "127.0.0.1"
+    # Calling AE titles accepted by the listener; empty: no restriction by AE title.
+    allowed_ae_titles: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Networks (CIDR, e.g. `10.1.0.0/16`) the listener accepts associations from; empty: no
+    # restriction by address.
+    allowed_networks: Annotated[list[IPNetwork], NoDecode] = Field(default_factory=list)
+    # Seconds without a new instance after which a series counts as completely received.
+    quiet_period_s: float = Field(default=20.0, gt=0)
+
+    # Level of the root logger.
+    log_level: LogLevel = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Read keyword arguments, then the environment, then the GATEKEEPER_CONFIG file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_path = os.environ.get(CONFIG_ENV_VAR, "")
+        if config_path:
+            if not Path(config_path).is_file():
+                raise ConfigFileError(f"{CONFIG_ENV_VAR}: no such file {config_path}")
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_path)))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigFileError(f"{CONFIG_ENV_VAR}: {config_path} is not valid TOML: {exc}") from exc
+        return tuple(sources)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("allowed_ae_titles", mode="before")
+    @classmethod
+    def _split_ae_titles(cls, value: Any) -> Any:
+        return split_list(value)
+
+    @field_validator("allowed_ae_titles")
+    @classmethod
+    def _check_ae_titles(cls, value: list[str]) -> list[str]:
+        return [check_ae_title(title) for title in value]
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: Any) -> Any:
+        value = split_list(value)
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:
+                networks.append(ipaddress.ip_network(item))
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not a network in CIDR notation ({exc})") from None
+        return networks
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_bind_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fill_default_urls(self) -> Settings:
+        """Put the default database and broker under `storage_dir` when none is given."""
+        storage = self.storage_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{storage / 'gatekeeper.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{storage / 'broker.db'}"
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return this process's settings, read once and then cached.
+
+    Raises:
+        pydantic.ValidationError: a value is invalid (see `load_settings_or_exit`).
+        ConfigFileError: GATEKEEPER_CONFIG names a missing or malformed file.
+    """
+    return Settings()
+
+
+def load_settings_or_exit() -> Settings:
+    """Return the settings, or end the process with exit code 2 when they are invalid.
+
+    For each bad field, one line naming its environment variable goes to stderr, e.g.
+    `gatekeeper: invalid setting GATEKEEPER_PORT: Input should be less than or equal to 65535`.
+    """
+    try:
+        return get_settings()
+    except ConfigFileError as exc:
+        _exit_with([f"gatekeeper: invalid setting {exc}"])
+    except ValidationError as exc:
+        lines: dict[str, str] = {}
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            if field in lines:
+                continue  # one line per field; the first reason is enough to fix it
+            if error["type"] == "extra_forbidden":
+                lines[field] = f"gatekeeper: unknown setting {field!r} in the {CONFIG_ENV_VAR} file"
+            else:
+                lines[field] = f"gatekeeper: invalid setting {ENV_PREFIX}{field.upper()}: {error['msg']}"
+        _exit_with(list(lines.values()))
+
+
+def _exit_with(lines: list[str]) -> NoReturn:
+    sys.stderr.write("".join(line + "\n" for line in lines))
+    sys.exit(EXIT_BAD_SETTINGS)

@@ -65,4 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run through the imported module so `python -m service.cli` shares one UsageError class.
+    from service.cli import main as _main
+
+    sys.exit(_main())

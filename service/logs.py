@@ -10,13 +10,25 @@ import logging
 import sys
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Send log records to stderr as `time level logger: message`, once per process."""
     root = logging.getLogger()
     if any(getattr(h, "_gatekeeper", False) for h in root.handlers):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler._gatekeeper = True  # type: ignore[attr-defined]
     root.addHandler(handler)

@@ -10,6 +10,7 @@ command writes the same UIDs.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 from service.phantom.anatomy import Label
 from service.phantom.scanner import RESCALE_INTERCEPT, ScanGeometry
@@ -30,8 +31,9 @@ IMAGE_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def derived_uid(*parts: object) -> str:
-    """A UID that is the same every time for the same parts (2.25 form, from their hash)."""
-    return generate_uid(prefix=None, entropy_srcs=["ct-gatekeeper-phantom", *map(str, parts)])
+    """A UID that is the same every time for the same parts: "2.25." + a 128-bit hash (PS3.5 B.2)."""
+    digest = hashlib.sha256("\x1f".join(["ct-gatekeeper-phantom", *map(str, parts)]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 class SeriesIdentity:

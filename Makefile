@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 # The demo command; adjust here when the demo changes.
-DEMO_CMD ?= $(VENV)/bin/gatekeeper phantom demo
+DEMO_CMD ?= $(VENV)/bin/gatekeeper demo
 # DICOM tools the tests use: DCMTK (storescu), dicom3tools (dciodvfy), Orthanc (a PACS to send to).
 SYSTEM_PACKAGES := dcmtk orthanc dicom3tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

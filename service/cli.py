@@ -31,7 +31,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gatekeeper --help` stays fast and one broken module names itself.
-    from service import db_cli
+    from service import db_cli, demo, ingest_cli
     from service.phantom import cli as phantom_cli
 
     parser = _ArgumentParser(
@@ -40,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo.register(subparsers)
     phantom_cli.register(subparsers)
     db_cli.register(subparsers)
+    ingest_cli.register(subparsers)
     return parser
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

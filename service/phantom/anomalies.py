@@ -158,8 +158,10 @@ class Tumor(Anomaly):
         self.kind = str(rng.choice(["hypodense", "hyperdense"], p=[0.7, 0.3]))
         delta = rng.uniform(-70, -35) if self.kind == "hypodense" else rng.uniform(35, 60)
         self.lesion_hu = float(liver_hu + delta)
-        for _ in range(int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))):
-            diameter = float(np.exp(rng.uniform(np.log(10.0), np.log(80.0))))
+        for k in range(int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))):
+            # The index lesion is 2–8 cm; satellites 1–4 cm.
+            low, high = (20.0, 80.0) if k == 0 else (10.0, 40.0)
+            diameter = float(np.exp(rng.uniform(np.log(low), np.log(high))))
             span = patient.u_liver_end - patient.u_dome_right
             uc = float(patient.u_dome_right + rng.uniform(0.2, 0.6) * span)
             cx, cy, rx, ry, _ = patient.liver_right_lobe(uc)

@@ -31,7 +31,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gatekeeper --help` stays fast and one broken module names itself.
-    from service import db_cli, demo, ingest_cli
+    from service import db_cli, demo
     from service.phantom import cli as phantom_cli
 
     parser = _ArgumentParser(
@@ -43,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(subparsers)
     phantom_cli.register(subparsers)
     db_cli.register(subparsers)
-    ingest_cli.register(subparsers)
     return parser
 
 

@@ -72,8 +72,8 @@ TISSUE_HU: dict[Tissue, tuple[float, float, float]] = {
     Tissue.LIVER: (110, 60, 5),
     Tissue.LIVER_VESSEL: (175, 45, 6),
     Tissue.SPLEEN: (120, 50, 5),
-    Tissue.KIDNEY_CORTEX: (185, 35, 6),
-    Tissue.KIDNEY_MEDULLA: (140, 32, 6),
+    Tissue.KIDNEY_CORTEX: (180, 35, 6),
+    Tissue.KIDNEY_MEDULLA: (155, 32, 6),  # nephrographic by ~70 s
     Tissue.URINE: (8, 8, 3),
     Tissue.AORTA: (165, 45, 4),
     Tissue.IVC: (145, 42, 5),
@@ -420,6 +420,12 @@ class Patient:
         c.paint(full, outer < 1.0, Tissue.SKIN)
         c.paint(full, skin_in < 1.0, Tissue.FAT)
         c.paint(full, wall_out < 1.0, Tissue.MUSCLE)
+        # Fat planes in the wall: between the flank muscles (obliques, transversus), and the linea
+        # alba separating the two rectus muscles in front.
+        ma, mb = (la + ia) / 2, (lb + ib) / 2
+        plane = np.abs(px / ma**n + py / mb**n - 1.0) < n * 0.8 / ma
+        c.paint(full, plane & (np.abs(x) > 0.55 * la) & (wall_out < 1.0), Tissue.FAT)
+        c.paint(full, (np.abs(x) < 2.0 * s) & (y < 0) & (wall_out < 1.0), Tissue.FAT)
         c.paint(full, cavity, Tissue.FAT)
 
         # The table under the back.

@@ -186,11 +186,10 @@ class Scanner:
         blur_mm = float(np.hypot(0.45, 0.09 * g.slice_thickness))  # in-plane MTF + partial volume
         self._blur = np.exp(-2.0 * (np.pi * blur_mm / ps * f) ** 2).astype(np.float32)
 
-    def acquire(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Image slice `index`: (stored uint16 pixels, organ label map, anomaly mask or None)."""
+    def _render(self, u: float) -> tuple[Canvas, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Paint anatomy and anomaly at level u: (canvas, HU before blur and noise, body, mask)."""
         g = self.geometry
         p = self.patient
-        u = g.u_positions[index]
         s_mm = u * p.length_mm
         dx, dy = p.deformation(s_mm)
         canvas = Canvas(
@@ -203,16 +202,34 @@ class Scanner:
         )
         texture, body = p.render(u, canvas)
         mask = None
-        extra = None
         if self.anomaly is not None:
             mask = self.anomaly.paint(u, s_mm, canvas, body)
+        hu = self.hu_lut[canvas.tissue] + self.texture_lut[canvas.tissue] * texture
+        return canvas, hu, body, mask
+
+    def acquire(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Image slice `index`: (stored uint16 pixels, organ label map, anomaly mask or None).
+
+        Slices of 2.5 mm and thicker average the anatomy at ±thickness/3 with the centre (through-
+        plane partial volume); labels and masks are those of the slice centre.
+        """
+        g = self.geometry
+        u = g.u_positions[index]
+        hu_sum = None
+        if g.slice_thickness >= 2.5:
+            du = g.slice_thickness / 3.0 / self.patient.length_mm
+            for off in (-du, du):
+                _, hu_off, _, _ = self._render(u + off)
+                hu_sum = hu_off if hu_sum is None else hu_sum + hu_off
+        canvas, hu, body, mask = self._render(u)  # the centre last: anomalies keep its state
+        if hu_sum is not None:
+            hu = (hu + hu_sum) / 3.0
+        if self.anomaly is not None:
             art = self.anomaly.artifact(canvas, body & self.in_fov, mask)
             if art is not None:
                 extra, art_mask = art
+                hu += extra
                 mask = art_mask if mask is None else (mask | art_mask)
-        hu = self.hu_lut[canvas.tissue] + self.texture_lut[canvas.tissue] * texture
-        if extra is not None:
-            hu += extra
         spectrum = fft.rfft2(hu, workers=1) * self._blur
         if self.noise_sigma > 0:
             white = self.rng.standard_normal(hu.shape, dtype=np.float32)

@@ -337,13 +337,13 @@ class Truncation(Anomaly):
         angles = np.arctan2(y[rim], x[rim])
         truncated_bins = np.zeros(72, bool)
         bins = ((angles + np.pi) / (2 * np.pi) * 72).astype(int) % 72
-        outer_rim = body[rim] & (edge[rim] < 3.0)
+        outer_rim = body[rim] & (edge[rim] < max(3.0, 1.5 * canvas.spacing))  # body reaches the edge
         truncated_bins[np.unique(bins[outer_rim])] = True
         if not truncated_bins.any():
             return None
         all_angles = np.arctan2(y, x)
         all_bins = ((all_angles + np.pi) / (2 * np.pi) * 72).astype(int) % 72
-        affected = body & truncated_bins[all_bins] & (edge > 0) & (edge < 20.0)
+        affected = body & truncated_bins[all_bins] & (edge > 0) & (edge < max(20.0, 3.0 * canvas.spacing))
         field_ = np.where(affected, self.glare_hu * np.exp(-np.clip(edge, 0, None) / 9.0), 0.0).astype(np.float32)
         return field_, affected
 

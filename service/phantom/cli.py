@@ -14,6 +14,7 @@ from pathlib import Path
 from service.phantom.anomalies import ANOMALY_TYPES
 from service.phantom.generate import (
     DEFAULT_NOISE_SIGMA,
+    RUN_MARKER,
     count_slices,
     dataset_specs,
     generate_run,
@@ -86,8 +87,9 @@ def prepare_output(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UsageError(f"--out {out} is not empty; use --force to replace an earlier phantom run")
-        if not (out / "manifest.json").is_file():
-            raise UsageError(f"--out {out} is not empty and holds no phantom manifest.json; refusing to delete it")
+        if not ((out / "manifest.json").is_file() or (out / RUN_MARKER).is_file()):
+            raise UsageError(f"--out {out} is not empty and is not a phantom run (no manifest.json); "
+                             "refusing to delete it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -31,6 +31,7 @@ from service.phantom.scanner import Scanner, plan_geometry
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+RUN_MARKER = ".phantom-run"
 DEFAULT_NOISE_SIGMA = 12.0
 
 
@@ -151,6 +152,8 @@ def generate_run(
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
+    # Marks the folder as ours from the start, so --force may clear even an interrupted run.
+    (out / RUN_MARKER).write_text("gatekeeper phantom run\n")
     total = sum(count_slices(s) for s in specs)
     bar = tqdm(total=total, unit="slice", desc="phantom", disable=not progress, dynamic_ncols=True)
     entries: list[dict] = []

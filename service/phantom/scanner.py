@@ -111,8 +111,8 @@ def plan_geometry(
     center = (float(rng.normal(0.0, 6.0)), float(rng.normal(-5.0, 8.0)))  # patient off-centre a little
     if isinstance(anomaly, Truncation):
         fov = float(np.clip(2.0 * half_width * anomaly.fov_fraction, 0.6 * 512, 0.9 * 512))
-        if fov >= 2.0 * half_width * 0.95:  # still fits: move the patient off-centre too
-            center = (float(rng.choice([-1, 1]) * (half_width - fov / 2 + 25.0)), center[1])
+        if fov >= 2.0 * half_width * 0.95:  # still fits: the patient lies off-centre, 25 mm past the edge
+            center = (float(rng.choice([-1, 1]) * (fov / 2 + 25.0 - half_width)), center[1])
     spacing = fov / matrix
     body_center = (-center[0], -center[1])  # body centre relative to the FOV centre at (0, 0)
     first = (-(matrix - 1) / 2 * spacing, -(matrix - 1) / 2 * spacing)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -155,7 +156,10 @@ def generate_run(
     # Marks the folder as ours from the start, so --force may clear even an interrupted run.
     (out / RUN_MARKER).write_text("gatekeeper phantom run\n")
     total = sum(count_slices(s) for s in specs)
-    bar = tqdm(total=total, unit="slice", desc="phantom", disable=not progress, dynamic_ncols=True)
+    # On a terminal the bar redraws smoothly; in a log file, one line every 10 s is enough.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=total, unit="slice", desc="phantom", disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if interactive else 10.0)
     entries: list[dict] = []
     try:
         if jobs <= 1:

@@ -662,19 +662,35 @@ class Patient:
             c.paint(full, rib_mask & marrow, Tissue.BONE_MARROW, Label.BONE)
             c.paint(full, cartilage, Tissue.CARTILAGE)
 
-        # Iliac wings: curved bony plates at the back of the pelvis.
-        ip = _profile(u, 0.64, 0.90)
+        # Iliac wings: bony plates from the sacroiliac joint flaring forward and outward, gluteal
+        # muscles behind them and the iliacus muscle on their inner face.
+        ip = _profile(u, 0.64, 0.92)
         if ip > 0:
+            la, lb = self.lean_half_axes(u)
+            wall_out = px / la**n + py / lb**n
+            reach = 0.55 + 0.45 * np.sqrt(ip)  # the wing is longest at the iliac crest's middle
             for side in (-1, 1):
-                cx = side * (0.55 * ia)
-                shape = c.ellipse(cx, vb_y - 10.0 * s, 0.48 * ia * (0.6 + 0.4 * ip), 0.75 * ib)
-                if shape is not None:
-                    box, r2 = shape
-                    lateral = side * (c.x[box] - cx) > -0.15 * ia
-                    behind = c.y[box] > vb_y - 0.75 * ib * 0.9
-                    plate = (np.abs(r2 - 1.0) < 0.11 + 0.05 * ip) & lateral & behind
-                    c.paint(box, plate, Tissue.BONE_CORTEX, Label.BONE)
-                    c.paint(box, plate & (np.abs(r2 - 1.0) < 0.05), Tissue.BONE_MARROW, Label.BONE)
+                x0, y0 = side * (vb_rx + 14.0 * s), vb_y + 8.0 * s  # sacroiliac joint
+                x1, y1 = side * 0.80 * ia * reach, vb_y - 0.55 * ib * reach  # towards the iliac spine
+                c.paint_ellipse((x0 + 2 * x1) / 3 + side * 18.0 * s, (y0 + y1) / 2 + 22.0 * s, 0.30 * ia,
+                                0.30 * ib, Tissue.MUSCLE, angle=side * 0.9, inside=wall_out < 1.0)
+                box = c.box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + 15.0, abs(y1 - y0) / 2 + 15.0)
+                if box is None:
+                    continue
+                dx, dy = x1 - x0, y1 - y0
+                length2 = dx * dx + dy * dy
+                px_, py_ = c.x[box] - x0, c.y[box] - y0
+                along = np.clip((px_ * dx + py_ * dy) / length2, 0.0, 1.0)
+                # A gentle curve: the plate bows outwards in its middle.
+                bow = 10.0 * s * 4.0 * along * (1.0 - along)
+                nx, ny = dy / np.sqrt(length2), -dx / np.sqrt(length2)
+                nx, ny = (nx, ny) if nx * side > 0 else (-nx, -ny)
+                dist = np.hypot(px_ - along * dx - bow * nx, py_ - along * dy - bow * ny)
+                thick = (4.0 + 3.0 * (1.0 - ip)) * s
+                inner = (dist < thick + 7.0 * s) & ((px_ - along * dx) * nx + (py_ - along * dy) * ny < 0)
+                c.paint(box, inner & (c.tissue[box] == Tissue.FAT), Tissue.MUSCLE)  # iliacus
+                c.paint(box, dist < thick, Tissue.BONE_CORTEX, Label.BONE)
+                c.paint(box, dist < thick * 0.5, Tissue.BONE_MARROW, Label.BONE)
 
         # Acetabula and femoral heads at the bottom of the scan.
         fp = _profile(u, self.u_femoral_head - 0.06, self.u_femoral_head + 0.07)

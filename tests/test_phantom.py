@@ -16,7 +16,7 @@ from scipy import ndimage
 from service.cli import main
 from service.phantom.anatomy import Label
 from service.phantom.anomalies import ANOMALY_TYPES
-from service.phantom.generate import SeriesSpec, dataset_specs, generate_run
+from service.phantom.generate import SeriesSpec, count_slices, dataset_specs, generate_run
 from service.phantom.truth import load_manifest, load_series
 
 GATEKEEPER = [sys.executable, "-m", "service.cli"]
@@ -204,6 +204,13 @@ def test_dataset_protocol_counts_and_disjoint_patients():
     assert len(large) >= 300 and {s.anomaly for s in large} == {None, *ANOMALY_TYPES}
     again = dataset_specs(seed=0, large=False, num_slices=None, matrix=512, noise_sigma=12)
     assert again == standard
+
+
+def test_every_protocol_series_has_a_scan_that_fits_its_patient():
+    # Realistic scan ranges (no --slices) must fit small patients too: plan every geometry.
+    for large in (False, True):
+        for spec in dataset_specs(seed=0, large=large, num_slices=None, matrix=512, noise_sigma=12):
+            assert 8 <= count_slices(spec) <= 400, spec.folder
 
 
 @pytest.mark.parametrize(

@@ -80,8 +80,9 @@ def plan_geometry(
     else:
         u_start = float(patient.u_dome_right - rng.uniform(0.005, 0.03))  # from the liver dome
     if num_slices is None:
-        range_mm = float(rng.uniform(200.0, 460.0))
-        num_slices = max(8, int(round(range_mm / thickness)))
+        available = (1.0 - u_start) * length
+        range_mm = min(float(rng.uniform(200.0, 460.0)), available - thickness)
+        num_slices = max(8, int(range_mm / thickness))
     # Thinner slices if the requested count would run off the modelled body.
     while thickness > SLICE_THICKNESSES_MM[0] and u_start * length + num_slices * thickness > length:
         thickness = max(t for t in SLICE_THICKNESSES_MM if t < thickness)

@@ -4,8 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 # The demo command; adjust here when the demo changes.
 DEMO_CMD ?= $(VENV)/bin/gatekeeper demo
-# DICOM tools the tests use: DCMTK (storescu), dicom3tools (dciodvfy), Orthanc (a PACS to send to).
-SYSTEM_PACKAGES := dcmtk orthanc dicom3tools
+# DICOM tools the tests use: DCMTK (storescu), dicom3tools (dciodvfy), Orthanc (a PACS to send to),
+# openssl (self-signed certificates for the DICOM TLS test).
+SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv system-deps test demo
@@ -22,8 +23,8 @@ $(VENV)/.installed: pyproject.toml
 # Installs the Debian packages only if one of their programs is missing. Installing orthanc may
 # also start a system Orthanc service (ports 4242/8042); the tests start their own and do not use it.
 system-deps:
-	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null; then \
-		echo "system-deps: storescu, dciodvfy and Orthanc are installed"; \
+	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v openssl >/dev/null && { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null; then \
+		echo "system-deps: storescu, dciodvfy, openssl and Orthanc are installed"; \
 	else \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \

@@ -93,13 +93,46 @@ class Settings(BaseSettings):
     port: int = Field(default=11112, ge=1, le=65535)
     # IP address the DICOM listener binds to; `0.0.0.0` listens on every interface.
     bind_address: str = "127.0.0.1"
-    # Calling AE titles accepted by the listener; empty: no restriction by AE title.
+    # Calling AE titles accepted by the listener. Access control fails closed: with an empty list
+    # `gatekeeper listen` refuses to start; `*` alone accepts any calling AE title.
     allowed_ae_titles: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Networks (CIDR, e.g. `10.1.0.0/16`) the listener accepts associations from; empty: no
-    # restriction by address.
+    # Networks (CIDR, e.g. `10.1.0.0/16`) the listener accepts associations from. Empty: the
+    # listener refuses to start; `0.0.0.0/0` and `::/0` accept every address.
     allowed_networks: Annotated[list[IPNetwork], NoDecode] = Field(default_factory=list)
     # Seconds without a new instance after which a series counts as completely received.
     quiet_period_s: float = Field(default=20.0, gt=0)
+    # Quiet period per calling AE title, overriding `quiet_period_s` for that sender (seconds);
+    # TOML table `[quiet_period_s_by_ae]`, or JSON in the environment: `{"SLOW_PACS": 60}`.
+    quiet_period_s_by_ae: dict[str, float] = Field(default_factory=dict)
+
+    # Most associations the listener serves at once; more are rejected (transient, local limit).
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    # Largest P-DATA PDU we accept, in bytes; 0: no limit. Larger PDUs cost less Python per byte.
+    max_pdu_bytes: int = Field(default=1_048_576, ge=0)
+    # Seconds to wait for an A-ASSOCIATE / A-RELEASE answer (ACSE), a DIMSE message, and for any
+    # network traffic on an idle association before it is aborted.
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    # Stores are refused with 0xA700 (Out of Resources) while the disk holding `storage_dir` has
+    # less than this many bytes free, or more than this fraction of it is used.
+    min_free_disk_bytes: int = Field(default=5_000_000_000, ge=0)
+    max_disk_used_fraction: float = Field(default=0.90, gt=0, le=1)
+    # DICOM TLS: PEM certificate and private key of the listener. When both are set the listener
+    # also serves TLS on `tls_port`. With `tls_ca_path` set, clients must present a certificate
+    # signed by one of those CAs (mutual TLS).
+    tls_cert_path: Path | None = None
+    tls_key_path: Path | None = None
+    tls_ca_path: Path | None = None
+    # TCP port of the TLS listener (2762 is the port IANA assigns to DICOM over TLS).
+    tls_port: int = Field(default=2762, ge=1, le=65535)
+
+    # Celery queue that completed series versions are sent to.
+    pipeline_queue: str = Field(default="gatekeeper.series", min_length=1)
+    # Seconds a series may stay `queued` without a worker confirming it before it is sent again.
+    queue_resend_after_s: float = Field(default=300.0, gt=0)
+    # Seconds between two rounds of the listener's assembler (series completion, queueing, resends).
+    sweeper_interval_s: float = Field(default=1.0, gt=0)
 
     # Level of the root logger.
     log_level: LogLevel = "INFO"
@@ -153,6 +186,31 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{item!r} is not a network in CIDR notation ({exc})") from None
         return networks
+
+    @field_validator("quiet_period_s_by_ae")
+    @classmethod
+    def _check_quiet_periods(cls, value: dict[str, float]) -> dict[str, float]:
+        checked = {}
+        for title, seconds in value.items():
+            if not seconds > 0:
+                raise ValueError(f"quiet period for AE title {title!r} is {seconds}; expected > 0 seconds")
+            checked[check_ae_title(title)] = seconds
+        return checked
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        """TLS needs both a certificate and its key; a CA alone means nothing."""
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ValueError("tls_cert_path and tls_key_path must be set together")
+        if self.tls_ca_path is not None and self.tls_cert_path is None:
+            raise ValueError("tls_ca_path is set but TLS is not (set tls_cert_path and tls_key_path)")
+        if self.tls_cert_path is not None and self.tls_port == self.port:
+            raise ValueError(f"tls_port {self.tls_port} is the same as port; expected two different ports")
+        return self
+
+    def quiet_period_for(self, calling_ae_title: str) -> float:
+        """Seconds without a new instance after which a series from `calling_ae_title` is complete."""
+        return self.quiet_period_s_by_ae.get(calling_ae_title.strip(), self.quiet_period_s)
 
     @field_validator("bind_address")
     @classmethod

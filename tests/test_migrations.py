@@ -59,7 +59,9 @@ def test_upgrade_head_on_empty_database_matches_tables(empty_database_url: str) 
     config = db_cli.alembic_config(empty_database_url)
     command.upgrade(config, "head")
     assert schema_differences(empty_database_url) == []
-    assert table_names(empty_database_url) == {"alembic_version", "series", "instance", "series_event"}
+    assert table_names(empty_database_url) == {
+        "alembic_version", "series", "instance", "series_event", "quarantined_instance"
+    }
 
 
 def test_downgrade_to_base_removes_every_table(empty_database_url: str) -> None:

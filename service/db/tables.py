@@ -22,11 +22,13 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     MetaData,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -78,7 +80,9 @@ class SeriesState(StrEnum):
 
     RECEIVING = "receiving"  # instances are arriving; the quiet period has not passed
     COMPLETE = "complete"  # the quiet period passed; the series is not yet handed on
-    QUEUED = "queued"  # handed to the pipeline
+    QUEUED = "queued"  # handed to the pipeline; no worker has confirmed it yet
+    ACCEPTED = "accepted"  # a pipeline worker confirmed it has taken the series
+    STORED = "stored"  # complete, but not an image series for the pipeline (SEG, RT Structure Set)
 
 
 class Base(DeclarativeBase):
@@ -91,7 +95,7 @@ class Series(Base):
     """One received version of a DICOM series."""
 
     __tablename__ = "series"
-    __table_args__ = (UniqueConstraint("series_instance_uid", "version"),)
+    __table_args__ = (UniqueConstraint("series_instance_uid", "version"), Index("ix_series_state", "state"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(UID)
@@ -110,6 +114,13 @@ class Series(Base):
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # True once a later version of the same series exists; superseded versions are not processed.
     superseded: Mapped[bool] = mapped_column(default=False)
+    # Instances received again with identical bytes (acknowledged, not stored twice).
+    num_duplicates: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    # When the series was last sent to the pipeline queue, and how many times it was sent.
+    queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    queue_attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    # Geometry findings at completion, `[{"code": ..., "message": ...}]`; empty: none; NULL: not checked.
+    geometry_findings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     # Display only, never logged. Text: real-world values may exceed the DICOM lengths.
     patient_name: Mapped[str | None] = mapped_column(Text)
@@ -154,3 +165,25 @@ class SeriesEvent(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
 
     series: Mapped[Series] = relationship(back_populates="events")
+
+
+class QuarantinedInstance(Base):
+    """An instance received again with the same SOP Instance UID but different bytes.
+
+    The first stored version stays the one in the series; this copy is kept aside under
+    `quarantine/` for a person to decide, never silently overwriting the first.
+    """
+
+    __tablename__ = "quarantined_instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    # Path of the file relative to `Settings.storage_dir`, with forward slashes.
+    relative_path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

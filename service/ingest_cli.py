@@ -1,0 +1,254 @@
+"""`gatekeeper listen`, `gatekeeper series` and `gatekeeper worker`: the ingest commands.
+
+    gatekeeper listen [--ae-title T] [--bind ADDR] [--port P] [--allow-ae T ...] [--allow-ip CIDR ...]
+    gatekeeper series [list] [--json]
+    gatekeeper series complete SERIES_INSTANCE_UID [--json]
+    gatekeeper worker
+
+Flags override the settings (`GATEKEEPER_*`); the database and storage folder come from
+`GATEKEEPER_DATABASE_URL` and `GATEKEEPER_STORAGE_DIR`. The listener refuses to start without an
+allow-list of calling AE titles and of networks (fail closed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from service.cli import UsageError
+from service.settings import Settings, load_settings_or_exit
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `gatekeeper listen`, `gatekeeper series` and `gatekeeper worker` to the top-level parser."""
+    listen = subparsers.add_parser("listen", help="receive CT series from a PACS (DICOM C-STORE listener)")
+    listen.add_argument("--ae-title", help="our AE title (setting ae_title)")
+    listen.add_argument("--bind", help="IP address to listen on (setting bind_address)")
+    listen.add_argument("--port", type=int, help="TCP port (setting port)")
+    listen.add_argument("--allow-ae", action="append", metavar="TITLE",
+                        help="calling AE title allowed to send; repeatable; '*' for any (setting allowed_ae_titles)")
+    listen.add_argument("--allow-ip", action="append", metavar="CIDR",
+                        help="network allowed to send, e.g. 10.1.0.0/16; repeatable (setting allowed_networks)")
+    listen.add_argument("--processes", type=int, default=1,
+                        help="listener processes sharing the port (SO_REUSEPORT), to use more cores (default 1)")
+    listen.set_defaults(func=run_listen)
+
+    series = subparsers.add_parser("series", help="list received series, or force one complete")
+    series.add_argument("action", nargs="?", choices=["list", "complete"], default="list")
+    series.add_argument("series_instance_uid", nargs="?", help="with 'complete': the SeriesInstanceUID")
+    series.add_argument("--json", action="store_true", help="machine-readable output")
+    series.set_defaults(func=run_series)
+
+    worker = subparsers.add_parser("worker", help="run a pipeline worker (Celery) on the series queue")
+    worker.set_defaults(func=run_worker)
+
+
+def listen_settings(args: argparse.Namespace) -> Settings:
+    """The settings with the command-line flags applied (flags win); validated like the rest.
+
+    Raises:
+        UsageError: a flag value is invalid, or an allow-list is empty.
+    """
+    base = load_settings_or_exit()
+    overrides: dict[str, Any] = {}
+    for flag, name in (("ae_title", "ae_title"), ("bind", "bind_address"), ("port", "port"),
+                       ("allow_ae", "allowed_ae_titles"), ("allow_ip", "allowed_networks")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[name] = value
+    try:
+        settings = Settings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise UsageError(f"invalid {'/'.join(map(str, error['loc']))}: {error['msg']}") from None
+    if not settings.allowed_ae_titles:
+        raise UsageError("no calling AE title is allowed: use --allow-ae TITLE or GATEKEEPER_ALLOWED_AE_TITLES "
+                         "('*' for any)")
+    if not settings.allowed_networks:
+        raise UsageError("no network is allowed: use --allow-ip CIDR or GATEKEEPER_ALLOWED_NETWORKS")
+    return settings
+
+
+def run_listen(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; stores in flight finish before the process ends."""
+    from service.ingest.listener import Listener
+
+    settings = listen_settings(args)
+    if not args.verbose:
+        # pynetdicom narrates every association and message at INFO; our own lines say what matters.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if args.processes < 1:
+        raise UsageError(f"--processes must be >= 1, got {args.processes}")
+    if args.processes > 1 and settings.database_url.startswith("sqlite"):
+        raise UsageError("--processes > 1 needs PostgreSQL (GATEKEEPER_DATABASE_URL); SQLite has one writer")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    children = _start_extra_listeners(settings, args.processes - 1)
+    try:
+        listener = Listener.start(settings, reuse_port=args.processes > 1)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {settings.bind_address}:{settings.port}: {exc}") from exc
+    try:
+        stop.wait()
+    finally:
+        log.info("stopping listener")
+        listener.stop()
+        for child in children:
+            child.terminate()
+            child.join(timeout=30)
+    return 0
+
+
+def _serve_extra(settings_json: str) -> None:
+    """A child listener process: DICOM server only; the parent runs the assembler."""
+    from service.ingest.listener import Listener
+    from service.logs import configure_logging
+
+    _die_with_parent()
+    configure_logging()
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    settings = Settings.model_validate_json(settings_json)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    listener = Listener.start(settings, run_assembler=False, reuse_port=True)
+    stop.wait()
+    listener.stop()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent listener dies, even by SIGKILL, so no orphan keeps the port."""
+    import ctypes
+    import ctypes.util
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        log.warning("cannot ask to be stopped with the parent listener (not Linux?)")
+
+
+def _start_extra_listeners(settings: Settings, count: int) -> list[Any]:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    children = []
+    for _ in range(count):
+        child = context.Process(target=_serve_extra, args=(settings.model_dump_json(),), daemon=True)
+        child.start()
+        children.append(child)
+    return children
+
+
+def series_rows(settings: Settings) -> list[dict[str, Any]]:
+    """Every series version, newest first, with state and counts (no patient data)."""
+    from service.db.session import make_engine, make_session_factory
+    from service.db.tables import QuarantinedInstance, Series
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            quarantined = dict(session.execute(
+                select(QuarantinedInstance.series_id, func.count()).group_by(QuarantinedInstance.series_id)
+            ).all())
+            rows = []
+            for series in session.scalars(select(Series).order_by(Series.id.desc())):
+                rows.append({
+                    "id": series.id,
+                    "series_instance_uid": series.series_instance_uid,
+                    "version": series.version,
+                    "state": series.state,
+                    "superseded": series.superseded,
+                    "modality": series.modality,
+                    "calling_ae_title": series.calling_ae_title,
+                    "num_instances": series.num_instances,
+                    "num_duplicates": series.num_duplicates,
+                    "num_quarantined": quarantined.get(series.id, 0),
+                    "queue_attempts": series.queue_attempts,
+                    "geometry_findings": series.geometry_findings,
+                    "first_received_at": series.first_received_at.isoformat(),
+                    "last_received_at": series.last_received_at.isoformat(),
+                    "completed_at": series.completed_at.isoformat() if series.completed_at else None,
+                })
+            return rows
+    finally:
+        engine.dispose()
+
+
+def run_series(args: argparse.Namespace) -> int:
+    """List series, or force completion of one (`complete UID`); exit 1 if nothing was receiving."""
+    settings = load_settings_or_exit()
+    if args.action == "complete":
+        if not args.series_instance_uid:
+            raise UsageError("'series complete' needs a SeriesInstanceUID")
+        return _complete(settings, args.series_instance_uid, as_json=args.json)
+    if args.series_instance_uid:
+        raise UsageError("'series list' takes no SeriesInstanceUID")
+    rows = series_rows(settings)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'id':>5} {'ver':>3} {'state':<9} {'inst':>5} {'dup':>4} {'quar':>4} {'geom':>4} {'calling AE':<16} "
+          "series_instance_uid")
+    for row in rows:
+        findings = row["geometry_findings"]
+        state = row["state"] + ("*" if row["superseded"] else "")
+        print(f"{row['id']:>5} {row['version']:>3} {state:<9} {row['num_instances']:>5} {row['num_duplicates']:>4} "
+              f"{row['num_quarantined']:>4} {'-' if findings is None else len(findings):>4} "
+              f"{row['calling_ae_title']:<16} {row['series_instance_uid']}")
+    if any(row["superseded"] for row in rows):
+        print("* superseded by a later version")
+    return 0
+
+
+def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) -> int:
+    from service.db.session import make_engine, make_session_factory
+    from service.ingest.assembly import force_complete
+    from service.ingest.queue import CeleryPublisher, make_celery_app, queue_due_series
+    from service.ingest.storage import InstanceStore
+
+    engine = make_engine(settings.database_url)
+    try:
+        store = InstanceStore(storage_dir=settings.storage_dir, sessions=make_session_factory(engine),
+                              min_free_disk_bytes=0, max_disk_used_fraction=1.0)
+        series_id = force_complete(store=store, series_instance_uid=series_instance_uid)
+        queued: list[int] = []
+        if series_id is not None:
+            # Queue now if the broker answers; otherwise the listener's sweeper will.
+            publisher = CeleryPublisher(make_celery_app(settings), settings.pipeline_queue)
+            queued = queue_due_series(sessions=store.sessions, publisher=publisher,
+                                      resend_after_s=settings.queue_resend_after_s)
+    finally:
+        engine.dispose()
+    result = {"series_instance_uid": series_instance_uid, "completed_series_id": series_id,
+              "queued": series_id in queued}
+    if as_json:
+        print(json.dumps(result))
+    elif series_id is None:
+        print(f"no receiving version of series {series_instance_uid}")
+    else:
+        print(f"series {series_instance_uid} completed (id {series_id}){', queued' if result['queued'] else ''}")
+    return 0 if series_id is not None else 1
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker, one task at a time, on the pipeline queue until stopped."""
+    from service.db.session import make_engine, make_session_factory
+    from service.ingest.queue import make_worker_app
+
+    settings = load_settings_or_exit()
+    engine = make_engine(settings.database_url)
+    app = make_worker_app(settings, make_session_factory(engine))
+    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO", "-Q", settings.pipeline_queue,
+                     "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    return 0

@@ -126,3 +126,82 @@ def slice_order(positions: Sequence[Sequence[float]], image_orientation: Sequenc
 def slice_distances(positions: Sequence[Sequence[float]], image_orientation: Sequence[float]) -> np.ndarray:
     """Location of each slice along the slice normal in mm (same order as `positions`)."""
     return np.asarray(positions, dtype=np.float64) @ slice_normal(image_orientation)
+
+
+# --- Model input: one function turns HU into what the detector sees ---------------------------------
+
+
+def preprocess_slices(
+    hu: np.ndarray, size: int, window: Window = ABDOMEN_WINDOW
+) -> tuple[np.ndarray, np.ndarray]:
+    """HU slices [k, rows, cols] → detector images and body masks, both [k, size, size].
+
+    Images are the HU resampled to `size`² (area average when shrinking), windowed to [0, 1] and
+    scaled to [-1, 1] (float32). Masks are `body_mask` computed once at full resolution and then
+    resampled (a pixel is body when more than half of it was). Training and serving both call this.
+
+    Raises:
+        ValueError: `hu` is not a 3-D stack, or `size` < 8.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"hu must be [slice, row, column], got shape {hu.shape}.")
+    if size < 8:
+        raise ValueError(f"size must be >= 8 pixels, got {size}.")
+    k = hu.shape[0]
+    images = np.empty((k, size, size), np.float32)
+    masks = np.empty((k, size, size), bool)
+    for i in range(k):
+        images[i] = apply_window(resize(hu[i], (size, size)), window) * 2.0 - 1.0
+        masks[i] = resize(body_mask(hu[i]).astype(np.float32), (size, size)) > 0.5
+    return images, masks
+
+
+# --- Slice position along the body axis and series aggregation (training and serving) ------------------
+
+
+def fit_series_positions(raw: np.ndarray, locations_mm: np.ndarray, mm_per_unit: float) -> np.ndarray:
+    """Anatomical position of every slice from per-slice body-part-regression outputs.
+
+    The regressor is trained so that its output grows by (distance in mm) / `mm_per_unit` from
+    head to feet. Within a series the slice locations are known exactly, so only the series'
+    offset is estimated — robustly, as the median of (output − metric distance from the first
+    slice). The result is linear in the slice location and immune to single-slice outliers.
+    `locations_mm` are the slice locations along the normal in volume order (head → feet).
+    """
+    raw = np.asarray(raw, np.float64)
+    locations = np.asarray(locations_mm, np.float64)
+    if raw.shape != locations.shape:
+        raise ValueError(f"raw {raw.shape} and locations_mm {locations.shape} must have the same shape.")
+    if not mm_per_unit > 0:
+        raise ValueError(f"mm_per_unit must be > 0, got {mm_per_unit}.")
+    metric = np.abs(locations[0] - locations) / mm_per_unit
+    offset = float(np.median(raw - metric))
+    return (offset + metric).astype(np.float32)
+
+
+#: Series aggregations of slice scores the detector can choose from on validation data.
+AGGREGATIONS = ("max", "top3_mean", "top5_mean", "smooth3_max", "smooth5_max")
+
+
+def aggregate_slice_scores(scores: np.ndarray, method: str) -> float:
+    """One series score from its slice scores (higher = more unlike the training normals).
+
+    `max`: the worst slice. `topK_mean`: mean of the K worst slices (all if fewer).
+    `smoothK_max`: max of the K-slice moving average along the body axis, so a finding must
+    persist over neighbouring slices to count fully.
+
+    Raises:
+        ValueError: unknown `method`, or no scores.
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    if s.size == 0:
+        raise ValueError("no slice scores to aggregate.")
+    if method == "max":
+        return float(s.max())
+    if method.startswith("top") and method.endswith("_mean"):
+        k = int(method[3:-5])
+        return float(np.sort(s)[-k:].mean())
+    if method.startswith("smooth") and method.endswith("_max"):
+        k = min(int(method[6:-4]), s.size)
+        return float(np.convolve(s, np.ones(k) / k, mode="valid").max())
+    raise ValueError(f"unknown aggregation {method!r}; expected one of {', '.join(AGGREGATIONS)}.")

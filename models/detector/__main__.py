@@ -1,0 +1,64 @@
+"""`python -m models.detector COMMAND` — detector jobs without the service CLI (for bare GPU machines).
+
+    python -m models.detector phantom-train-set --out DIR [--matrix 128] [--jobs N] [--seed 0] [--slices K]
+    python -m models.detector train --data DIR --out DIR [...]   (same options as `gatekeeper train detector`)
+    python -m models.detector bench --model DIR [--device cuda]    (scoring throughput, torch vs ONNX Runtime)
+    python -m models.detector export --model DIR     (ONNX files again from weights.pt + model.json)
+    python -m models.detector samples --model DIR [--data DIR] --out PNG   (samples and reconstructions)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    if argv and argv[0] == "train":
+        from models.detector.train import main as train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "export":
+        p = argparse.ArgumentParser(prog="python -m models.detector export")
+        p.add_argument("--model", required=True, type=Path, help="model folder with model.json and weights.pt")
+        from models.detector.export import reexport
+
+        reexport(p.parse_args(argv[1:]).model)
+        return 0
+    if argv and argv[0] == "samples":
+        from models.detector.samples import main as samples_main
+
+        return samples_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from models.detector.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] == "phantom-train-set":
+        p = argparse.ArgumentParser(prog="python -m models.detector phantom-train-set")
+        p.add_argument("--out", required=True, type=Path)
+        p.add_argument("--matrix", type=int, default=128)
+        p.add_argument("--jobs", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--slices", type=int, default=None)
+        a = p.parse_args(argv[1:])
+        from models.detector.data import generate_phantom_training_set
+
+        t0 = time.monotonic()
+        manifest = generate_phantom_training_set(a.out, matrix=a.matrix, jobs=a.jobs, seed=a.seed, num_slices=a.slices)
+        n = sum(e["geometry"]["num_slices"] for e in manifest["series"])
+        logging.getLogger(__name__).info("phantom train+validation: %d series, %d slices in %.0f s",
+                                         len(manifest["series"]), n, time.monotonic() - t0)
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

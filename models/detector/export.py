@@ -1,0 +1,89 @@
+"""Export of a trained detector: ONNX graphs (opset 17, dynamic batch) and `model.json`.
+
+Files written to the model folder (serving reads every number it needs from `model.json`):
+
+* `scorer.onnx`   — image [N,1,S,S], position [N], mask [N,1,S,S] → score [N], residual [N],
+  feature [N], residual_map [N,1,S,S]  (encoder + generator + discriminator fused, normalisation inside)
+* `encoder.onnx`  — image, position → z [N, z_dim]
+* `generator.onnx` — z, position → image
+* `discriminator.onnx` — image, position → logit [N], features [N, F]
+* `position.onnx` — image → raw body-part-regression output [N] (only with position method `bpr`)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.detector.networks import Scorer
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class _DiscriminatorWithFeatures(nn.Module):
+    def __init__(self, D: nn.Module) -> None:
+        super().__init__()
+        self.D = D
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.D(x, pos), self.D.features(x)
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
+            outputs: list[str]) -> None:
+    module = module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in inputs + outputs}, do_constant_folding=True,
+        )
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+
+
+def export_onnx(scorer: Scorer, position_net: nn.Module | None, size: int, z_dim: int, out: Path) -> list[Path]:
+    """Write the ONNX files of one detector to `out`; return their paths. Works from any device."""
+    out.mkdir(parents=True, exist_ok=True)
+    scorer = copy.deepcopy(scorer).cpu().eval()
+    scorer.G.noise_mode = "const"
+    n = 2
+    x = torch.rand(n, 1, size, size) * 2 - 1
+    pos = torch.rand(n)
+    mask = (torch.rand(n, 1, size, size) > 0.3).float()
+    z = torch.randn(n, z_dim)
+    paths = [out / "scorer.onnx", out / "encoder.onnx", out / "generator.onnx", out / "discriminator.onnx"]
+    _export(scorer, (x, pos, mask), paths[0], ["image", "position", "mask"],
+            ["score", "residual", "feature", "residual_map"])
+    _export(scorer.E, (x, pos), paths[1], ["image", "position"], ["z"])
+    _export(scorer.G, (z, pos), paths[2], ["z", "position"], ["image"])
+    _export(_DiscriminatorWithFeatures(scorer.D), (x, pos), paths[3], ["image", "position"], ["logit", "features"])
+    if position_net is not None:
+        paths.append(out / "position.onnx")
+        _export(copy.deepcopy(position_net).cpu(), (x,), paths[-1], ["image"], ["raw_position"])
+    return paths
+
+
+def reexport(model_dir: Path) -> list[Path]:
+    """Write every ONNX file of a model folder again from its `weights.pt` (e.g. after a run that
+    brought back only the scorer). The graphs are those `train` exports; `model.json` is unchanged.
+    """
+    import json
+
+    from models.detector.bench import load_scorer
+    from models.detector.networks import BodyPartRegressor
+
+    meta = json.loads((model_dir / "model.json").read_text())
+    scorer = load_scorer(model_dir, torch.device("cpu"))
+    weights = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=False)
+    position = None
+    if weights.get("P") is not None:
+        position = BodyPartRegressor(int(meta["size"]))
+        position.load_state_dict(weights["P"])
+    return export_onnx(scorer, position, int(meta["size"]), int(meta["z_dim"]), model_dir)

@@ -219,7 +219,7 @@ def test_every_protocol_series_has_a_scan_that_fits_its_patient():
         (["--slices", "-3"], "--slices must be >= 1"),
         (["--anomaly", "banana"], "unknown --anomaly 'banana'"),
         (["--series", "0"], "--series must be >= 1"),
-        (["--large"], "--large applies to"),
+        (["--large"], "--large and --split apply to"),
         (["--slices", "abc"], "invalid int value"),
         (["--slices", "5000"], "ask for fewer slices"),
     ],

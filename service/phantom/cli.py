@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-sigma", type=float, default=DEFAULT_NOISE_SIGMA,
                    help=f"CT noise standard deviation in HU for an average adult (default {DEFAULT_NOISE_SIGMA:g})")
     p.add_argument("--large", action="store_true", help="with 'dataset': the >= 300-series test set instead")
+    p.add_argument("--split", choices=["train", "validation", "test"], default=None,
+                   help="with 'dataset': write only this split of the protocol (same series as in the full run)")
     p.add_argument("--jobs", type=int, default=1, help="series generated in parallel (default 1)")
     p.add_argument("--force", action="store_true", help="replace an earlier phantom run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -69,8 +71,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.mode == "dataset":
         if args.series != 1 or args.anomaly != "none":
             raise UsageError("'phantom dataset' builds the fixed protocol; --series and --anomaly do not apply")
-    elif args.large:
-        raise UsageError("--large applies to 'gatekeeper phantom dataset' only")
+    elif args.large or args.split:
+        raise UsageError("--large and --split apply to 'gatekeeper phantom dataset' only")
+    if args.large and args.split not in (None, "test"):
+        raise UsageError("--large builds a test set only; --split must be test or absent")
 
 
 def prepare_output(out: Path, force: bool) -> None:
@@ -103,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         if args.mode == "dataset":
             specs = dataset_specs(seed=args.seed, large=args.large, num_slices=args.slices, matrix=args.matrix,
                                   noise_sigma=args.noise_sigma)
+            if args.split:
+                specs = [s for s in specs if s.split.startswith(args.split)]
         else:
             specs = series_specs(count=args.series, seed=args.seed, num_slices=args.slices, anomaly=anomaly,
                                  matrix=args.matrix, noise_sigma=args.noise_sigma)

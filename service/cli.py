@@ -31,7 +31,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gatekeeper --help` stays fast and one broken module names itself.
-    from service import db_cli, demo, ingest_cli
+    from service import db_cli, demo, exports_cli, ingest_cli
     from service.phantom import cli as phantom_cli
     from service import score_cli
     from models.detector import cli as detector_cli  # torch is imported only when `train` runs
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom_cli.register(subparsers)
     db_cli.register(subparsers)
     ingest_cli.register(subparsers)
+    exports_cli.register(subparsers)
     score_cli.register(subparsers)
     detector_cli.register(subparsers)
     detector_cli.register_evaluate(subparsers)

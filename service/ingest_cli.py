@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     series.add_argument("--json", action="store_true", help="machine-readable output")
     series.set_defaults(func=run_series)
 
-    worker = subparsers.add_parser("worker", help="run a pipeline worker (Celery) on the series queue")
+    worker = subparsers.add_parser("worker", help="run a pipeline worker (Celery) on the series and export queues")
     worker.set_defaults(func=run_worker)
 
 
@@ -242,13 +242,17 @@ def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) ->
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """Run a Celery worker, one task at a time, on the pipeline queue until stopped."""
+    """Run a Celery worker, one task at a time, on the pipeline and export queues until stopped."""
     from service.db.session import make_engine, make_session_factory
+    from service.export_tasks import register_export_task
     from service.ingest.queue import make_worker_app
 
     settings = load_settings_or_exit()
     engine = make_engine(settings.database_url)
-    app = make_worker_app(settings, make_session_factory(engine))
-    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO", "-Q", settings.pipeline_queue,
+    sessions = make_session_factory(engine)
+    app = make_worker_app(settings, sessions)
+    register_export_task(app, settings=settings, sessions=sessions)
+    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO",
+                     "-Q", f"{settings.pipeline_queue},{settings.export_queue}",
                      "--without-gossip", "--without-mingle", "--without-heartbeat"])
     return 0

@@ -134,6 +134,32 @@ class Settings(BaseSettings):
     # Seconds between two rounds of the listener's assembler (series completion, queueing, resends).
     sweeper_interval_s: float = Field(default=1.0, gt=0)
 
+    # The PACS that receives our DICOM-SEGs by C-STORE: its AE title, host name or IP address, and
+    # TCP port. Export refuses to run while pacs_host or pacs_ae_title is empty (no destination).
+    pacs_ae_title: str = ""
+    pacs_host: str = ""
+    pacs_port: int = Field(default=104, ge=1, le=65535)
+    # DICOM TLS to the PACS. With pacs_tls on, the PACS's certificate must be signed by a CA in
+    # pacs_tls_ca_path (unset: the system's CAs) and name pacs_host; with pacs_tls_cert_path and
+    # pacs_tls_key_path (PEM) we present our own certificate too (mutual TLS).
+    pacs_tls: bool = False
+    pacs_tls_ca_path: Path | None = None
+    pacs_tls_cert_path: Path | None = None
+    pacs_tls_key_path: Path | None = None
+    # Our calling AE title when we send to the PACS; empty: ae_title.
+    export_ae_title: str = ""
+    # Seconds to wait for the PACS in one export: to connect and associate, for the C-STORE
+    # response, and for any traffic on the open association.
+    export_timeout_s: float = Field(default=60.0, gt=0)
+    # Transient failures are retried after export_retry_initial_s, then after twice as long each
+    # time up to export_retry_max_s; export_retry_deadline_s after the export was queued (or last
+    # retried by an operator) it is given up and listed as failed. Seconds.
+    export_retry_initial_s: float = Field(default=30.0, gt=0)
+    export_retry_max_s: float = Field(default=3600.0, gt=0)
+    export_retry_deadline_s: float = Field(default=48 * 3600.0, gt=0)
+    # Celery queue of SEG deliveries to the PACS.
+    export_queue: str = Field(default="gatekeeper.export", min_length=1)
+
     # Level of the root logger.
     log_level: LogLevel = "INFO"
 
@@ -207,6 +233,32 @@ class Settings(BaseSettings):
         if self.tls_cert_path is not None and self.tls_port == self.port:
             raise ValueError(f"tls_port {self.tls_port} is the same as port; expected two different ports")
         return self
+
+    @field_validator("pacs_ae_title", "export_ae_title")
+    @classmethod
+    def _check_optional_ae_title(cls, value: str) -> str:
+        return check_ae_title(value) if value else value
+
+    @field_validator("pacs_host")
+    @classmethod
+    def _strip_pacs_host(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_export(self) -> Settings:
+        """PACS TLS files need pacs_tls on, a certificate needs its key; backoff limits must be ordered."""
+        if (self.pacs_tls_cert_path is None) != (self.pacs_tls_key_path is None):
+            raise ValueError("pacs_tls_cert_path and pacs_tls_key_path must be set together")
+        if not self.pacs_tls and (self.pacs_tls_ca_path or self.pacs_tls_cert_path):
+            raise ValueError("pacs_tls_ca_path or pacs_tls_cert_path is set but pacs_tls is off")
+        if self.export_retry_max_s < self.export_retry_initial_s:
+            raise ValueError(f"export_retry_max_s {self.export_retry_max_s} is less than export_retry_initial_s "
+                             f"{self.export_retry_initial_s}")
+        return self
+
+    def export_calling_ae_title(self) -> str:
+        """Our calling AE title towards the PACS: `export_ae_title`, or `ae_title` when that is empty."""
+        return self.export_ae_title or self.ae_title
 
     def quiet_period_for(self, calling_ae_title: str) -> float:
         """Seconds without a new instance after which a series from `calling_ae_title` is complete."""

@@ -1,4 +1,4 @@
-"""Tables for DICOM ingest, as SQLAlchemy 2 declarative classes.
+"""Tables for DICOM ingest and for export to the PACS, as SQLAlchemy 2 declarative classes.
 
 A *series version* is one reception of a series: when instances of an already completed series
 arrive again, a new `Series` row with the next `version` is made and the older one is marked
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     MetaData,
@@ -187,3 +188,63 @@ class QuarantinedInstance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class ExportState(StrEnum):
+    """Where the delivery of one object to the PACS stands; stored as a string."""
+
+    PENDING = "pending"  # to be sent, or to be sent again after a transient failure
+    DELIVERED = "delivered"  # the PACS answered the C-STORE with Success or a Warning
+    FAILED = "failed"  # a permanent failure, or transient ones until the deadline: needs a person
+
+
+class Export(Base):
+    """One DICOM object (our SEG) to deliver to the PACS; one row per SOP Instance UID.
+
+    The SEG's UIDs are deterministic, so making the same SEG again finds this row instead of
+    sending a second object. `ExportAttempt` rows are its delivery receipt.
+    """
+
+    __tablename__ = "export"
+    __table_args__ = (UniqueConstraint("sop_instance_uid"), Index("ix_export_state", "state"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The series version the object was made from; NULL for an object sent by hand (`exports send`).
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="SET NULL"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    # Path of the DICOM file; relative paths are relative to `Settings.storage_dir`.
+    path: Mapped[str] = mapped_column(Text)
+    # Where it was last sent, "AE_TITLE@host:port" (the destination in the settings when created).
+    destination: Mapped[str] = mapped_column(Text)
+    # An `ExportState` value.
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING.value)
+    # C-STORE attempts so far, over every round (an operator's retry starts a new round).
+    attempts: Mapped[int] = mapped_column(default=0)
+    # DICOM Status (0000,0900) of the last C-STORE response; NULL when none came back.
+    last_status: Mapped[int | None]
+    # Why the last attempt failed, or the warning it was delivered with; no patient data.
+    last_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    # When the current round began (creation, or an operator's retry); the retry deadline counts from here.
+    pending_since: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    # When a pending export is next due; while an attempt runs, when that attempt's claim expires.
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class ExportAttempt(Base):
+    """One association + C-STORE to the PACS for an `Export`: the line of a delivery receipt."""
+
+    __tablename__ = "export_attempt"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    export_id: Mapped[int] = mapped_column(ForeignKey("export.id", ondelete="CASCADE"), index=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    duration_s: Mapped[float] = mapped_column(Float())
+    destination: Mapped[str] = mapped_column(Text)
+    # "delivered", "transient" or "permanent" (see `service.pacs_export.Outcome`).
+    outcome: Mapped[str] = mapped_column(String(16))
+    # DICOM Status of the C-STORE response; NULL when none came back (no association, abort, timeout).
+    status: Mapped[int | None]
+    reason: Mapped[str | None] = mapped_column(Text)

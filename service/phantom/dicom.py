@@ -10,7 +10,6 @@ command writes the same UIDs.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 
 from service.phantom.anatomy import Label
 from service.phantom.scanner import RESCALE_INTERCEPT, ScanGeometry
+from service.uids import derived_uid
 
 MANUFACTURER = "CT Gatekeeper"
 MODEL_NAME = "Synthetic abdomen phantom"
@@ -30,10 +30,8 @@ SOFTWARE_VERSION = "phantom-1"
 IMAGE_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
-def derived_uid(*parts: object) -> str:
-    """A UID that is the same every time for the same parts: "2.25." + a 128-bit hash (PS3.5 B.2)."""
-    digest = hashlib.sha256("\x1f".join(["ct-gatekeeper-phantom", *map(str, parts)]).encode()).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+#: Namespace of the phantom's deterministic UIDs (see `service.uids.derived_uid`).
+UID_NAMESPACE = "ct-gatekeeper-phantom"
 
 
 class SeriesIdentity:
@@ -50,14 +48,14 @@ class SeriesIdentity:
         self.study_date = study_day.strftime("%Y%m%d")
         self.study_time = f"{8 + series_seed % 10:02d}{series_seed % 60:02d}00"
         self.accession_number = f"A{series_seed:08d}"[:16]
-        self.study_instance_uid = derived_uid("study", patient_seed, series_seed)
-        self.series_instance_uid = derived_uid("series", patient_seed, series_seed)
-        self.frame_of_reference_uid = derived_uid("for", patient_seed, series_seed)
+        self.study_instance_uid = derived_uid(UID_NAMESPACE, "study", patient_seed, series_seed)
+        self.series_instance_uid = derived_uid(UID_NAMESPACE, "series", patient_seed, series_seed)
+        self.frame_of_reference_uid = derived_uid(UID_NAMESPACE, "for", patient_seed, series_seed)
         self.series_number = series_number
         self.series_seed = series_seed
 
     def sop_instance_uid(self, index: int) -> str:
-        return derived_uid("ct", self.series_instance_uid, index)
+        return derived_uid(UID_NAMESPACE, "ct", self.series_instance_uid, index)
 
 
 def ct_datasets(
@@ -212,9 +210,9 @@ def _segmentation(
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid("seg-series", kind, identity.series_instance_uid),
+        series_instance_uid=derived_uid(UID_NAMESPACE, "seg-series", kind, identity.series_instance_uid),
         series_number=series_number,
-        sop_instance_uid=derived_uid("seg", kind, identity.series_instance_uid),
+        sop_instance_uid=derived_uid(UID_NAMESPACE, "seg", kind, identity.series_instance_uid),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     score_cli.register(subparsers)
     detector_cli.register(subparsers)
     detector_cli.register_evaluate(subparsers)
+    detector_cli.register_bench(subparsers)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.detector.evaluate import auprc, auroc
+from models.detector.metrics import auprc, auroc
 from service import imaging
 
 
@@ -46,7 +46,7 @@ def test_smoothing_aggregation_discounts_a_single_slice_spike() -> None:
 
 
 def test_threshold_allows_at_most_the_target_false_flag_rate() -> None:
-    from models.detector.calibrate import threshold_at_false_flag_rate
+    from models.detector.metrics import threshold_at_false_flag_rate
 
     scores = np.random.default_rng(0).normal(size=40)
     for rate in (0.0, 0.05, 0.1, 0.25):

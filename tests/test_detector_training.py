@@ -161,7 +161,7 @@ def test_evaluate_reports_auroc_per_anomaly_type(trained: tuple[Path, float], ph
     (data / "manifest.json").write_text(json.dumps({"series": entries}))
     report_dir = tmp_path / "report"
     assert gatekeeper(["evaluate", "detector", "--data", str(data), "--model", str(out), "--out", str(report_dir),
-                       "--bootstrap", "50"]) == 0
+                       "--train-data", str(phantom), "--bootstrap", "50"]) == 0
     report = json.loads((report_dir / "report.json").read_text())
     assert report["series"] == 4 and set(report["per_type"]) == {"stent", "all"}
     assert 0.0 <= report["per_type"]["stent"]["auroc"] <= 1.0

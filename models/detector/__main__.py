@@ -2,6 +2,8 @@
 
     python -m models.detector phantom-train-set --out DIR [--matrix 128] [--jobs N] [--seed 0] [--slices K]
     python -m models.detector train --data DIR --out DIR [...]   (same options as `gatekeeper train detector`)
+    python -m models.detector baseline-ae --data DIR --out DIR [--minutes N] [--seed 0]   (autoencoder baseline;
+                                                    same options as `gatekeeper train autoencoder`)
     python -m models.detector bench --model DIR [--device cuda]    (scoring throughput, torch vs ONNX Runtime)
     python -m models.detector export --model DIR     (ONNX files again from weights.pt + model.json)
     python -m models.detector samples --model DIR [--data DIR] --out PNG   (samples and reconstructions)
@@ -25,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from models.detector.train import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "baseline-ae":
+        from models.detector.autoencoder import main as autoencoder_main
+
+        return autoencoder_main(argv[1:])
     if argv and argv[0] == "export":
         p = argparse.ArgumentParser(prog="python -m models.detector export")
         p.add_argument("--model", required=True, type=Path, help="model folder with model.json and weights.pt")

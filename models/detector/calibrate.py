@@ -14,31 +14,11 @@ import numpy as np
 import torch
 
 from models.detector.data import SeriesData
+from models.detector.metrics import auroc, threshold_at_false_flag_rate  # noqa: F401 — re-exported
 from models.detector.networks import Scorer
 from service import imaging
 
 log = logging.getLogger(__name__)
-
-
-def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve (Mann–Whitney U), ties counted half."""
-    neg = np.asarray(negatives, np.float64).ravel()
-    pos = np.asarray(positives, np.float64).ravel()
-    if neg.size == 0 or pos.size == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (pos.size * neg.size))
-
-
-def threshold_at_false_flag_rate(normal_scores: np.ndarray, rate: float) -> float:
-    """Smallest threshold from the data such that at most ⌊rate·n⌋ normal series score above it.
-
-    A series is flagged when its score is strictly greater than the threshold.
-    """
-    s = np.sort(np.asarray(normal_scores, np.float64))
-    allowed = int(np.floor(rate * s.size + 1e-9))
-    return float(s[s.size - 1 - allowed])
 
 
 @torch.no_grad()

@@ -124,6 +124,26 @@ def _manifest_splits(root: Path) -> tuple[dict[str, str], dict[str, list[float]]
     return splits, positions
 
 
+def normal_splits(root: Path, groups: list[dicom_series.SeriesFiles], seed: int = 0
+                  ) -> tuple[dict[str, str], dict[str, list[float]]]:
+    """Split of every series: "train", "validation" (normals) or something else (left out).
+
+    With a phantom `manifest.json` in `root`, its split fields ("test" stays "test", anomalous
+    series become "anomalous"); otherwise every series in `groups` is normal and a seeded 10 %
+    (at least 2) is "validation". Also returns the manifest's true body-axis positions per series.
+    """
+    meta = _manifest_splits(Path(root))
+    if meta is not None:
+        return meta
+    splits: dict[str, str] = {}
+    rng = np.random.default_rng([seed, 0x5A1])
+    order = rng.permutation(len(groups))
+    n_val = max(2, int(round(0.1 * len(groups))))
+    for rank, idx in enumerate(order):
+        splits[groups[idx].series_instance_uid] = "validation" if rank < n_val else "train"
+    return splits, {}
+
+
 def load_dataset(root: Path | str, size: int, *, jobs: int = 1, seed: int = 0,
                  max_series: int | None = None) -> Dataset:
     """Normal training and validation series under `root`, preprocessed to `size`².
@@ -135,18 +155,8 @@ def load_dataset(root: Path | str, size: int, *, jobs: int = 1, seed: int = 0,
     """
     root = Path(root)
     groups = dicom_series.ct_series_in(scan_parallel(root, jobs))
-    meta = _manifest_splits(root)
-    if meta is not None:
-        splits, truths = meta
-        wanted = {"train", "validation"}
-        groups = [g for g in groups if splits.get(g.series_instance_uid) in wanted]
-    else:
-        splits, truths = {}, {}
-        rng = np.random.default_rng([seed, 0x5A1])
-        order = rng.permutation(len(groups))
-        n_val = max(2, int(round(0.1 * len(groups))))
-        for rank, idx in enumerate(order):
-            splits[groups[idx].series_instance_uid] = "validation" if rank < n_val else "train"
+    splits, truths = normal_splits(root, groups, seed)
+    groups = [g for g in groups if splits.get(g.series_instance_uid) in ("train", "validation")]
     if max_series is not None:
         tr = [g for g in groups if splits[g.series_instance_uid] == "train"][:max_series]
         va = [g for g in groups if splits[g.series_instance_uid] == "validation"][:max(2, max_series // 4)]

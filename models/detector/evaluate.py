@@ -1,13 +1,32 @@
-"""`gatekeeper evaluate detector`: score a phantom test split with an exported detector and report.
+"""`gatekeeper evaluate detector`: the detector against its baselines on a labelled phantom split.
 
 Uses the same ONNX Runtime path as `gatekeeper score` (no torch). Needs the phantom
-`manifest.json` for ground truth: anomaly type per series and affected slice indices.
+`manifest.json` for ground truth (anomaly type per series, affected slice indices) and each
+anomalous series' `ground_truth/anomaly.seg.dcm` (read with highdicom) for localisation.
 
-Reports (report.json, report.md in --out): series-level AUROC and AUPRC per anomaly type and
-overall with bootstrap 95 % CIs, slice-level AUROC (anomalous slices of anomalous series vs all
-slices of normal series), and the false-flag rate of the unseen normal series at the calibrated
-threshold. Not yet here: the baselines (unconditioned ablation, autoencoder, HU histogram), the
-localisation score and the plots that issue 4 asks for.
+Methods, all scored on the same series in one run:
+
+* `detector` — the model under test (`--model`);
+* `ablation` — the same GAN trained without the position condition (`--ablation`, optional);
+* `autoencoder` — a convolutional autoencoder's reconstruction error (`--autoencoder`, optional;
+  `gatekeeper train autoencoder`);
+* `hu_histogram` — a HU-histogram statistic (always), fitted here on the normal training series of
+  `--train-data` (default: the same phantom run's `train` split; its threshold on the `validation`
+  split), with the detector's slice positions and series aggregation
+  (`models.detector.baselines.HistogramBaseline`).
+
+Writes to `--out`: report.json, report.md and PNG plots linked from it — ROC curves per anomaly
+type (every method), slice-score profiles along the body axis for example series, residual
+heat-maps of the top affected slice of example anomalous series. Reported per method: series
+AUROC and AUPRC per anomaly type and overall with bootstrap 95 % CIs, the paired bootstrap CI of
+the AUROC difference to the detector, slice-level AUROC, the false-flag rate of the unseen normals
+at the method's own threshold (set on validation normals), and localisation:
+
+    on the highest-scoring affected slice (affected = the anomaly mask, mapped to the model's grid
+    the way preprocessing resizes the image, is not empty), the argmax of the residual map smoothed
+    with a Gaussian (σ = 1 px), searched inside the body mask, lies in the anomaly mask dilated by
+    2 px. "chance" is the fraction of the body inside that dilated mask (a random body pixel's
+    hit probability).
 """
 
 from __future__ import annotations
@@ -16,63 +35,252 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+
+from models.detector.metrics import (
+    auprc,
+    auroc,
+    bootstrap_ci,
+    paired_bootstrap_difference,
+    roc_curve,
+    threshold_at_false_flag_rate,
+)
 
 log = logging.getLogger(__name__)
 
+#: Method keys in report order, with the names the report shows.
+METHOD_LABELS = {
+    "detector": "GAN detector",
+    "ablation": "GAN, unconditioned",
+    "autoencoder": "conv autoencoder",
+    "hu_histogram": "HU histogram",
+}
+#: The anomaly types the product promises to catch, and the targets of issue 4.
+TARGET_TYPES = ("stent", "tumor", "fluid")
+TARGET_AUROC = 0.97
+TARGET_FALSE_FLAG_RATE = 0.05
+#: Localisation: Gaussian smoothing of the residual map and dilation of the mask, in model pixels.
+LOCALISATION_SIGMA_PX = 1.0
+LOCALISATION_DILATION_PX = 2
+
 
 def register(what: argparse._SubParsersAction) -> None:
-    d = what.add_parser("detector", help="evaluate an exported detector on a phantom test split",
-                        description="Score the test series of a phantom run (manifest.json) and write report.json "
-                        "and report.md to --out.")
+    d = what.add_parser("detector", help="evaluate an exported detector and its baselines on a phantom split",
+                        description="Score the test series of a phantom run (manifest.json) with the detector, the "
+                        "HU-histogram baseline and optionally the unconditioned ablation and the autoencoder; write "
+                        "report.json, report.md and PNG plots to --out.")
     d.add_argument("--data", required=True, type=Path, help="phantom run folder with manifest.json")
     d.add_argument("--model", required=True, type=Path, help="model folder (model.json + ONNX files)")
     d.add_argument("--out", required=True, type=Path, help="report folder")
     d.add_argument("--split", default="test", help="manifest split to evaluate (default test)")
+    d.add_argument("--ablation", type=Path, default=None,
+                   help="model folder of the unconditioned ablation (gatekeeper train detector --unconditioned)")
+    d.add_argument("--autoencoder", type=Path, default=None,
+                   help="model folder of the autoencoder baseline (gatekeeper train autoencoder)")
+    d.add_argument("--train-data", type=Path, default=None,
+                   help="normal series to fit the HU-histogram baseline on: a phantom run (its train split; "
+                   "threshold on its validation split) or any DICOM tree (default: --data)")
     d.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     d.set_defaults(func=run)
 
 
-def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    neg, pos = np.asarray(neg, float).ravel(), np.asarray(pos, float).ravel()
-    if neg.size == 0 or pos.size == 0:
-        return float("nan")
-    order = np.argsort(np.concatenate([neg, pos]), kind="mergesort")
-    ranks = np.empty(order.size)
-    values = np.concatenate([neg, pos])[order]
-    # average ranks over ties
-    i = 0
-    while i < values.size:
-        j = i
-        while j + 1 < values.size and values[j + 1] == values[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    r_pos = ranks[neg.size:].sum()
-    return float((r_pos - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+# --- localisation -------------------------------------------------------------------------------------
 
 
-def auprc(neg: np.ndarray, pos: np.ndarray) -> float:
-    """Average precision with the anomalous series as positives."""
-    scores = np.concatenate([neg, pos])
-    labels = np.concatenate([np.zeros(len(neg)), np.ones(len(pos))])
-    order = np.argsort(-scores, kind="mergesort")
-    labels = labels[order]
-    tp = np.cumsum(labels)
-    precision = tp / np.arange(1, labels.size + 1)
-    return float((precision * labels).sum() / max(labels.sum(), 1))
+def anomaly_mask_on_grid(seg_path: Path, sop_instance_uids: tuple[str, ...], size: int) -> np.ndarray:
+    """The injected anomaly's mask [k, size, size] (bool) in the series' slice order, on the model grid.
+
+    Each slice of the DICOM-SEG is resized like the image (`imaging.resize`: area average when
+    shrinking) and a model pixel counts as anomalous when any part of it was.
+
+    Raises:
+        OSError, ValueError: the SEG cannot be read or does not reference these slices.
+    """
+    import highdicom as hd
+
+    from service import imaging
+
+    seg = hd.seg.segread(seg_path)
+    mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(sop_instance_uids),
+                                             segment_numbers=[1], assert_missing_frames_are_empty=True)[..., 0] > 0
+    out = np.zeros((mask.shape[0], size, size), bool)
+    for i in np.flatnonzero(mask.any(axis=(1, 2))):
+        out[i] = imaging.resize(mask[i].astype(np.float32), (size, size)) > 1e-3
+    return out
 
 
-def bootstrap_ci(metric, neg: np.ndarray, pos: np.ndarray, n: int, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    vals = [metric(rng.choice(neg, neg.size), rng.choice(pos, pos.size)) for _ in range(n)]
-    return [round(float(v), 4) for v in np.nanpercentile(vals, [2.5, 97.5])]
+def localise(slice_scores: np.ndarray, residual_maps: np.ndarray, anomaly: np.ndarray, body: np.ndarray) -> dict | None:
+    """Does the top residual region of the highest-scoring affected slice hit the anomaly?
+
+    `slice_scores` [k], `residual_maps`, `anomaly` and `body` [k, S, S] on the model grid. Returns
+    {"slice", "hit", "chance", "argmax"} (see the module docstring), or None when no slice is affected.
+    """
+    affected = np.flatnonzero(anomaly.any(axis=(1, 2)))
+    if affected.size == 0:
+        return None
+    t = int(affected[np.argmax(np.asarray(slice_scores)[affected])])
+    smooth = ndimage.gaussian_filter(residual_maps[t].astype(np.float64), LOCALISATION_SIGMA_PX)
+    inside = body[t] if body[t].any() else np.ones_like(body[t])
+    smooth[~inside] = -np.inf
+    r, c = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
+    region = ndimage.binary_dilation(anomaly[t], structure=np.ones((3, 3), bool), iterations=LOCALISATION_DILATION_PX)
+    chance = float((region & inside).sum() / inside.sum())
+    return {"slice": t, "hit": bool(region[r, c]), "chance": chance, "argmax": (int(r), int(c))}
 
 
-def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000) -> dict:
-    from service import dicom_series
+# --- the HU-histogram baseline, fitted here -------------------------------------------------------------
+
+
+def fit_histogram_baseline(root: Path, detector, *, seed: int = 0):
+    """Fit `HistogramBaseline` on the normal training series under `root`; threshold on its validation ones.
+
+    Slice positions come from `detector` (its position method), the aggregation is the detector's.
+
+    Raises:
+        ValueError: no usable normal training series under `root`.
+    """
+    from models.detector.baselines import HistogramBaseline, hu_histograms
+    from models.detector.data import normal_splits
+    from service import dicom_series, imaging
+
+    groups = dicom_series.ct_series_in(dicom_series.scan_tree(root))
+    splits, _ = normal_splits(root, groups, seed)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "validation": []}
+    for g in groups:
+        split = splits.get(g.series_instance_uid)
+        if split not in parts:
+            continue
+        try:
+            series = dicom_series.load_series(g)
+        except dicom_series.SeriesError as exc:
+            log.warning("HU histogram: skipping %s", exc)
+            continue
+        images, _ = imaging.preprocess_slices(series.hu, detector.size, detector.window)
+        positions = detector.positions(images, series.locations_mm)
+        parts[split].append((hu_histograms(series.hu), positions))
+    if not parts["train"]:
+        raise ValueError(f"{root}: no normal training series to fit the HU-histogram baseline on (phantom split "
+                         "'train', or any CT series when there is no manifest.json); give --train-data")
+    model = HistogramBaseline.fit([f for f, _ in parts["train"]], [p for _, p in parts["train"]],
+                                  aggregation=detector.aggregation)
+    if parts["validation"]:
+        scores = [model.series_score(model.slice_scores(f, p)) for f, p in parts["validation"]]
+        model.threshold = threshold_at_false_flag_rate(np.array(scores), TARGET_FALSE_FLAG_RATE)
+    log.info("HU histogram fitted on %d series (%d slices), threshold %s from %d validation series",
+             model.train_series, model.train_slices, model.threshold, len(parts["validation"]))
+    return model
+
+
+# --- scoring every series with every method -------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """What the plots show of one series (main detector only)."""
+
+    folder: str
+    type: str
+    slice_scores: np.ndarray
+    affected: list[int]
+    image: np.ndarray | None = None  # the localisation slice, preprocessed [S, S]
+    residual: np.ndarray | None = None  # its residual map [S, S]
+    anomaly: np.ndarray | None = None  # its anomaly mask on the model grid [S, S]
+    localisation: dict | None = None
+
+
+@dataclass
+class Run:
+    """Everything one evaluation computed; `report` is what report.json holds."""
+
+    report: dict
+    examples: list[Example] = field(default_factory=list)
+
+
+def _method_summary(rows: list[dict], name: str, threshold: float | None, n_boot: int) -> dict:
+    normal = np.array([r["scores"][name] for r in rows if r["type"] == "normal"])
+    types = sorted({r["type"] for r in rows} - {"normal"})
+    out: dict = {"threshold": threshold, "per_type": {}}
+    for kind in types + ["all"]:
+        pos = np.array([r["scores"][name] for r in rows if r["type"] != "normal" and kind in ("all", r["type"])])
+        out["per_type"][kind] = {
+            "n": int(pos.size), "auroc": round(auroc(normal, pos), 4),
+            "auroc_ci95": bootstrap_ci(auroc, normal, pos, n_boot),
+            "auprc": round(auprc(normal, pos), 4),
+            "sensitivity_at_threshold": None if threshold is None else round(float(np.mean(pos > threshold)), 4),
+        }
+    out["false_flag_rate_normals"] = None if threshold is None or normal.size == 0 else \
+        round(float(np.mean(normal > threshold)), 4)
+    slice_neg = [r["slice_scores"][name] for r in rows if r["type"] == "normal"]
+    slice_pos = [np.asarray(r["slice_scores"][name])[r["affected"]] for r in rows if r["affected"]]
+    out["slice_auroc"] = round(auroc(np.concatenate(slice_neg) if slice_neg else np.zeros(0),
+                                     np.concatenate(slice_pos) if slice_pos else np.zeros(0)), 4)
+    located = [r for r in rows if r["localisation"].get(name) is not None]
+    if located:
+        out["localisation"] = {}
+        for kind in types + ["all"]:
+            sel = [r["localisation"][name] for r in located if kind in ("all", r["type"])]
+            if sel:
+                out["localisation"][kind] = {
+                    "n": len(sel), "hit_rate": round(float(np.mean([s["hit"] for s in sel])), 4),
+                    "chance": round(float(np.mean([s["chance"] for s in sel])), 4)}
+    else:
+        out["localisation"] = None
+    return out
+
+
+def _differences(rows: list[dict], names: list[str], n_boot: int) -> dict:
+    """detector − method: paired bootstrap of the series AUROC, per anomaly type and overall."""
+    types = sorted({r["type"] for r in rows} - {"normal"})
+    out: dict = {}
+    for name in names:
+        if name == "detector":
+            continue
+        out[name] = {}
+        for kind in types + ["all"]:
+            neg = [r for r in rows if r["type"] == "normal"]
+            pos = [r for r in rows if r["type"] != "normal" and kind in ("all", r["type"])]
+            diff, ci = paired_bootstrap_difference(
+                [r["scores"]["detector"] for r in neg], [r["scores"]["detector"] for r in pos],
+                [r["scores"][name] for r in neg], [r["scores"][name] for r in pos], n_boot)
+            out[name][kind] = {"difference": round(diff, 4), "ci95": ci,
+                               "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+    return out
+
+
+def _targets(report: dict) -> list[dict]:
+    main = report["methods"]["detector"]
+    out = []
+    for kind in TARGET_TYPES:
+        m = main["per_type"].get(kind)
+        out.append({"target": f"series AUROC >= {TARGET_AUROC} on {kind}",
+                    "value": None if m is None else m["auroc"], "ci95": None if m is None else m["auroc_ci95"],
+                    "met": None if m is None else bool(m["auroc"] >= TARGET_AUROC)})
+    ffr = main["false_flag_rate_normals"]
+    out.append({"target": f"false-flag rate <= {TARGET_FALSE_FLAG_RATE:.0%} of unseen normal series",
+                "value": ffr, "ci95": None, "met": None if ffr is None else bool(ffr <= TARGET_FALSE_FLAG_RATE)})
+    d = report["differences"].get("ablation", {}).get("all")
+    out.append({"target": "conditioned better than the unconditioned ablation (paired 95 % CI of the AUROC "
+                          "difference, all anomalies, above 0)",
+                "value": None if d is None else d["difference"], "ci95": None if d is None else d["ci95"],
+                "met": None if d is None else bool(d["ci95"][0] > 0)})
+    return out
+
+
+def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *, ablation: Path | None = None,
+             autoencoder: Path | None = None, train_data: Path | None = None) -> Run:
+    """Score the `split` series of the phantom run `data` with every method; return the report and plot data.
+
+    Raises:
+        OSError: a model, the manifest or a series cannot be read.
+        ValueError: no series in the split, a model.json is invalid, or no normal training series for
+            the HU histogram (messages name the folder).
+    """
+    from models.detector.baselines import AutoencoderBaseline, hu_histograms
+    from service import dicom_series, imaging
     from service.inference import Detector
 
     manifest = json.loads((data / "manifest.json").read_text())
@@ -80,70 +288,318 @@ def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000) -
     if not entries:
         raise ValueError(f"{data}/manifest.json has no series in split {split!r}")
     detector = Detector(model)
-    rows = []
+    gans = {"detector": detector}
+    if ablation is not None:
+        gans["ablation"] = Detector(ablation)
+        if gans["ablation"].meta.get("conditioned", True):
+            log.warning("--ablation %s is a conditioned model (model.json conditioned: true)", ablation)
+    ae = AutoencoderBaseline(autoencoder) if autoencoder is not None else None
     t0 = time.monotonic()
-    for e in entries:
+    histogram = fit_histogram_baseline(train_data or data, detector)
+    fit_seconds = time.monotonic() - t0
+    names = list(gans) + (["autoencoder"] if ae is not None else []) + ["hu_histogram"]
+    aggregation = {k: g.aggregation for k, g in gans.items()} | {"hu_histogram": histogram.aggregation}
+    thresholds = {k: g.threshold for k, g in gans.items()} | {"hu_histogram": histogram.threshold}
+    if ae is not None:
+        aggregation["autoencoder"], thresholds["autoencoder"] = ae.aggregation, ae.threshold
+
+    rows: list[dict] = []
+    examples: dict[str, Example] = {}
+    t0 = time.monotonic()
+    for n, e in enumerate(entries, 1):
         groups = dicom_series.ct_series_in(dicom_series.scan_tree(data / e["folder"]))
-        (group,) = [g for g in groups if g.series_instance_uid == e["series_instance_uid"]]
-        result = detector.score_series(dicom_series.load_series(group))
+        matching = [g for g in groups if g.series_instance_uid == e["series_instance_uid"]]
+        if len(matching) != 1:
+            raise ValueError(f"{data / e['folder']}: series {e['series_instance_uid']} not found")
+        series = dicom_series.load_series(matching[0])
         kind = e["anomaly"]["type"] if e.get("anomaly") else "normal"
-        affected = set(e["anomaly"]["slices"]) if e.get("anomaly") else set()
-        rows.append({"folder": e["folder"], "type": kind, "score": result.score, "flagged": result.flagged,
-                     "slice_scores": [s.score for s in result.slices], "affected": sorted(affected)})
+        affected = sorted(e["anomaly"]["slices"]) if e.get("anomaly") else []
+        prepared: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        truth: dict[int, np.ndarray] = {}
+
+        def inputs(size: int, window: imaging.Window) -> tuple[np.ndarray, np.ndarray]:
+            key = (size, window)
+            if key not in prepared:
+                prepared[key] = imaging.preprocess_slices(series.hu, size, window)
+            return prepared[key]
+
+        def anomaly_on(size: int) -> np.ndarray:
+            if size not in truth:
+                truth[size] = anomaly_mask_on_grid(data / e["folder"] / e["anomaly"]["seg"],
+                                                   series.sop_instance_uids, size)
+            return truth[size]
+
+        slice_scores: dict[str, np.ndarray] = {}
+        localisation: dict[str, dict | None] = {}
+        example = None
+        if kind not in examples:
+            example = examples[kind] = Example(e["folder"], kind, np.zeros(0), affected)
+        main_positions = None
+        scorers = [(k, g, g.size, g.window) for k, g in gans.items()]
+        if ae is not None:
+            scorers.append(("autoencoder", ae, ae.size, ae.window))
+        for name, scorer, size, window in scorers:
+            images, masks = inputs(size, window)
+            if name == "autoencoder":
+                scores, maps = scorer.score_arrays(images, masks)
+            else:
+                positions = scorer.positions(images, series.locations_mm)
+                if name == "detector":
+                    main_positions = positions
+                scores, maps = scorer.score_arrays(images, masks, positions)
+            slice_scores[name] = scores
+            localisation[name] = localise(scores, maps, anomaly_on(size), masks) if affected else None
+            if name == "detector" and example is not None:
+                example.slice_scores = scores
+                if localisation[name] is not None:
+                    t = localisation[name]["slice"]
+                    example.image, example.residual = images[t], maps[t]
+                    example.anomaly, example.localisation = anomaly_on(size)[t], localisation[name]
+            del maps
+        slice_scores["hu_histogram"] = histogram.slice_scores(hu_histograms(series.hu), main_positions)
+        rows.append({
+            "folder": e["folder"], "type": kind, "affected": affected, "slice_scores": slice_scores,
+            "scores": {k: imaging.aggregate_slice_scores(v, aggregation[k]) for k, v in slice_scores.items()},
+            "localisation": localisation,
+        })
+        if n % 10 == 0 or n == len(entries):
+            log.info("evaluated %d/%d series (%.0f s)", n, len(entries), time.monotonic() - t0)
     seconds = time.monotonic() - t0
-    normal = np.array([r["score"] for r in rows if r["type"] == "normal"])
-    types = sorted({r["type"] for r in rows} - {"normal"})
+
     report: dict = {"data": str(data), "model": str(model), "split": split, "threshold": detector.threshold,
                     "aggregation": detector.aggregation, "provider": detector.provider,
-                    "series": len(rows), "seconds": round(seconds, 1), "per_type": {}}
-    for kind in types + ["all"]:
-        pos = np.array([r["score"] for r in rows if r["type"] != "normal" and (kind == "all" or r["type"] == kind)])
-        report["per_type"][kind] = {
-            "n": int(pos.size), "auroc": round(auroc(normal, pos), 4),
-            "auroc_ci95": bootstrap_ci(auroc, normal, pos, n_boot),
-            "auprc": round(auprc(normal, pos), 4),
-            "sensitivity_at_threshold": round(float(np.mean(pos > detector.threshold)), 4),
-        }
-    slice_neg = np.concatenate([r["slice_scores"] for r in rows if r["type"] == "normal"])
-    slice_pos = np.concatenate([np.asarray(r["slice_scores"])[r["affected"]] for r in rows if r["affected"]])
-    report["slice_auroc"] = round(auroc(slice_neg, slice_pos), 4)
-    report["false_flag_rate_normals"] = round(float(np.mean(normal > detector.threshold)), 4)
-    model_meta = json.loads((model / "model.json").read_text())
+                    "family": detector.meta.get("family"), "size": detector.size,
+                    "conditioned": detector.meta.get("conditioned", True),
+                    "series": len(rows), "normal_series": sum(r["type"] == "normal" for r in rows),
+                    "seconds": round(seconds, 1), "bootstrap": n_boot, "methods": {}}
+    for name in names:
+        summary = _method_summary(rows, name, thresholds[name], n_boot)
+        summary["label"] = METHOD_LABELS[name]
+        summary["aggregation"] = aggregation[name]
+        summary["model"] = {"detector": str(model), "ablation": str(ablation), "autoencoder": str(autoencoder),
+                            "hu_histogram": str(train_data or data)}[name]
+        report["methods"][name] = summary
+    main = report["methods"]["detector"]
+    # The fields of the first report format (main detector only), kept for readers of report.json.
+    report["per_type"] = main["per_type"]
+    report["slice_auroc"] = main["slice_auroc"]
+    report["false_flag_rate_normals"] = main["false_flag_rate_normals"]
+    report["differences"] = _differences(rows, names, n_boot)
+    report["targets"] = _targets(report)
+    report["hu_histogram_fit"] = histogram.as_dict() | {"data": str(train_data or data),
+                                                          "seconds": round(fit_seconds, 1)}
+    model_meta = detector.meta
     report["position_quality_validation"] = model_meta.get("metrics", {}).get("position_quality_validation", {})
     report["model_training"] = {k: model_meta.get("training", {}).get(k) for k in ("command", "device_name", "steps")}
-    report["rows"] = [{k: v for k, v in r.items() if k not in ("slice_scores", "affected")} for r in rows]
-    return report
+    report["rows"] = [{"folder": r["folder"], "type": r["type"],
+                       "scores": {k: round(float(v), 5) for k, v in r["scores"].items()},
+                       "score": round(float(r["scores"]["detector"]), 5),
+                       "flagged": bool(r["scores"]["detector"] > detector.threshold),
+                       "localisation": {k: v for k, v in r["localisation"].items() if v is not None}}
+                      for r in rows]
+    return Run(report, list(examples.values()))
 
 
-def write_report(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+# --- report.md and plots --------------------------------------------------------------------------------
+
+
+def _ci(m: dict) -> str:
+    lo, hi = m["auroc_ci95"]
+    return f"{m['auroc']:.3f} ({lo:.3f}–{hi:.3f})"
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "**met**", False: "**missed**", None: "not evaluated"}[met]
+
+
+def report_markdown(report: dict, plots: list[str]) -> str:
+    """report.md: targets, comparison of methods, differences, operating points, localisation, plots."""
+    methods = report["methods"]
+    names = list(methods)
+    kinds = list(methods["detector"]["per_type"])
     lines = [f"# Detector evaluation — {report['split']} split of {report['data']}", "",
-             f"Model `{report['model']}`, aggregation `{report['aggregation']}`, threshold {report['threshold']:.4g}, "
-             f"{report['series']} series scored in {report['seconds']} s ({report['provider']}).", "",
-             "| anomaly | n | series AUROC (95 % CI) | AUPRC | sensitivity at threshold |", "|---|---|---|---|---|"]
-    for kind, m in report["per_type"].items():
-        lines.append(f"| {kind} | {m['n']} | {m['auroc']:.3f} ({m['auroc_ci95'][0]:.3f}–{m['auroc_ci95'][1]:.3f}) | "
-                     f"{m['auprc']:.3f} | {m['sensitivity_at_threshold']:.2f} |")
-    lines += ["", f"Slice-level AUROC: {report['slice_auroc']:.3f}. False-flag rate of unseen normal series at the "
-              f"threshold: {report['false_flag_rate_normals']:.2f}.", ""]
+             f"Model `{report['model']}` ({report['family']}, {report['size']} px, "
+             f"{'position-conditioned' if report['conditioned'] else 'unconditioned'}), aggregation "
+             f"`{report['aggregation']}`, threshold {report['threshold']:.4g}; {report['series']} series "
+             f"({report['normal_series']} normal) scored by every method in {report['seconds']} s "
+             f"({report['provider']}). CIs: {report['bootstrap']} bootstrap resamples.", "",
+             "## Targets", ""]
+    for t in report["targets"]:
+        if t["value"] is None:
+            lines.append(f"- {t['target']}: {_verdict(None)}")
+            continue
+        ci = f" (95 % CI {t['ci95'][0]:.3f}–{t['ci95'][1]:.3f})" if t["ci95"] else ""
+        lines.append(f"- {t['target']}: {t['value']:.3f}{ci} — {_verdict(t['met'])}")
+    lines += ["", "## Series AUROC by method (95 % bootstrap CI)", "",
+              "| anomaly | n | " + " | ".join(methods[k]["label"] for k in names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    for kind in kinds:
+        n = methods["detector"]["per_type"][kind]["n"]
+        lines.append(f"| {kind} | {n} | " + " | ".join(_ci(methods[k]["per_type"][kind]) for k in names) + " |")
+    others = [k for k in names if k != "detector"]
+    lines += ["", "## AUROC difference: detector − method (paired bootstrap 95 % CI; * = CI excludes 0)", "",
+              "| anomaly | " + " | ".join(f"− {methods[k]['label']}" for k in others) + " |",
+              "|---|" + "---|" * len(others)]
+    for kind in kinds:
+        cells = []
+        for k in others:
+            d = report["differences"][k][kind]
+            star = "*" if d["excludes_zero"] else ""
+            cells.append(f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}){star}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "## Operating point (each method at its own threshold, set on validation normals)", "",
+              "| method | aggregation | threshold | false-flag rate (unseen normals) | sensitivity (all anomalies) "
+              "| slice AUROC |", "|---|---|---|---|---|---|"]
+    for k in names:
+        m = methods[k]
+        thr = "—" if m["threshold"] is None else f"{m['threshold']:.4g}"
+        ffr = "—" if m["false_flag_rate_normals"] is None else f"{m['false_flag_rate_normals']:.2f}"
+        sens = m["per_type"]["all"]["sensitivity_at_threshold"]
+        lines.append(f"| {m['label']} | {m['aggregation']} | {thr} | {ffr} | "
+                     f"{'—' if sens is None else f'{sens:.2f}'} | {m['slice_auroc']:.3f} |")
+    located = [k for k in names if methods[k].get("localisation")]
+    if located:
+        lines += ["", "## Localisation", "",
+                  "Fraction of anomalous series where the argmax of the residual map (Gaussian-smoothed, "
+                  f"σ = {LOCALISATION_SIGMA_PX:g} px, inside the body) on the highest-scoring affected slice lies "
+                  f"in the injected mask dilated by {LOCALISATION_DILATION_PX} px (model grid). Chance = fraction "
+                  "of the body inside that dilated mask. The HU histogram has no map.", "",
+                  "| anomaly | n | " + " | ".join(f"{methods[k]['label']} (chance)" for k in located) + " |",
+                  "|---|---|" + "---|" * len(located)]
+        for kind in methods[located[0]]["localisation"]:
+            cells = []
+            for k in located:
+                loc = methods[k]["localisation"].get(kind)
+                cells.append("—" if loc is None else f"{loc['hit_rate']:.2f} ({loc['chance']:.2f})")
+            n = methods[located[0]]["localisation"][kind]["n"]
+            lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    main = methods["detector"]
+    lines += ["", "## Detector detail", "",
+              "| anomaly | n | series AUROC (95 % CI) | AUPRC | sensitivity at threshold |", "|---|---|---|---|---|"]
+    for kind, m in main["per_type"].items():
+        lines.append(f"| {kind} | {m['n']} | {_ci(m)} | {m['auprc']:.3f} | {m['sensitivity_at_threshold']:.2f} |")
+    lines += ["", f"Slice-level AUROC: {main['slice_auroc']:.3f}. False-flag rate of unseen normal series at the "
+              f"threshold: {main['false_flag_rate_normals']:.2f}.", ""]
+    fit = report["hu_histogram_fit"]
+    lines += [f"HU histogram: {len(fit['hu_bin_edges']) + 1} HU bins × {fit['position_bins']} position bins (the "
+              f"detector's positions), fitted on {fit['train_series']} normal series ({fit['train_slices']} slices) "
+              f"of {fit['data']} in {fit['seconds']} s.", ""]
     quality = report.get("position_quality_validation") or {}
     if quality:
         lines += ["Slice position vs the phantom's true body-axis position (validation series, after a linear fit):",
-                  "",
-                  "| position | Pearson r | RMSE |", "|---|---|---|"]
+                  "", "| position | Pearson r | RMSE |", "|---|---|---|"]
         lines += [f"| {k} | {v['pearson_r']:.3f} | {v['rmse_after_linear_fit']:.3f} |" for k, v in quality.items()]
         lines.append("")
-    (out / "report.md").write_text("\n".join(lines))
+    if plots:
+        lines += ["## Plots", ""]
+        captions = {"roc.png": "Series-level ROC curves per anomaly type, every method",
+                    "profiles.png": "Detector slice scores along the body axis (head → feet) for example series; "
+                                    "red: affected slices, dashed: series threshold",
+                    "heatmaps.png": "Residual maps of the highest-scoring affected slice (cyan: injected mask, "
+                                    "×: argmax of the smoothed map)"}
+        for p in plots:
+            lines += [f"{captions.get(p, p)}:", "", f"![{p}]({p})", ""]
+    return "\n".join(lines)
+
+
+def write_plots(report: dict, examples: list[Example], out: Path) -> list[str]:
+    """roc.png, profiles.png, heatmaps.png in `out`; returns the file names written."""
+    from matplotlib.figure import Figure
+
+    written = []
+    methods = report["methods"]
+    rows = report["rows"]
+    kinds = list(methods["detector"]["per_type"])
+    cols = min(4, len(kinds))
+    nrows = -(-len(kinds) // cols)
+    fig = Figure(figsize=(3.2 * cols, 3.2 * nrows), layout="constrained")
+    for i, kind in enumerate(kinds):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        for name, m in methods.items():
+            neg = [r["scores"][name] for r in rows if r["type"] == "normal"]
+            pos = [r["scores"][name] for r in rows if r["type"] != "normal" and kind in ("all", r["type"])]
+            fpr, tpr = roc_curve(np.array(neg), np.array(pos))
+            ax.plot(fpr, tpr, label=f"{m['label']} {m['per_type'][kind]['auroc']:.2f}")
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
+        ax.set_title(f"{kind} (n={methods['detector']['per_type'][kind]['n']})", fontsize=9)
+        ax.set_xlabel("false-positive rate", fontsize=8)
+        ax.set_ylabel("true-positive rate", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.savefig(out / "roc.png", dpi=110)
+    written.append("roc.png")
+
+    if examples:
+        fig = Figure(figsize=(8, 1.9 * len(examples)), layout="constrained")
+        for i, ex in enumerate(examples):
+            ax = fig.add_subplot(len(examples), 1, i + 1)
+            ax.plot(np.arange(ex.slice_scores.size), ex.slice_scores, lw=1.0, color="k")
+            for run_start, run_end in _runs(ex.affected):
+                ax.axvspan(run_start - 0.5, run_end + 0.5, color="tab:red", alpha=0.25, lw=0)
+            ax.axhline(report["threshold"], color="tab:blue", ls="--", lw=0.8, label="series threshold")
+            if i == 0:
+                ax.legend(fontsize=7, loc="upper left")
+            ax.set_title(f"{ex.type}: {ex.folder}", fontsize=8)
+            ax.set_ylabel("slice score", fontsize=7)
+            ax.tick_params(labelsize=7)
+        ax.set_xlabel("slice (head → feet)", fontsize=8)
+        fig.savefig(out / "profiles.png", dpi=110)
+        written.append("profiles.png")
+
+    located = [ex for ex in examples if ex.localisation is not None]
+    if located:
+        fig = Figure(figsize=(5.2, 2.6 * len(located)), layout="constrained")
+        for i, ex in enumerate(located):
+            r, c = ex.localisation["argmax"]
+            ax = fig.add_subplot(len(located), 2, 2 * i + 1)
+            ax.imshow(ex.image, cmap="gray", vmin=-1, vmax=1)
+            ax.contour(ex.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
+            ax.set_title(f"{ex.type}, slice {ex.localisation['slice']}", fontsize=8)
+            ax.axis("off")
+            ax = fig.add_subplot(len(located), 2, 2 * i + 2)
+            ax.imshow(ndimage.gaussian_filter(ex.residual.astype(np.float64), LOCALISATION_SIGMA_PX), cmap="hot")
+            ax.contour(ex.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
+            ax.plot([c], [r], marker="x", color="lime", ms=8, mew=2)
+            ax.set_title("residual: " + ("hit" if ex.localisation["hit"] else "miss"), fontsize=8)
+            ax.axis("off")
+        fig.savefig(out / "heatmaps.png", dpi=110)
+        written.append("heatmaps.png")
+    return written
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs (first, last) of sorted slice indices."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def write_report(run: Run, out: Path) -> None:
+    """report.json, the plots and report.md (which links them) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(run.report, indent=1))
+    plots = write_plots(run.report, run.examples, out)
+    (out / "report.md").write_text(report_markdown(run.report, plots))
 
 
 def run(args: argparse.Namespace) -> int:
     from service.cli import UsageError
 
+    if args.bootstrap < 10:
+        raise UsageError(f"--bootstrap must be >= 10, got {args.bootstrap}")
     try:
-        report = evaluate(args.data, args.model, args.split, args.bootstrap)
+        import matplotlib  # noqa: F401 — the plots need it; say so before an hour of scoring
+    except ImportError:
+        raise UsageError("the evaluation plots need matplotlib: pip install -e '.[train]'") from None
+    try:
+        result = evaluate(args.data, args.model, args.split, args.bootstrap, ablation=args.ablation,
+                          autoencoder=args.autoencoder, train_data=args.train_data)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    write_report(report, args.out)
+    write_report(result, args.out)
     print((args.out / "report.md").read_text())
     return 0

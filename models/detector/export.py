@@ -36,8 +36,9 @@ class _DiscriminatorWithFeatures(nn.Module):
         return self.D(x, pos), self.D.features(x)
 
 
-def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
-            outputs: list[str]) -> None:
+def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
+                 outputs: list[str]) -> None:
+    """Export `module` (eval mode) to `path`: opset 17, the batch axis of every input and output dynamic."""
     module = module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
@@ -59,14 +60,14 @@ def export_onnx(scorer: Scorer, position_net: nn.Module | None, size: int, z_dim
     mask = (torch.rand(n, 1, size, size) > 0.3).float()
     z = torch.randn(n, z_dim)
     paths = [out / "scorer.onnx", out / "encoder.onnx", out / "generator.onnx", out / "discriminator.onnx"]
-    _export(scorer, (x, pos, mask), paths[0], ["image", "position", "mask"],
+    export_graph(scorer, (x, pos, mask), paths[0], ["image", "position", "mask"],
             ["score", "residual", "feature", "residual_map"])
-    _export(scorer.E, (x, pos), paths[1], ["image", "position"], ["z"])
-    _export(scorer.G, (z, pos), paths[2], ["z", "position"], ["image"])
-    _export(_DiscriminatorWithFeatures(scorer.D), (x, pos), paths[3], ["image", "position"], ["logit", "features"])
+    export_graph(scorer.E, (x, pos), paths[1], ["image", "position"], ["z"])
+    export_graph(scorer.G, (z, pos), paths[2], ["z", "position"], ["image"])
+    export_graph(_DiscriminatorWithFeatures(scorer.D), (x, pos), paths[3], ["image", "position"], ["logit", "features"])
     if position_net is not None:
         paths.append(out / "position.onnx")
-        _export(copy.deepcopy(position_net).cpu(), (x,), paths[-1], ["image"], ["raw_position"])
+        export_graph(copy.deepcopy(position_net).cpu(), (x,), paths[-1], ["image"], ["raw_position"])
     return paths
 
 

@@ -82,8 +82,45 @@ class SeriesState(StrEnum):
     RECEIVING = "receiving"  # instances are arriving; the quiet period has not passed
     COMPLETE = "complete"  # the quiet period passed; the series is not yet handed on
     QUEUED = "queued"  # handed to the pipeline; no worker has confirmed it yet
-    ACCEPTED = "accepted"  # a pipeline worker confirmed it has taken the series
+    ACCEPTED = "accepted"  # a pipeline worker confirmed it has taken the series (before the pipeline existed)
     STORED = "stored"  # complete, but not an image series for the pipeline (SEG, RT Structure Set)
+    # The pipeline (service/pipeline.py): score → route → auto-segmentation or worklist.
+    SCORING = "scoring"  # a score worker is running the detector on it
+    SCORED = "scored"  # scores stored (`SeriesScore`); the route is being decided
+    SEGMENTING = "segmenting"  # routed to auto-segmentation; a worker is running the segmenter
+    EXPORTING = "exporting"  # the SEG is written and being delivered to the PACS (`Export`)
+    DELIVERED = "delivered"  # the PACS accepted the SEG
+    EXPORT_FAILED = "export_failed"  # delivery failed permanently; an operator may retry the export
+    WORKLISTED = "worklisted"  # on the manual-contouring worklist (`WorklistItem`)
+    CLAIMED = "claimed"  # a dosimetrist has claimed the worklist item
+    DONE = "done"  # the dosimetrist marked the item done
+
+
+class Route(StrEnum):
+    """Where the pipeline sent a series version."""
+
+    AUTO = "auto"  # auto-segmentation, SEG to the PACS
+    WORKLIST = "worklist"  # manual contouring
+
+
+class RouteReason(StrEnum):
+    """Why a series went to the worklist (`Series.route_reason`, `WorklistItem.reason`)."""
+
+    ANOMALY = "anomaly"  # series score above the detector's threshold
+    GEOMETRY = "geometry"  # ingest geometry findings (gaps, mixed orientation, localizer …)
+    UNREADABLE = "unreadable"  # the series could not be read or scored (one slice, bad pixels …)
+    NO_LIVER = "no_liver"  # auto-segmentation found no liver
+
+
+class WorklistStatus(StrEnum):
+    OPEN = "open"
+    CLAIMED = "claimed"
+    DONE = "done"
+
+
+class UserRole(StrEnum):
+    DOSIMETRIST = "dosimetrist"
+    ADMIN = "admin"
 
 
 class Base(DeclarativeBase):
@@ -122,6 +159,12 @@ class Series(Base):
     queue_attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     # Geometry findings at completion, `[{"code": ..., "message": ...}]`; empty: none; NULL: not checked.
     geometry_findings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+
+    # When `state` last changed; the pipeline's sweeper re-queues work stuck in a state too long.
+    state_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # A `Route` value once decided, and a `RouteReason` value for the worklist route.
+    route: Mapped[str | None] = mapped_column(String(16))
+    route_reason: Mapped[str | None] = mapped_column(String(32))
 
     # Display only, never logged. Text: real-world values may exceed the DICOM lengths.
     patient_name: Mapped[str | None] = mapped_column(Text)
@@ -248,3 +291,64 @@ class ExportAttempt(Base):
     # DICOM Status of the C-STORE response; NULL when none came back (no association, abort, timeout).
     status: Mapped[int | None]
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class SeriesScore(Base):
+    """The detector's result for one series version and one model version (the idempotency key).
+
+    `slices` holds per slice, in volume order (head → feet): `{"index", "sop_instance_uid",
+    "position", "score"}`. `top_slices` holds the highest-scoring slices with the path (relative
+    to `Settings.storage_dir`) of their downsampled residual map: `{"index", "score",
+    "residual_map"}`. No patient data.
+    """
+
+    __tablename__ = "series_score"
+    __table_args__ = (UniqueConstraint("series_id", "model_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    # The detector's version (hash in its model.json, or of its scorer file).
+    model_version: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float())
+    threshold: Mapped[float] = mapped_column(Float())
+    flagged: Mapped[bool]
+    slices: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    top_slices: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # ONNX Runtime provider that scored it, and wall time of scoring (s).
+    provider: Mapped[str] = mapped_column(String(64))
+    duration_s: Mapped[float] = mapped_column(Float())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+class User(Base):
+    """A person who may use the worklist; passwords are stored only as a salted hash."""
+
+    __tablename__ = "app_user"
+    __table_args__ = (UniqueConstraint("name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    # A `UserRole` value.
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+class WorklistItem(Base):
+    """A series version waiting for manual contouring; one per series version."""
+
+    __tablename__ = "worklist_item"
+    __table_args__ = (UniqueConstraint("series_id"), Index("ix_worklist_item_status", "status"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    # A `RouteReason` value, and details for the reviewer (geometry findings, error message; no patient data).
+    reason: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # A `WorklistStatus` value.
+    status: Mapped[str] = mapped_column(String(16), default=WorklistStatus.OPEN.value)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    claimed_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id", ondelete="SET NULL"))
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service import db_cli, demo, exports_cli, ingest_cli
     from service.phantom import cli as phantom_cli
     from service import score_cli
+    from service import segment_cli
     from models.detector import cli as detector_cli  # torch is imported only when `train` runs
+    from models.segmenter import cli as segmenter_cli
 
     parser = _ArgumentParser(
         prog="gatekeeper",
@@ -48,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_cli.register(subparsers)
     exports_cli.register(subparsers)
     score_cli.register(subparsers)
-    detector_cli.register(subparsers)
-    detector_cli.register_evaluate(subparsers)
+    train = detector_cli.register(subparsers)
+    evaluate = detector_cli.register_evaluate(subparsers)
+    segmenter_cli.register_train(train)
+    segmenter_cli.register_evaluate(evaluate)
+    segment_cli.register(subparsers)
     detector_cli.register_bench(subparsers)
     return parser
 

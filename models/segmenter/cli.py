@@ -1,0 +1,27 @@
+"""Registration of `gatekeeper train segmenter` and `gatekeeper evaluate gate` (torch only when training runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register_train(what: argparse._SubParsersAction) -> None:
+    s = what.add_parser("segmenter", help="the liver segmenter (2.5-D U-Net)",
+                        description="Train the liver segmenter on CT series with liver contours (DICOM-SEG or "
+                        "RTSTRUCT) and export segmenter.onnx + model.json to --out.")
+    from models.segmenter.config import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from models.segmenter.train import run_cli
+
+    return run_cli(args)
+
+
+def register_evaluate(what: argparse._SubParsersAction) -> None:
+    from models.segmenter.evaluate_gate import register
+
+    register(what)

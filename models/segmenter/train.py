@@ -1,0 +1,267 @@
+"""`gatekeeper train segmenter`: train the liver U-Net, pick the best validation state, export ONNX + model.json.
+
+    gatekeeper train segmenter --data DIR --out DIR [--size 128] [--steps 2400] [--minutes 60] [--seed 0]
+
+Training slices are drawn with liver three times out of four (the rest teach it where no liver
+is), augmented on the fly (small affine warp, contrast and noise), and fitted with
+cross-entropy + soft Dice. The learning rate follows a cosine over `--steps`; `--minutes` is a
+hard cap. Every `--val-every` steps the 3-D Dice of each validation series is measured (at the
+network's size, after the same post-processing as serving) and the best state is kept. One
+checkpoint dict (network, optimiser, step, best state, args) makes a run resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from models.detector.data import cpu_count
+from models.segmenter.data import SegDataset, SegSeries, load_dataset
+from models.segmenter.network import SegmenterExport, UNet
+from service import imaging
+from service.segmentation import KIND, SegmenterInput, context_stack, dice, file_version, largest_component
+
+log = logging.getLogger(__name__)
+
+WINDOW = imaging.Window(center=50.0, width=500.0)  # liver against fat, vessels and bone
+LIVER_FRACTION = 0.75
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random small affine warp (same for image stack and mask), contrast/brightness jitter and noise."""
+    n = x.shape[0]
+    u = torch.rand(n, 5, generator=gen)
+    scale = 0.88 + 0.24 * u[:, 0]
+    angle = (u[:, 1] - 0.5) * math.radians(20)
+    tx, ty = (u[:, 2] - 0.5) * 0.12, (u[:, 3] - 0.5) * 0.12
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
+    gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.2
+    bias = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.06
+    noise = torch.randn(x.shape, generator=gen) * (0.03 * u[:, 4]).view(n, 1, 1, 1)
+    return (x * gain + bias + noise).clamp(0, 1.2), y.long()
+
+
+class SliceSampler:
+    """Draws (series, slice) pairs: with liver `LIVER_FRACTION` of the time, uniformly otherwise."""
+
+    def __init__(self, series: list[SegSeries], rng: np.random.Generator) -> None:
+        self.series = series
+        self.rng = rng
+        self.liver = [(si, int(k)) for si, s in enumerate(series) for k in np.flatnonzero(s.liver.any(axis=(1, 2)))]
+        self.all = [(si, k) for si, s in enumerate(series) for k in range(s.num_slices)]
+        if not self.liver:
+            raise ValueError("no training slice contains liver; check the contours")
+
+    def batch(self, n: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(n):
+            pool = self.liver if self.rng.random() < LIVER_FRACTION else self.all
+            si, k = pool[int(self.rng.integers(len(pool)))]
+            s = self.series[si]
+            xs.append(context_stack(s.volume, np.array([k]), context)[0].astype(np.float32))
+            ys.append(s.liver[k])
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + soft Dice of the liver class over the batch."""
+    ce = F.cross_entropy(logits, target)
+    p = torch.softmax(logits, 1)[:, 1]
+    t = target.float()
+    soft_dice = (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    return ce + (1 - soft_dice)
+
+
+@torch.inference_mode()
+def predict_volume(net: UNet, volume: np.ndarray, context: int, device: torch.device, batch: int = 32) -> np.ndarray:
+    """Liver probability [k, S, S] of a prepared series."""
+    net.eval()
+    out = []
+    for start in range(0, volume.shape[0], batch):
+        idx = np.arange(start, min(start + batch, volume.shape[0]))
+        x = torch.from_numpy(context_stack(volume, idx, context).astype(np.float32)).to(device)
+        out.append(torch.softmax(net(x), 1)[:, 1].float().cpu().numpy())
+    net.train()
+    return np.concatenate(out)
+
+
+def validate(net: UNet, series: list[SegSeries], context: int, device: torch.device) -> list[float]:
+    """3-D Dice per validation series at network size, after serving's post-processing."""
+    return [dice(largest_component(predict_volume(net, s.volume, context, device) > 0.5), s.liver) for s in series]
+
+
+def export(net: UNet, spec: SegmenterInput, out: Path) -> float:
+    """Write out/segmenter.onnx; return the max relative difference ORT vs torch on random input."""
+    import onnxruntime as ort
+
+    wrapper = SegmenterExport(net.cpu().eval())
+    example = torch.rand(2, spec.channels, spec.size, spec.size)
+    path = out / "segmenter.onnx"
+    torch.onnx.export(wrapper, (example,), str(path), input_names=["image"], output_names=["probability", "features"],
+                      dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}, "features": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    x = torch.rand(3, spec.channels, spec.size, spec.size)
+    with torch.inference_mode():
+        ref = [t.numpy() for t in wrapper(x)]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+    return max(float(np.abs(g - r).max() / (np.abs(r).max() + 1e-12)) for g, r in zip(got, ref))
+
+
+def write_model_json(out: Path, *, args: argparse.Namespace, spec: SegmenterInput, data: SegDataset,
+                     metrics: dict, parity: float, data_hash: str) -> dict:
+    meta = {
+        "format": 1,
+        "kind": KIND,
+        "name": "gatekeeper-liver-unet",
+        "file": "segmenter.onnx",
+        "version": file_version(out / "segmenter.onnx"),
+        "input": {"size": spec.size, "context_slices": spec.context_slices,
+                  "window_center_hu": spec.window.center, "window_width_hu": spec.window.width,
+                  "resize": "area average (service.imaging.resize)", "order": "head to feet"},
+        "outputs": {"probability": "liver probability of the middle slice [N, S, S]",
+                    "features": f"bottleneck features [N, {net_feature_dim(args)}]"},
+        "threshold": 0.5,
+        "postprocessing": "resample to the series matrix, cut at threshold, largest 3-D component, fill holes",
+        "segment": {"label": "Liver", "scheme": "SCT", "code": "10200004", "meaning": "Liver"},
+        "network": {"family": "unet-2.5d", "base": args.base, "depth": 4},
+        "metrics": metrics,
+        "onnx_parity_max_rel_error": parity,
+        "training": {
+            "data": data.source, "data_hash": data_hash, "data_command": _data_command(Path(data.source)),
+            "train_series": len(data.train), "validation_series": len(data.validation),
+            "train_slices": sum(s.num_slices for s in data.train),
+            "command": "gatekeeper train segmenter " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+            if sys.argv[1:3] == ["train", "segmenter"] else " ".join(shlex.quote(a) for a in sys.argv),
+            "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+        },
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _data_command(root: Path) -> str | None:
+    """The command that made the training data, when it is a phantom run (its manifest says)."""
+    try:
+        return json.loads((root / "manifest.json").read_text()).get("command")
+    except (OSError, ValueError):
+        return None
+
+
+def net_feature_dim(args: argparse.Namespace) -> int:
+    return args.base * 16
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from service.cli import UsageError
+
+    if args.size % 16 or args.size < 32:
+        raise UsageError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
+    if not args.data.is_dir():
+        raise UsageError(f"--data {args.data}: no such folder")
+    if args.batch < 1 or args.steps < 1:
+        raise UsageError("--batch and --steps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device available to torch")
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    spec = SegmenterInput(size=args.size, context_slices=args.context, window=WINDOW)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        data = load_dataset(args.data, spec, jobs=args.jobs or cpu_count(), seed=args.seed, max_series=args.max_series)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    data_hash = data.data_hash()
+    sampler = SliceSampler(data.train, rng)
+
+    net = UNet(in_channels=spec.channels, base=args.base).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    step, best, best_state, history = 0, -1.0, None, []
+    ckpt_path = args.out / "checkpoint.pt"
+    if args.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["opt"])
+        step, best, best_state, history = ckpt["step"], ckpt["best"], ckpt["best_state"], ckpt["history"]
+        rng.bit_generator.state = ckpt["rng"]
+        gen.set_state(ckpt["gen"])
+        log.info("resumed at step %d (best validation Dice %.4f)", step, best)
+
+    def save() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                    "best_state": best_state, "history": history, "rng": rng.bit_generator.state,
+                    "gen": gen.get_state(), "args": vars(args) | {"data": str(args.data), "out": str(args.out)}}, tmp)
+        tmp.replace(ckpt_path)
+
+    def check() -> None:
+        nonlocal best, best_state
+        scores = validate(net, data.validation, spec.context_slices, device)
+        mean = float(np.mean(scores))
+        history.append({"step": step, "validation_dice_mean": mean, "validation_dice_min": float(np.min(scores)),
+                        "seconds": round(time.monotonic() - t0, 1)})
+        log.info("step %d: validation Dice mean %.4f, min %.4f", step, mean, float(np.min(scores)))
+        if mean > best:
+            best, best_state = mean, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+    t0 = time.monotonic()
+    last_ckpt = t0
+    bar = tqdm(total=args.steps, initial=step, desc="segmenter", unit="step", disable=args.no_progress)
+    net.train()
+    while step < args.steps:
+        if time.monotonic() - t0 > args.minutes * 60:
+            log.warning("time cap of %.0f min reached at step %d of %d", args.minutes, step, args.steps)
+            break
+        for group in opt.param_groups:
+            group["lr"] = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        x, y = sampler.batch(args.batch, spec.context_slices)
+        x, y = augment(x, y, gen)
+        loss = loss_fn(net(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % args.val_every == 0:
+            check()
+        if time.monotonic() - last_ckpt > args.checkpoint_every:
+            save()
+            last_ckpt = time.monotonic()
+    bar.close()
+    if not history or history[-1]["step"] != step:
+        check()
+    save()
+    net.load_state_dict(best_state)
+    scores = validate(net, data.validation, spec.context_slices, device)
+    metrics = {"validation_dice_mean": float(np.mean(scores)), "validation_dice_min": float(np.min(scores)),
+               "validation_dice_per_series": [round(s, 4) for s in scores], "history": history,
+               "trained_steps": step, "training_seconds": round(time.monotonic() - t0, 1)}
+    parity = export(net, spec, args.out)
+    meta = write_model_json(args.out, args=args, spec=spec, data=data, metrics=metrics, parity=parity,
+                            data_hash=data_hash)
+    torch.save({"net": net.state_dict(), "args": vars(args) | {"data": str(args.data), "out": str(args.out)}},
+               args.out / "weights.pt")
+    log.info("segmenter written to %s: validation Dice %.4f (min %.4f), version %s, ONNX parity %.2e",
+             args.out, metrics["validation_dice_mean"], metrics["validation_dice_min"], meta["version"], parity)
+    return 0

@@ -5,8 +5,10 @@ VENV := .venv
 # The demo command; adjust here when the demo changes.
 DEMO_CMD ?= $(VENV)/bin/gatekeeper demo
 # DICOM tools the tests use: DCMTK (storescu), dicom3tools (dciodvfy), Orthanc (a PACS to send to),
-# openssl (self-signed certificates for the DICOM TLS test).
-SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl
+# openssl (self-signed certificates for the DICOM TLS test), libGL/GLib for OpenCV (rt-utils: RTSTRUCT contours),
+# chromium (the worklist's browser test; Playwright cannot download a browser here), docker-compose
+# (validates docker-compose.yml; needs no Docker engine).
+SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl libgl1 libglib2.0-0 chromium docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv system-deps test demo
@@ -23,8 +25,10 @@ $(VENV)/.installed: pyproject.toml
 # Installs the Debian packages only if one of their programs is missing. Installing orthanc may
 # also start a system Orthanc service (ports 4242/8042); the tests start their own and do not use it.
 system-deps:
-	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v openssl >/dev/null && { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null; then \
-		echo "system-deps: storescu, dciodvfy, openssl and Orthanc are installed"; \
+	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v openssl >/dev/null && { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null && \
+		/sbin/ldconfig -p | grep -q 'libGL.so.1 ' && /sbin/ldconfig -p | grep -q 'libgthread-2.0.so.0 ' && \
+		test -x /usr/bin/chromium && command -v docker-compose >/dev/null; then \
+		echo "system-deps: storescu, dciodvfy, openssl, Orthanc, libGL, GLib, chromium and docker-compose are installed"; \
 	else \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
@@ -33,5 +37,5 @@ system-deps:
 test: system-deps venv
 	$(VENV)/bin/pytest
 
-demo: venv
+demo: system-deps venv
 	$(DEMO_CMD)

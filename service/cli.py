@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     from service.phantom import cli as phantom_cli
     from service import score_cli
     from service import segment_cli
+    from service import serve
+    from service.web import cli as web_cli
     from models.detector import cli as detector_cli  # torch is imported only when `train` runs
     from models.segmenter import cli as segmenter_cli
 
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom_cli.register(subparsers)
     db_cli.register(subparsers)
     ingest_cli.register(subparsers)
+    serve.register(subparsers)
     exports_cli.register(subparsers)
     score_cli.register(subparsers)
     train = detector_cli.register(subparsers)
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     segmenter_cli.register_evaluate(evaluate)
     segment_cli.register(subparsers)
     detector_cli.register_bench(subparsers)
+    web_cli.register(subparsers)
     return parser
 
 

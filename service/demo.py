@@ -1,41 +1,250 @@
-"""`gatekeeper demo`: the product's main job, end to end, on synthetic data.
+"""`gatekeeper demo`: the product's main job, end to end, on synthetic data (what `make demo` runs).
 
-Today it writes a small phantom study — one normal series and two anomalous ones — and prints
-what it wrote. As the listener, detector and segmenter land, the demo grows into the full path
-(push to the listener, score, SEG to a PACS or the worklist) without changing its command.
+1. writes a small phantom study: one normal series and two anomalous ones (hip prosthesis,
+   truncated field of view — anomalies the shipped detector flags);
+2. starts Orthanc as the PACS (throwaway configuration on free ports) and `gatekeeper serve`
+   (listener, worker, worklist; SQLite and the embedded broker) configured to export to it;
+3. pushes the study with DCMTK `storescu`, as a PACS or scanner would;
+4. waits until every series has ended its automatic journey and prints per series: the route, the
+   score against the threshold, and either "SEG delivered to PACS" (checked through Orthanc's REST
+   API: the SEG is there and references the series) or the worklist URL;
+5. stops everything it started. Exit 0 when every series ended where it should.
+
+Everything it writes lies under --out (default out/demo): `study/`, `var/` (the gatekeeper's
+storage and database), `orthanc/`, and the logs of the processes it ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-DEMO_SERIES = (("normal", None), ("tumor", "tumor"), ("stent", "stent"))
+# (folder label, phantom anomaly or None, what the gatekeeper should do with it)
+DEMO_SERIES = (("normal", None, "auto"), ("hip_prosthesis", "hip_prosthesis", "worklist"),
+               ("truncation", "truncation", "worklist"))
+DEMO_USER, DEMO_PASSWORD = "demo", "demo-dosimetrist-password"
+CALLING_AE = "DEMO_SCANNER"
+WAIT_TIMEOUT_S = 480.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the demo on a synthetic study (what `make demo` runs)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="where the demo writes (default out/demo)")
-    p.add_argument("--slices", type=int, default=60, help="slices per series (default 60)")
+    p.add_argument("--slices", type=int, default=48, help="slices per series (default 48)")
+    p.add_argument("--matrix", type=int, default=256, help="rows and columns per slice (default 256)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the synthetic patients (default 2026)")
     p.set_defaults(func=run)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tool(name: str, *fallbacks: str) -> str:
+    from service.cli import UsageError
+
+    found = shutil.which(name) or next((f for f in fallbacks if Path(f).exists()), None)
+    if not found:
+        raise UsageError(f"{name} is not installed (make system-deps installs DCMTK and Orthanc)")
+    return found
+
+
+def _rest(port: int, path: str, body: bytes | None = None) -> Any:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                     method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    from service.cli import UsageError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise UsageError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def run(args: argparse.Namespace) -> int:
     from service.cli import UsageError
-    from service.phantom.cli import prepare_output, print_manifest
+    from service.phantom.cli import prepare_output
     from service.phantom.generate import SeriesSpec, generate_run
+    from service.settings import Settings, settings_environment
 
     if args.slices < 8:
         raise UsageError(f"--slices must be >= 8 for a useful demo, got {args.slices}")
-    prepare_output(args.out, force=True)  # the demo replaces its own previous study
-    specs = [
-        SeriesSpec(folder=f"{i + 1:02d}_{label}", patient_seed=args.seed + i, series_seed=args.seed * 10 + i,
-                   anomaly=anomaly, num_slices=args.slices)
-        for i, (label, anomaly) in enumerate(DEMO_SERIES)
-    ]
-    manifest = generate_run(specs, args.out, meta={"protocol": "demo", "seed": args.seed})
-    print_manifest(manifest, args.out)
-    print("Open any folder in a DICOM viewer, or push it to a PACS with DCMTK: "
-          f"storescu -aec ORTHANC localhost 4242 +sd {args.out}/01_normal")
-    return 0
+    storescu, orthanc_exe = _tool("storescu"), _tool("Orthanc", "/usr/sbin/Orthanc")
+    started = time.monotonic()
+    out: Path = args.out.resolve()
+    study = out / "study"
+    prepare_output(study, force=True)  # the demo replaces its own previous study
+    for folder in ("var", "orthanc"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+
+    print(f"[demo] writing the phantom study ({len(DEMO_SERIES)} series, {args.slices} slices, "
+          f"{args.matrix}x{args.matrix}) under {study}", flush=True)
+    specs = [SeriesSpec(folder=f"{i + 1:02d}_{label}", patient_seed=args.seed + i, series_seed=args.seed * 10 + i,
+                        anomaly=anomaly, num_slices=args.slices, matrix=args.matrix)
+             for i, (label, anomaly, _) in enumerate(DEMO_SERIES)]
+    manifest = generate_run(specs, study, progress=False, meta={"protocol": "demo", "seed": args.seed})
+    series_uids = [entry["series_instance_uid"] for entry in manifest["series"]]
+
+    orthanc_http, orthanc_dicom, dicom_port, web_port = free_port(), free_port(), free_port(), free_port()
+    settings = Settings(storage_dir=out / "var", port=dicom_port, web_port=web_port, quiet_period_s=3.0,
+                        allowed_ae_titles=[CALLING_AE], allowed_networks=["127.0.0.0/8"],
+                        pacs_host="127.0.0.1", pacs_port=orthanc_dicom, pacs_ae_title="ORTHANC",
+                        min_free_disk_bytes=200_000_000, export_retry_initial_s=5, export_retry_max_s=30,
+                        pipeline_sweep_interval_s=2)
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")}
+    env.update(settings_environment(settings))
+    gatekeeper = [sys.executable, "-m", "service.cli"]
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    with ExitStack() as stack:
+        (out / "orthanc").mkdir(parents=True)
+        config = {"Name": "demo-pacs", "StorageDirectory": str(out / "orthanc" / "db"),
+                  "IndexDirectory": str(out / "orthanc" / "db"), "HttpPort": orthanc_http,
+                  "DicomPort": orthanc_dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": False, "Plugins": []}
+        (out / "orthanc" / "orthanc.json").write_text(json.dumps(config))
+        orthanc_log = stack.enter_context((logs / "orthanc.log").open("wb"))
+        orthanc = subprocess.Popen([orthanc_exe, str(out / "orthanc" / "orthanc.json")], stdout=orthanc_log,
+                                   stderr=subprocess.STDOUT)
+        stack.callback(_stop, orthanc)
+
+        def orthanc_up() -> bool:
+            if orthanc.poll() is not None:
+                raise UsageError(f"Orthanc ended at start; see {logs / 'orthanc.log'}")
+            try:
+                _rest(orthanc_http, "/system")
+                return True
+            except OSError:
+                return False
+
+        _wait(orthanc_up, 60, "Orthanc to start")
+        print(f"[demo] Orthanc (the PACS) is up: DICOM port {orthanc_dicom}, http://127.0.0.1:{orthanc_http}/",
+              flush=True)
+
+        serve_log = stack.enter_context((logs / "gatekeeper.log").open("wb"))
+        subprocess.run([*gatekeeper, "db", "upgrade"], env=env, check=True, stdout=serve_log, stderr=subprocess.STDOUT)
+        subprocess.run([*gatekeeper, "users", "add", DEMO_USER, "--role", "dosimetrist", "--password-stdin"],
+                       env=env, input=(DEMO_PASSWORD + "\n").encode(), stdout=serve_log, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen([*gatekeeper, "serve"], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+        stack.callback(_stop, serve)
+
+        def listening() -> bool:
+            if serve.poll() is not None:
+                raise UsageError(f"gatekeeper serve ended at start; see {logs / 'gatekeeper.log'}")
+            try:
+                socket.create_connection(("127.0.0.1", dicom_port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        _wait(listening, 90, "gatekeeper serve to listen")
+        print(f"[demo] gatekeeper serve is up: DICOM port {dicom_port}, worklist http://127.0.0.1:{web_port}/ "
+              f"(log in as {DEMO_USER} / {DEMO_PASSWORD}); log {logs / 'gatekeeper.log'}", flush=True)
+
+        for entry in manifest["series"]:
+            files = [str(study / entry["folder"] / name) for name in entry["files"]]
+            sent = subprocess.run([storescu, "-aet", CALLING_AE, "-aec", settings.ae_title, "127.0.0.1",
+                                   str(dicom_port), *files], capture_output=True, text=True, timeout=300)
+            if sent.returncode != 0:
+                raise UsageError(f"storescu failed for {entry['folder']}: {sent.stderr.strip()[-500:]}")
+        pushed = time.monotonic()
+        print(f"[demo] pushed {len(series_uids)} series with storescu; waiting for the pipeline ...", flush=True)
+
+        rows = _wait(lambda: _final_rows(settings, series_uids), WAIT_TIMEOUT_S, "every series to be routed")
+        print(f"[demo] all series done {time.monotonic() - pushed:.0f} s after the push "
+              f"(quiet period {settings.quiet_period_s:g} s)\n", flush=True)
+        ok = _report(rows, manifest, orthanc_http=orthanc_http, web_port=web_port)
+    print(f"\n[demo] stopped gatekeeper serve and Orthanc; total {time.monotonic() - started:.0f} s. "
+          f"Files under {out}", flush=True)
+    return 0 if ok else 1
+
+
+def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Per SeriesInstanceUID: state, route, reason, score, threshold, SEG UID; None while any is still working."""
+    from sqlalchemy import select
+
+    from service.db.session import make_engine, make_session_factory
+    from service.db.tables import Export, Series, SeriesScore
+    from service.pipeline import FINAL_STATES
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = {}
+            for uid in series_uids:
+                series = session.scalars(select(Series).where(Series.series_instance_uid == uid)
+                                         .order_by(Series.version.desc())).first()
+                if series is None or series.state not in {s.value for s in FINAL_STATES}:
+                    return None
+                score = session.scalars(select(SeriesScore).where(SeriesScore.series_id == series.id)
+                                        .order_by(SeriesScore.id.desc())).first()
+                seg_uid = session.scalars(select(Export.sop_instance_uid).where(Export.series_id == series.id)).first()
+                rows[uid] = {"state": series.state, "route": series.route, "reason": series.route_reason,
+                             "score": score.score if score else None, "threshold": score.threshold if score else None,
+                             "seg_uid": seg_uid}
+            return rows
+    except Exception:  # the database is created by serve at start; not there yet is "not done"
+        return None
+    finally:
+        engine.dispose()
+
+
+def _report(rows: dict[str, dict[str, Any]], manifest: dict, *, orthanc_http: int, web_port: int) -> bool:
+    """Print one line per series; True when each went where `DEMO_SERIES` expects."""
+    ok = True
+    for (label, _, expected), entry in zip(DEMO_SERIES, manifest["series"], strict=True):
+        uid = entry["series_instance_uid"]
+        row = rows[uid]
+        score = (f"score {row['score']:.2f} vs threshold {row['threshold']:.2f}" if row["score"] is not None
+                 else "not scored")
+        if row["state"] == "delivered" and row["seg_uid"]:
+            found = _rest(orthanc_http, "/tools/lookup", row["seg_uid"].encode())
+            ids = [item["ID"] for item in found if item["Type"] == "Instance"]
+            refs = _rest(orthanc_http, f"/instances/{ids[0]}/simplified-tags").get("ReferencedSeriesSequence", []) \
+                if ids else []
+            if ids and refs and refs[0].get("SeriesInstanceUID") == uid:
+                outcome = "SEG delivered to PACS"
+            else:
+                outcome = "SEG NOT found in the PACS"
+                ok = False
+        elif row["route"] == "worklist":
+            outcome = f"on the worklist: http://127.0.0.1:{web_port}/series/{uid}"
+        else:
+            outcome = f"ended {row['state']}"
+        route = row["route"] + (f" ({row['reason']})" if row["reason"] else "")
+        print(f"  {label:<15} route {route:<22} {score:<34} {outcome}")
+        ok = ok and row["route"] == expected
+    return ok

@@ -182,6 +182,20 @@ def scan_tree(root: Path | str) -> list[SeriesFiles]:
     return list(groups.values())
 
 
+def group_files(paths: Iterable[Path | str]) -> list[SeriesFiles]:
+    """The DICOM series among `paths` (files), grouped by SeriesInstanceUID in order of first file.
+
+    For a series whose files are known one by one (the listener's storage); non-DICOM files are
+    skipped silently, as in `scan_tree`.
+    """
+    groups: dict[str, SeriesFiles] = {}
+    for path in paths:
+        inst = _read_header(Path(path))
+        if inst is not None:
+            groups.setdefault(inst.series_instance_uid, SeriesFiles(inst.series_instance_uid)).instances.append(inst)
+    return list(groups.values())
+
+
 def ct_series_in(groups: Iterable[SeriesFiles]) -> list[SeriesFiles]:
     """Keep the series that hold CT images; log the ones ignored (SEG, SR, other modalities)."""
     kept = []

@@ -9,12 +9,14 @@ whether it is still to be sent, so a redelivered or duplicated message does no h
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.tables import ExportState
 from service.pacs_export import ExportNotConfiguredError, deliver
 from service.settings import Settings
 
@@ -41,8 +43,15 @@ class ExportPublisher:
                            countdown=countdown_s or None, retry=False)
 
 
-def register_export_task(app: Celery, *, settings: Settings, sessions: sessionmaker[Session]) -> None:
-    """Register `DELIVER_SEG_TASK` on a worker's Celery app (late acks, as the app is configured)."""
+def register_export_task(
+    app: Celery, *, settings: Settings, sessions: sessionmaker[Session],
+    on_settled: Callable[[int], None] | None = None,
+) -> None:
+    """Register `DELIVER_SEG_TASK` on a worker's Celery app (late acks, as the app is configured).
+
+    `on_settled(export_id)` is called once an attempt left the export delivered or failed (the
+    pipeline moves the series after it; see `service.pipeline.export_settled`).
+    """
 
     @app.task(name=DELIVER_SEG_TASK, bind=True, ignore_result=True, max_retries=None, acks_late=True)
     def deliver_seg(self: Any, export_id: int) -> None:
@@ -61,3 +70,5 @@ def register_export_task(app: Celery, *, settings: Settings, sessions: sessionma
             return
         if delivery.retry_after_s is not None:
             raise self.retry(countdown=delivery.retry_after_s, queue=settings.export_queue)
+        if on_settled is not None and delivery.state in (ExportState.DELIVERED, ExportState.FAILED):
+            on_settled(int(export_id))

@@ -89,6 +89,17 @@ def read_model_json(model_dir: Path) -> dict:
     return meta
 
 
+def _file_version(path: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of a model file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 class Detector:
     """A loaded detector: ONNX Runtime sessions built once, reused for every series."""
 
@@ -112,6 +123,8 @@ class Detector:
             self.position_net = ort.InferenceSession(str(self.model_dir / files["position"]), options,
                                                      providers=providers)
         self.provider = self.scorer.get_providers()[0]
+        # The version that results are keyed by: model.json's `version`, else a hash of the scorer file.
+        self.version = str(self.meta.get("version") or _file_version(self.model_dir / files["scorer"]))
         log.info("detector %s (%s, %d px, position %s): ONNX Runtime provider %s", self.model_dir,
                  self.meta.get("family"), self.size, self.position_meta["method"], self.provider)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -48,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     series.add_argument("--json", action="store_true", help="machine-readable output")
     series.set_defaults(func=run_series)
 
-    worker = subparsers.add_parser("worker", help="run a pipeline worker (Celery) on the series and export queues")
+    worker = subparsers.add_parser("worker", help="run a pipeline worker (Celery): score, segment, export")
+    worker.add_argument("--queues", default="score,segment,export,default", metavar="Q1,Q2",
+                        help="which pipeline queues to take work from: score (GPU), segment, export, default "
+                             "(light); default all of them")
     worker.set_defaults(func=run_worker)
 
 
@@ -242,17 +246,26 @@ def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) ->
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """Run a Celery worker, one task at a time, on the pipeline and export queues until stopped."""
+    """Run a Celery worker, one task at a time (late acks, prefetch 1), on the chosen queues until stopped.
+
+    Models are loaded once per process, on the first task that needs them.
+    """
     from service.db.session import make_engine, make_session_factory
-    from service.export_tasks import register_export_task
-    from service.ingest.queue import make_worker_app
+    from service.ingest.queue import make_celery_app
+    from service.pipeline_tasks import queue_names, register_pipeline_tasks
 
     settings = load_settings_or_exit()
+    logical = [name.strip() for name in args.queues.split(",") if name.strip()]
+    try:
+        queues = queue_names(settings, logical)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
-    app = make_worker_app(settings, sessions)
-    register_export_task(app, settings=settings, sessions=sessions)
+    app = make_celery_app(settings)
+    register_pipeline_tasks(app, settings=settings, sessions=sessions)
+    log.info("worker on queues %s", ", ".join(f"{n} ({q})" for n, q in zip(logical, queues, strict=True)))
     app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO",
-                     "-Q", f"{settings.pipeline_queue},{settings.export_queue}",
+                     "-Q", ",".join(queues), "-n", f"gatekeeper-{'-'.join(logical)}-{os.getpid()}@%h",
                      "--without-gossip", "--without-mingle", "--without-heartbeat"])
     return 0

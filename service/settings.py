@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -38,6 +38,8 @@ from pydantic_settings import (
 ENV_PREFIX = "GATEKEEPER_"
 CONFIG_ENV_VAR = "GATEKEEPER_CONFIG"
 EXIT_BAD_SETTINGS = 2
+# The repository (or installed source) root: the shipped models lie under `models/` there.
+_REPO_DIR = Path(__file__).resolve().parent.parent
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -160,6 +162,49 @@ class Settings(BaseSettings):
     # Celery queue of SEG deliveries to the PACS.
     export_queue: str = Field(default="gatekeeper.export", min_length=1)
 
+    # --- The pipeline (service/pipeline.py): score -> route -> segment -> SEG -> export, or worklist.
+    # Celery queues of the detector (GPU workers) and of the segmenter; `pipeline_queue` is the light
+    # default queue (start of the pipeline), `export_queue` the deliveries.
+    score_queue: str = Field(default="gatekeeper.score", min_length=1)
+    segment_queue: str = Field(default="gatekeeper.segment", min_length=1)
+    # Model folders (model.json + ONNX files) of the detector and of the liver segmenter.
+    detector_model_dir: Path = _REPO_DIR / "models" / "detector" / "default"
+    segmenter_model_dir: Path = _REPO_DIR / "models" / "segmenter" / "default"
+    # Slices per ONNX Runtime call when scoring; bounds the memory of one call.
+    score_batch: int = Field(default=16, ge=1, le=1024)
+    # Highest-scoring slices whose residual map is kept for the reviewer, and the side (pixels) of
+    # the stored, downsampled map.
+    top_slices: int = Field(default=5, ge=0, le=100)
+    residual_map_size: int = Field(default=64, ge=8, le=512)
+    # A segmentation with less liver than this (millilitres) counts as "no liver" (worklist).
+    min_liver_ml: float = Field(default=1.0, ge=0)
+    # Seconds a series may stay in scoring, scored or segmenting before the sweeper queues its
+    # stage again (worker died, message lost); after `pipeline_max_requeues` such re-queues of one
+    # stage the series goes to the worklist as unreadable instead of looping.
+    pipeline_stuck_after_s: float = Field(default=900.0, gt=0)
+    pipeline_max_requeues: int = Field(default=3, ge=1)
+    # Seconds between two rounds of the pipeline sweeper (in the listener's assembler thread).
+    pipeline_sweep_interval_s: float = Field(default=10.0, gt=0)
+    # TCP port of the worklist web app that `gatekeeper serve` starts.
+    web_port: int = Field(default=8000, ge=1, le=65535)
+
+    # The worklist web app (`gatekeeper web`): IP address it binds to (its port is `web_port`).
+    web_bind_address: str = "127.0.0.1"
+    # Key that signs the worklist's session cookies, at least 32 characters (`openssl rand -hex 32`).
+    # Empty: only with the embedded SQLite database (development), where each process makes a random
+    # key; with any other database the web app refuses to start.
+    web_secret_key: SecretStr = SecretStr("")
+    # Hours a worklist login lasts; whether the session cookie is sent over HTTPS only (set it
+    # whenever the worklist is served through TLS).
+    web_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    web_cookie_secure: bool = False
+    # Flower, the Celery monitor (`gatekeeper flower`): IP address, TCP port and its HTTP basic-auth
+    # account. `gatekeeper flower` refuses to start while the user or the password is empty.
+    flower_bind_address: str = "127.0.0.1"
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+    flower_user: str = ""
+    flower_password: SecretStr = SecretStr("")
+
     # Level of the root logger.
     log_level: LogLevel = "INFO"
 
@@ -264,7 +309,7 @@ class Settings(BaseSettings):
         """Seconds without a new instance after which a series from `calling_ae_title` is complete."""
         return self.quiet_period_s_by_ae.get(calling_ae_title.strip(), self.quiet_period_s)
 
-    @field_validator("bind_address")
+    @field_validator("bind_address", "web_bind_address", "flower_bind_address")
     @classmethod
     def _check_bind_address(cls, value: str) -> str:
         try:
@@ -287,6 +332,28 @@ class Settings(BaseSettings):
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{storage / 'broker.db'}"
         return self
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as `GATEKEEPER_*` variables, for a child process that must run with exactly them.
+
+    Lists become comma-separated strings and tables JSON, as `Settings` reads them back.
+    """
+    import json
+
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        raw = getattr(settings, name)
+        if isinstance(raw, SecretStr):  # dumped as "**********"; the child needs the value itself
+            value = raw.get_secret_value()
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

@@ -61,6 +61,9 @@ def make_settings(storage_dir: Path, database_url: str, redis_url: str, **overri
         "min_free_disk_bytes": 0,
         "max_disk_used_fraction": 1.0,
         "pipeline_queue": f"test.{storage_dir.name}.{free_port()}",
+        # Every queue of its own, so that tests sharing one Redis never take each other's messages.
+        "score_queue": f"test.score.{storage_dir.name}.{free_port()}",
+        "segment_queue": f"test.segment.{storage_dir.name}.{free_port()}",
     }
     values.update(overrides)
     return Settings(**values)
@@ -133,19 +136,13 @@ class Db:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a `gatekeeper` subprocess these settings."""
-    import json
+    """The environment that gives a `gatekeeper` subprocess these settings (secrets included)."""
     import os
 
+    from service.settings import settings_environment
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            value = ",".join(map(str, value))
-        elif isinstance(value, dict):
-            value = json.dumps(value)
-        env[f"GATEKEEPER_{name.upper()}"] = str(value)
+    env.update(settings_environment(settings))
     return env
 
 

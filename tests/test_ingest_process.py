@@ -100,7 +100,7 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance_and_retry_queues_once(
     db.close()
 
 
-def test_worker_confirms_and_sweeper_resends_a_lost_message(
+def test_worker_takes_the_series_and_sweeper_resends_a_lost_message(
     tmp_path: Path, postgres_db_url: str, redis_url: str
 ) -> None:
     upgrade(postgres_db_url)
@@ -111,17 +111,21 @@ def test_worker_confirms_and_sweeper_resends_a_lost_message(
     with running_listener(settings) as listener:
         assert storescu(listener.port, ct_files(folder)).returncode == 0
         [series] = wait_for(lambda: [s for s in db.series() if s.state == SeriesState.QUEUED])
-        assert broker.llen(settings.pipeline_queue) == 1
+        # The state is committed before the message is published: wait for it to land.
+        wait_for(lambda: broker.llen(settings.pipeline_queue) == 1)
         broker.delete(settings.pipeline_queue)  # the broker restarted without persistence: message lost
         [series] = wait_for(lambda: [s for s in db.series() if s.queue_attempts == 2])
-        assert series.state == SeriesState.QUEUED and broker.llen(settings.pipeline_queue) == 1
+        wait_for(lambda: broker.llen(settings.pipeline_queue) == 1)
+        assert series.state == SeriesState.QUEUED
         assert db.event_kinds(series.id)[-2:] == ["queued", "requeued"]
 
+        # A worker on the light queue only: it takes the series (start stage) and queues its scoring.
         log = (tmp_path / "worker.log").open("wb")
-        worker = subprocess.Popen([gatekeeper_executable(), "worker"], env=settings_env(settings),
-                                  stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen([gatekeeper_executable(), "worker", "--queues", "default"],
+                                  env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: db.series()[0].state == SeriesState.ACCEPTED, timeout=60)
+            wait_for(lambda: db.series()[0].state == SeriesState.SCORING, timeout=60)
+            wait_for(lambda: broker.llen(settings.score_queue) == 1)
             # A redelivered message changes nothing (the task is idempotent).
             CeleryPublisher(make_celery_app(settings), settings.pipeline_queue).publish(series_id=series.id, attempt=9)
             wait_for(lambda: broker.llen(settings.pipeline_queue) == 0, timeout=30)
@@ -130,8 +134,11 @@ def test_worker_confirms_and_sweeper_resends_a_lost_message(
             worker.terminate()
             worker.wait(timeout=30)
             log.close()
-    assert db.series()[0].state == SeriesState.ACCEPTED
-    assert db.event_kinds(series.id).count("accepted") == 1
+    assert db.series()[0].state == SeriesState.SCORING
+    assert db.event_kinds(series.id).count("scoring") == 1
+    assert broker.llen(settings.score_queue) == 1  # the score stage was queued once
+    assert "service.pipeline: series id" in (tmp_path / "worker.log").read_text()  # our log lines are not swallowed
+    broker.delete(settings.score_queue)
     db.close()
 
 

@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -269,10 +270,13 @@ def make_ae(settings: Settings) -> AE:
 class Assembler:
     """Completes quiet series, queues complete ones and re-sends lost ones, in a background thread."""
 
-    def __init__(self, *, store: InstanceStore, settings: Settings, publisher: Publisher) -> None:
+    def __init__(self, *, store: InstanceStore, settings: Settings, publisher: Publisher,
+                 sweepers: Sequence[Callable[[dt.datetime | None], object]] = ()) -> None:
         self.store = store
         self.settings = settings
         self.publisher = publisher
+        # Further periodic jobs of this thread, e.g. the pipeline's sweeper (`service.pipeline_tasks`).
+        self.sweepers = list(sweepers)
         self.started_at = utc_now()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gatekeeper-assembler", daemon=True)
@@ -293,6 +297,8 @@ class Assembler:
             resend_after_s=self.settings.queue_resend_after_s,
             now=now,
         )
+        for sweeper in self.sweepers:
+            sweeper(now)
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.sweeper_interval_s):
@@ -381,9 +387,14 @@ class Listener:
             listener.stop()
             raise
         if run_assembler:
+            sweepers = []
             if publisher is None:
-                publisher = CeleryPublisher(make_celery_app(settings), settings.pipeline_queue)
-            listener.assembler = Assembler(store=store, settings=settings, publisher=publisher)
+                from service.pipeline_tasks import PipelineSweeper
+
+                app = make_celery_app(settings)
+                publisher = CeleryPublisher(app, settings.pipeline_queue)
+                sweepers.append(PipelineSweeper(app=app, settings=settings, sessions=store.sessions))
+            listener.assembler = Assembler(store=store, settings=settings, publisher=publisher, sweepers=sweepers)
             listener.assembler.start()
         return listener
 

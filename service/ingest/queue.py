@@ -1,10 +1,10 @@
 """The pipeline queue: completed series versions go to Celery (Redis broker) by internal id only.
 
 The database, not the broker, is the source of truth. A series version moves
-`complete -> queued` when its message is published and `queued -> accepted` when a worker
-confirms it; a series that stays `queued` longer than `Settings.queue_resend_after_s` is published
-again (broker restarted, message lost). The task is idempotent: a second delivery of the same
-series version finds it already accepted and does nothing.
+`complete -> queued` when its message is published and `queued -> scoring` when a worker takes it
+(the pipeline's first stage, `service.pipeline.start`); a series that stays `queued` longer than
+`Settings.queue_resend_after_s` is published again (broker restarted, message lost). The task is
+idempotent: a second delivery of the same series version finds it already taken and does nothing.
 
 Task arguments, log lines and metrics carry the internal series id only — never a patient name,
 patient id, birth date or accession number.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import socket
 from typing import Protocol
 
 from celery import Celery
@@ -44,6 +43,20 @@ def make_celery_app(settings: Settings) -> Celery:
     another; JSON only; no result backend (the database records results).
     """
     app = Celery("gatekeeper", broker=settings.broker_url, set_as_current=False)
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Fail fast when Redis is away (the caller retries later). An unacknowledged message is
+        # handed to another worker only after the visibility timeout; it must outlast the longest
+        # export backoff (a countdown task is held unacknowledged until it runs), or Redis would
+        # deliver it twice. A worker that dies mid-task is covered by the pipeline's sweeper instead.
+        transport_options: dict[str, object] = {
+            "socket_timeout": 5, "socket_connect_timeout": 5,
+            "visibility_timeout": settings.export_retry_max_s + 600,
+        }
+    elif settings.broker_url.startswith("filesystem://"):
+        transport_options = {"polling_interval": 0.5}
+    else:
+        # kombu's SQLAlchemy transport (the embedded default) hands its options to create_engine: none.
+        transport_options = {}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -53,8 +66,10 @@ def make_celery_app(settings: Settings) -> Celery:
         task_default_queue=settings.pipeline_queue,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 5},
+        broker_transport_options=transport_options,
         worker_hijack_root_logger=False,
+        # Our own log lines (logging to stderr) stay ours; Celery must not capture stdout/stderr.
+        worker_redirect_stdouts=False,
     )
     return app
 
@@ -111,7 +126,8 @@ def queue_due_series(
             claimed = session.execute(
                 update(Series)
                 .where(Series.id == series_id, Series.state == state, Series.queue_attempts == attempts)
-                .values(state=SeriesState.QUEUED.value, queued_at=utc_now(), queue_attempts=attempts + 1)
+                .values(state=SeriesState.QUEUED.value, queued_at=utc_now(), state_changed_at=utc_now(),
+                        queue_attempts=attempts + 1)
             ).rowcount
         if not claimed:
             continue  # another process queued it meanwhile
@@ -133,37 +149,3 @@ def queue_due_series(
         log.info("queued series id %s (attempt %s)", series_id, attempts + 1)
         published.append(series_id)
     return published
-
-
-def accept_series(*, sessions: sessionmaker[Session], series_id: int, worker: str) -> bool:
-    """Record that a worker took series version `series_id`; False when it was not waiting for one.
-
-    Idempotent: a redelivered message for an already accepted (or superseded) version changes nothing.
-    """
-    with sessions.begin() as session:
-        changed = session.execute(
-            update(Series)
-            .where(Series.id == series_id, Series.state == SeriesState.QUEUED.value, Series.superseded.is_(False))
-            .values(state=SeriesState.ACCEPTED.value)
-        ).rowcount
-        if changed:
-            session.add(SeriesEvent(series_id=series_id, kind="accepted", detail={"worker": worker}))
-    return bool(changed)
-
-
-def make_worker_app(settings: Settings, sessions: sessionmaker[Session]) -> Celery:
-    """The Celery app of a pipeline worker, with `PROCESS_SERIES_TASK` registered.
-
-    For now the task confirms reception; the pipeline stages (scoring, segmentation) chain after it.
-    """
-    app = make_celery_app(settings)
-    worker_name = socket.gethostname()
-
-    @app.task(name=PROCESS_SERIES_TASK, ignore_result=True)
-    def process_series(series_id: int) -> None:
-        if accept_series(sessions=sessions, series_id=int(series_id), worker=worker_name):
-            log.info("accepted series id %s", series_id)
-        else:
-            log.info("series id %s is not waiting for a worker (redelivery or superseded); nothing to do", series_id)
-
-    return app

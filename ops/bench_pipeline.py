@@ -1,0 +1,202 @@
+"""Pipeline benchmark: latency to a delivered SEG, and the score worker's peak memory.
+
+    .venv/bin/python ops/bench_pipeline.py [--work DIR] [--latency-slices 200] [--rss-slices 300]
+                                           [--segmenter MODEL_DIR]
+
+1. **Latency.** `gatekeeper serve --no-web` (SQLite, embedded broker, one worker on every queue:
+   the single-machine setup) exports to a throwaway Orthanc. DCMTK storescu pushes one 512×512 CT
+   series of `--latency-slices` slices. Measured from the last instance received
+   (`Series.last_received_at`) to the PACS's acceptance of the SEG (`Export.delivered_at`), and
+   the same minus the quiet period (the time the pipeline itself takes).
+2. **Peak RSS.** A fresh process runs the score stage's work — read the stored 512×512 series of
+   `--rss-slices` slices, score every slice in batches of `score_batch`, keep the top residual
+   maps — and reports its peak resident memory (`ru_maxrss`) and the part before the series was read.
+
+The latency series is a normal phantom, scored by a copy of the detector whose threshold cannot be
+reached, so that it takes the SEG route (the shipped detector flags 200-slice phantoms); the
+RSS series is a clone of a 20-slice phantom (new UIDs, consecutive positions). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def make_series(work: Path, slices: int) -> list[Path]:
+    from ingest_support import clone_series, make_phantom
+
+    template = work / "template"
+    if not template.exists():
+        make_phantom(template, slices=20, seed=3, matrix=512)
+    [source] = [p for p in template.iterdir() if p.is_dir()]
+    out = work / f"series{slices}"
+    shutil.rmtree(out, ignore_errors=True)
+    return clone_series(source, out, slices)
+
+
+def latency(work: Path, slices: int, segmenter: str | None) -> dict:
+    from sqlalchemy import select
+
+    from service.db.session import make_engine, make_session_factory
+    from service.db.tables import Export, Series
+    from service.settings import Settings, settings_environment
+
+    from ingest_support import ct_files, make_phantom
+
+    # A real normal phantom (clones repeat anatomy and are flagged by the detector, which is right).
+    [folder] = make_phantom(work / "normal", slices=slices, seed=11, matrix=512)
+    files = ct_files(folder)
+    orthanc_http, orthanc_dicom, port = free_port(), free_port(), free_port()
+    config = {"Name": "bench-pacs", "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
+              "HttpPort": orthanc_http, "DicomPort": orthanc_dicom, "DicomAet": "ORTHANC",
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": []}
+    (work / "orthanc.json").write_text(json.dumps(config))
+    orthanc = subprocess.Popen([shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(work / "orthanc.json")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    values = dict(storage_dir=work / "var", port=port, quiet_period_s=2.0, allowed_ae_titles=["BENCH"],
+                  allowed_networks=["127.0.0.0/8"], pacs_host="127.0.0.1", pacs_port=orthanc_dicom,
+                  pacs_ae_title="ORTHANC", min_free_disk_bytes=0, max_disk_used_fraction=1.0)
+    if segmenter:
+        values["segmenter_model_dir"] = Path(segmenter)
+    # The shipped (undertrained) detector flags long normal phantoms (its training series had 48
+    # slices); the timing of the SEG path does not depend on the threshold, so a copy with an
+    # unreachable threshold routes the series to auto-segmentation. Scoring runs in full.
+    from service.settings import Settings as _S
+
+    detector = work / "detector"
+    shutil.copytree(_S().detector_model_dir, detector, dirs_exist_ok=True)
+    meta = json.loads((detector / "model.json").read_text())
+    meta["threshold"] = 1e9
+    (detector / "model.json").write_text(json.dumps(meta))
+    values["detector_model_dir"] = detector
+    settings = Settings(**values)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")} | settings_environment(settings)
+    log = (work / "serve.log").open("wb")
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--no-web"], env=env, stdout=log,
+                             stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        wait(up, 90, "the listener")
+        subprocess.run(["storescu", "-aet", "BENCH", "-aec", "GATEKEEPER", "127.0.0.1", str(port), *map(str, files)],
+                       check=True, capture_output=True, timeout=600)
+        engine = make_engine(settings.database_url)
+        sessions = make_session_factory(engine)
+
+        def delivered():  # type: ignore[no-untyped-def]
+            with sessions() as session:
+                row = session.execute(select(Series.last_received_at, Export.delivered_at)
+                                      .join(Export, Export.series_id == Series.id)
+                                      .where(Export.delivered_at.is_not(None))).first()
+                return row
+
+        def routed():  # type: ignore[no-untyped-def]
+            with sessions() as session:
+                series = session.scalars(select(Series)).first()
+                if series is not None and series.state == "worklisted":
+                    raise SystemExit(f"the series went to the worklist ({series.route_reason}); no SEG to time")
+            return delivered()
+
+        last_received, delivered_at = wait(routed, 300, "the SEG to be delivered")
+        engine.dispose()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+        orthanc.terminate()
+        orthanc.wait(timeout=30)
+        log.close()
+    total = (delivered_at - last_received).total_seconds()
+    return {"slices": slices, "latency_s": total, "pipeline_s": total - settings.quiet_period_s,
+            "quiet_period_s": settings.quiet_period_s}
+
+
+RSS_CHILD = r"""
+import json, resource, sys
+from pathlib import Path
+from service.inference import Detector
+from service.pipeline import load_stored_series, save_top_residual_maps
+from service.settings import Settings
+settings = Settings(storage_dir=Path(sys.argv[2]))
+detector = Detector(settings.detector_model_dir, batch=settings.score_batch)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+series = load_stored_series(sorted(Path(sys.argv[1]).glob("*.dcm")))
+result = detector.score_series(series, keep_maps=True)
+del series
+slices = [{"index": i, "sop_instance_uid": s.sop_instance_uid, "score": s.score} for i, s in enumerate(result.slices)]
+save_top_residual_maps(settings=settings, series_id=1, model_version=detector.version, slices=slices,
+                       residual_maps=result.residual_maps)
+print(json.dumps({"models_mb": before / 1024, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_rss(work: Path, slices: int) -> dict:
+    files = make_series(work, slices)
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(files[0].parent), str(work / "rss-var")],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"slices": slices, "seconds": time.monotonic() - started, **result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--latency-slices", type=int, default=200)
+    parser.add_argument("--rss-slices", type=int, default=300)
+    parser.add_argument("--segmenter", default=None, help="segmenter model folder (default: the shipped one)")
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="gatekeeper-bench-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lat = latency(work / "latency", args.latency_slices, args.segmenter)
+    rss = peak_rss(work / "rss", args.rss_slices)
+    print(f"| measurement | value | target | |\n|---|---|---|---|")
+    print(f"| last instance → SEG delivered, {lat['slices']} slices 512² | {lat['latency_s']:.1f} s "
+          f"(quiet period {lat['quiet_period_s']:g} s + pipeline {lat['pipeline_s']:.1f} s) | ≤ 60 s | "
+          f"{'met' if lat['latency_s'] <= 60 else 'missed'} |")
+    print(f"| score worker peak RSS, {rss['slices']} slices 512² | {rss['peak_mb']:.0f} MB (models loaded: "
+          f"{rss['models_mb']:.0f} MB; {rss['seconds']:.0f} s) | ≤ 2048 MB | "
+          f"{'met' if rss['peak_mb'] <= 2048 else 'missed'} |")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

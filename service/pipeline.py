@@ -1,0 +1,606 @@
+"""The pipeline, wired in one place: a completed series → score → route → segment → SEG → export, or → worklist.
+
+Stages (each a function below; the Celery tasks in `service.pipeline_tasks` only call them):
+
+=========  ===========================  =================================================  ==============
+stage      input (series state)         output                                             queue
+=========  ===========================  =================================================  ==============
+start      `queued` (ingest sent it)    `scoring`: waits for a score worker                 pipeline_queue
+score      `scoring`                    `SeriesScore` (per-slice scores, top residual       score_queue
+                                        maps) and `scored`; then **route** at once
+route      `scored`                     `segmenting` (route auto) or `worklisted`           (inline)
+                                        (`WorklistItem` with a `RouteReason`)
+segment    `segmenting`                 the liver DICOM-SEG under `results/`, an `Export`   segment_queue
+                                        row, `exporting`; or `worklisted` (no liver)
+export     `exporting`                  `delivered` or `export_failed` (the `deliver_seg`   export_queue
+                                        task of `service.export_tasks` sends it)
+=========  ===========================  =================================================  ==============
+
+The route is decided by `ROUTING_RULES`, a table: the first rule whose condition holds on the
+series' `RouteFacts` sends it to the worklist with that reason; when none holds it goes to
+auto-segmentation. Changing the route is a change of that table.
+
+Every state change goes through `transition`, which checks `ALLOWED_TRANSITIONS`, changes the row
+only if it is still in the expected state (so two workers never both move it), sets
+`state_changed_at` and writes a `SeriesEvent`. The database is the truth: a message may be lost or
+delivered twice, a worker may die mid-stage; `sweep` (run by the listener's assembler thread every
+`pipeline_sweep_interval_s`) queues a stage again when its series has stayed in it longer than
+`pipeline_stuck_after_s`, and `SeriesScore`'s unique (series, model version) and the SEG's
+deterministic SOP Instance UID make a repeated stage harmless.
+
+No patient data (names, ids, birth dates, accession numbers) goes into events, logs or task
+arguments here: internal ids, DICOM UIDs, scores and states only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import dicom_series, imaging
+from service.db.tables import (
+    Export,
+    ExportState,
+    Instance,
+    Route,
+    RouteReason,
+    Series,
+    SeriesEvent,
+    SeriesScore,
+    SeriesState,
+    WorklistItem,
+    WorklistStatus,
+    utc_now,
+)
+from service.settings import Settings
+
+if TYPE_CHECKING:  # the heavy objects come in as arguments, built once per worker process
+    from service.inference import Detector
+    from service.segmentation import Segmenter
+
+log = logging.getLogger(__name__)
+
+S = SeriesState
+
+# --- the state machine -----------------------------------------------------------------------------
+
+#: Which state may follow which. Anything else is a programming error (`TransitionError`).
+ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
+    S.QUEUED: frozenset({S.SCORING}),
+    S.SCORING: frozenset({S.SCORED, S.WORKLISTED}),  # worklisted: unreadable, or stuck too often
+    S.SCORED: frozenset({S.SEGMENTING, S.WORKLISTED}),
+    S.SEGMENTING: frozenset({S.EXPORTING, S.EXPORT_FAILED, S.WORKLISTED}),
+    S.EXPORTING: frozenset({S.DELIVERED, S.EXPORT_FAILED}),
+    S.EXPORT_FAILED: frozenset({S.EXPORTING, S.DELIVERED}),  # an operator's `exports retry`
+    S.WORKLISTED: frozenset({S.CLAIMED}),
+    S.CLAIMED: frozenset({S.WORKLISTED, S.DONE}),  # release, or mark done
+}
+
+#: States in which the pipeline still owes the series some work (the sweeper watches them).
+WORKING_STATES = (S.SCORING, S.SCORED, S.SEGMENTING)
+#: States a series ends its automatic journey in.
+FINAL_STATES = (S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED, S.CLAIMED, S.DONE)
+
+
+class TransitionError(ValueError):
+    """A state change that `ALLOWED_TRANSITIONS` does not allow, e.g. 'delivered -> scoring'."""
+
+
+def transition(
+    *,
+    session: Session,
+    series_id: int,
+    source: SeriesState | Iterable[SeriesState],
+    target: SeriesState,
+    event: str | None = None,
+    detail: dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None,
+) -> bool:
+    """Move series version `series_id` from `source` to `target` in `session`'s transaction.
+
+    The row changes only if it is (still) in one of the `source` states and not superseded;
+    `state_changed_at` is set and a `SeriesEvent` of kind `event` (default: the target state's
+    name) with `detail` (no patient data) is added. `values` are further columns to set with it.
+    Returns False, changing nothing, when the series was not in a source state: another worker
+    moved it first, or the message is a duplicate.
+
+    Raises:
+        TransitionError: a source → target pair that `ALLOWED_TRANSITIONS` does not allow.
+    """
+    sources = (source,) if isinstance(source, SeriesState) else tuple(source)
+    for state in sources:
+        if target not in ALLOWED_TRANSITIONS.get(state, frozenset()):
+            raise TransitionError(f"series state change {state.value} -> {target.value} is not allowed")
+    now = utc_now()
+    changed = session.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state.in_([s.value for s in sources]), Series.superseded.is_(False))
+        .values(state=target.value, state_changed_at=now, **(values or {}))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if changed:
+        session.add(SeriesEvent(series_id=series_id, kind=event or target.value, detail=detail or {}, created_at=now))
+    return bool(changed)
+
+
+# --- routing, as data -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouteFacts:
+    """What the route is decided on, for one series version.
+
+    Attributes:
+        geometry_findings: the ingest geometry check's findings (`Series.geometry_findings`).
+        unreadable: why the series could not be read or scored; None when it could.
+        flagged: whether the detector's series score is above its threshold; None before scoring.
+        liver_found: whether the segmenter found liver; None before segmentation.
+    """
+
+    geometry_findings: Sequence[dict[str, Any]] = ()
+    unreadable: str | None = None
+    flagged: bool | None = None
+    liver_found: bool | None = None
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """Send a series to the worklist with `reason` when `applies(facts)` holds."""
+
+    reason: RouteReason
+    applies: Callable[[RouteFacts], bool]
+    meaning: str
+
+
+#: The routing decision. The first rule that applies sends the series to the worklist with its reason;
+#: when none applies the series is auto-segmented and its SEG sent to the PACS.
+ROUTING_RULES: tuple[RouteRule, ...] = (
+    RouteRule(RouteReason.GEOMETRY, lambda f: bool(f.geometry_findings),
+              "ingest found gaps, mixed orientations, a localizer or similar in the series' geometry"),
+    RouteRule(RouteReason.UNREADABLE, lambda f: f.unreadable is not None,
+              "the series could not be read or scored (one slice, undecodable pixels, not CT ...)"),
+    RouteRule(RouteReason.ANOMALY, lambda f: f.flagged is True,
+              "the detector's series score is above the model's threshold: unlike the normal training series"),
+    RouteRule(RouteReason.NO_LIVER, lambda f: f.liver_found is False,
+              "the segmenter found no liver: nothing to deliver, a person must look"),
+)
+
+
+def decide_route(facts: RouteFacts) -> tuple[Route, RouteReason | None]:
+    """(Route.WORKLIST, reason) of the first rule in `ROUTING_RULES` that applies, else (Route.AUTO, None)."""
+    for rule in ROUTING_RULES:
+        if rule.applies(facts):
+            return Route.WORKLIST, rule.reason
+    return Route.AUTO, None
+
+
+# --- what the stages read and write -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Next:
+    """What a stage asks its task to queue after the commit: a stage name and an id, or nothing."""
+
+    stage: str | None = None  # "score", "segment" or "export"
+    id: int | None = None  # the series id (score, segment) or the export id (export)
+
+
+DONE = Next()
+
+
+def _series_row(session: Session, series_id: int) -> Series | None:
+    series = session.get(Series, series_id)
+    if series is None:
+        log.warning("series id %s does not exist; message dropped", series_id)
+    return series
+
+
+def instance_paths(*, session: Session, storage_dir: Path, series_id: int) -> dict[str, Path]:
+    """The stored file of every instance of series version `series_id`, by SOP Instance UID."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.relative_path).where(Instance.series_id == series_id)
+    ).all()
+    return {uid: storage_dir / path for uid, path in rows}
+
+
+def load_stored_series(paths: Iterable[Path]) -> dicom_series.CTSeries:
+    """Read one stored series version as a CT volume in HU, slices head → feet.
+
+    Raises:
+        dicom_series.SeriesError: the files are not one usable CT series; the message says why.
+    """
+    groups = dicom_series.group_files(paths)
+    if len(groups) != 1:
+        uid = groups[0].series_instance_uid if groups else "(none)"
+        raise dicom_series.SeriesError(uid, f"{len(groups)} series among the stored files; expected 1")
+    return dicom_series.load_series(groups[0])
+
+
+def results_dir(*, settings: Settings, series_id: int) -> Path:
+    """The folder of a series version's pipeline results (residual maps, SEG) under `storage_dir`."""
+    return settings.storage_dir / "results" / str(series_id)
+
+
+def _relative(path: Path, storage_dir: Path) -> str:
+    return path.resolve().relative_to(storage_dir.resolve()).as_posix()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def save_top_residual_maps(
+    *, settings: Settings, series_id: int, model_version: str, slices: Sequence[dict[str, Any]],
+    residual_maps: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """Store the residual maps of the `settings.top_slices` highest-scoring slices; return `top_slices`.
+
+    Each map (|x − G(E(x))| inside the body, detector resolution) is downsampled to
+    `residual_map_size`² and saved as float16 `.npy` under `results/<series_id>/<model_version>/`.
+    Each entry is `{"index", "score", "residual_map", "sop_instance_uid"}`, `residual_map` relative
+    to `storage_dir` (None when the detector gave no maps); highest score first.
+    """
+    order = sorted(range(len(slices)), key=lambda i: slices[i]["score"], reverse=True)[: settings.top_slices]
+    folder = results_dir(settings=settings, series_id=series_id) / model_version
+    size = settings.residual_map_size
+    top = []
+    for i in order:
+        relative = None
+        if residual_maps is not None:
+            small = imaging.resize(np.asarray(residual_maps[i], np.float32), (size, size)).astype(np.float16)
+            path = folder / f"residual_{i:04d}.npy"
+            _atomic_write(path, lambda tmp, data=small: _save_npy(tmp, data))
+            relative = _relative(path, settings.storage_dir)
+        top.append({"index": i, "score": slices[i]["score"], "residual_map": relative,
+                    "sop_instance_uid": slices[i]["sop_instance_uid"]})
+    return top
+
+
+def _to_worklist(
+    *, session: Session, series_id: int, source: SeriesState | Iterable[SeriesState], reason: RouteReason,
+    detail: dict[str, Any], event: str = "routed",
+) -> bool:
+    """Move the series to `worklisted` with a `WorklistItem` (one per series version) for `reason`."""
+    moved = transition(session=session, series_id=series_id, source=source, target=S.WORKLISTED, event=event,
+                       detail={"route": Route.WORKLIST.value, "reason": reason.value, **detail},
+                       values={"route": Route.WORKLIST.value, "route_reason": reason.value})
+    if moved and session.scalar(select(WorklistItem.id).where(WorklistItem.series_id == series_id)) is None:
+        session.add(WorklistItem(series_id=series_id, reason=reason.value, detail=detail,
+                                 status=WorklistStatus.OPEN.value))
+    return moved
+
+
+# --- stage: start -----------------------------------------------------------------------------------
+
+
+def start(*, sessions: sessionmaker[Session], series_id: int, worker: str) -> Next:
+    """Stage *start*: a worker took series version `series_id` from the ingest queue.
+
+    Input: state `queued`. Output: state `scoring`, and the score stage to queue. A duplicate
+    message (any other state, or superseded) changes nothing and queues nothing.
+    """
+    with sessions.begin() as session:
+        moved = transition(session=session, series_id=series_id, source=S.QUEUED, target=S.SCORING,
+                           detail={"worker": worker})
+    if not moved:
+        log.info("series id %s is not queued (duplicate message or superseded); nothing to do", series_id)
+        return DONE
+    log.info("series id %s: scoring", series_id)
+    return Next("score", series_id)
+
+
+# --- stage: score (then route) ----------------------------------------------------------------------
+
+
+def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int, detector: Detector) -> Next:
+    """Stage *score*: run the detector over every slice of the series, store the result, then route.
+
+    Input: state `scoring` (or `scored`, when a worker died before routing). Output: a
+    `SeriesScore` for (series, `detector.version`) — per-slice scores in volume order and the top
+    slices' residual maps — state `scored`, then the route (see `route`). Unreadable series go
+    straight to the worklist ("unreadable"). Already scored by this model version: not scored again.
+
+    Raises:
+        Anything the detector raises unexpectedly (ONNX Runtime); the series stays in `scoring`
+        and the sweeper queues it again after `pipeline_stuck_after_s`.
+    """
+    with sessions() as session:
+        series = _series_row(session, series_id)
+        if series is None:
+            return DONE
+        if series.superseded or series.state not in (S.SCORING.value, S.SCORED.value):
+            log.info("series id %s is %s; nothing to score", series_id, series.state)
+            return DONE
+        state = SeriesState(series.state)
+        findings = list(series.geometry_findings or [])
+        existing = session.scalar(select(SeriesScore).where(SeriesScore.series_id == series_id,
+                                                            SeriesScore.model_version == detector.version))
+        paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
+
+    if state == S.SCORING and existing is None:
+        clock = utc_now()
+        try:
+            volume = load_stored_series(paths.values())
+        except dicom_series.SeriesError as exc:
+            log.warning("series id %s is unreadable: %s", series_id, exc.problem)
+            facts = RouteFacts(geometry_findings=findings, unreadable=exc.problem)
+            _, reason = decide_route(facts)
+            with sessions.begin() as session:
+                _to_worklist(session=session, series_id=series_id, source=S.SCORING, reason=reason or RouteReason.UNREADABLE,
+                             detail={"problem": exc.problem, "model_version": detector.version})
+            return DONE
+        result = detector.score_series(volume, keep_maps=True)
+        del volume  # the HU volume is the largest object; free it before writing results
+        slices = [{"index": i, "sop_instance_uid": s.sop_instance_uid, "position": round(s.position, 5),
+                   "score": round(s.score, 6)} for i, s in enumerate(result.slices)]
+        top = save_top_residual_maps(settings=settings, series_id=series_id, model_version=detector.version,
+                                     slices=slices, residual_maps=result.residual_maps)
+        duration = (utc_now() - clock).total_seconds()
+        try:
+            with sessions() as session:
+                session.add(SeriesScore(series_id=series_id, model_version=detector.version, score=float(result.score),
+                                        threshold=float(result.threshold), flagged=bool(result.flagged),
+                                        slices=slices, top_slices=top, provider=detector.provider,
+                                        duration_s=round(duration, 3)))
+                session.flush()
+                moved = transition(session=session, series_id=series_id, source=S.SCORING, target=S.SCORED,
+                                   detail={"model_version": detector.version, "score": round(result.score, 4),
+                                           "threshold": round(result.threshold, 4), "flagged": result.flagged,
+                                           "slices": len(slices), "duration_s": round(duration, 2)})
+                if not moved:  # another worker scored and moved it meanwhile: keep its result
+                    session.rollback()
+                    return DONE
+                session.commit()
+        except IntegrityError:
+            log.info("series id %s was scored by another worker meanwhile", series_id)
+            return DONE
+        log.info("series id %s scored %.3f (threshold %.3f, %s) in %.1f s, %d slices", series_id, result.score,
+                 result.threshold, "flagged" if result.flagged else "not flagged", duration, len(slices))
+    elif state == S.SCORING:  # scored before by this model version (a redelivery after a crash)
+        with sessions.begin() as session:
+            transition(session=session, series_id=series_id, source=S.SCORING, target=S.SCORED,
+                       detail={"model_version": detector.version, "reused": True})
+    return route(sessions=sessions, series_id=series_id, model_version=detector.version)
+
+
+def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str) -> Next:
+    """Stage *route*: decide by `ROUTING_RULES` where a scored series goes.
+
+    Input: state `scored` with a `SeriesScore` of `model_version`. Output: `segmenting` and the
+    segment stage to queue (route auto), or `worklisted` with a `WorklistItem`. One "routed" event.
+    """
+    with sessions.begin() as session:
+        series = _series_row(session, series_id)
+        if series is None or series.state != S.SCORED.value:
+            return DONE
+        result = session.scalar(select(SeriesScore).where(SeriesScore.series_id == series_id,
+                                                          SeriesScore.model_version == model_version))
+        if result is None:
+            log.error("series id %s is scored but has no score of model %s", series_id, model_version)
+            return DONE
+        facts = RouteFacts(geometry_findings=list(series.geometry_findings or []), flagged=result.flagged)
+        chosen, reason = decide_route(facts)
+        summary = {"score": round(result.score, 4), "threshold": round(result.threshold, 4),
+                   "model_version": model_version}
+        if chosen == Route.WORKLIST and reason is not None:
+            detail = dict(summary)
+            if reason == RouteReason.GEOMETRY:
+                detail["findings"] = [f.get("code") for f in facts.geometry_findings]
+            moved = _to_worklist(session=session, series_id=series_id, source=S.SCORED, reason=reason, detail=detail)
+            nxt = DONE
+        else:
+            moved = transition(session=session, series_id=series_id, source=S.SCORED, target=S.SEGMENTING,
+                               event="routed", detail={"route": Route.AUTO.value, **summary},
+                               values={"route": Route.AUTO.value, "route_reason": None})
+            nxt = Next("segment", series_id)
+    if not moved:
+        return DONE
+    log.info("series id %s routed to %s%s", series_id, chosen.value, f" ({reason.value})" if reason else "")
+    return nxt
+
+
+# --- stage: segment ---------------------------------------------------------------------------------
+
+
+def segment(*, sessions: sessionmaker[Session], settings: Settings, series_id: int, segmenter: Segmenter) -> Next:
+    """Stage *segment*: segment the liver, write the DICOM-SEG, record its export.
+
+    Input: state `segmenting`. Output: the SEG file `results/<series_id>/liver-seg-<version>.dcm`,
+    an `Export` row (one per SEG SOP Instance UID, so a repeat finds it), state `exporting` and the
+    export to queue. No liver: `worklisted` ("no_liver"); no PACS configured: `export_failed`.
+    """
+    import pydicom
+
+    from service.dicom_seg import build_liver_seg
+    from service.pacs_export import ExportNotConfiguredError, record_export
+
+    with sessions() as session:
+        series = _series_row(session, series_id)
+        if series is None:
+            return DONE
+        if series.superseded or series.state != S.SEGMENTING.value:
+            log.info("series id %s is %s; nothing to segment", series_id, series.state)
+            return DONE
+        version = series.version
+        paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
+    try:
+        volume = load_stored_series(paths.values())
+    except dicom_series.SeriesError as exc:
+        with sessions.begin() as session:
+            _to_worklist(session=session, series_id=series_id, source=S.SEGMENTING, reason=RouteReason.UNREADABLE,
+                         detail={"problem": exc.problem}, event="rerouted")
+        return DONE
+    clock = utc_now()
+    result = segmenter.segment(volume)
+    liver_found = bool(result.mask.any()) and result.liver_volume_ml >= settings.min_liver_ml
+    chosen, reason = decide_route(RouteFacts(liver_found=liver_found))
+    if chosen == Route.WORKLIST and reason is not None:
+        log.info("series id %s: %s (liver %.1f ml)", series_id, reason.value, result.liver_volume_ml)
+        with sessions.begin() as session:
+            _to_worklist(session=session, series_id=series_id, source=S.SEGMENTING, reason=reason, event="rerouted",
+                         detail={"liver_volume_ml": round(result.liver_volume_ml, 1),
+                                 "segmenter_version": segmenter.version})
+        return DONE
+
+    headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in volume.sop_instance_uids]
+    seg = build_liver_seg(source_images=headers, mask=result.mask, algorithm_name=segmenter.name[:64],
+                          algorithm_version=segmenter.version[:64], source_series_version=version)
+    del volume, result
+    path = results_dir(settings=settings, series_id=series_id) / f"liver-seg-{segmenter.version}.dcm"
+    _atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+    duration = (utc_now() - clock).total_seconds()
+    try:
+        export_id, created = record_export(sessions=sessions, settings=settings, path=path, series_id=series_id)
+    except ExportNotConfiguredError as exc:
+        log.error("series id %s: SEG written but not sent: %s", series_id, exc)
+        with sessions.begin() as session:
+            transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.EXPORT_FAILED,
+                       detail={"reason": str(exc), "seg": _relative(path, settings.storage_dir)})
+        return DONE
+    with sessions.begin() as session:
+        moved = transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.EXPORTING,
+                           detail={"export_id": export_id, "sop_instance_uid": str(seg.SOPInstanceUID),
+                                   "segmenter_version": segmenter.version, "duration_s": round(duration, 2)})
+    log.info("series id %s segmented in %.1f s; export %s %s", series_id, duration, export_id,
+             "recorded" if created else "already recorded")
+    return Next("export", export_id) if moved or created else DONE
+
+
+# --- stage: export settled --------------------------------------------------------------------------
+
+
+def export_settled(*, sessions: sessionmaker[Session], export_id: int) -> None:
+    """Stage *export*, last step: the series of export `export_id` follows the export's final state.
+
+    Input: state `exporting` (or `export_failed`, after an operator's retry). Output: `delivered`
+    when the PACS took the SEG, `export_failed` when delivery failed for good. Pending: nothing.
+    """
+    with sessions.begin() as session:
+        export = session.get(Export, export_id)
+        if export is None or export.series_id is None:
+            return
+        if export.state == ExportState.DELIVERED.value:
+            target, sources = S.DELIVERED, (S.EXPORTING, S.EXPORT_FAILED)
+        elif export.state == ExportState.FAILED.value:
+            target, sources = S.EXPORT_FAILED, (S.EXPORTING,)
+        else:
+            return
+        moved = transition(session=session, series_id=export.series_id, source=sources, target=target,
+                           detail={"export_id": export_id, "status": export.last_status, "reason": export.last_reason})
+    if moved:
+        log.info("series id %s: %s (export %s)", export.series_id, target.value, export_id)
+
+
+# --- the sweeper ------------------------------------------------------------------------------------
+
+
+class StagePublisher(Protocol):
+    """Queues one pipeline stage for one id (after the caller's commit)."""
+
+    def publish(self, nxt: Next) -> None:
+        """Raises any exception when the broker could not take the message."""
+
+
+#: The stage a stuck series is queued to again, by state.
+STAGE_OF_STATE = {S.SCORING: "score", S.SCORED: "score", S.SEGMENTING: "segment"}
+
+
+@dataclass
+class SweepReport:
+    """What one sweeper round did (ids only)."""
+
+    requeued: list[int] = field(default_factory=list)
+    gave_up: list[int] = field(default_factory=list)
+    settled: list[int] = field(default_factory=list)
+    exports_resent: list[int] = field(default_factory=list)
+
+
+def sweep(
+    *, sessions: sessionmaker[Session], settings: Settings, publisher: StagePublisher, now: dt.datetime | None = None
+) -> SweepReport:
+    """One round of the pipeline's sweeper.
+
+    - A series in `scoring`, `scored` or `segmenting` for longer than `pipeline_stuck_after_s`
+      (its worker died, its message was lost) is queued to its stage again, with a "requeued"
+      event; after `pipeline_max_requeues` re-queues of one stage it goes to the worklist as
+      "unreadable" instead (a series that kills every worker must not loop).
+    - A series in `exporting` (or `export_failed`) whose export has settled follows it.
+    - Pending exports overdue by more than `queue_resend_after_s` are queued again
+      (`service.pacs_export.due_exports`; a message for an export not due does nothing).
+    """
+    from service.pacs_export import due_exports
+
+    now = now or utc_now()
+    report = SweepReport()
+    stuck_before = now - dt.timedelta(seconds=settings.pipeline_stuck_after_s)
+    with sessions() as session:
+        stuck = session.execute(
+            select(Series.id, Series.state, Series.state_changed_at)
+            .where(Series.state.in_([s.value for s in WORKING_STATES]), Series.superseded.is_(False),
+                   Series.state_changed_at < stuck_before)
+            .order_by(Series.id)
+        ).all()
+        settling = session.execute(
+            select(Export.id).join(Series, Series.id == Export.series_id)
+            .where(Series.state.in_([S.EXPORTING.value, S.EXPORT_FAILED.value]),
+                   Export.state.in_([ExportState.DELIVERED.value, ExportState.FAILED.value]))
+        ).scalars().all()
+    for series_id, state_value, changed_at in stuck:
+        state = SeriesState(state_value)
+        kind = f"requeued_{state.value}"
+        with sessions.begin() as session:
+            # Claim: only the sweeper that moves state_changed_at first re-queues (two listeners at once).
+            claimed = session.execute(
+                update(Series).where(Series.id == series_id, Series.state == state.value,
+                                     Series.state_changed_at == changed_at)
+                .values(state_changed_at=now).execution_options(synchronize_session=False)
+            ).rowcount
+            if not claimed:
+                continue
+            attempts = session.scalar(select(func.count()).select_from(SeriesEvent)
+                                      .where(SeriesEvent.series_id == series_id, SeriesEvent.kind == kind)) or 0
+            if attempts >= settings.pipeline_max_requeues:
+                problem = f"stuck in {state.value} after {attempts} re-queues (the stage fails or its worker dies)"
+                _to_worklist(session=session, series_id=series_id, source=state, reason=RouteReason.UNREADABLE,
+                             detail={"problem": problem}, event="gave_up")
+                report.gave_up.append(series_id)
+                log.error("series id %s: %s; sent to the worklist", series_id, problem)
+                continue
+            session.add(SeriesEvent(series_id=series_id, kind=kind, detail={"attempt": attempts + 1}, created_at=now))
+        try:
+            publisher.publish(Next(STAGE_OF_STATE[state], series_id))
+        except Exception:  # broker away: the next round finds it stuck again
+            log.warning("could not re-queue series id %s", series_id, exc_info=True)
+            continue
+        log.warning("series id %s stuck in %s; queued again (attempt %s)", series_id, state.value, attempts + 1)
+        report.requeued.append(series_id)
+    for export_id in settling:
+        export_settled(sessions=sessions, export_id=export_id)
+        report.settled.append(export_id)
+    for export_id in due_exports(sessions=sessions, overdue_s=settings.queue_resend_after_s, now=now):
+        try:
+            publisher.publish(Next("export", export_id))
+        except Exception:
+            log.warning("could not re-queue export %s", export_id, exc_info=True)
+            break
+        report.exports_resent.append(export_id)
+    return report

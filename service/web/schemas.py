@@ -1,0 +1,219 @@
+"""What the worklist's JSON API answers (and its pages show), separate from the database tables.
+
+Scores are the detector's anomaly scores: higher is more unusual; a series is flagged when its
+score is above `threshold`. Slice indexes count in volume order, head → feet, from 0.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import BaseModel
+
+from service.db.tables import SeriesScore, User
+from service.web.crud import SeriesReview, WorklistRow
+
+SORT_KEYS = ("age", "patient", "study_date", "description", "reason", "score", "status")
+
+
+class SliceRange(BaseModel):
+    """The slices whose own score is above the series threshold: first and last index, and how many."""
+
+    first: int
+    last: int
+    count: int
+
+
+class WorklistEntry(BaseModel):
+    """One series waiting for (or done with) manual contouring."""
+
+    id: int
+    series_instance_uid: str
+    series_version: int
+    reason: str  # anomaly | geometry | unreadable | no_liver
+    detail: dict[str, Any]
+    status: str  # open | claimed | done
+    score: float | None  # None when the series was never scored
+    threshold: float | None
+    flagged_slices: SliceRange | None
+    num_slices: int | None
+    patient_name: str | None
+    patient_id: str | None
+    study_date: dt.date | None
+    series_description: str | None
+    created_at: dt.datetime
+    age_s: float  # seconds on the worklist, until now or until done
+    claimed_by: str | None
+    claimed_at: dt.datetime | None
+    done_at: dt.datetime | None
+    url: str  # the series page
+
+    @classmethod
+    def from_row(cls, row: WorklistRow, *, now: dt.datetime) -> WorklistEntry:
+        item, series, score = row.item, row.series, row.score
+        end = item.done_at or now
+        return cls(
+            id=item.id,
+            series_instance_uid=series.series_instance_uid,
+            series_version=series.version,
+            reason=item.reason,
+            detail=item.detail or {},
+            status=item.status,
+            score=score.score if score else None,
+            threshold=score.threshold if score else None,
+            flagged_slices=flagged_slice_range(score),
+            num_slices=len(score.slices) if score else None,
+            patient_name=series.patient_name,
+            patient_id=series.patient_id,
+            study_date=series.study_date,
+            series_description=series.series_description,
+            created_at=item.created_at,
+            age_s=max(0.0, (end - item.created_at).total_seconds()),
+            claimed_by=row.claimed_by,
+            claimed_at=item.claimed_at,
+            done_at=item.done_at,
+            url=series_url(series.series_instance_uid, series.version),
+        )
+
+
+class SliceScoreOut(BaseModel):
+    index: int
+    sop_instance_uid: str | None
+    position: float | list[float] | None  # as stored by the scorer (mm along the body axis, or IPP)
+    score: float
+
+
+class TopSlice(BaseModel):
+    """A highest-scoring slice and the URL of its image with the residual heat map over it."""
+
+    index: int
+    score: float
+    sop_instance_uid: str | None
+    has_residual_map: bool
+    image_url: str
+
+
+class SeriesDetail(BaseModel):
+    """One series version: where the pipeline sent it, its scores and its worklist item."""
+
+    series_instance_uid: str
+    version: int
+    latest_version: int
+    state: str
+    route: str | None  # auto | worklist, once decided
+    route_reason: str | None
+    modality: str
+    num_instances: int
+    completed_at: dt.datetime | None
+    patient_name: str | None
+    patient_id: str | None
+    study_date: dt.date | None
+    series_description: str | None
+    geometry_findings: list[dict[str, Any]] | None
+    model_version: str | None
+    score: float | None
+    threshold: float | None
+    flagged: bool | None
+    flagged_slices: SliceRange | None
+    slices: list[SliceScoreOut]
+    top_slices: list[TopSlice]
+    worklist: WorklistEntry | None
+
+    @classmethod
+    def from_review(cls, review: SeriesReview, *, now: dt.datetime) -> SeriesDetail:
+        series, score = review.series, review.score
+        uid, version = series.series_instance_uid, series.version
+        return cls(
+            series_instance_uid=uid,
+            version=version,
+            latest_version=review.latest_version,
+            state=series.state,
+            route=series.route,
+            route_reason=series.route_reason,
+            modality=series.modality,
+            num_instances=series.num_instances,
+            completed_at=series.completed_at,
+            patient_name=series.patient_name,
+            patient_id=series.patient_id,
+            study_date=series.study_date,
+            series_description=series.series_description,
+            geometry_findings=series.geometry_findings,
+            model_version=score.model_version if score else None,
+            score=score.score if score else None,
+            threshold=score.threshold if score else None,
+            flagged=score.flagged if score else None,
+            flagged_slices=flagged_slice_range(score),
+            slices=[SliceScoreOut(index=s["index"], sop_instance_uid=s.get("sop_instance_uid"),
+                                  position=s.get("position"), score=s["score"]) for s in (score.slices if score else [])],
+            top_slices=[TopSlice(index=t["index"], score=t["score"], sop_instance_uid=t.get("sop_instance_uid"),
+                                 has_residual_map=bool(t.get("residual_map")),
+                                 image_url=slice_image_url(uid, version, t["index"]))
+                        for t in (score.top_slices if score else [])],
+            worklist=WorklistEntry.from_row(review.worklist, now=now) if review.worklist else None,
+        )
+
+
+class UserOut(BaseModel):
+    name: str
+    role: str
+
+    @classmethod
+    def from_user(cls, user: User) -> UserOut:
+        return cls(name=user.name, role=user.role)
+
+
+class CheckResult(BaseModel):
+    """One readiness check: `ok` or `failed`, and why it failed."""
+
+    name: str
+    status: str  # ok | failed
+    reason: str | None = None
+
+
+class Readiness(BaseModel):
+    status: str  # ok | failed: failed when any check failed
+    checks: list[CheckResult]
+
+
+def flagged_slice_range(score: SeriesScore | None) -> SliceRange | None:
+    """The slices scoring above the series threshold, or None when none does (or nothing was scored)."""
+    if score is None:
+        return None
+    above = [s["index"] for s in score.slices if s.get("score") is not None and s["score"] > score.threshold]
+    if not above:
+        return None
+    return SliceRange(first=min(above), last=max(above), count=len(above))
+
+
+def series_url(series_instance_uid: str, version: int) -> str:
+    return f"/series/{quote(series_instance_uid)}?version={version}"
+
+
+def slice_image_url(series_instance_uid: str, version: int, index: int) -> str:
+    return f"/series/{quote(series_instance_uid)}/versions/{version}/slices/{index}.png"
+
+
+def sort_entries(entries: list[WorklistEntry], *, key: str, descending: bool) -> list[WorklistEntry]:
+    """`entries` sorted by one of SORT_KEYS; entries without a value for the key come last either way.
+
+    Raises:
+        ValueError: `key` is not one of SORT_KEYS.
+    """
+    getters = {
+        "age": lambda e: e.age_s,
+        "patient": lambda e: (e.patient_name or "").casefold() or None,
+        "study_date": lambda e: e.study_date,
+        "description": lambda e: (e.series_description or "").casefold() or None,
+        "reason": lambda e: e.reason,
+        "score": lambda e: None if e.score is None or not e.threshold else e.score / e.threshold,
+        "status": lambda e: ("open", "claimed", "done").index(e.status) if e.status in ("open", "claimed", "done")
+        else 3,
+    }
+    if key not in getters:
+        raise ValueError(f"sort key {key!r}: expected one of {', '.join(SORT_KEYS)}")
+    get = getters[key]
+    present = [e for e in entries if get(e) is not None]
+    missing = [e for e in entries if get(e) is None]
+    return sorted(present, key=get, reverse=descending) + missing

@@ -1,0 +1,195 @@
+"""End to end, real everything: PostgreSQL, Redis, the listener and a Celery worker in their own
+processes, the worklist web app, Orthanc as the PACS, DCMTK storescu as the scanner's PACS.
+
+A normal series ends with a SEG in Orthanc that references it; an anomalous one (hip prosthesis,
+which the shipped detector flags far above its threshold) ends on the worklist with reason
+"anomaly" and its per-slice scores. Then the worker is killed with SIGKILL while it scores a
+series; a new worker and the sweeper still route that series exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from ingest_support import (
+    Db,
+    ct_files,
+    free_port,
+    gatekeeper_executable,
+    listener_process,
+    make_settings,
+    settings_env,
+    storescu,
+    upgrade,
+    wait_for,
+)
+from service.db.tables import Export, SeriesEvent, SeriesScore, SeriesState, WorklistItem
+from service.settings import Settings
+from test_pacs_export import orthanc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PASSWORD = "correct-horse-battery-staple"
+
+
+@pytest.fixture(scope="module")
+def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped segmenter; while none is shipped, a tiny one trained here (it finds 'liver' everywhere)."""
+    from service.segmentation import DEFAULT_MODEL_DIR
+
+    if (DEFAULT_MODEL_DIR / "model.json").exists():
+        return DEFAULT_MODEL_DIR
+    from service.cli import main
+    from service.phantom.generate import SeriesSpec, generate_run
+
+    data, out = tmp_path_factory.mktemp("segdata"), tmp_path_factory.mktemp("segmodel")
+    specs = [SeriesSpec(folder=f"{split}/{i:04d}_normal", patient_seed=300 + i, series_seed=1300 + i, num_slices=14,
+                        matrix=64, split=split) for i, split in enumerate(["train", "train", "validation"])]
+    generate_run(specs, data, progress=False)
+    assert main(["train", "segmenter", "--data", str(data), "--out", str(out), "--size", "32", "--base", "4",
+                 "--steps", "4", "--batch", "4", "--val-every", "2", "--seed", "3", "--jobs", "1", "--threads", "1",
+                 "--no-progress"]) == 0
+    return out
+
+
+def phantom(out: Path, *, anomaly: str, seed: int, slices: int) -> Path:
+    from service.cli import main
+
+    assert main(["phantom", "--out", str(out), "--slices", str(slices), "--matrix", "128", "--seed", str(seed),
+                 "--anomaly", anomaly, "--quiet"]) == 0
+    [folder] = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
+def series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(ct_files(folder)[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+@contextmanager
+def process(command: list[str], settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = log_path.open("ab")
+    child = subprocess.Popen(command, env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        log.close()
+
+
+def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_killed_worker_routes_once(
+    tmp_path: Path, postgres_db_url: str, redis_url: str, segmenter_dir: Path
+) -> None:
+    upgrade(postgres_db_url)
+    normal = phantom(tmp_path / "normal", anomaly="none", seed=5, slices=30)
+    hip = phantom(tmp_path / "hip", anomaly="hip_prosthesis", seed=6, slices=30)
+    victim = phantom(tmp_path / "victim", anomaly="none", seed=9, slices=60)
+    db = Db(postgres_db_url)
+
+    def state(uid: str) -> str | None:
+        rows = db.series(uid)
+        return rows[-1].state if rows else None
+
+    with orthanc(tmp_path / "orthanc") as pacs:
+        pacs.start()
+        settings = make_settings(
+            tmp_path / "var", postgres_db_url, redis_url, quiet_period_s=1.5, pacs_host="127.0.0.1",
+            pacs_port=pacs.dicom_port, pacs_ae_title="ORTHANC", export_timeout_s=10,
+            export_queue=f"test.export.{tmp_path.name}.{free_port()}", segmenter_model_dir=segmenter_dir,
+            pipeline_stuck_after_s=8, pipeline_sweep_interval_s=1, web_port=free_port(),
+            web_secret_key="e2e-" + "k" * 40)
+        worker_command = [gatekeeper_executable(), "worker"]
+        adduser = subprocess.run([gatekeeper_executable(), "users", "add", "dosi", "--role", "dosimetrist",
+                                  "--password-stdin"], input=PASSWORD + "\n", text=True, capture_output=True,
+                                 env=settings_env(settings), timeout=60)
+        assert adduser.returncode == 0, adduser.stderr
+        with listener_process(settings, tmp_path / "listener.log"), \
+                process([gatekeeper_executable(), "web"], settings, tmp_path / "web.log"), \
+                process(worker_command, settings, tmp_path / "worker1.log") as worker:
+            for folder in (normal, hip):
+                sent = storescu(settings.port, ct_files(folder))
+                assert sent.returncode == 0, sent.stdout[-2000:] + sent.stderr[-2000:]
+            wait_for(lambda: state(series_uid(normal)) == SeriesState.DELIVERED
+                     and state(series_uid(hip)) == SeriesState.WORKLISTED, timeout=180, interval=0.5)
+
+            # The normal series: its SEG is in the PACS and references it.
+            [normal_row] = db.series(series_uid(normal))
+            with db.sessions() as session:
+                [export] = session.scalars(select(Export).where(Export.series_id == normal_row.id)).all()
+            [instance] = pacs.instances_with_uid(export.sop_instance_uid)
+            tags = pacs.rest(f"/instances/{instance}/simplified-tags")
+            assert tags["Modality"] == "SEG"
+            assert tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == series_uid(normal)
+            assert normal_row.route == "auto"
+
+            # The anomalous series: on the worklist for "anomaly", with its per-slice scores.
+            [hip_row] = db.series(series_uid(hip))
+            with db.sessions() as session:
+                [item] = session.scalars(select(WorklistItem).where(WorklistItem.series_id == hip_row.id)).all()
+                [score] = session.scalars(select(SeriesScore).where(SeriesScore.series_id == hip_row.id)).all()
+            assert item.reason == "anomaly" and score.flagged and len(score.slices) == 30
+            assert hip_row.route_reason == "anomaly"
+
+            # ... and the worklist web app shows it.
+            request = urllib.request.Request(f"http://127.0.0.1:{settings.web_port}/api/worklist", headers={
+                "Authorization": "Basic " + base64.b64encode(f"dosi:{PASSWORD}".encode()).decode()})
+            worklist = wait_for(lambda: _get_json(request), timeout=30)
+            [entry] = [e for e in worklist if e["series_instance_uid"] == series_uid(hip)]
+            assert entry["reason"] == "anomaly" and entry["score"] > entry["threshold"]
+
+            # kill -9 the worker while it scores a series.
+            sent = storescu(settings.port, ct_files(victim))
+            assert sent.returncode == 0
+            wait_for(lambda: state(series_uid(victim)) == SeriesState.SCORING, timeout=60, interval=0.05)
+            # Its third score task has started (a few seconds of ONNX Runtime for 60 slices).
+            wait_for(lambda: (tmp_path / "worker1.log").read_text().count("Task gatekeeper.pipeline.score_series[") >= 3,
+                     timeout=30, interval=0.05)
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait()
+            [victim_row] = db.series(series_uid(victim))
+            assert victim_row.state == SeriesState.SCORING, "the worker finished scoring before it was killed"
+            with process(worker_command, settings, tmp_path / "worker2.log"):
+                wait_for(lambda: state(series_uid(victim)) == SeriesState.DELIVERED, timeout=120, interval=0.5)
+        with db.sessions() as session:
+            scores = session.scalar(select(func.count()).select_from(SeriesScore)
+                                    .where(SeriesScore.series_id == victim_row.id))
+            kinds = list(session.scalars(select(SeriesEvent.kind).where(SeriesEvent.series_id == victim_row.id)
+                                         .order_by(SeriesEvent.id)))
+        assert scores == 1 and kinds.count("routed") == 1, kinds
+        assert "requeued_scoring" in kinds
+        assert len(pacs.instances_with_uid(_export_uid(db, victim_row.id))) == 1
+    for name in (settings.score_queue, settings.segment_queue, settings.export_queue, settings.pipeline_queue):
+        __import__("redis").Redis.from_url(redis_url).delete(name)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert normal_row.patient_name and normal_row.patient_name not in logs
+    db.close()
+
+
+def _get_json(request: urllib.request.Request) -> object:
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def _export_uid(db: Db, series_id: int) -> str:
+    with db.sessions() as session:
+        return session.scalars(select(Export.sop_instance_uid).where(Export.series_id == series_id)).one()

@@ -1,0 +1,270 @@
+"""The pipeline's stages, routing table, state machine and sweeper, on SQLite with the real detector.
+
+Series come in through the real listener (storescu → SQLite); the stages are called as the Celery
+tasks call them; the segmenter is a stand-in with a known mask so the SEG route is deterministic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from ingest_support import Db, ct_files, make_phantom, make_settings, running_listener, storescu, upgrade, wait_for
+from service import pipeline
+from service.db.tables import (
+    Export,
+    ExportState,
+    RouteReason,
+    Series,
+    SeriesEvent,
+    SeriesScore,
+    SeriesState,
+    WorklistItem,
+    utc_now,
+)
+from service.inference import Detector
+from service.pacs_export import Outcome, SendResult, deliver
+from service.pipeline import Next, RouteFacts, decide_route
+from service.segmentation import Segmentation
+from service.settings import Settings
+
+
+class RecordingPublisher:
+    """Stands in for the broker: remembers what was published."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        self.messages.append(args[0] if args else kwargs)
+
+
+@dataclass
+class StubSegmenter:
+    """A segmenter whose liver is a fixed block (or nothing), so routing after segmentation is known."""
+
+    liver: bool = True
+    version: str = "stub-1"
+    name: str = "stub liver segmenter"
+
+    def segment(self, series: Any) -> Segmentation:
+        mask = np.zeros(series.hu.shape, bool)
+        if self.liver:
+            k, rows, cols = series.hu.shape
+            mask[k // 4: 3 * k // 4, rows // 3: rows // 2, cols // 4: cols // 2] = True
+        return Segmentation(series_instance_uid=series.series_instance_uid, mask=mask, slice_entropy=np.zeros(len(mask)),
+                            features=None, entropy=0.0, liver_volume_ml=float(mask.sum()) * 0.01)
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    from service.score_cli import DEFAULT_MODEL_DIR
+
+    return Detector(DEFAULT_MODEL_DIR, batch=8)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("pipeline-phantoms")
+    from service.cli import main
+
+    folders = {}
+    for name, anomaly, seed in (("normal", "none", 5), ("hip", "hip_prosthesis", 6)):
+        assert main(["phantom", "--out", str(out / name), "--slices", "24", "--matrix", "128", "--seed", str(seed),
+                     "--anomaly", anomaly, "--quiet"]) == 0
+        [folders[name]] = [p for p in (out / name).iterdir() if p.is_dir()]
+    return folders
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[Settings, Db]]:
+    url = f"sqlite:///{tmp_path / 'gatekeeper.db'}"
+    upgrade(url)
+    settings = make_settings(tmp_path / "var", url, "memory://", quiet_period_s=0.5, pacs_host="127.0.0.1",
+                             pacs_ae_title="PACS", pacs_port=104, top_slices=3)
+    db = Db(url)
+    yield settings, db
+    db.close()
+
+
+def ingest(settings: Settings, db: Db, folder: Path) -> int:
+    """Push a series through the real listener (messages recorded, not sent); return its series id."""
+    with running_listener(settings, publisher=RecordingPublisher()) as listener:
+        assert storescu(listener.port, ct_files(folder)).returncode == 0
+        uid = pydicom.dcmread(ct_files(folder)[0], stop_before_pixels=True).SeriesInstanceUID
+        [series] = wait_for(lambda: [s for s in db.series(uid) if s.state == SeriesState.QUEUED], timeout=30)
+    return series.id
+
+
+def events(db: Db, series_id: int) -> list[SeriesEvent]:
+    with db.sessions() as session:
+        return list(session.scalars(select(SeriesEvent).where(SeriesEvent.series_id == series_id)
+                                    .order_by(SeriesEvent.id)))
+
+
+def series_row(db: Db, series_id: int) -> Series:
+    with db.sessions() as session:
+        series = session.get(Series, series_id)
+        assert series is not None
+        return series
+
+
+# --- routing table and state machine ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("facts", "expected"), [
+    (RouteFacts(flagged=False), ("auto", None)),
+    (RouteFacts(flagged=True), ("worklist", "anomaly")),
+    (RouteFacts(geometry_findings=[{"code": "gap"}], flagged=False), ("worklist", "geometry")),
+    (RouteFacts(geometry_findings=[{"code": "gap"}], unreadable="one slice"), ("worklist", "geometry")),
+    (RouteFacts(unreadable="one slice"), ("worklist", "unreadable")),
+    (RouteFacts(flagged=False, liver_found=False), ("worklist", "no_liver")),
+    (RouteFacts(flagged=False, liver_found=True), ("auto", None)),
+])
+def test_routing_rules_pick_the_first_reason_that_applies(facts: RouteFacts, expected: tuple) -> None:
+    route, reason = decide_route(facts)
+    assert (route.value, reason.value if reason else None) == expected
+
+
+def test_a_transition_the_state_machine_does_not_allow_is_refused(env: tuple[Settings, Db]) -> None:
+    _, db = env
+    with db.sessions() as session, pytest.raises(pipeline.TransitionError, match="delivered -> scoring"):
+        pipeline.transition(session=session, series_id=1, source=SeriesState.DELIVERED, target=SeriesState.SCORING)
+
+
+# --- the stages ---------------------------------------------------------------------------------------
+
+
+def test_normal_series_is_scored_routed_auto_segmented_and_exported(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    settings, db = env
+    series_id = ingest(settings, db, phantoms["normal"])
+    sessions = db.sessions
+
+    assert pipeline.start(sessions=sessions, series_id=series_id, worker="test") == Next("score", series_id)
+    assert pipeline.start(sessions=sessions, series_id=series_id, worker="test") == pipeline.DONE  # duplicate
+    assert pipeline.score(sessions=sessions, settings=settings, series_id=series_id,
+                          detector=detector) == Next("segment", series_id)
+    # A redelivered score message finds the series routed: nothing is scored or routed again.
+    assert pipeline.score(sessions=sessions, settings=settings, series_id=series_id, detector=detector) == pipeline.DONE
+    with db.sessions() as session:
+        [score] = session.scalars(select(SeriesScore).where(SeriesScore.series_id == series_id)).all()
+    assert not score.flagged and score.model_version == detector.version and len(score.slices) == 24
+    assert [s["index"] for s in score.slices] == list(range(24))
+    assert len(score.top_slices) == 3 and score.top_slices[0]["score"] == max(s["score"] for s in score.slices)
+    for entry in score.top_slices:
+        assert set(entry) == {"index", "score", "residual_map", "sop_instance_uid"}
+        residual = np.load(settings.storage_dir / entry["residual_map"])
+        assert residual.shape == (64, 64) and residual.dtype == np.float16
+        assert entry["sop_instance_uid"] == score.slices[entry["index"]]["sop_instance_uid"]
+
+    nxt = pipeline.segment(sessions=sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
+    assert nxt.stage == "export"
+    assert series_row(db, series_id).state == SeriesState.EXPORTING
+    with db.sessions() as session:
+        export = session.get(Export, nxt.id)
+    seg = pydicom.dcmread(settings.storage_dir / export.path)
+    assert seg.Modality == "SEG" and export.series_id == series_id
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_row(db, series_id).series_instance_uid
+
+    def delivered(*, path: Path, settings: Settings) -> SendResult:
+        return SendResult(outcome=Outcome.DELIVERED, status=0, reason=None, destination="PACS@127.0.0.1:104",
+                          started_at=utc_now(), duration_s=0.01)
+
+    assert deliver(sessions=sessions, settings=settings, export_id=nxt.id, send=delivered).state == "delivered"
+    pipeline.export_settled(sessions=sessions, export_id=nxt.id)
+    series = series_row(db, series_id)
+    assert (series.state, series.route, series.route_reason) == (SeriesState.DELIVERED, "auto", None)
+    kinds = [e.kind for e in events(db, series_id)]
+    assert kinds[-5:] == ["scoring", "scored", "routed", "exporting", "delivered"]
+    assert kinds.count("routed") == 1
+
+
+def test_anomalous_series_goes_to_the_worklist_with_its_scores(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    settings, db = env
+    series_id = ingest(settings, db, phantoms["hip"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    assert pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id,
+                          detector=detector) == pipeline.DONE
+    series = series_row(db, series_id)
+    assert (series.state, series.route, series.route_reason) == (SeriesState.WORKLISTED, "worklist", "anomaly")
+    with db.sessions() as session:
+        [item] = session.scalars(select(WorklistItem)).all()
+        score = session.scalar(select(SeriesScore))
+    assert item.series_id == series_id and item.reason == RouteReason.ANOMALY and item.status == "open"
+    assert score.flagged and score.score > score.threshold and len(score.slices) == 24
+    routed = [e for e in events(db, series_id) if e.kind == "routed"]
+    assert len(routed) == 1 and routed[0].detail["reason"] == "anomaly"
+    assert series.patient_name and all(series.patient_name not in str(e.detail) for e in events(db, series_id))
+
+
+def test_no_liver_found_goes_to_the_worklist(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    settings, db = env
+    series_id = ingest(settings, db, phantoms["normal"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
+    assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id,
+                            segmenter=StubSegmenter(liver=False)) == pipeline.DONE
+    series = series_row(db, series_id)
+    assert (series.state, series.route_reason) == (SeriesState.WORKLISTED, "no_liver")
+    with db.sessions() as session:
+        assert session.scalar(select(Export)) is None
+
+
+def test_unreadable_series_goes_to_the_worklist(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    settings, db = env
+    series_id = ingest(settings, db, phantoms["normal"])
+    with db.sessions() as session:  # a stored file goes bad on disk
+        path = settings.storage_dir / session.scalars(select(pipeline.Instance.relative_path)).first()
+    path.write_bytes(path.read_bytes()[:2000])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
+    series = series_row(db, series_id)
+    assert (series.state, series.route_reason) == (SeriesState.WORKLISTED, "unreadable")
+
+
+def test_sweeper_requeues_a_stuck_series_then_gives_up(env: tuple[Settings, Db], phantoms: dict[str, Path]) -> None:
+    settings, db = env
+    settings = settings.model_copy(update={"pipeline_stuck_after_s": 60, "pipeline_max_requeues": 2})
+    series_id = ingest(settings, db, phantoms["normal"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")  # the worker then dies
+    publisher = RecordingPublisher()
+    assert pipeline.sweep(sessions=db.sessions, settings=settings, publisher=publisher).requeued == []
+    for round_ in range(1, 4):
+        later = utc_now() + dt.timedelta(seconds=61 * round_)
+        report = pipeline.sweep(sessions=db.sessions, settings=settings, publisher=publisher, now=later)
+        if round_ <= 2:
+            assert report.requeued == [series_id]
+    assert publisher.messages == [Next("score", series_id)] * 2
+    series = series_row(db, series_id)
+    assert (series.state, series.route_reason) == (SeriesState.WORKLISTED, "unreadable")
+    assert [e.kind for e in events(db, series_id)][-3:] == ["requeued_scoring", "requeued_scoring", "gave_up"]
+
+
+def test_sweeper_settles_the_series_of_a_delivered_export(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    settings, db = env
+    series_id = ingest(settings, db, phantoms["normal"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
+    nxt = pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
+    with db.sessions.begin() as session:  # delivered, but the worker died before moving the series
+        session.execute(update(Export).where(Export.id == nxt.id).values(state=ExportState.DELIVERED.value))
+    report = pipeline.sweep(sessions=db.sessions, settings=settings, publisher=RecordingPublisher())
+    assert report.settled == [nxt.id] and series_row(db, series_id).state == SeriesState.DELIVERED

@@ -12,6 +12,9 @@ association, sends one C-STORE, checks the response Status and is recorded as an
   the SOP class): failed at once, with the reason, for an operator (`gatekeeper exports retry ID`).
 
 The classification lives in `STORE_STATUS_RULES` and `classify_association_rejection` below.
+`send_files` does the sending for any peer and any number of files (one association, the worst
+outcome wins); `send_seg` uses it for the PACS, and the pipeline's forward mode for the external
+auto-segmentation node (`forward_destination`).
 Nothing here logs patient data: export ids, statuses and reasons only.
 """
 
@@ -21,7 +24,7 @@ import datetime as dt
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -29,7 +32,7 @@ from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -121,7 +124,7 @@ def classify_association_rejection(*, result: int, source: int, reason: int) -> 
 
 
 class ExportNotConfiguredError(ValueError):
-    """No PACS destination is configured (GATEKEEPER_PACS_HOST / GATEKEEPER_PACS_AE_TITLE)."""
+    """No destination is configured: the PACS (GATEKEEPER_PACS_HOST / _PACS_AE_TITLE) or the forward node."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,19 @@ def pacs_destination(settings: Settings) -> Destination:
     return Destination(ae_title=settings.pacs_ae_title, host=settings.pacs_host, port=settings.pacs_port)
 
 
+def forward_destination(settings: Settings) -> Destination:
+    """The external auto-segmentation node that `segmentation_mode` "forward" sends series to.
+
+    Raises:
+        ExportNotConfiguredError: `forward_host` or `forward_ae_title` is empty (settings refuse
+            that in forward mode, so only a caller outside it sees this).
+    """
+    if not settings.forward_host or not settings.forward_ae_title:
+        raise ExportNotConfiguredError("no forward destination: set GATEKEEPER_FORWARD_HOST and "
+                                       "GATEKEEPER_FORWARD_AE_TITLE (and _FORWARD_PORT)")
+    return Destination(ae_title=settings.forward_ae_title, host=settings.forward_host, port=settings.forward_port)
+
+
 def make_pacs_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The client TLS context for the PACS, or None when `pacs_tls` is off.
 
@@ -169,16 +185,23 @@ def make_pacs_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 @dataclass(frozen=True)
 class SendResult:
-    """What one association + C-STORE to the PACS gave."""
+    """What one association and its C-STOREs to a DICOM peer gave (the worst outcome of its instances)."""
 
     outcome: Outcome
-    # Status (0000,0900) of the C-STORE response; None when none came back.
+    # Status (0000,0900) of the C-STORE response that decided the outcome (the first with the worst
+    # outcome); None when none came back.
     status: int | None
     # Why it failed, or the warning it was delivered with; None for a plain success.
     reason: str | None
     destination: str
     started_at: dt.datetime
     duration_s: float
+
+
+#: Outcomes from best to worst: the worst outcome among a send's instances is the send's outcome.
+_SEVERITY = {Outcome.DELIVERED: 0, Outcome.TRANSIENT: 1, Outcome.PERMANENT: 2}
+#: Most presentation contexts one association may propose (PS3.8 9.3.2.2: odd ids 1 to 255).
+MAX_PRESENTATION_CONTEXTS = 128
 
 
 def send_seg(*, path: Path, settings: Settings) -> SendResult:
@@ -191,32 +214,67 @@ def send_seg(*, path: Path, settings: Settings) -> SendResult:
         ExportNotConfiguredError: no PACS destination is configured.
         OSError, ssl.SSLError: `pacs_tls` is on and a TLS file cannot be read.
     """
-    destination = pacs_destination(settings)
-    tls_context = make_pacs_ssl_context(settings)
+    return send_files(paths=[path], destination=pacs_destination(settings), settings=settings,
+                      tls_context=make_pacs_ssl_context(settings))
+
+
+def send_files(
+    *, paths: Sequence[Path], destination: Destination, settings: Settings,
+    tls_context: ssl.SSLContext | None = None,
+) -> SendResult:
+    """Send the DICOM files at `paths` to `destination` over one association, one C-STORE each, released.
+
+    Our calling AE title is `settings.export_calling_ae_title()`, every wait is bounded by
+    `export_timeout_s`; with `tls_context` the association runs over TLS and the peer's
+    certificate must name `destination.host`. Every response Status is classified
+    (`classify_store_status`) and the worst outcome wins: all stored (Success or Warning) is
+    delivered; any transient failure and no permanent one is transient; any permanent failure is
+    permanent. With more than one file the reason says how many instances failed (or were stored
+    with a warning) and gives the reason of the first with the worst outcome. An association that
+    ends early leaves the rest unsent: transient, unless a permanent failure came first.
+
+    Never raises for a network or peer problem: every failure is a `SendResult`. Files are checked
+    before connecting: an unreadable one, or one that is not a DICOM Part 10 file with a SOP
+    Class UID, is a permanent failure and nothing is sent.
+
+    Raises:
+        ValueError: `paths` is empty.
+    """
+    if not paths:
+        raise ValueError("paths is empty; expected at least one DICOM file to send")
     started_at = utc_now()
     clock = time.monotonic()
+    total = len(paths)
 
     def result(outcome: Outcome, status: int | None, reason: str | None) -> SendResult:
         return SendResult(outcome=outcome, status=status, reason=reason, destination=str(destination),
                           started_at=started_at, duration_s=round(time.monotonic() - clock, 3))
 
-    try:
-        dataset = pydicom.dcmread(path)
-    except (OSError, InvalidDicomError) as exc:
-        return result(Outcome.PERMANENT, None, f"cannot read {path}: {exc}")
-    sop_class_uid = dataset.get("SOPClassUID")
-    file_meta = getattr(dataset, "file_meta", None)
-    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-    if not sop_class_uid or not transfer_syntax:
-        return result(Outcome.PERMANENT, None, f"{path} is not a DICOM Part 10 file with a SOPClassUID")
-    # Offer the file's own transfer syntax, and the two uncompressed ones when the file is
-    # uncompressed (pynetdicom re-encodes between those), so a picky PACS still finds one it takes.
-    syntaxes = [transfer_syntax]
-    if not transfer_syntax.is_compressed:
-        syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts != transfer_syntax]
+    # Every (SOP class, transfer syntax) pair needs an accepted presentation context; read headers only.
+    pairs: dict[tuple[str, str], None] = {}
+    for path in paths:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError) as exc:
+            return result(Outcome.PERMANENT, None, f"cannot read {path}: {exc}")
+        sop_class_uid = header.get("SOPClassUID")
+        file_meta = getattr(header, "file_meta", None)
+        transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+        if not sop_class_uid or not transfer_syntax:
+            return result(Outcome.PERMANENT, None, f"{path} is not a DICOM Part 10 file with a SOPClassUID")
+        pairs[(str(sop_class_uid), str(transfer_syntax))] = None
+    if len(pairs) > MAX_PRESENTATION_CONTEXTS:
+        return result(Outcome.PERMANENT, None, f"{len(pairs)} SOP class and transfer syntax pairs; one association "
+                      f"carries at most {MAX_PRESENTATION_CONTEXTS}")
 
     ae = AE(ae_title=settings.export_calling_ae_title())
-    ae.add_requested_context(sop_class_uid, syntaxes)
+    for sop_class_uid, transfer_syntax in pairs:
+        # Offer the file's own transfer syntax, and the two uncompressed ones when the file is
+        # uncompressed (pynetdicom re-encodes between those), so a picky peer still finds one it takes.
+        syntaxes = [UID(transfer_syntax)]
+        if not syntaxes[0].is_compressed:
+            syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts != transfer_syntax]
+        ae.add_requested_context(sop_class_uid, syntaxes)
     ae.connection_timeout = settings.export_timeout_s
     ae.acse_timeout = settings.export_timeout_s
     ae.dimse_timeout = settings.export_timeout_s
@@ -231,34 +289,65 @@ def send_seg(*, path: Path, settings: Settings) -> SendResult:
     )
     try:
         if not association.is_established:
-            outcome, reason = _why_not_established(association, connected=bool(connected), settings=settings,
-                                                   destination=destination)
+            outcome, reason = _why_not_established(association, connected=bool(connected), tls=tls_context is not None,
+                                                   settings=settings, destination=destination)
             return result(outcome, None, reason)
-        try:
-            response = association.send_c_store(dataset)
-        except ValueError as exc:  # no accepted presentation context can carry this data set
-            return result(Outcome.PERMANENT, None, f"the PACS accepts no transfer syntax we can send: {exc}")
-        if "Status" not in response:
-            return result(Outcome.TRANSIENT, None, f"no C-STORE response within {settings.export_timeout_s:g} s "
-                          "(timeout, or the association was aborted)")
-        status = int(response.Status)
-        outcome, reason = classify_store_status(status)
-        comment = response.get("ErrorComment")
-        if comment:
-            reason += f" ({comment})"
-        return result(outcome, status, None if status == 0x0000 else reason)
+        # (outcome, status, reason) of every instance that was not a plain success.
+        problems: list[tuple[Outcome, int | None, str]] = []
+        for number, path in enumerate(paths, start=1):
+            if not association.is_established:
+                problems.append((Outcome.TRANSIENT, None, f"association ended before {total - number + 1} "
+                                 f"of {total} instances were sent"))
+                break
+            problems += _store_one(association, path=path, message_id=number % 0x10000, settings=settings)
+        if not problems:
+            return result(Outcome.DELIVERED, 0x0000, None)
+        worst = max(_SEVERITY[outcome] for outcome, _, _ in problems)
+        outcome, status, reason = next(p for p in problems if _SEVERITY[p[0]] == worst)
+        if total > 1:
+            failed = sum(1 for p in problems if p[0] != Outcome.DELIVERED)
+            if outcome == Outcome.DELIVERED:
+                reason = f"{len(problems)} of {total} instances stored with a warning; first: {reason}"
+            else:
+                reason = f"{failed} of {total} instances failed; the worst: {reason}"
+        return result(outcome, status, reason)
     finally:
         if association.is_established:
             association.release()
         ae.shutdown()
 
 
+def _store_one(
+    association: Any, *, path: Path, message_id: int, settings: Settings
+) -> list[tuple[Outcome, int | None, str]]:
+    """C-STORE the file at `path` on `association`: [] for Success, else [(outcome, status, reason)]."""
+    try:
+        dataset = pydicom.dcmread(path)
+    except (OSError, InvalidDicomError) as exc:  # changed on disk since its header was read
+        return [(Outcome.PERMANENT, None, f"cannot read {path}: {exc}")]
+    try:
+        response = association.send_c_store(dataset, msg_id=message_id)
+    except ValueError as exc:  # no accepted presentation context can carry this data set
+        return [(Outcome.PERMANENT, None, f"the peer accepts no transfer syntax we can send: {exc}")]
+    if "Status" not in response:
+        return [(Outcome.TRANSIENT, None, f"no C-STORE response within {settings.export_timeout_s:g} s "
+                 "(timeout, or the association was aborted)")]
+    status = int(response.Status)
+    if status == 0x0000:
+        return []
+    outcome, reason = classify_store_status(status)
+    comment = response.get("ErrorComment")
+    if comment:
+        reason += f" ({comment})"
+    return [(outcome, status, reason)]
+
+
 def _why_not_established(
-    association: Any, *, connected: bool, settings: Settings, destination: Destination
+    association: Any, *, connected: bool, tls: bool, settings: Settings, destination: Destination
 ) -> tuple[Outcome, str]:
     """Outcome and reason of an association that did not come up."""
     if not connected:
-        if settings.pacs_tls:
+        if tls:
             # pynetdicom reports a failed TLS handshake like a refused connection (details in its log).
             return Outcome.TRANSIENT, (f"cannot connect to {destination.host}:{destination.port} over TLS "
                                        "(connection refused, or the TLS handshake failed: check the certificates)")
@@ -269,7 +358,7 @@ def _why_not_established(
                                               reason=int(answer.diagnostic))
     if association.rejected_contexts and not association.accepted_contexts:
         # PS3.8 9.3.3.2: every presentation context refused, e.g. abstract syntax not supported.
-        return Outcome.PERMANENT, "the PACS accepts no presentation context for this SOP class"
+        return Outcome.PERMANENT, "the peer accepts no presentation context for these SOP classes"
     return Outcome.TRANSIENT, (f"association aborted, or no answer within {settings.export_timeout_s:g} s")
 
 

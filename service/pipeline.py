@@ -11,7 +11,9 @@ score      `scoring`                    `SeriesScore` (per-slice scores, top res
 route      `scored`                     `segmenting` (route auto) or `worklisted`           (inline)
                                         (`WorklistItem` with a `RouteReason`)
 segment    `segmenting`                 the liver DICOM-SEG under `results/`, an `Export`   segment_queue
-                                        row, `exporting`; or `worklisted` (no liver)
+                                        row, `exporting`; or `worklisted` (no liver).
+                                        Forward mode: the series C-STOREd to the external
+                                        node, `delivered` or `export_failed` (`forward`)
 export     `exporting`                  `delivered` or `export_failed` (the `deliver_seg`   export_queue
                                         task of `service.export_tasks` sends it)
 =========  ===========================  =================================================  ==============
@@ -79,7 +81,8 @@ ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     S.QUEUED: frozenset({S.SCORING}),
     S.SCORING: frozenset({S.SCORED, S.WORKLISTED}),  # worklisted: unreadable, or stuck too often
     S.SCORED: frozenset({S.SEGMENTING, S.WORKLISTED}),
-    S.SEGMENTING: frozenset({S.EXPORTING, S.EXPORT_FAILED, S.WORKLISTED}),
+    # delivered / export_failed straight from segmenting: forward mode, or no PACS configured
+    S.SEGMENTING: frozenset({S.EXPORTING, S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED}),
     S.EXPORTING: frozenset({S.DELIVERED, S.EXPORT_FAILED}),
     S.EXPORT_FAILED: frozenset({S.EXPORTING, S.DELIVERED}),  # an operator's `exports retry`
     S.WORKLISTED: frozenset({S.CLAIMED}),
@@ -421,18 +424,29 @@ def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str
 # --- stage: segment ---------------------------------------------------------------------------------
 
 
-def segment(*, sessions: sessionmaker[Session], settings: Settings, series_id: int, segmenter: Segmenter) -> Next:
+def segment(
+    *, sessions: sessionmaker[Session], settings: Settings, series_id: int, segmenter: Segmenter | None
+) -> Next:
     """Stage *segment*: segment the liver, write the DICOM-SEG, record its export.
 
     Input: state `segmenting`. Output: the SEG file `results/<series_id>/liver-seg-<version>.dcm`,
     an `Export` row (one per SEG SOP Instance UID, so a repeat finds it), state `exporting` and the
     export to queue. No liver: `worklisted` ("no_liver"); no PACS configured: `export_failed`.
+    With `settings.segmentation_mode` "forward" the series goes to the external node instead
+    (`forward`) and `segmenter` is not used (the worker passes None).
+
+    Raises:
+        ValueError: `segmenter` is None in internal mode.
     """
     import pydicom
 
     from service.dicom_seg import build_liver_seg
     from service.pacs_export import ExportNotConfiguredError, record_export
 
+    if settings.segmentation_mode == "forward":
+        return forward(sessions=sessions, settings=settings, series_id=series_id)
+    if segmenter is None:
+        raise ValueError("segmenter is None; segmentation_mode 'internal' needs one")
     with sessions() as session:
         series = _series_row(session, series_id)
         if series is None:
@@ -483,6 +497,65 @@ def segment(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
     log.info("series id %s segmented in %.1f s; export %s %s", series_id, duration, export_id,
              "recorded" if created else "already recorded")
     return Next("export", export_id) if moved or created else DONE
+
+
+def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: int) -> Next:
+    """Stage *segment* in forward mode: send the series to the external auto-segmentation node.
+
+    Input: state `segmenting`. Every stored instance of the series version is sent by C-STORE over
+    one association to `forward_ae_title` at `forward_host`:`forward_port`
+    (`service.pacs_export.send_files`); the node segments and delivers its results itself. Output:
+
+    - every instance stored (warnings included): `delivered`, event "forwarded" with the
+      destination and the number of instances;
+    - a permanent failure (e.g. the node does not know our AE title, 0xA9xx): `export_failed`
+      with the reason;
+    - a transient failure (node down or busy, timeout, 0xA7xx): nothing changes but a
+      "forward_failed" event. Retried by the sweeper, as every stage is: it queues the stage again
+      after `pipeline_stuck_after_s`, and after `pipeline_max_requeues` re-queues sends the
+      series to the worklist (event "gave_up") so that a person segments it. No Celery retry.
+
+    No stored instances: `worklisted` ("unreadable"). There is no `Export` row, so `gatekeeper
+    exports retry` does not apply. A repeat after a crash sends the instances again with their
+    own SOP Instance UIDs, which a DICOM node stores as the same objects.
+    """
+    from service.pacs_export import Outcome, forward_destination, send_files
+
+    with sessions() as session:
+        series = _series_row(session, series_id)
+        if series is None:
+            return DONE
+        if series.superseded or series.state != S.SEGMENTING.value:
+            log.info("series id %s is %s; nothing to forward", series_id, series.state)
+            return DONE
+        paths = sorted(instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id).values())
+    if not paths:
+        with sessions.begin() as session:
+            _to_worklist(session=session, series_id=series_id, source=S.SEGMENTING, reason=RouteReason.UNREADABLE,
+                         detail={"problem": "no stored instances"}, event="rerouted")
+        return DONE
+    destination = forward_destination(settings)
+    result = send_files(paths=paths, destination=destination, settings=settings)
+    detail = {"destination": result.destination, "instances": len(paths), "duration_s": result.duration_s}
+    with sessions.begin() as session:
+        if result.outcome == Outcome.DELIVERED:
+            moved = transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.DELIVERED,
+                               event="forwarded", detail={**detail, "reason": result.reason})
+        elif result.outcome == Outcome.PERMANENT:
+            moved = transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.EXPORT_FAILED,
+                               detail={**detail, "reason": result.reason})
+        else:
+            moved = False
+            session.add(SeriesEvent(series_id=series_id, kind="forward_failed", created_at=utc_now(),
+                                    detail={**detail, "reason": result.reason}))
+    if result.outcome == Outcome.TRANSIENT:
+        log.warning("series id %s: forward to %s failed, the sweeper will retry: %s", series_id, destination,
+                    result.reason)
+    elif moved and result.outcome == Outcome.DELIVERED:
+        log.info("series id %s: %d instances forwarded to %s", series_id, len(paths), destination)
+    elif moved:
+        log.error("series id %s: forward to %s failed for good: %s", series_id, destination, result.reason)
+    return DONE
 
 
 # --- stage: export settled --------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Tasks (names readable in Flower; the only argument is an internal id, never pati
   listener's ingest publishes it for every completed series version.
 - `gatekeeper.pipeline.score_series` (series id), on `score_queue` (GPU workers) — stages *score*
   and *route*.
-- `gatekeeper.pipeline.segment_series` (series id), on `segment_queue` — stage *segment*.
+- `gatekeeper.pipeline.segment_series` (series id), on `segment_queue` — stage *segment* (in
+  forward mode: the series is sent to the external segmentation node, and no segmenter loaded).
 - `gatekeeper.export.deliver_seg` (export id), on `export_queue` — stage *export*
   (`service.export_tasks`).
 
@@ -133,8 +134,9 @@ def register_pipeline_tasks(
 
     @app.task(name=SEGMENT_SERIES_TASK, ignore_result=True, acks_late=True)
     def segment_series(series_id: int) -> None:
-        then(pipeline.segment(sessions=sessions, settings=settings, series_id=int(series_id),
-                              segmenter=models.segmenter()))
+        # Forward mode sends the series to an external node: the segmenter is never loaded.
+        segmenter = models.segmenter() if settings.segmentation_mode == "internal" else None
+        then(pipeline.segment(sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter))
 
     register_export_task(app, settings=settings, sessions=sessions,
                          on_settled=lambda export_id: pipeline.export_settled(sessions=sessions, export_id=export_id))

@@ -176,6 +176,17 @@ class Settings(BaseSettings):
     # the stored, downsampled map.
     top_slices: int = Field(default=5, ge=0, le=100)
     residual_map_size: int = Field(default=64, ge=8, le=512)
+    # How the auto route segments. "internal": the worker runs the segmenter of
+    # segmenter_model_dir and sends the DICOM-SEG to the PACS. "forward": the worker sends every
+    # stored instance of the series by C-STORE (one association) to an external auto-segmentation
+    # node instead, which delivers its own results; our segmenter is not loaded.
+    segmentation_mode: Literal["internal", "forward"] = "internal"
+    # That external node (forward mode only, where forward_ae_title and forward_host are required):
+    # its AE title, host name or IP address, and TCP port. Our calling AE title, the timeouts and
+    # the absence of TLS are those of the PACS export (export_ae_title, export_timeout_s).
+    forward_ae_title: str = ""
+    forward_host: str = ""
+    forward_port: int = Field(default=104, ge=1, le=65535)
     # A segmentation with less liver than this (millilitres) counts as "no liver" (worklist).
     min_liver_ml: float = Field(default=1.0, ge=0)
     # Seconds a series may stay in scoring, scored or segmenting before the sweeper queues its
@@ -279,15 +290,26 @@ class Settings(BaseSettings):
             raise ValueError(f"tls_port {self.tls_port} is the same as port; expected two different ports")
         return self
 
-    @field_validator("pacs_ae_title", "export_ae_title")
+    @field_validator("pacs_ae_title", "export_ae_title", "forward_ae_title")
     @classmethod
     def _check_optional_ae_title(cls, value: str) -> str:
         return check_ae_title(value) if value else value
 
-    @field_validator("pacs_host")
+    @field_validator("pacs_host", "forward_host")
     @classmethod
     def _strip_pacs_host(cls, value: str) -> str:
         return value.strip()
+
+    @model_validator(mode="after")
+    def _check_forward(self) -> Settings:
+        """Forward mode needs the external node's host and AE title."""
+        if self.segmentation_mode == "forward":
+            for name in ("forward_host", "forward_ae_title"):
+                if not getattr(self, name):
+                    raise ValueError(f"segmentation_mode is 'forward' but {name} is empty; set "
+                                     f"{ENV_PREFIX}{name.upper()} to the external segmentation node's "
+                                     f"{'host' if name == 'forward_host' else 'AE title'}")
+        return self
 
     @model_validator(mode="after")
     def _check_export(self) -> Settings:
@@ -371,7 +393,8 @@ def load_settings_or_exit() -> Settings:
     """Return the settings, or end the process with exit code 2 when they are invalid.
 
     For each bad field, one line naming its environment variable goes to stderr, e.g.
-    `gatekeeper: invalid setting GATEKEEPER_PORT: Input should be less than or equal to 65535`.
+    `gatekeeper: invalid setting GATEKEEPER_PORT: Input should be less than or equal to 65535`;
+    a check across fields gives one line with its own message (`gatekeeper: invalid settings: ...`).
     """
     try:
         return get_settings()
@@ -385,6 +408,8 @@ def load_settings_or_exit() -> Settings:
                 continue  # one line per field; the first reason is enough to fix it
             if error["type"] == "extra_forbidden":
                 lines[field] = f"gatekeeper: unknown setting {field!r} in the {CONFIG_ENV_VAR} file"
+            elif not error["loc"]:  # a check across fields (model validator); its message names them
+                lines[field] = f"gatekeeper: invalid settings: {error['msg'].removeprefix('Value error, ')}"
             else:
                 lines[field] = f"gatekeeper: invalid setting {ENV_PREFIX}{field.upper()}: {error['msg']}"
         _exit_with(list(lines.values()))

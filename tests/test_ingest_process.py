@@ -117,7 +117,8 @@ def test_worker_takes_the_series_and_sweeper_resends_a_lost_message(
         [series] = wait_for(lambda: [s for s in db.series() if s.queue_attempts == 2])
         wait_for(lambda: broker.llen(settings.pipeline_queue) == 1)
         assert series.state == SeriesState.QUEUED
-        assert db.event_kinds(series.id)[-2:] == ["queued", "requeued"]
+        # The event is written once the broker took the message, a moment after the publish.
+        wait_for(lambda: db.event_kinds(series.id)[-2:] == ["queued", "requeued"])
 
         # A worker on the light queue only: it takes the series (start stage) and queues its scoring.
         log = (tmp_path / "worker.log").open("wb")

@@ -106,6 +106,38 @@ def test_evaluate_compares_every_method_localises_and_plots(run_dir: Path, autoe
         assert f"]({png})" in md
 
 
+def test_a_matched_twin_carries_the_conditioning_target(run_dir: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """With --ablation-twin the position condition is judged on the matched pair, not on --model."""
+    model = untrained_detector(tmp_path / "model")
+    twin = untrained_detector(tmp_path / "twin", seed=2)
+    ablation = untrained_detector(tmp_path / "ablation", conditioned=False, seed=1)
+    report_dir = tmp_path / "report"
+    assert gatekeeper(["evaluate", "detector", "--data", str(run_dir), "--model", str(model), "--ablation",
+                       str(ablation), "--ablation-twin", str(twin), "--out", str(report_dir),
+                       "--bootstrap", "50"]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert list(report["methods"]) == ["detector", "twin", "ablation", "hu_histogram"]
+    pair = report["differences"]["twin_minus_ablation"]["all"]
+    twin_auroc = report["methods"]["twin"]["per_type"]["all"]["auroc"]
+    ablation_auroc = report["methods"]["ablation"]["per_type"]["all"]["auroc"]
+    assert pair["difference"] == pytest.approx(twin_auroc - ablation_auroc, abs=1e-3)
+    conditioning = next(t for t in report["targets"] if "unconditioned ablation" in t["target"])
+    assert conditioning["target"].startswith("the matched conditioned twin")
+    assert conditioning["value"] == pair["difference"] and conditioning["met"] == (pair["ci95"][0] > 0)
+    md = (report_dir / "report.md").read_text()
+    assert "## The position condition on a matched pair" in md and "GAN, conditioned (ablation's recipe)" in md
+
+    # A twin without its ablation, or an unconditioned twin, is refused with a one-line reason.
+    for extra, reason in ((["--ablation-twin", str(twin)], "--ablation-twin needs --ablation"),
+                          (["--ablation", str(ablation), "--ablation-twin", str(ablation)], "is unconditioned")):
+        capsys.readouterr()
+        rc = gatekeeper(["evaluate", "detector", "--data", str(run_dir), "--model", str(model), "--out",
+                         str(tmp_path / "r"), *extra])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert rc == 2 and reason in last, last
+
+
 def test_anomaly_mask_on_the_model_grid_covers_the_affected_slices(run_dir: Path) -> None:
     from models.detector.evaluate import anomaly_mask_on_grid
     from service.phantom.truth import load_series

@@ -8,6 +8,10 @@ Methods, all scored on the same series in one run:
 
 * `detector` — the model under test (`--model`);
 * `ablation` — the same GAN trained without the position condition (`--ablation`, optional);
+* `twin` — the conditioned GAN trained with exactly the ablation's recipe (`--ablation-twin`, optional):
+  when the shipped detector was trained elsewhere (a GPU run) and its unconditioned twin cannot be
+  trained here, the condition is tested on a matched pair (same data, seed, family and budget), and
+  the ablation target reads `twin − ablation` instead of `detector − ablation`;
 * `autoencoder` — a convolutional autoencoder's reconstruction error (`--autoencoder`, optional;
   `gatekeeper train autoencoder`);
 * `hu_histogram` — a HU-histogram statistic (always), fitted here on the normal training series of
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 #: Method keys in report order, with the names the report shows.
 METHOD_LABELS = {
     "detector": "GAN detector",
+    "twin": "GAN, conditioned (ablation's recipe)",
     "ablation": "GAN, unconditioned",
     "autoencoder": "conv autoencoder",
     "hu_histogram": "HU histogram",
@@ -79,6 +84,9 @@ def register(what: argparse._SubParsersAction) -> None:
     d.add_argument("--split", default="test", help="manifest split to evaluate (default test)")
     d.add_argument("--ablation", type=Path, default=None,
                    help="model folder of the unconditioned ablation (gatekeeper train detector --unconditioned)")
+    d.add_argument("--ablation-twin", type=Path, default=None,
+                   help="the conditioned model trained with exactly the ablation's command except --unconditioned; "
+                   "the ablation is then judged against it (use when --model was trained differently)")
     d.add_argument("--autoencoder", type=Path, default=None,
                    help="model folder of the autoencoder baseline (gatekeeper train autoencoder)")
     d.add_argument("--train-data", type=Path, default=None,
@@ -232,22 +240,25 @@ def _method_summary(rows: list[dict], name: str, threshold: float | None, n_boot
     return out
 
 
-def _differences(rows: list[dict], names: list[str], n_boot: int) -> dict:
-    """detector − method: paired bootstrap of the series AUROC, per anomaly type and overall."""
+def _difference(rows: list[dict], first: str, second: str, n_boot: int) -> dict:
+    """first − second: paired bootstrap of the series AUROC, per anomaly type and overall."""
     types = sorted({r["type"] for r in rows} - {"normal"})
     out: dict = {}
-    for name in names:
-        if name == "detector":
-            continue
-        out[name] = {}
-        for kind in types + ["all"]:
-            neg = [r for r in rows if r["type"] == "normal"]
-            pos = [r for r in rows if r["type"] != "normal" and kind in ("all", r["type"])]
-            diff, ci = paired_bootstrap_difference(
-                [r["scores"]["detector"] for r in neg], [r["scores"]["detector"] for r in pos],
-                [r["scores"][name] for r in neg], [r["scores"][name] for r in pos], n_boot)
-            out[name][kind] = {"difference": round(diff, 4), "ci95": ci,
-                               "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+    neg = [r for r in rows if r["type"] == "normal"]
+    for kind in types + ["all"]:
+        pos = [r for r in rows if r["type"] != "normal" and kind in ("all", r["type"])]
+        diff, ci = paired_bootstrap_difference(
+            [r["scores"][first] for r in neg], [r["scores"][first] for r in pos],
+            [r["scores"][second] for r in neg], [r["scores"][second] for r in pos], n_boot)
+        out[kind] = {"difference": round(diff, 4), "ci95": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+    return out
+
+
+def _differences(rows: list[dict], names: list[str], n_boot: int) -> dict:
+    """detector − every other method, and twin − ablation when both were scored."""
+    out = {name: _difference(rows, "detector", name, n_boot) for name in names if name != "detector"}
+    if "twin" in names and "ablation" in names:
+        out["twin_minus_ablation"] = _difference(rows, "twin", "ablation", n_boot)
     return out
 
 
@@ -262,8 +273,10 @@ def _targets(report: dict) -> list[dict]:
     ffr = main["false_flag_rate_normals"]
     out.append({"target": f"false-flag rate <= {TARGET_FALSE_FLAG_RATE:.0%} of unseen normal series",
                 "value": ffr, "ci95": None, "met": None if ffr is None else bool(ffr <= TARGET_FALSE_FLAG_RATE)})
-    d = report["differences"].get("ablation", {}).get("all")
-    out.append({"target": "conditioned better than the unconditioned ablation (paired 95 % CI of the AUROC "
+    twin = "twin_minus_ablation" in report["differences"]
+    d = report["differences"].get("twin_minus_ablation" if twin else "ablation", {}).get("all")
+    pair = "the matched conditioned twin" if twin else "conditioned"
+    out.append({"target": f"{pair} better than the unconditioned ablation (paired 95 % CI of the AUROC "
                           "difference, all anomalies, above 0)",
                 "value": None if d is None else d["difference"], "ci95": None if d is None else d["ci95"],
                 "met": None if d is None else bool(d["ci95"][0] > 0)})
@@ -271,7 +284,8 @@ def _targets(report: dict) -> list[dict]:
 
 
 def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *, ablation: Path | None = None,
-             autoencoder: Path | None = None, train_data: Path | None = None) -> Run:
+             autoencoder: Path | None = None, train_data: Path | None = None,
+             ablation_twin: Path | None = None) -> Run:
     """Score the `split` series of the phantom run `data` with every method; return the report and plot data.
 
     Raises:
@@ -289,6 +303,12 @@ def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *
         raise ValueError(f"{data}/manifest.json has no series in split {split!r}")
     detector = Detector(model)
     gans = {"detector": detector}
+    if ablation_twin is not None:
+        if ablation is None:
+            raise ValueError("--ablation-twin needs --ablation (the twin is the ablation's conditioned counterpart)")
+        gans["twin"] = Detector(ablation_twin)
+        if not gans["twin"].meta.get("conditioned", True):
+            raise ValueError(f"--ablation-twin {ablation_twin} is unconditioned (model.json conditioned: false)")
     if ablation is not None:
         gans["ablation"] = Detector(ablation)
         if gans["ablation"].meta.get("conditioned", True):
@@ -376,8 +396,8 @@ def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *
         summary = _method_summary(rows, name, thresholds[name], n_boot)
         summary["label"] = METHOD_LABELS[name]
         summary["aggregation"] = aggregation[name]
-        summary["model"] = {"detector": str(model), "ablation": str(ablation), "autoencoder": str(autoencoder),
-                            "hu_histogram": str(train_data or data)}[name]
+        summary["model"] = {"detector": str(model), "twin": str(ablation_twin), "ablation": str(ablation),
+                            "autoencoder": str(autoencoder), "hu_histogram": str(train_data or data)}[name]
         report["methods"][name] = summary
     main = report["methods"]["detector"]
     # The fields of the first report format (main detector only), kept for readers of report.json.
@@ -391,6 +411,10 @@ def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *
     model_meta = detector.meta
     report["position_quality_validation"] = model_meta.get("metrics", {}).get("position_quality_validation", {})
     report["model_training"] = {k: model_meta.get("training", {}).get(k) for k in ("command", "device_name", "steps")}
+    for name in ("twin", "ablation"):
+        if name in gans:
+            report["methods"][name]["training"] = {k: gans[name].meta.get("training", {}).get(k)
+                                                   for k in ("command", "device_name", "steps")}
     report["rows"] = [{"folder": r["folder"], "type": r["type"],
                        "scores": {k: round(float(v), 5) for k, v in r["scores"].items()},
                        "score": round(float(r["scores"]["detector"]), 5),
@@ -447,6 +471,15 @@ def report_markdown(report: dict, plots: list[str]) -> str:
             star = "*" if d["excludes_zero"] else ""
             cells.append(f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}){star}")
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    if "twin_minus_ablation" in report["differences"]:
+        lines += ["", "## The position condition on a matched pair: twin − ablation (paired bootstrap 95 % CI)", "",
+                  f"Both trained by the same command except `--unconditioned`: "
+                  f"`{(methods['twin'].get('training') or {}).get('command')}`.", "",
+                  "| anomaly | conditioned − unconditioned |", "|---|---|"]
+        for kind in kinds:
+            d = report["differences"]["twin_minus_ablation"][kind]
+            star = "*" if d["excludes_zero"] else ""
+            lines.append(f"| {kind} | {d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}){star} |")
     lines += ["", "## Operating point (each method at its own threshold, set on validation normals)", "",
               "| method | aggregation | threshold | false-flag rate (unseen normals) | sensitivity (all anomalies) "
               "| slice AUROC |", "|---|---|---|---|---|---|"]
@@ -597,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the evaluation plots need matplotlib: pip install -e '.[train]'") from None
     try:
         result = evaluate(args.data, args.model, args.split, args.bootstrap, ablation=args.ablation,
-                          autoencoder=args.autoencoder, train_data=args.train_data)
+                          autoencoder=args.autoencoder, train_data=args.train_data, ablation_twin=args.ablation_twin)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     write_report(result, args.out)

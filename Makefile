@@ -11,7 +11,7 @@ DEMO_CMD ?= $(VENV)/bin/gatekeeper demo
 SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl libgl1 libglib2.0-0 chromium docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps test demo
+.PHONY: venv system-deps lint test demo
 
 venv: $(VENV)/.installed
 
@@ -34,7 +34,13 @@ system-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
-test: system-deps venv
+# Lint and types first: a finding fails the run before the (long) test suite starts.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: system-deps venv lint
 	$(VENV)/bin/pytest
 
 demo: system-deps venv

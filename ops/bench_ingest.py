@@ -58,8 +58,24 @@ def make_series(work: Path, count: int, slices: int) -> list[list[Path]]:
     """`count` series of `slices` 512×512 slices: phantom slices, cloned with new UIDs and positions."""
     phantom = work / "phantom"
     if not phantom.exists():
-        subprocess.run([GATEKEEPER, "phantom", "--out", str(phantom), "--series", "1", "--slices", "20",
-                        "--seed", "1", "--matrix", "512", "--quiet"], check=True)
+        subprocess.run(
+            [
+                GATEKEEPER,
+                "phantom",
+                "--out",
+                str(phantom),
+                "--series",
+                "1",
+                "--slices",
+                "20",
+                "--seed",
+                "1",
+                "--matrix",
+                "512",
+                "--quiet",
+            ],
+            check=True,
+        )
     templates = [dcmread(p) for p in sorted(next(p for p in phantom.iterdir() if p.is_dir()).glob("CT*.dcm"))]
     spacing = float(templates[0].SliceThickness)
     all_series = []
@@ -99,7 +115,8 @@ class PeakRss:
         while not self._stop.wait(0.02):
             try:
                 total = self.process.memory_info().rss + sum(
-                    c.memory_info().rss for c in self.process.children(recursive=True))
+                    c.memory_info().rss for c in self.process.children(recursive=True)
+                )
             except psutil.Error:
                 continue
             self.peak = max(self.peak, total)
@@ -118,9 +135,15 @@ def push(port: int, series: list[list[Path]], tuned_sender: bool, aec: str) -> f
     else:
         env.pop("TCP_NODELAY", None)
     start = time.perf_counter()
-    senders = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-               for files in series]
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for files in series
+    ]
     for sender in senders:
         _, err = sender.communicate()
         if sender.returncode != 0:
@@ -149,7 +172,9 @@ def run_storescp(work: Path, series: list[list[Path]], tuned_sender: bool) -> tu
     return seconds, peak
 
 
-def run_ours(work: Path, series: list[list[Path]], tuned_sender: bool, admin_url: str, processes: int) -> tuple[float, int]:
+def run_ours(
+    work: Path, series: list[list[Path]], tuned_sender: bool, admin_url: str, processes: int
+) -> tuple[float, int]:
     name = f"gatekeeper_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -157,14 +182,25 @@ def run_ours(work: Path, series: list[list[Path]], tuned_sender: bool, admin_url
     storage = work / "gatekeeper-var"
     shutil.rmtree(storage, ignore_errors=True)
     port = free_port()
-    env = dict(os.environ, GATEKEEPER_DATABASE_URL=database_url, GATEKEEPER_STORAGE_DIR=str(storage),
-               GATEKEEPER_PORT=str(port), GATEKEEPER_ALLOWED_AE_TITLES="BENCH", GATEKEEPER_ALLOWED_NETWORKS="127.0.0.0/8",
-               GATEKEEPER_QUIET_PERIOD_S="3600", GATEKEEPER_MIN_FREE_DISK_BYTES="0",
-               GATEKEEPER_MAX_DISK_USED_FRACTION="1.0")
+    env = dict(
+        os.environ,
+        GATEKEEPER_DATABASE_URL=database_url,
+        GATEKEEPER_STORAGE_DIR=str(storage),
+        GATEKEEPER_PORT=str(port),
+        GATEKEEPER_ALLOWED_AE_TITLES="BENCH",
+        GATEKEEPER_ALLOWED_NETWORKS="127.0.0.0/8",
+        GATEKEEPER_QUIET_PERIOD_S="3600",
+        GATEKEEPER_MIN_FREE_DISK_BYTES="0",
+        GATEKEEPER_MAX_DISK_USED_FRACTION="1.0",
+    )
     try:
         subprocess.run([GATEKEEPER, "db", "upgrade"], env=env, check=True, capture_output=True)
-        listener = subprocess.Popen([GATEKEEPER, "listen", "--processes", str(processes)], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=(work / "listener.log").open("ab"))
+        listener = subprocess.Popen(
+            [GATEKEEPER, "listen", "--processes", str(processes)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(work / "listener.log").open("ab"),
+        )
         try:
             wait_port(port)
             time.sleep(1.0 if processes > 1 else 0.2)  # let the extra processes bind too
@@ -185,12 +221,16 @@ def run_ours(work: Path, series: list[list[Path]], tuned_sender: bool, admin_url
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                        help="PostgreSQL admin URL; a fresh database is made per run")
+    parser.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL admin URL; a fresh database is made per run",
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gatekeeper-bench-ingest")
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
-                        help="listener process counts to measure (default: 1 2)")
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1, 2], help="listener process counts to measure (default: 1 2)"
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     all_series = make_series(args.work, 4, args.slices)
@@ -202,20 +242,33 @@ def main(argv: list[str] | None = None) -> int:
             series = all_series[:n]
             instances = sum(len(s) for s in series)
             base_s, base_rss = run_storescp(args.work, series, tuned_sender)
-            rows.append(("storescp" + (" --fork" if n > 1 else ""), tuned_sender, n, instances, base_s,
-                         megabytes[n], base_s, base_rss))
+            rows.append(
+                (
+                    "storescp" + (" --fork" if n > 1 else ""),
+                    tuned_sender,
+                    n,
+                    instances,
+                    base_s,
+                    megabytes[n],
+                    base_s,
+                    base_rss,
+                )
+            )
             for processes in args.processes:
                 seconds, rss = run_ours(args.work, series, tuned_sender, args.database_url, processes)
-                rows.append((f"gatekeeper listen ×{processes}", tuned_sender, n, instances, seconds,
-                             megabytes[n], base_s, rss))
+                rows.append(
+                    (f"gatekeeper listen ×{processes}", tuned_sender, n, instances, seconds, megabytes[n], base_s, rss)
+                )
             print(f"done: sender {'tuned' if tuned_sender else 'defaults'}, {n} association(s)", file=sys.stderr)
 
     print("| receiver | sender | assoc. | instances | seconds | instances/s | MB/s | ours/storescp | peak RSS MB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, tuned, n, instances, seconds, mb, base, rss in rows:
         ratio = "—" if name.startswith("storescp") else f"{base / seconds:.2f}"
-        print(f"| {name} | {'TCP_NODELAY' if tuned else 'defaults'} | {n} | {instances} | {seconds:.2f} | "
-              f"{instances / seconds:.0f} | {mb / seconds:.0f} | {ratio} | {rss / 1e6:.0f} |")
+        print(
+            f"| {name} | {'TCP_NODELAY' if tuned else 'defaults'} | {n} | {instances} | {seconds:.2f} | "
+            f"{instances / seconds:.0f} | {mb / seconds:.0f} | {ratio} | {rss / 1e6:.0f} |"
+        )
     return 0
 
 

@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.phantom.dicom import SeriesIdentity, ct_datasets, write_ct_slice
     from service.phantom.generate import SeriesSpec, generate_series
 
-    spec = SeriesSpec(folder="bench", patient_seed=1234, series_seed=5678, num_slices=args.slices,
-                      matrix=args.matrix)
+    spec = SeriesSpec(folder="bench", patient_seed=1234, series_seed=5678, num_slices=args.slices, matrix=args.matrix)
     generator_s, reference_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
@@ -51,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
             from service.phantom.anatomy import Patient
             from service.phantom.scanner import plan_geometry
 
-            geometry = plan_geometry(Patient(1234), np.random.default_rng([5678, 0x5E]), num_slices=args.slices,
-                                     matrix=args.matrix, anomaly=None)
-            datasets = ct_datasets(SeriesIdentity(patient_seed=1234, series_seed=5678), geometry,
-                                   series_description="REFERENCE")
+            geometry = plan_geometry(
+                Patient(1234),
+                np.random.default_rng([5678, 0x5E]),
+                num_slices=args.slices,
+                matrix=args.matrix,
+                anomaly=None,
+            )
+            datasets = ct_datasets(
+                SeriesIdentity(patient_seed=1234, series_seed=5678), geometry, series_description="REFERENCE"
+            )
             pixels = np.random.default_rng(0).integers(0, 2000, (args.matrix, args.matrix), dtype=np.uint16)
             ref = Path(tmp) / f"ref{r}"
             ref.mkdir()

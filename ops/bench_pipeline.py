@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -67,27 +66,46 @@ def make_series(work: Path, slices: int) -> list[Path]:
 
 
 def latency(work: Path, slices: int, segmenter: str | None) -> dict:
+    from ingest_support import ct_files, make_phantom
     from sqlalchemy import select
 
     from service.db.session import make_engine, make_session_factory
     from service.db.tables import Export, Series
     from service.settings import Settings, settings_environment
 
-    from ingest_support import ct_files, make_phantom
-
     # A real normal phantom (clones repeat anatomy and are flagged by the detector, which is right).
     [folder] = make_phantom(work / "normal", slices=slices, seed=11, matrix=512)
     files = ct_files(folder)
     orthanc_http, orthanc_dicom, port = free_port(), free_port(), free_port()
-    config = {"Name": "bench-pacs", "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
-              "HttpPort": orthanc_http, "DicomPort": orthanc_dicom, "DicomAet": "ORTHANC",
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": []}
+    config = {
+        "Name": "bench-pacs",
+        "StorageDirectory": str(work / "orthanc"),
+        "IndexDirectory": str(work / "orthanc"),
+        "HttpPort": orthanc_http,
+        "DicomPort": orthanc_dicom,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+    }
     (work / "orthanc.json").write_text(json.dumps(config))
-    orthanc = subprocess.Popen([shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(work / "orthanc.json")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    values = dict(storage_dir=work / "var", port=port, quiet_period_s=2.0, allowed_ae_titles=["BENCH"],
-                  allowed_networks=["127.0.0.0/8"], pacs_host="127.0.0.1", pacs_port=orthanc_dicom,
-                  pacs_ae_title="ORTHANC", min_free_disk_bytes=0, max_disk_used_fraction=1.0)
+    orthanc = subprocess.Popen(
+        [shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(work / "orthanc.json")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    values = dict(
+        storage_dir=work / "var",
+        port=port,
+        quiet_period_s=2.0,
+        allowed_ae_titles=["BENCH"],
+        allowed_networks=["127.0.0.0/8"],
+        pacs_host="127.0.0.1",
+        pacs_port=orthanc_dicom,
+        pacs_ae_title="ORTHANC",
+        min_free_disk_bytes=0,
+        max_disk_used_fraction=1.0,
+    )
     if segmenter:
         values["segmenter_model_dir"] = Path(segmenter)
     # The shipped (undertrained) detector flags long normal phantoms (its training series had 48
@@ -104,9 +122,15 @@ def latency(work: Path, slices: int, segmenter: str | None) -> dict:
     settings = Settings(**values)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")} | settings_environment(settings)
     log = (work / "serve.log").open("wb")
-    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--no-web"], env=env, stdout=log,
-                             stderr=subprocess.STDOUT, cwd=ROOT)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--no-web"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     try:
+
         def up() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -115,16 +139,22 @@ def latency(work: Path, slices: int, segmenter: str | None) -> dict:
                 return False
 
         wait(up, 90, "the listener")
-        subprocess.run(["storescu", "-aet", "BENCH", "-aec", "GATEKEEPER", "127.0.0.1", str(port), *map(str, files)],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            ["storescu", "-aet", "BENCH", "-aec", "GATEKEEPER", "127.0.0.1", str(port), *map(str, files)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         engine = make_engine(settings.database_url)
         sessions = make_session_factory(engine)
 
         def delivered():  # type: ignore[no-untyped-def]
             with sessions() as session:
-                row = session.execute(select(Series.last_received_at, Export.delivered_at)
-                                      .join(Export, Export.series_id == Series.id)
-                                      .where(Export.delivered_at.is_not(None))).first()
+                row = session.execute(
+                    select(Series.last_received_at, Export.delivered_at)
+                    .join(Export, Export.series_id == Series.id)
+                    .where(Export.delivered_at.is_not(None))
+                ).first()
                 return row
 
         def routed():  # type: ignore[no-untyped-def]
@@ -143,8 +173,12 @@ def latency(work: Path, slices: int, segmenter: str | None) -> dict:
         orthanc.wait(timeout=30)
         log.close()
     total = (delivered_at - last_received).total_seconds()
-    return {"slices": slices, "latency_s": total, "pipeline_s": total - settings.quiet_period_s,
-            "quiet_period_s": settings.quiet_period_s}
+    return {
+        "slices": slices,
+        "latency_s": total,
+        "pipeline_s": total - settings.quiet_period_s,
+        "quiet_period_s": settings.quiet_period_s,
+    }
 
 
 RSS_CHILD = r"""
@@ -169,8 +203,13 @@ print(json.dumps({"models_mb": before / 1024, "peak_mb": resource.getrusage(reso
 def peak_rss(work: Path, slices: int) -> dict:
     files = make_series(work, slices)
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(files[0].parent), str(work / "rss-var")],
-                         check=True, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, str(files[0].parent), str(work / "rss-var")],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {"slices": slices, "seconds": time.monotonic() - started, **result}
 
@@ -186,13 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     lat = latency(work / "latency", args.latency_slices, args.segmenter)
     rss = peak_rss(work / "rss", args.rss_slices)
-    print(f"| measurement | value | target | |\n|---|---|---|---|")
-    print(f"| last instance → SEG delivered, {lat['slices']} slices 512² | {lat['latency_s']:.1f} s "
-          f"(quiet period {lat['quiet_period_s']:g} s + pipeline {lat['pipeline_s']:.1f} s) | ≤ 60 s | "
-          f"{'met' if lat['latency_s'] <= 60 else 'missed'} |")
-    print(f"| score worker peak RSS, {rss['slices']} slices 512² | {rss['peak_mb']:.0f} MB (models loaded: "
-          f"{rss['models_mb']:.0f} MB; {rss['seconds']:.0f} s) | ≤ 2048 MB | "
-          f"{'met' if rss['peak_mb'] <= 2048 else 'missed'} |")
+    print("| measurement | value | target | |\n|---|---|---|---|")
+    print(
+        f"| last instance → SEG delivered, {lat['slices']} slices 512² | {lat['latency_s']:.1f} s "
+        f"(quiet period {lat['quiet_period_s']:g} s + pipeline {lat['pipeline_s']:.1f} s) | ≤ 60 s | "
+        f"{'met' if lat['latency_s'] <= 60 else 'missed'} |"
+    )
+    print(
+        f"| score worker peak RSS, {rss['slices']} slices 512² | {rss['peak_mb']:.0f} MB (models loaded: "
+        f"{rss['models_mb']:.0f} MB; {rss['seconds']:.0f} s) | ≤ 2048 MB | "
+        f"{'met' if rss['peak_mb'] <= 2048 else 'missed'} |"
+    )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

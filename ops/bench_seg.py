@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from service.phantom.dicom import SeriesIdentity, ct_datasets, write_ct_slice
     from service.phantom.scanner import plan_geometry
 
-    geometry = plan_geometry(Patient(1234), np.random.default_rng([5678, 0x5E]), num_slices=args.slices,
-                             matrix=args.matrix, anomaly=None)
+    geometry = plan_geometry(
+        Patient(1234), np.random.default_rng([5678, 0x5E]), num_slices=args.slices, matrix=args.matrix, anomaly=None
+    )
     headers = ct_datasets(SeriesIdentity(patient_seed=1234, series_seed=5678), geometry, series_description="BENCH")
     mask = ellipsoid_mask(args.slices, args.matrix)
     pixels = np.random.default_rng(0).integers(0, 2000, (args.matrix, args.matrix), dtype=np.uint16)
@@ -63,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeat):
             path = Path(tmp) / f"seg{r}.dcm"
             t0 = time.perf_counter()
-            seg = build_liver_seg(source_images=headers, mask=mask, algorithm_name="bench",
-                                  algorithm_version="bench", source_series_version=1)
+            seg = build_liver_seg(
+                source_images=headers,
+                mask=mask,
+                algorithm_name="bench",
+                algorithm_version="bench",
+                source_series_version=1,
+            )
             t1 = time.perf_counter()
             seg.save_as(path)
             t2 = time.perf_counter()
@@ -82,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             reference_s.append(time.perf_counter() - t0)
     seg_t, ref_t = min(seg_s), min(reference_s)
     frames = int(mask.any(axis=(1, 2)).sum())
-    print(f"DICOM-SEG benchmark on 1 core (core {args.core}): {args.slices} source slices of "
-          f"{args.matrix}x{args.matrix}, {frames} frames with liver, SEG file {size_mb:.1f} MB")
+    print(
+        f"DICOM-SEG benchmark on 1 core (core {args.core}): {args.slices} source slices of "
+        f"{args.matrix}x{args.matrix}, {frames} frames with liver, SEG file {size_mb:.1f} MB"
+    )
     print(f"  build (highdicom Segmentation): {min(build_s):7.2f} s")
     print(f"  write (save_as):                {min(write_s):7.2f} s")
     print(f"  build + write:                  {seg_t:7.2f} s")

@@ -55,8 +55,11 @@ def gallery(seed: int, out: Path, slices: int = 60) -> None:
             ax.set_yticks([])
         axes[0, col].set_title(f"normal (u={geometry.u_positions[index]:.2f})", fontsize=9)
         axes[1, col].set_title(name, fontsize=11, color="darkred")
-    fig.suptitle("Synthetic abdominal CT: same patient and slice, normal (top) and with each anomaly "
-                 "(bottom; red = ground-truth mask). Window C50/W400.", fontsize=11)
+    fig.suptitle(
+        "Synthetic abdominal CT: same patient and slice, normal (top) and with each anomaly "
+        "(bottom; red = ground-truth mask). Window C50/W400.",
+        fontsize=11,
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)

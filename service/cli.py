@@ -31,14 +31,11 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gatekeeper --help` stays fast and one broken module names itself.
-    from service import db_cli, demo, exports_cli, ingest_cli
-    from service.phantom import cli as phantom_cli
-    from service import score_cli
-    from service import segment_cli
-    from service import serve
-    from service.web import cli as web_cli
     from models.detector import cli as detector_cli  # torch is imported only when `train` runs
     from models.segmenter import cli as segmenter_cli
+    from service import db_cli, demo, exports_cli, ingest_cli, score_cli, segment_cli, serve
+    from service.phantom import cli as phantom_cli
+    from service.web import cli as web_cli
 
     parser = _ArgumentParser(
         prog="gatekeeper",

@@ -30,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 # (folder label, phantom anomaly or None, what the gatekeeper should do with it)
-DEMO_SERIES = (("normal", None, "auto"), ("hip_prosthesis", "hip_prosthesis", "worklist"),
-               ("truncation", "truncation", "worklist"))
+DEMO_SERIES = (
+    ("normal", None, "auto"),
+    ("hip_prosthesis", "hip_prosthesis", "worklist"),
+    ("truncation", "truncation", "worklist"),
+)
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-dosimetrist-password"
 CALLING_AE = "DEMO_SCANNER"
 WAIT_TIMEOUT_S = 480.0
@@ -62,8 +65,9 @@ def _tool(name: str, *fallbacks: str) -> str:
 
 
 def _rest(port: int, path: str, body: bytes | None = None) -> Any:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
-                                     method="POST" if body is not None else "GET")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, method="POST" if body is not None else "GET"
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -107,20 +111,41 @@ def run(args: argparse.Namespace) -> int:
     for folder in ("var", "orthanc"):
         shutil.rmtree(out / folder, ignore_errors=True)
 
-    print(f"[demo] writing the phantom study ({len(DEMO_SERIES)} series, {args.slices} slices, "
-          f"{args.matrix}x{args.matrix}) under {study}", flush=True)
-    specs = [SeriesSpec(folder=f"{i + 1:02d}_{label}", patient_seed=args.seed + i, series_seed=args.seed * 10 + i,
-                        anomaly=anomaly, num_slices=args.slices, matrix=args.matrix)
-             for i, (label, anomaly, _) in enumerate(DEMO_SERIES)]
+    print(
+        f"[demo] writing the phantom study ({len(DEMO_SERIES)} series, {args.slices} slices, "
+        f"{args.matrix}x{args.matrix}) under {study}",
+        flush=True,
+    )
+    specs = [
+        SeriesSpec(
+            folder=f"{i + 1:02d}_{label}",
+            patient_seed=args.seed + i,
+            series_seed=args.seed * 10 + i,
+            anomaly=anomaly,
+            num_slices=args.slices,
+            matrix=args.matrix,
+        )
+        for i, (label, anomaly, _) in enumerate(DEMO_SERIES)
+    ]
     manifest = generate_run(specs, study, progress=False, meta={"protocol": "demo", "seed": args.seed})
     series_uids = [entry["series_instance_uid"] for entry in manifest["series"]]
 
     orthanc_http, orthanc_dicom, dicom_port, web_port = free_port(), free_port(), free_port(), free_port()
-    settings = Settings(storage_dir=out / "var", port=dicom_port, web_port=web_port, quiet_period_s=3.0,
-                        allowed_ae_titles=[CALLING_AE], allowed_networks=["127.0.0.0/8"],
-                        pacs_host="127.0.0.1", pacs_port=orthanc_dicom, pacs_ae_title="ORTHANC",
-                        min_free_disk_bytes=200_000_000, export_retry_initial_s=5, export_retry_max_s=30,
-                        pipeline_sweep_interval_s=2)
+    settings = Settings(
+        storage_dir=out / "var",
+        port=dicom_port,
+        web_port=web_port,
+        quiet_period_s=3.0,
+        allowed_ae_titles=[CALLING_AE],
+        allowed_networks=["127.0.0.0/8"],
+        pacs_host="127.0.0.1",
+        pacs_port=orthanc_dicom,
+        pacs_ae_title="ORTHANC",
+        min_free_disk_bytes=200_000_000,
+        export_retry_initial_s=5,
+        export_retry_max_s=30,
+        pipeline_sweep_interval_s=2,
+    )
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")}
@@ -131,14 +156,22 @@ def run(args: argparse.Namespace) -> int:
 
     with ExitStack() as stack:
         (out / "orthanc").mkdir(parents=True)
-        config = {"Name": "demo-pacs", "StorageDirectory": str(out / "orthanc" / "db"),
-                  "IndexDirectory": str(out / "orthanc" / "db"), "HttpPort": orthanc_http,
-                  "DicomPort": orthanc_dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-                  "AuthenticationEnabled": False, "Plugins": []}
+        config = {
+            "Name": "demo-pacs",
+            "StorageDirectory": str(out / "orthanc" / "db"),
+            "IndexDirectory": str(out / "orthanc" / "db"),
+            "HttpPort": orthanc_http,
+            "DicomPort": orthanc_dicom,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+        }
         (out / "orthanc" / "orthanc.json").write_text(json.dumps(config))
         orthanc_log = stack.enter_context((logs / "orthanc.log").open("wb"))
-        orthanc = subprocess.Popen([orthanc_exe, str(out / "orthanc" / "orthanc.json")], stdout=orthanc_log,
-                                   stderr=subprocess.STDOUT)
+        orthanc = subprocess.Popen(
+            [orthanc_exe, str(out / "orthanc" / "orthanc.json")], stdout=orthanc_log, stderr=subprocess.STDOUT
+        )
         stack.callback(_stop, orthanc)
 
         def orthanc_up() -> bool:
@@ -151,13 +184,19 @@ def run(args: argparse.Namespace) -> int:
                 return False
 
         _wait(orthanc_up, 60, "Orthanc to start")
-        print(f"[demo] Orthanc (the PACS) is up: DICOM port {orthanc_dicom}, http://127.0.0.1:{orthanc_http}/",
-              flush=True)
+        print(
+            f"[demo] Orthanc (the PACS) is up: DICOM port {orthanc_dicom}, http://127.0.0.1:{orthanc_http}/", flush=True
+        )
 
         serve_log = stack.enter_context((logs / "gatekeeper.log").open("wb"))
         subprocess.run([*gatekeeper, "db", "upgrade"], env=env, check=True, stdout=serve_log, stderr=subprocess.STDOUT)
-        subprocess.run([*gatekeeper, "users", "add", DEMO_USER, "--role", "dosimetrist", "--password-stdin"],
-                       env=env, input=(DEMO_PASSWORD + "\n").encode(), stdout=serve_log, stderr=subprocess.STDOUT)
+        subprocess.run(
+            [*gatekeeper, "users", "add", DEMO_USER, "--role", "dosimetrist", "--password-stdin"],
+            env=env,
+            input=(DEMO_PASSWORD + "\n").encode(),
+            stdout=serve_log,
+            stderr=subprocess.STDOUT,
+        )
         serve = subprocess.Popen([*gatekeeper, "serve"], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
         stack.callback(_stop, serve)
 
@@ -171,24 +210,36 @@ def run(args: argparse.Namespace) -> int:
                 return False
 
         _wait(listening, 90, "gatekeeper serve to listen")
-        print(f"[demo] gatekeeper serve is up: DICOM port {dicom_port}, worklist http://127.0.0.1:{web_port}/ "
-              f"(log in as {DEMO_USER} / {DEMO_PASSWORD}); log {logs / 'gatekeeper.log'}", flush=True)
+        print(
+            f"[demo] gatekeeper serve is up: DICOM port {dicom_port}, worklist http://127.0.0.1:{web_port}/ "
+            f"(log in as {DEMO_USER} / {DEMO_PASSWORD}); log {logs / 'gatekeeper.log'}",
+            flush=True,
+        )
 
         for entry in manifest["series"]:
             files = [str(study / entry["folder"] / name) for name in entry["files"]]
-            sent = subprocess.run([storescu, "-aet", CALLING_AE, "-aec", settings.ae_title, "127.0.0.1",
-                                   str(dicom_port), *files], capture_output=True, text=True, timeout=300)
+            sent = subprocess.run(
+                [storescu, "-aet", CALLING_AE, "-aec", settings.ae_title, "127.0.0.1", str(dicom_port), *files],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if sent.returncode != 0:
                 raise UsageError(f"storescu failed for {entry['folder']}: {sent.stderr.strip()[-500:]}")
         pushed = time.monotonic()
         print(f"[demo] pushed {len(series_uids)} series with storescu; waiting for the pipeline ...", flush=True)
 
         rows = _wait(lambda: _final_rows(settings, series_uids), WAIT_TIMEOUT_S, "every series to be routed")
-        print(f"[demo] all series done {time.monotonic() - pushed:.0f} s after the push "
-              f"(quiet period {settings.quiet_period_s:g} s)\n", flush=True)
+        print(
+            f"[demo] all series done {time.monotonic() - pushed:.0f} s after the push "
+            f"(quiet period {settings.quiet_period_s:g} s)\n",
+            flush=True,
+        )
         ok = _report(rows, manifest, orthanc_http=orthanc_http, web_port=web_port)
-    print(f"\n[demo] stopped gatekeeper serve and Orthanc; total {time.monotonic() - started:.0f} s. "
-          f"Files under {out}", flush=True)
+    print(
+        f"\n[demo] stopped gatekeeper serve and Orthanc; total {time.monotonic() - started:.0f} s. Files under {out}",
+        flush=True,
+    )
     return 0 if ok else 1
 
 
@@ -205,16 +256,23 @@ def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, An
         with make_session_factory(engine)() as session:
             rows = {}
             for uid in series_uids:
-                series = session.scalars(select(Series).where(Series.series_instance_uid == uid)
-                                         .order_by(Series.version.desc())).first()
+                series = session.scalars(
+                    select(Series).where(Series.series_instance_uid == uid).order_by(Series.version.desc())
+                ).first()
                 if series is None or series.state not in {s.value for s in FINAL_STATES}:
                     return None
-                score = session.scalars(select(SeriesScore).where(SeriesScore.series_id == series.id)
-                                        .order_by(SeriesScore.id.desc())).first()
+                score = session.scalars(
+                    select(SeriesScore).where(SeriesScore.series_id == series.id).order_by(SeriesScore.id.desc())
+                ).first()
                 seg_uid = session.scalars(select(Export.sop_instance_uid).where(Export.series_id == series.id)).first()
-                rows[uid] = {"state": series.state, "route": series.route, "reason": series.route_reason,
-                             "score": score.score if score else None, "threshold": score.threshold if score else None,
-                             "seg_uid": seg_uid}
+                rows[uid] = {
+                    "state": series.state,
+                    "route": series.route,
+                    "reason": series.route_reason,
+                    "score": score.score if score else None,
+                    "threshold": score.threshold if score else None,
+                    "seg_uid": seg_uid,
+                }
             return rows
     except Exception:  # the database is created by serve at start; not there yet is "not done"
         return None
@@ -228,13 +286,19 @@ def _report(rows: dict[str, dict[str, Any]], manifest: dict, *, orthanc_http: in
     for (label, _, expected), entry in zip(DEMO_SERIES, manifest["series"], strict=True):
         uid = entry["series_instance_uid"]
         row = rows[uid]
-        score = (f"score {row['score']:.2f} vs threshold {row['threshold']:.2f}" if row["score"] is not None
-                 else "not scored")
+        score = (
+            f"score {row['score']:.2f} vs threshold {row['threshold']:.2f}"
+            if row["score"] is not None
+            else "not scored"
+        )
         if row["state"] == "delivered" and row["seg_uid"]:
             found = _rest(orthanc_http, "/tools/lookup", row["seg_uid"].encode())
             ids = [item["ID"] for item in found if item["Type"] == "Instance"]
-            refs = _rest(orthanc_http, f"/instances/{ids[0]}/simplified-tags").get("ReferencedSeriesSequence", []) \
-                if ids else []
+            refs = (
+                _rest(orthanc_http, f"/instances/{ids[0]}/simplified-tags").get("ReferencedSeriesSequence", [])
+                if ids
+                else []
+            )
             if ids and refs and refs[0].get("SeriesInstanceUID") == uid:
                 outcome = "SEG delivered to PACS"
             else:

@@ -129,8 +129,12 @@ def build_liver_seg(
         content_description=CONTENT_DESCRIPTION,
         omit_empty_frames=True,
     )
-    log.info("built liver SEG %s: %d of %d slices with liver", sop_instance_uid,
-             int(mask.any(axis=(1, 2)).sum()), len(source_images))
+    log.info(
+        "built liver SEG %s: %d of %d slices with liver",
+        sop_instance_uid,
+        int(mask.any(axis=(1, 2)).sum()),
+        len(source_images),
+    )
     return seg
 
 
@@ -157,8 +161,7 @@ def _check_inputs(
         raise ValueError(f"mask has dtype {found}; expected bool")
     expected = (len(source_images), int(source_images[0].Rows), int(source_images[0].Columns))
     if mask.shape != expected:
-        raise ValueError(f"mask has shape {mask.shape}; expected {expected} "
-                         "(slices, Rows, Columns of source_images)")
+        raise ValueError(f"mask has shape {mask.shape}; expected {expected} (slices, Rows, Columns of source_images)")
     for field, value in (("algorithm_name", algorithm_name), ("algorithm_version", algorithm_version)):
         if not value.strip() or len(value) > MAX_LO_LENGTH or "\\" in value:
             raise ValueError(f"{field} {value!r} must have 1 to {MAX_LO_LENGTH} characters and no backslash")

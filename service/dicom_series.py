@@ -30,8 +30,15 @@ log = logging.getLogger(__name__)
 
 #: Header attributes read while scanning a tree (pixels are read later, per series).
 _SCAN_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns",
-    "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "InstanceNumber",
 ]
 
 #: Image storage SOP classes we accept as CT (Enhanced CT is multi-frame: recognised, then refused).
@@ -157,8 +164,18 @@ def _read_header(path: Path) -> Instance | None:
         )
     except (TypeError, ValueError):
         # Present but malformed geometry: keep the file so the series reports it.
-        return Instance(path, str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), series_uid,
-                        str(ds.get("Modality", "")), None, None, None, None, None)
+        return Instance(
+            path,
+            str(ds.get("SOPClassUID", "")),
+            str(ds.get("SOPInstanceUID", "")),
+            series_uid,
+            str(ds.get("Modality", "")),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def scan_tree(root: Path | str) -> list[SeriesFiles]:
@@ -246,8 +263,10 @@ def load_series(files: SeriesFiles) -> CTSeries:
     gaps = np.abs(np.diff(locations))
     if np.any(gaps < 1e-3):
         j = int(np.flatnonzero(gaps < 1e-3)[0])
-        raise SeriesError(uid, f"two slices at the same position ({instances[order[j]].path.name}, "
-                          f"{instances[order[j + 1]].path.name})")
+        raise SeriesError(
+            uid,
+            f"two slices at the same position ({instances[order[j]].path.name}, {instances[order[j + 1]].path.name})",
+        )
     ordered = [instances[k] for k in order]
 
     rows, cols = ordered[0].rows or 0, ordered[0].columns or 0

@@ -39,12 +39,16 @@ class ExportPublisher:
         Raises any exception when the broker could not take the message; the export stays pending
         in the database, and a sweeper (`service.pacs_export.due_exports`) or an operator sends it again.
         """
-        self.app.send_task(DELIVER_SEG_TASK, args=[export_id], queue=self.queue,
-                           countdown=countdown_s or None, retry=False)
+        self.app.send_task(
+            DELIVER_SEG_TASK, args=[export_id], queue=self.queue, countdown=countdown_s or None, retry=False
+        )
 
 
 def register_export_task(
-    app: Celery, *, settings: Settings, sessions: sessionmaker[Session],
+    app: Celery,
+    *,
+    settings: Settings,
+    sessions: sessionmaker[Session],
     on_settled: Callable[[int], None] | None = None,
 ) -> None:
     """Register `DELIVER_SEG_TASK` on a worker's Celery app (late acks, as the app is configured).
@@ -62,8 +66,12 @@ def register_export_task(
             log.error("export %s not sent: %s; retrying in %.0f s", export_id, exc, settings.export_retry_max_s)
             raise self.retry(countdown=settings.export_retry_max_s, queue=settings.export_queue) from None
         except OperationalError:
-            log.warning("export %s: database unreachable; retrying in %.0f s", export_id,
-                        settings.export_retry_initial_s, exc_info=True)
+            log.warning(
+                "export %s: database unreachable; retrying in %.0f s",
+                export_id,
+                settings.export_retry_initial_s,
+                exc_info=True,
+            )
             raise self.retry(countdown=settings.export_retry_initial_s, queue=settings.export_queue) from None
         except LookupError:
             log.error("export %s does not exist; message dropped", export_id)

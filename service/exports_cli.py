@@ -52,8 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     send = actions.add_parser("send", help="record a DICOM file for delivery to the PACS and queue it")
     send.add_argument("seg_file", type=Path, metavar="SEG_FILE")
-    send.add_argument("--now", action="store_true",
-                      help="make the first attempt in this process and print the receipt (retries go to the queue)")
+    send.add_argument(
+        "--now",
+        action="store_true",
+        help="make the first attempt in this process and print the receipt (retries go to the queue)",
+    )
     send.add_argument("--json", action="store_true", help="machine-readable output")
     send.set_defaults(func=run_send)
 
@@ -96,12 +99,16 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'id':>5} {'state':<9} {'tries':>5} {'status':<6} {'destination':<32} {'created (UTC)':<19} "
-          f"{'next/delivered (UTC)':<20} reason")
+    print(
+        f"{'id':>5} {'state':<9} {'tries':>5} {'status':<6} {'destination':<32} {'created (UTC)':<19} "
+        f"{'next/delivered (UTC)':<20} reason"
+    )
     for row in rows:
         when = row["delivered_at"] or row["next_attempt_at"] or ""
-        print(f"{row['id']:>5} {row['state']:<9} {row['attempts']:>5} {row['last_status'] or '-':<6} "
-              f"{row['destination']:<32} {row['created_at'][:19]:<19} {when[:19]:<20} {row['last_reason'] or ''}")
+        print(
+            f"{row['id']:>5} {row['state']:<9} {row['attempts']:>5} {row['last_status'] or '-':<6} "
+            f"{row['destination']:<32} {row['created_at'][:19]:<19} {when[:19]:<20} {row['last_reason'] or ''}"
+        )
     return 0
 
 
@@ -123,13 +130,17 @@ def _print_receipt(receipt: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(receipt, indent=1))
         return
-    print(f"export {receipt['id']}: {receipt['state']} to {receipt['destination']}, "
-          f"SOP Instance UID {receipt['sop_instance_uid']}")
+    print(
+        f"export {receipt['id']}: {receipt['state']} to {receipt['destination']}, "
+        f"SOP Instance UID {receipt['sop_instance_uid']}"
+    )
     for number, attempt in enumerate(receipt["attempt_log"], start=1):
         status = f", status {attempt['status']}" if attempt["status"] else ", no status"
         reason = f": {attempt['reason']}" if attempt["reason"] else ""
-        print(f"  attempt {number} at {attempt['started_at'][:19]} UTC ({attempt['duration_s']:.2f} s): "
-              f"{attempt['outcome']}{status}{reason}")
+        print(
+            f"  attempt {number} at {attempt['started_at'][:19]} UTC ({attempt['duration_s']:.2f} s): "
+            f"{attempt['outcome']}{status}{reason}"
+        )
     if receipt["state"] == ExportState.PENDING.value and receipt["next_attempt_at"]:
         print(f"  next attempt at {receipt['next_attempt_at'][:19]} UTC")
 
@@ -147,7 +158,9 @@ def run_retry(args: argparse.Namespace) -> int:
     if not changed:
         raise UsageError(f"export {args.export_id} is already delivered; nothing to retry")
     queued = _queue(settings, args.export_id)
-    print(f"export {args.export_id} is pending again{', queued' if queued else ' (not queued: the broker did not take the message, see the warning)'}")
+    print(
+        f"export {args.export_id} is pending again{', queued' if queued else ' (not queued: the broker did not take the message, see the warning)'}"
+    )
     return 0
 
 
@@ -177,7 +190,9 @@ def run_send(args: argparse.Namespace) -> int:
             _queue(settings, export_id)
             receipt = export_receipt(sessions=sessions, export_id=export_id)
     if not args.json and not created:
-        print(f"export {export_id} already exists for this object; use `gatekeeper exports retry {export_id}` "
-              "if it failed")
+        print(
+            f"export {export_id} already exists for this object; use `gatekeeper exports retry {export_id}` "
+            "if it failed"
+        )
     _print_receipt(receipt, as_json=args.json)
     return 1 if receipt["state"] == ExportState.FAILED.value else 0

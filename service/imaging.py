@@ -131,9 +131,7 @@ def slice_distances(positions: Sequence[Sequence[float]], image_orientation: Seq
 # --- Model input: one function turns HU into what the detector sees ---------------------------------
 
 
-def preprocess_slices(
-    hu: np.ndarray, size: int, window: Window = ABDOMEN_WINDOW
-) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_slices(hu: np.ndarray, size: int, window: Window = ABDOMEN_WINDOW) -> tuple[np.ndarray, np.ndarray]:
     """HU slices [k, rows, cols] → detector images and body masks, both [k, size, size].
 
     Images are the HU resampled to `size`² (area average when shrinking), windowed to [0, 1] and

@@ -55,8 +55,10 @@ class SeriesScore:
             "score": round(self.score, 6),
             "threshold": round(self.threshold, 6),
             "flagged": self.flagged,
-            "slices": [{"sop_instance_uid": s.sop_instance_uid, "position": round(s.position, 5),
-                        "score": round(s.score, 6)} for s in self.slices],
+            "slices": [
+                {"sop_instance_uid": s.sop_instance_uid, "position": round(s.position, 5), "score": round(s.score, 6)}
+                for s in self.slices
+            ],
         }
 
 
@@ -120,37 +122,50 @@ class Detector:
         self.scorer = ort.InferenceSession(str(self.model_dir / files["scorer"]), options, providers=providers)
         self.position_net = None
         if self.position_meta["method"] == "bpr":
-            self.position_net = ort.InferenceSession(str(self.model_dir / files["position"]), options,
-                                                     providers=providers)
+            self.position_net = ort.InferenceSession(
+                str(self.model_dir / files["position"]), options, providers=providers
+            )
         self.provider = self.scorer.get_providers()[0]
         # The version that results are keyed by: model.json's `version`, else a hash of the scorer file.
         self.version = str(self.meta.get("version") or _file_version(self.model_dir / files["scorer"]))
-        log.info("detector %s (%s, %d px, position %s): ONNX Runtime provider %s", self.model_dir,
-                 self.meta.get("family"), self.size, self.position_meta["method"], self.provider)
+        log.info(
+            "detector %s (%s, %d px, position %s): ONNX Runtime provider %s",
+            self.model_dir,
+            self.meta.get("family"),
+            self.size,
+            self.position_meta["method"],
+            self.provider,
+        )
 
     def positions(self, images: np.ndarray, locations_mm: np.ndarray) -> np.ndarray:
         """Conditioning position of each slice (images [k, S, S] preprocessed, head → feet)."""
         k = images.shape[0]
         if self.position_net is None:
             return np.linspace(0.0, 1.0, k, dtype=np.float32) if k > 1 else np.zeros(1, np.float32)
-        raw = np.concatenate([
-            self.position_net.run(None, {"image": images[i:i + self.batch, None]})[0]
-            for i in range(0, k, self.batch)
-        ])
+        raw = np.concatenate(
+            [
+                self.position_net.run(None, {"image": images[i : i + self.batch, None]})[0]
+                for i in range(0, k, self.batch)
+            ]
+        )
         fitted = imaging.fit_series_positions(raw, locations_mm, float(self.position_meta["mm_per_unit"]))
         lo, hi = float(self.position_meta["lo"]), float(self.position_meta["hi"])
         return ((fitted - lo) / (hi - lo)).astype(np.float32)
 
-    def score_arrays(self, images: np.ndarray, masks: np.ndarray, positions: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def score_arrays(
+        self, images: np.ndarray, masks: np.ndarray, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Slice scores [k] and residual maps [k, S, S] for preprocessed slices."""
         scores, maps = [], []
         for i in range(0, images.shape[0], self.batch):
-            score, _, _, residual_map = self.scorer.run(None, {
-                "image": np.ascontiguousarray(images[i:i + self.batch, None], np.float32),
-                "position": np.ascontiguousarray(positions[i:i + self.batch], np.float32),
-                "mask": np.ascontiguousarray(masks[i:i + self.batch, None], np.float32),
-            })
+            score, _, _, residual_map = self.scorer.run(
+                None,
+                {
+                    "image": np.ascontiguousarray(images[i : i + self.batch, None], np.float32),
+                    "position": np.ascontiguousarray(positions[i : i + self.batch], np.float32),
+                    "mask": np.ascontiguousarray(masks[i : i + self.batch, None], np.float32),
+                },
+            )
             scores.append(score)
             maps.append(residual_map[:, 0])
         return np.concatenate(scores), np.concatenate(maps)
@@ -166,7 +181,8 @@ class Detector:
             score=total,
             threshold=self.threshold,
             flagged=bool(total > self.threshold),
-            slices=[SliceScore(uid, float(p), float(s))
-                    for uid, p, s in zip(series.sop_instance_uids, positions, scores)],
+            slices=[
+                SliceScore(uid, float(p), float(s)) for uid, p, s in zip(series.sop_instance_uids, positions, scores)
+            ],
             residual_maps=maps if keep_maps else None,
         )

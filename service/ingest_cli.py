@@ -35,12 +35,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     listen.add_argument("--ae-title", help="our AE title (setting ae_title)")
     listen.add_argument("--bind", help="IP address to listen on (setting bind_address)")
     listen.add_argument("--port", type=int, help="TCP port (setting port)")
-    listen.add_argument("--allow-ae", action="append", metavar="TITLE",
-                        help="calling AE title allowed to send; repeatable; '*' for any (setting allowed_ae_titles)")
-    listen.add_argument("--allow-ip", action="append", metavar="CIDR",
-                        help="network allowed to send, e.g. 10.1.0.0/16; repeatable (setting allowed_networks)")
-    listen.add_argument("--processes", type=int, default=1,
-                        help="listener processes sharing the port (SO_REUSEPORT), to use more cores (default 1)")
+    listen.add_argument(
+        "--allow-ae",
+        action="append",
+        metavar="TITLE",
+        help="calling AE title allowed to send; repeatable; '*' for any (setting allowed_ae_titles)",
+    )
+    listen.add_argument(
+        "--allow-ip",
+        action="append",
+        metavar="CIDR",
+        help="network allowed to send, e.g. 10.1.0.0/16; repeatable (setting allowed_networks)",
+    )
+    listen.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="listener processes sharing the port (SO_REUSEPORT), to use more cores (default 1)",
+    )
     listen.set_defaults(func=run_listen)
 
     series = subparsers.add_parser("series", help="list received series, or force one complete")
@@ -50,9 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     series.set_defaults(func=run_series)
 
     worker = subparsers.add_parser("worker", help="run a pipeline worker (Celery): score, segment, export")
-    worker.add_argument("--queues", default="score,segment,export,default", metavar="Q1,Q2",
-                        help="which pipeline queues to take work from: score (GPU), segment, export, default "
-                             "(light); default all of them")
+    worker.add_argument(
+        "--queues",
+        default="score,segment,export,default",
+        metavar="Q1,Q2",
+        help="which pipeline queues to take work from: score (GPU), segment, export, default "
+        "(light); default all of them",
+    )
     worker.set_defaults(func=run_worker)
 
 
@@ -64,8 +80,13 @@ def listen_settings(args: argparse.Namespace) -> Settings:
     """
     base = load_settings_or_exit()
     overrides: dict[str, Any] = {}
-    for flag, name in (("ae_title", "ae_title"), ("bind", "bind_address"), ("port", "port"),
-                       ("allow_ae", "allowed_ae_titles"), ("allow_ip", "allowed_networks")):
+    for flag, name in (
+        ("ae_title", "ae_title"),
+        ("bind", "bind_address"),
+        ("port", "port"),
+        ("allow_ae", "allowed_ae_titles"),
+        ("allow_ip", "allowed_networks"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides[name] = value
@@ -75,8 +96,9 @@ def listen_settings(args: argparse.Namespace) -> Settings:
         error = exc.errors()[0]
         raise UsageError(f"invalid {'/'.join(map(str, error['loc']))}: {error['msg']}") from None
     if not settings.allowed_ae_titles:
-        raise UsageError("no calling AE title is allowed: use --allow-ae TITLE or GATEKEEPER_ALLOWED_AE_TITLES "
-                         "('*' for any)")
+        raise UsageError(
+            "no calling AE title is allowed: use --allow-ae TITLE or GATEKEEPER_ALLOWED_AE_TITLES ('*' for any)"
+        )
     if not settings.allowed_networks:
         raise UsageError("no network is allowed: use --allow-ip CIDR or GATEKEEPER_ALLOWED_NETWORKS")
     return settings
@@ -162,28 +184,32 @@ def series_rows(settings: Settings) -> list[dict[str, Any]]:
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine)() as session:
-            quarantined = dict(session.execute(
-                select(QuarantinedInstance.series_id, func.count()).group_by(QuarantinedInstance.series_id)
-            ).all())
+            quarantined = dict(
+                session.execute(
+                    select(QuarantinedInstance.series_id, func.count()).group_by(QuarantinedInstance.series_id)
+                ).all()
+            )
             rows = []
             for series in session.scalars(select(Series).order_by(Series.id.desc())):
-                rows.append({
-                    "id": series.id,
-                    "series_instance_uid": series.series_instance_uid,
-                    "version": series.version,
-                    "state": series.state,
-                    "superseded": series.superseded,
-                    "modality": series.modality,
-                    "calling_ae_title": series.calling_ae_title,
-                    "num_instances": series.num_instances,
-                    "num_duplicates": series.num_duplicates,
-                    "num_quarantined": quarantined.get(series.id, 0),
-                    "queue_attempts": series.queue_attempts,
-                    "geometry_findings": series.geometry_findings,
-                    "first_received_at": series.first_received_at.isoformat(),
-                    "last_received_at": series.last_received_at.isoformat(),
-                    "completed_at": series.completed_at.isoformat() if series.completed_at else None,
-                })
+                rows.append(
+                    {
+                        "id": series.id,
+                        "series_instance_uid": series.series_instance_uid,
+                        "version": series.version,
+                        "state": series.state,
+                        "superseded": series.superseded,
+                        "modality": series.modality,
+                        "calling_ae_title": series.calling_ae_title,
+                        "num_instances": series.num_instances,
+                        "num_duplicates": series.num_duplicates,
+                        "num_quarantined": quarantined.get(series.id, 0),
+                        "queue_attempts": series.queue_attempts,
+                        "geometry_findings": series.geometry_findings,
+                        "first_received_at": series.first_received_at.isoformat(),
+                        "last_received_at": series.last_received_at.isoformat(),
+                        "completed_at": series.completed_at.isoformat() if series.completed_at else None,
+                    }
+                )
             return rows
     finally:
         engine.dispose()
@@ -202,14 +228,18 @@ def run_series(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'id':>5} {'ver':>3} {'state':<9} {'inst':>5} {'dup':>4} {'quar':>4} {'geom':>4} {'calling AE':<16} "
-          "series_instance_uid")
+    print(
+        f"{'id':>5} {'ver':>3} {'state':<9} {'inst':>5} {'dup':>4} {'quar':>4} {'geom':>4} {'calling AE':<16} "
+        "series_instance_uid"
+    )
     for row in rows:
         findings = row["geometry_findings"]
         state = row["state"] + ("*" if row["superseded"] else "")
-        print(f"{row['id']:>5} {row['version']:>3} {state:<9} {row['num_instances']:>5} {row['num_duplicates']:>4} "
-              f"{row['num_quarantined']:>4} {'-' if findings is None else len(findings):>4} "
-              f"{row['calling_ae_title']:<16} {row['series_instance_uid']}")
+        print(
+            f"{row['id']:>5} {row['version']:>3} {state:<9} {row['num_instances']:>5} {row['num_duplicates']:>4} "
+            f"{row['num_quarantined']:>4} {'-' if findings is None else len(findings):>4} "
+            f"{row['calling_ae_title']:<16} {row['series_instance_uid']}"
+        )
     if any(row["superseded"] for row in rows):
         print("* superseded by a later version")
     return 0
@@ -223,19 +253,27 @@ def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) ->
 
     engine = make_engine(settings.database_url)
     try:
-        store = InstanceStore(storage_dir=settings.storage_dir, sessions=make_session_factory(engine),
-                              min_free_disk_bytes=0, max_disk_used_fraction=1.0)
+        store = InstanceStore(
+            storage_dir=settings.storage_dir,
+            sessions=make_session_factory(engine),
+            min_free_disk_bytes=0,
+            max_disk_used_fraction=1.0,
+        )
         series_id = force_complete(store=store, series_instance_uid=series_instance_uid)
         queued: list[int] = []
         if series_id is not None:
             # Queue now if the broker answers; otherwise the listener's sweeper will.
             publisher = CeleryPublisher(make_celery_app(settings), settings.pipeline_queue)
-            queued = queue_due_series(sessions=store.sessions, publisher=publisher,
-                                      resend_after_s=settings.queue_resend_after_s)
+            queued = queue_due_series(
+                sessions=store.sessions, publisher=publisher, resend_after_s=settings.queue_resend_after_s
+            )
     finally:
         engine.dispose()
-    result = {"series_instance_uid": series_instance_uid, "completed_series_id": series_id,
-              "queued": series_id in queued}
+    result = {
+        "series_instance_uid": series_instance_uid,
+        "completed_series_id": series_id,
+        "queued": series_id in queued,
+    }
     if as_json:
         print(json.dumps(result))
     elif series_id is None:
@@ -265,7 +303,19 @@ def run_worker(args: argparse.Namespace) -> int:
     app = make_celery_app(settings)
     register_pipeline_tasks(app, settings=settings, sessions=sessions)
     log.info("worker on queues %s", ", ".join(f"{n} ({q})" for n, q in zip(logical, queues, strict=True)))
-    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO",
-                     "-Q", ",".join(queues), "-n", f"gatekeeper-{'-'.join(logical)}-{os.getpid()}@%h",
-                     "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            "--loglevel=INFO",
+            "-Q",
+            ",".join(queues),
+            "-n",
+            f"gatekeeper-{'-'.join(logical)}-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
     return 0

@@ -96,8 +96,12 @@ REJECTED_PERMANENT = 1
 REJECTED_TRANSIENT = 2
 _REJECT_SOURCES = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
 _REJECT_REASONS = {
-    1: {1: "no reason given", 2: "application context name not supported", 3: "calling AE title not recognized",
-        7: "called AE title not recognized"},
+    1: {
+        1: "no reason given",
+        2: "application context name not supported",
+        3: "calling AE title not recognized",
+        7: "called AE title not recognized",
+    },
     2: {1: "no reason given", 2: "protocol version not supported"},
     3: {1: "temporary congestion", 2: "local limit exceeded"},
 }
@@ -160,8 +164,9 @@ def forward_destination(settings: Settings) -> Destination:
             that in forward mode, so only a caller outside it sees this).
     """
     if not settings.forward_host or not settings.forward_ae_title:
-        raise ExportNotConfiguredError("no forward destination: set GATEKEEPER_FORWARD_HOST and "
-                                       "GATEKEEPER_FORWARD_AE_TITLE (and _FORWARD_PORT)")
+        raise ExportNotConfiguredError(
+            "no forward destination: set GATEKEEPER_FORWARD_HOST and GATEKEEPER_FORWARD_AE_TITLE (and _FORWARD_PORT)"
+        )
     return Destination(ae_title=settings.forward_ae_title, host=settings.forward_host, port=settings.forward_port)
 
 
@@ -214,12 +219,19 @@ def send_seg(*, path: Path, settings: Settings) -> SendResult:
         ExportNotConfiguredError: no PACS destination is configured.
         OSError, ssl.SSLError: `pacs_tls` is on and a TLS file cannot be read.
     """
-    return send_files(paths=[path], destination=pacs_destination(settings), settings=settings,
-                      tls_context=make_pacs_ssl_context(settings))
+    return send_files(
+        paths=[path],
+        destination=pacs_destination(settings),
+        settings=settings,
+        tls_context=make_pacs_ssl_context(settings),
+    )
 
 
 def send_files(
-    *, paths: Sequence[Path], destination: Destination, settings: Settings,
+    *,
+    paths: Sequence[Path],
+    destination: Destination,
+    settings: Settings,
     tls_context: ssl.SSLContext | None = None,
 ) -> SendResult:
     """Send the DICOM files at `paths` to `destination` over one association, one C-STORE each, released.
@@ -247,8 +259,14 @@ def send_files(
     total = len(paths)
 
     def result(outcome: Outcome, status: int | None, reason: str | None) -> SendResult:
-        return SendResult(outcome=outcome, status=status, reason=reason, destination=str(destination),
-                          started_at=started_at, duration_s=round(time.monotonic() - clock, 3))
+        return SendResult(
+            outcome=outcome,
+            status=status,
+            reason=reason,
+            destination=str(destination),
+            started_at=started_at,
+            duration_s=round(time.monotonic() - clock, 3),
+        )
 
     # Every (SOP class, transfer syntax) pair needs an accepted presentation context; read headers only.
     pairs: dict[tuple[str, str], None] = {}
@@ -264,8 +282,12 @@ def send_files(
             return result(Outcome.PERMANENT, None, f"{path} is not a DICOM Part 10 file with a SOPClassUID")
         pairs[(str(sop_class_uid), str(transfer_syntax))] = None
     if len(pairs) > MAX_PRESENTATION_CONTEXTS:
-        return result(Outcome.PERMANENT, None, f"{len(pairs)} SOP class and transfer syntax pairs; one association "
-                      f"carries at most {MAX_PRESENTATION_CONTEXTS}")
+        return result(
+            Outcome.PERMANENT,
+            None,
+            f"{len(pairs)} SOP class and transfer syntax pairs; one association "
+            f"carries at most {MAX_PRESENTATION_CONTEXTS}",
+        )
 
     ae = AE(ae_title=settings.export_calling_ae_title())
     for sop_class_uid, transfer_syntax in pairs:
@@ -289,15 +311,25 @@ def send_files(
     )
     try:
         if not association.is_established:
-            outcome, reason = _why_not_established(association, connected=bool(connected), tls=tls_context is not None,
-                                                   settings=settings, destination=destination)
+            outcome, reason = _why_not_established(
+                association,
+                connected=bool(connected),
+                tls=tls_context is not None,
+                settings=settings,
+                destination=destination,
+            )
             return result(outcome, None, reason)
         # (outcome, status, reason) of every instance that was not a plain success.
         problems: list[tuple[Outcome, int | None, str]] = []
         for number, path in enumerate(paths, start=1):
             if not association.is_established:
-                problems.append((Outcome.TRANSIENT, None, f"association ended before {total - number + 1} "
-                                 f"of {total} instances were sent"))
+                problems.append(
+                    (
+                        Outcome.TRANSIENT,
+                        None,
+                        f"association ended before {total - number + 1} of {total} instances were sent",
+                    )
+                )
                 break
             problems += _store_one(association, path=path, message_id=number % 0x10000, settings=settings)
         if not problems:
@@ -330,8 +362,13 @@ def _store_one(
     except ValueError as exc:  # no accepted presentation context can carry this data set
         return [(Outcome.PERMANENT, None, f"the peer accepts no transfer syntax we can send: {exc}")]
     if "Status" not in response:
-        return [(Outcome.TRANSIENT, None, f"no C-STORE response within {settings.export_timeout_s:g} s "
-                 "(timeout, or the association was aborted)")]
+        return [
+            (
+                Outcome.TRANSIENT,
+                None,
+                f"no C-STORE response within {settings.export_timeout_s:g} s (timeout, or the association was aborted)",
+            )
+        ]
     status = int(response.Status)
     if status == 0x0000:
         return []
@@ -349,13 +386,16 @@ def _why_not_established(
     if not connected:
         if tls:
             # pynetdicom reports a failed TLS handshake like a refused connection (details in its log).
-            return Outcome.TRANSIENT, (f"cannot connect to {destination.host}:{destination.port} over TLS "
-                                       "(connection refused, or the TLS handshake failed: check the certificates)")
+            return Outcome.TRANSIENT, (
+                f"cannot connect to {destination.host}:{destination.port} over TLS "
+                "(connection refused, or the TLS handshake failed: check the certificates)"
+            )
         return Outcome.TRANSIENT, f"cannot connect to {destination.host}:{destination.port}"
     if association.is_rejected:
         answer = association.acceptor.primitive
-        return classify_association_rejection(result=int(answer.result), source=int(answer.result_source),
-                                              reason=int(answer.diagnostic))
+        return classify_association_rejection(
+            result=int(answer.result), source=int(answer.result_source), reason=int(answer.diagnostic)
+        )
     if association.rejected_contexts and not association.accepted_contexts:
         # PS3.8 9.3.3.2: every presentation context refused, e.g. abstract syntax not supported.
         return Outcome.PERMANENT, "the peer accepts no presentation context for these SOP classes"
@@ -404,9 +444,18 @@ def record_export(
         if existing is not None:
             return existing, False
         now = utc_now()
-        export = Export(series_id=series_id, sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
-                        path=stored_path, destination=str(destination), state=ExportState.PENDING.value,
-                        attempts=0, created_at=now, pending_since=now, next_attempt_at=now)
+        export = Export(
+            series_id=series_id,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            path=stored_path,
+            destination=str(destination),
+            state=ExportState.PENDING.value,
+            attempts=0,
+            created_at=now,
+            pending_since=now,
+            next_attempt_at=now,
+        )
         session.add(export)
         session.flush()
         export_id = export.id
@@ -467,13 +516,21 @@ def deliver(
         state, attempts = ExportState(export.state), export.attempts
         due = export.next_attempt_at is None or export.next_attempt_at <= now + dt.timedelta(seconds=DUE_TOLERANCE_S)
         if state != ExportState.PENDING or not due:
-            log.info("export %s is %s%s; nothing to send", export_id, state.value,
-                     "" if state != ExportState.PENDING else " and not due (another attempt owns it)")
+            log.info(
+                "export %s is %s%s; nothing to send",
+                export_id,
+                state.value,
+                "" if state != ExportState.PENDING else " and not due (another attempt owns it)",
+            )
             return Delivery(export_id=export_id, state=state, attempted=False, retry_after_s=None, result=None)
         claimed = session.execute(
             update(Export)
-            .where(Export.id == export_id, Export.state == ExportState.PENDING.value, Export.attempts == attempts,
-                   Export.next_attempt_at == export.next_attempt_at)
+            .where(
+                Export.id == export_id,
+                Export.state == ExportState.PENDING.value,
+                Export.attempts == attempts,
+                Export.next_attempt_at == export.next_attempt_at,
+            )
             .values(next_attempt_at=now + dt.timedelta(seconds=claim_seconds(settings)))
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -481,14 +538,16 @@ def deliver(
         pending_since = export.pending_since
     if not claimed:
         log.info("export %s was claimed by another attempt; nothing to send", export_id)
-        return Delivery(export_id=export_id, state=ExportState.PENDING, attempted=False, retry_after_s=None,
-                        result=None)
+        return Delivery(
+            export_id=export_id, state=ExportState.PENDING, attempted=False, retry_after_s=None, result=None
+        )
 
     if not path.is_absolute():
         path = settings.storage_dir / path
     result = send(path=path, settings=settings)
-    return _record_attempt(sessions=sessions, settings=settings, export_id=export_id, result=result,
-                           pending_since=pending_since)
+    return _record_attempt(
+        sessions=sessions, settings=settings, export_id=export_id, result=result, pending_since=pending_since
+    )
 
 
 def _record_attempt(
@@ -504,14 +563,26 @@ def _record_attempt(
     with sessions.begin() as session:
         export = session.get(Export, export_id)
         assert export is not None  # rows are never deleted while an attempt runs
-        session.add(ExportAttempt(export_id=export_id, started_at=result.started_at, duration_s=result.duration_s,
-                                  destination=result.destination, outcome=result.outcome.value,
-                                  status=result.status, reason=result.reason))
+        session.add(
+            ExportAttempt(
+                export_id=export_id,
+                started_at=result.started_at,
+                duration_s=result.duration_s,
+                destination=result.destination,
+                outcome=result.outcome.value,
+                status=result.status,
+                reason=result.reason,
+            )
+        )
         session.flush()
-        round_attempts = session.scalar(
-            select(func.count()).select_from(ExportAttempt)
-            .where(ExportAttempt.export_id == export_id, ExportAttempt.started_at >= pending_since)
-        ) or 1
+        round_attempts = (
+            session.scalar(
+                select(func.count())
+                .select_from(ExportAttempt)
+                .where(ExportAttempt.export_id == export_id, ExportAttempt.started_at >= pending_since)
+            )
+            or 1
+        )
         export.attempts += 1
         export.last_status = result.status
         export.last_reason = result.reason
@@ -538,8 +609,13 @@ def _record_attempt(
         state = ExportState(export.state)
         reason = export.last_reason
     if state == ExportState.DELIVERED:
-        log.info("export %s delivered to %s (attempt %s)%s", export_id, result.destination, round_attempts,
-                 f": {reason}" if reason else "")
+        log.info(
+            "export %s delivered to %s (attempt %s)%s",
+            export_id,
+            result.destination,
+            round_attempts,
+            f": {reason}" if reason else "",
+        )
     elif state == ExportState.FAILED:
         log.warning("export %s failed: %s", export_id, reason)
     else:
@@ -578,10 +654,13 @@ def due_exports(*, sessions: sessionmaker[Session], overdue_s: float, now: dt.da
     """
     before = (now or utc_now()) - dt.timedelta(seconds=overdue_s)
     with sessions() as session:
-        return list(session.scalars(
-            select(Export.id).where(Export.state == ExportState.PENDING.value, Export.next_attempt_at < before)
-            .order_by(Export.id)
-        ))
+        return list(
+            session.scalars(
+                select(Export.id)
+                .where(Export.state == ExportState.PENDING.value, Export.next_attempt_at < before)
+                .order_by(Export.id)
+            )
+        )
 
 
 def export_receipt(*, sessions: sessionmaker[Session], export_id: int) -> dict[str, Any]:
@@ -596,10 +675,17 @@ def export_receipt(*, sessions: sessionmaker[Session], export_id: int) -> dict[s
             raise LookupError(f"no export with id {export_id}")
         row = export_row(export)
         row["attempt_log"] = [
-            {"started_at": a.started_at.isoformat(), "duration_s": a.duration_s, "destination": a.destination,
-             "outcome": a.outcome, "status": _hex(a.status), "reason": a.reason}
-            for a in session.scalars(select(ExportAttempt).where(ExportAttempt.export_id == export_id)
-                                     .order_by(ExportAttempt.id))
+            {
+                "started_at": a.started_at.isoformat(),
+                "duration_s": a.duration_s,
+                "destination": a.destination,
+                "outcome": a.outcome,
+                "status": _hex(a.status),
+                "reason": a.reason,
+            }
+            for a in session.scalars(
+                select(ExportAttempt).where(ExportAttempt.export_id == export_id).order_by(ExportAttempt.id)
+            )
         ]
         return row
 

@@ -168,14 +168,26 @@ class RouteRule:
 #: The routing decision. The first rule that applies sends the series to the worklist with its reason;
 #: when none applies the series is auto-segmented and its SEG sent to the PACS.
 ROUTING_RULES: tuple[RouteRule, ...] = (
-    RouteRule(RouteReason.GEOMETRY, lambda f: bool(f.geometry_findings),
-              "ingest found gaps, mixed orientations, a localizer or similar in the series' geometry"),
-    RouteRule(RouteReason.UNREADABLE, lambda f: f.unreadable is not None,
-              "the series could not be read or scored (one slice, undecodable pixels, not CT ...)"),
-    RouteRule(RouteReason.ANOMALY, lambda f: f.flagged is True,
-              "the detector's series score is above the model's threshold: unlike the normal training series"),
-    RouteRule(RouteReason.NO_LIVER, lambda f: f.liver_found is False,
-              "the segmenter found no liver: nothing to deliver, a person must look"),
+    RouteRule(
+        RouteReason.GEOMETRY,
+        lambda f: bool(f.geometry_findings),
+        "ingest found gaps, mixed orientations, a localizer or similar in the series' geometry",
+    ),
+    RouteRule(
+        RouteReason.UNREADABLE,
+        lambda f: f.unreadable is not None,
+        "the series could not be read or scored (one slice, undecodable pixels, not CT ...)",
+    ),
+    RouteRule(
+        RouteReason.ANOMALY,
+        lambda f: f.flagged is True,
+        "the detector's series score is above the model's threshold: unlike the normal training series",
+    ),
+    RouteRule(
+        RouteReason.NO_LIVER,
+        lambda f: f.liver_found is False,
+        "the segmenter found no liver: nothing to deliver, a person must look",
+    ),
 )
 
 
@@ -252,7 +264,11 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def save_top_residual_maps(
-    *, settings: Settings, series_id: int, model_version: str, slices: Sequence[dict[str, Any]],
+    *,
+    settings: Settings,
+    series_id: int,
+    model_version: str,
+    slices: Sequence[dict[str, Any]],
     residual_maps: np.ndarray | None,
 ) -> list[dict[str, Any]]:
     """Store the residual maps of the `settings.top_slices` highest-scoring slices; return `top_slices`.
@@ -273,22 +289,40 @@ def save_top_residual_maps(
             path = folder / f"residual_{i:04d}.npy"
             _atomic_write(path, lambda tmp, data=small: _save_npy(tmp, data))
             relative = _relative(path, settings.storage_dir)
-        top.append({"index": i, "score": slices[i]["score"], "residual_map": relative,
-                    "sop_instance_uid": slices[i]["sop_instance_uid"]})
+        top.append(
+            {
+                "index": i,
+                "score": slices[i]["score"],
+                "residual_map": relative,
+                "sop_instance_uid": slices[i]["sop_instance_uid"],
+            }
+        )
     return top
 
 
 def _to_worklist(
-    *, session: Session, series_id: int, source: SeriesState | Iterable[SeriesState], reason: RouteReason,
-    detail: dict[str, Any], event: str = "routed",
+    *,
+    session: Session,
+    series_id: int,
+    source: SeriesState | Iterable[SeriesState],
+    reason: RouteReason,
+    detail: dict[str, Any],
+    event: str = "routed",
 ) -> bool:
     """Move the series to `worklisted` with a `WorklistItem` (one per series version) for `reason`."""
-    moved = transition(session=session, series_id=series_id, source=source, target=S.WORKLISTED, event=event,
-                       detail={"route": Route.WORKLIST.value, "reason": reason.value, **detail},
-                       values={"route": Route.WORKLIST.value, "route_reason": reason.value})
+    moved = transition(
+        session=session,
+        series_id=series_id,
+        source=source,
+        target=S.WORKLISTED,
+        event=event,
+        detail={"route": Route.WORKLIST.value, "reason": reason.value, **detail},
+        values={"route": Route.WORKLIST.value, "route_reason": reason.value},
+    )
     if moved and session.scalar(select(WorklistItem.id).where(WorklistItem.series_id == series_id)) is None:
-        session.add(WorklistItem(series_id=series_id, reason=reason.value, detail=detail,
-                                 status=WorklistStatus.OPEN.value))
+        session.add(
+            WorklistItem(series_id=series_id, reason=reason.value, detail=detail, status=WorklistStatus.OPEN.value)
+        )
     return moved
 
 
@@ -302,8 +336,9 @@ def start(*, sessions: sessionmaker[Session], series_id: int, worker: str) -> Ne
     message (any other state, or superseded) changes nothing and queues nothing.
     """
     with sessions.begin() as session:
-        moved = transition(session=session, series_id=series_id, source=S.QUEUED, target=S.SCORING,
-                           detail={"worker": worker})
+        moved = transition(
+            session=session, series_id=series_id, source=S.QUEUED, target=S.SCORING, detail={"worker": worker}
+        )
     if not moved:
         log.info("series id %s is not queued (duplicate message or superseded); nothing to do", series_id)
         return DONE
@@ -335,8 +370,9 @@ def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int
             return DONE
         state = SeriesState(series.state)
         findings = list(series.geometry_findings or [])
-        existing = session.scalar(select(SeriesScore).where(SeriesScore.series_id == series_id,
-                                                            SeriesScore.model_version == detector.version))
+        existing = session.scalar(
+            select(SeriesScore).where(SeriesScore.series_id == series_id, SeriesScore.model_version == detector.version)
+        )
         paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
 
     if state == S.SCORING and existing is None:
@@ -348,27 +384,63 @@ def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int
             facts = RouteFacts(geometry_findings=findings, unreadable=exc.problem)
             _, reason = decide_route(facts)
             with sessions.begin() as session:
-                _to_worklist(session=session, series_id=series_id, source=S.SCORING, reason=reason or RouteReason.UNREADABLE,
-                             detail={"problem": exc.problem, "model_version": detector.version})
+                _to_worklist(
+                    session=session,
+                    series_id=series_id,
+                    source=S.SCORING,
+                    reason=reason or RouteReason.UNREADABLE,
+                    detail={"problem": exc.problem, "model_version": detector.version},
+                )
             return DONE
         result = detector.score_series(volume, keep_maps=True)
         del volume  # the HU volume is the largest object; free it before writing results
-        slices = [{"index": i, "sop_instance_uid": s.sop_instance_uid, "position": round(s.position, 5),
-                   "score": round(s.score, 6)} for i, s in enumerate(result.slices)]
-        top = save_top_residual_maps(settings=settings, series_id=series_id, model_version=detector.version,
-                                     slices=slices, residual_maps=result.residual_maps)
+        slices = [
+            {
+                "index": i,
+                "sop_instance_uid": s.sop_instance_uid,
+                "position": round(s.position, 5),
+                "score": round(s.score, 6),
+            }
+            for i, s in enumerate(result.slices)
+        ]
+        top = save_top_residual_maps(
+            settings=settings,
+            series_id=series_id,
+            model_version=detector.version,
+            slices=slices,
+            residual_maps=result.residual_maps,
+        )
         duration = (utc_now() - clock).total_seconds()
         try:
             with sessions() as session:
-                session.add(SeriesScore(series_id=series_id, model_version=detector.version, score=float(result.score),
-                                        threshold=float(result.threshold), flagged=bool(result.flagged),
-                                        slices=slices, top_slices=top, provider=detector.provider,
-                                        duration_s=round(duration, 3)))
+                session.add(
+                    SeriesScore(
+                        series_id=series_id,
+                        model_version=detector.version,
+                        score=float(result.score),
+                        threshold=float(result.threshold),
+                        flagged=bool(result.flagged),
+                        slices=slices,
+                        top_slices=top,
+                        provider=detector.provider,
+                        duration_s=round(duration, 3),
+                    )
+                )
                 session.flush()
-                moved = transition(session=session, series_id=series_id, source=S.SCORING, target=S.SCORED,
-                                   detail={"model_version": detector.version, "score": round(result.score, 4),
-                                           "threshold": round(result.threshold, 4), "flagged": result.flagged,
-                                           "slices": len(slices), "duration_s": round(duration, 2)})
+                moved = transition(
+                    session=session,
+                    series_id=series_id,
+                    source=S.SCORING,
+                    target=S.SCORED,
+                    detail={
+                        "model_version": detector.version,
+                        "score": round(result.score, 4),
+                        "threshold": round(result.threshold, 4),
+                        "flagged": result.flagged,
+                        "slices": len(slices),
+                        "duration_s": round(duration, 2),
+                    },
+                )
                 if not moved:  # another worker scored and moved it meanwhile: keep its result
                     session.rollback()
                     return DONE
@@ -376,12 +448,24 @@ def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int
         except IntegrityError:
             log.info("series id %s was scored by another worker meanwhile", series_id)
             return DONE
-        log.info("series id %s scored %.3f (threshold %.3f, %s) in %.1f s, %d slices", series_id, result.score,
-                 result.threshold, "flagged" if result.flagged else "not flagged", duration, len(slices))
+        log.info(
+            "series id %s scored %.3f (threshold %.3f, %s) in %.1f s, %d slices",
+            series_id,
+            result.score,
+            result.threshold,
+            "flagged" if result.flagged else "not flagged",
+            duration,
+            len(slices),
+        )
     elif state == S.SCORING:  # scored before by this model version (a redelivery after a crash)
         with sessions.begin() as session:
-            transition(session=session, series_id=series_id, source=S.SCORING, target=S.SCORED,
-                       detail={"model_version": detector.version, "reused": True})
+            transition(
+                session=session,
+                series_id=series_id,
+                source=S.SCORING,
+                target=S.SCORED,
+                detail={"model_version": detector.version, "reused": True},
+            )
     return route(sessions=sessions, series_id=series_id, model_version=detector.version)
 
 
@@ -395,15 +479,19 @@ def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str
         series = _series_row(session, series_id)
         if series is None or series.state != S.SCORED.value:
             return DONE
-        result = session.scalar(select(SeriesScore).where(SeriesScore.series_id == series_id,
-                                                          SeriesScore.model_version == model_version))
+        result = session.scalar(
+            select(SeriesScore).where(SeriesScore.series_id == series_id, SeriesScore.model_version == model_version)
+        )
         if result is None:
             log.error("series id %s is scored but has no score of model %s", series_id, model_version)
             return DONE
         facts = RouteFacts(geometry_findings=list(series.geometry_findings or []), flagged=result.flagged)
         chosen, reason = decide_route(facts)
-        summary = {"score": round(result.score, 4), "threshold": round(result.threshold, 4),
-                   "model_version": model_version}
+        summary = {
+            "score": round(result.score, 4),
+            "threshold": round(result.threshold, 4),
+            "model_version": model_version,
+        }
         if chosen == Route.WORKLIST and reason is not None:
             detail = dict(summary)
             if reason == RouteReason.GEOMETRY:
@@ -411,9 +499,15 @@ def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str
             moved = _to_worklist(session=session, series_id=series_id, source=S.SCORED, reason=reason, detail=detail)
             nxt = DONE
         else:
-            moved = transition(session=session, series_id=series_id, source=S.SCORED, target=S.SEGMENTING,
-                               event="routed", detail={"route": Route.AUTO.value, **summary},
-                               values={"route": Route.AUTO.value, "route_reason": None})
+            moved = transition(
+                session=session,
+                series_id=series_id,
+                source=S.SCORED,
+                target=S.SEGMENTING,
+                event="routed",
+                detail={"route": Route.AUTO.value, **summary},
+                values={"route": Route.AUTO.value, "route_reason": None},
+            )
             nxt = Next("segment", series_id)
     if not moved:
         return DONE
@@ -460,8 +554,14 @@ def segment(
         volume = load_stored_series(paths.values())
     except dicom_series.SeriesError as exc:
         with sessions.begin() as session:
-            _to_worklist(session=session, series_id=series_id, source=S.SEGMENTING, reason=RouteReason.UNREADABLE,
-                         detail={"problem": exc.problem}, event="rerouted")
+            _to_worklist(
+                session=session,
+                series_id=series_id,
+                source=S.SEGMENTING,
+                reason=RouteReason.UNREADABLE,
+                detail={"problem": exc.problem},
+                event="rerouted",
+            )
         return DONE
     clock = utc_now()
     result = segmenter.segment(volume)
@@ -470,14 +570,24 @@ def segment(
     if chosen == Route.WORKLIST and reason is not None:
         log.info("series id %s: %s (liver %.1f ml)", series_id, reason.value, result.liver_volume_ml)
         with sessions.begin() as session:
-            _to_worklist(session=session, series_id=series_id, source=S.SEGMENTING, reason=reason, event="rerouted",
-                         detail={"liver_volume_ml": round(result.liver_volume_ml, 1),
-                                 "segmenter_version": segmenter.version})
+            _to_worklist(
+                session=session,
+                series_id=series_id,
+                source=S.SEGMENTING,
+                reason=reason,
+                event="rerouted",
+                detail={"liver_volume_ml": round(result.liver_volume_ml, 1), "segmenter_version": segmenter.version},
+            )
         return DONE
 
     headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in volume.sop_instance_uids]
-    seg = build_liver_seg(source_images=headers, mask=result.mask, algorithm_name=segmenter.name[:64],
-                          algorithm_version=segmenter.version[:64], source_series_version=version)
+    seg = build_liver_seg(
+        source_images=headers,
+        mask=result.mask,
+        algorithm_name=segmenter.name[:64],
+        algorithm_version=segmenter.version[:64],
+        source_series_version=version,
+    )
     del volume, result
     path = results_dir(settings=settings, series_id=series_id) / f"liver-seg-{segmenter.version}.dcm"
     _atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
@@ -487,15 +597,34 @@ def segment(
     except ExportNotConfiguredError as exc:
         log.error("series id %s: SEG written but not sent: %s", series_id, exc)
         with sessions.begin() as session:
-            transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.EXPORT_FAILED,
-                       detail={"reason": str(exc), "seg": _relative(path, settings.storage_dir)})
+            transition(
+                session=session,
+                series_id=series_id,
+                source=S.SEGMENTING,
+                target=S.EXPORT_FAILED,
+                detail={"reason": str(exc), "seg": _relative(path, settings.storage_dir)},
+            )
         return DONE
     with sessions.begin() as session:
-        moved = transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.EXPORTING,
-                           detail={"export_id": export_id, "sop_instance_uid": str(seg.SOPInstanceUID),
-                                   "segmenter_version": segmenter.version, "duration_s": round(duration, 2)})
-    log.info("series id %s segmented in %.1f s; export %s %s", series_id, duration, export_id,
-             "recorded" if created else "already recorded")
+        moved = transition(
+            session=session,
+            series_id=series_id,
+            source=S.SEGMENTING,
+            target=S.EXPORTING,
+            detail={
+                "export_id": export_id,
+                "sop_instance_uid": str(seg.SOPInstanceUID),
+                "segmenter_version": segmenter.version,
+                "duration_s": round(duration, 2),
+            },
+        )
+    log.info(
+        "series id %s segmented in %.1f s; export %s %s",
+        series_id,
+        duration,
+        export_id,
+        "recorded" if created else "already recorded",
+    )
     return Next("export", export_id) if moved or created else DONE
 
 
@@ -531,26 +660,50 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
         paths = sorted(instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id).values())
     if not paths:
         with sessions.begin() as session:
-            _to_worklist(session=session, series_id=series_id, source=S.SEGMENTING, reason=RouteReason.UNREADABLE,
-                         detail={"problem": "no stored instances"}, event="rerouted")
+            _to_worklist(
+                session=session,
+                series_id=series_id,
+                source=S.SEGMENTING,
+                reason=RouteReason.UNREADABLE,
+                detail={"problem": "no stored instances"},
+                event="rerouted",
+            )
         return DONE
     destination = forward_destination(settings)
     result = send_files(paths=paths, destination=destination, settings=settings)
     detail = {"destination": result.destination, "instances": len(paths), "duration_s": result.duration_s}
     with sessions.begin() as session:
         if result.outcome == Outcome.DELIVERED:
-            moved = transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.DELIVERED,
-                               event="forwarded", detail={**detail, "reason": result.reason})
+            moved = transition(
+                session=session,
+                series_id=series_id,
+                source=S.SEGMENTING,
+                target=S.DELIVERED,
+                event="forwarded",
+                detail={**detail, "reason": result.reason},
+            )
         elif result.outcome == Outcome.PERMANENT:
-            moved = transition(session=session, series_id=series_id, source=S.SEGMENTING, target=S.EXPORT_FAILED,
-                               detail={**detail, "reason": result.reason})
+            moved = transition(
+                session=session,
+                series_id=series_id,
+                source=S.SEGMENTING,
+                target=S.EXPORT_FAILED,
+                detail={**detail, "reason": result.reason},
+            )
         else:
             moved = False
-            session.add(SeriesEvent(series_id=series_id, kind="forward_failed", created_at=utc_now(),
-                                    detail={**detail, "reason": result.reason}))
+            session.add(
+                SeriesEvent(
+                    series_id=series_id,
+                    kind="forward_failed",
+                    created_at=utc_now(),
+                    detail={**detail, "reason": result.reason},
+                )
+            )
     if result.outcome == Outcome.TRANSIENT:
-        log.warning("series id %s: forward to %s failed, the sweeper will retry: %s", series_id, destination,
-                    result.reason)
+        log.warning(
+            "series id %s: forward to %s failed, the sweeper will retry: %s", series_id, destination, result.reason
+        )
     elif moved and result.outcome == Outcome.DELIVERED:
         log.info("series id %s: %d instances forwarded to %s", series_id, len(paths), destination)
     elif moved:
@@ -577,8 +730,13 @@ def export_settled(*, sessions: sessionmaker[Session], export_id: int) -> None:
             target, sources = S.EXPORT_FAILED, (S.EXPORTING,)
         else:
             return
-        moved = transition(session=session, series_id=export.series_id, source=sources, target=target,
-                           detail={"export_id": export_id, "status": export.last_status, "reason": export.last_reason})
+        moved = transition(
+            session=session,
+            series_id=export.series_id,
+            source=sources,
+            target=target,
+            detail={"export_id": export_id, "status": export.last_status, "reason": export.last_reason},
+        )
     if moved:
         log.info("series id %s: %s (export %s)", export.series_id, target.value, export_id)
 
@@ -628,33 +786,56 @@ def sweep(
     with sessions() as session:
         stuck = session.execute(
             select(Series.id, Series.state, Series.state_changed_at)
-            .where(Series.state.in_([s.value for s in WORKING_STATES]), Series.superseded.is_(False),
-                   Series.state_changed_at < stuck_before)
+            .where(
+                Series.state.in_([s.value for s in WORKING_STATES]),
+                Series.superseded.is_(False),
+                Series.state_changed_at < stuck_before,
+            )
             .order_by(Series.id)
         ).all()
-        settling = session.execute(
-            select(Export.id).join(Series, Series.id == Export.series_id)
-            .where(Series.state.in_([S.EXPORTING.value, S.EXPORT_FAILED.value]),
-                   Export.state.in_([ExportState.DELIVERED.value, ExportState.FAILED.value]))
-        ).scalars().all()
+        settling = (
+            session.execute(
+                select(Export.id)
+                .join(Series, Series.id == Export.series_id)
+                .where(
+                    Series.state.in_([S.EXPORTING.value, S.EXPORT_FAILED.value]),
+                    Export.state.in_([ExportState.DELIVERED.value, ExportState.FAILED.value]),
+                )
+            )
+            .scalars()
+            .all()
+        )
     for series_id, state_value, changed_at in stuck:
         state = SeriesState(state_value)
         kind = f"requeued_{state.value}"
         with sessions.begin() as session:
             # Claim: only the sweeper that moves state_changed_at first re-queues (two listeners at once).
             claimed = session.execute(
-                update(Series).where(Series.id == series_id, Series.state == state.value,
-                                     Series.state_changed_at == changed_at)
-                .values(state_changed_at=now).execution_options(synchronize_session=False)
+                update(Series)
+                .where(Series.id == series_id, Series.state == state.value, Series.state_changed_at == changed_at)
+                .values(state_changed_at=now)
+                .execution_options(synchronize_session=False)
             ).rowcount
             if not claimed:
                 continue
-            attempts = session.scalar(select(func.count()).select_from(SeriesEvent)
-                                      .where(SeriesEvent.series_id == series_id, SeriesEvent.kind == kind)) or 0
+            attempts = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(SeriesEvent)
+                    .where(SeriesEvent.series_id == series_id, SeriesEvent.kind == kind)
+                )
+                or 0
+            )
             if attempts >= settings.pipeline_max_requeues:
                 problem = f"stuck in {state.value} after {attempts} re-queues (the stage fails or its worker dies)"
-                _to_worklist(session=session, series_id=series_id, source=state, reason=RouteReason.UNREADABLE,
-                             detail={"problem": problem}, event="gave_up")
+                _to_worklist(
+                    session=session,
+                    series_id=series_id,
+                    source=state,
+                    reason=RouteReason.UNREADABLE,
+                    detail={"problem": problem},
+                    event="gave_up",
+                )
                 report.gave_up.append(series_id)
                 log.error("series id %s: %s; sent to the worklist", series_id, problem)
                 continue

@@ -45,8 +45,12 @@ SCORE_SERIES_TASK = "gatekeeper.pipeline.score_series"
 SEGMENT_SERIES_TASK = "gatekeeper.pipeline.segment_series"
 
 #: The logical queue names of `gatekeeper worker --queues`, and the setting that names each queue.
-QUEUE_SETTINGS = {"default": "pipeline_queue", "score": "score_queue", "segment": "segment_queue",
-                  "export": "export_queue"}
+QUEUE_SETTINGS = {
+    "default": "pipeline_queue",
+    "score": "score_queue",
+    "segment": "segment_queue",
+    "export": "export_queue",
+}
 
 
 def queue_names(settings: Settings, logical: list[str]) -> list[str]:
@@ -129,8 +133,7 @@ def register_pipeline_tasks(
 
     @app.task(name=SCORE_SERIES_TASK, ignore_result=True, acks_late=True)
     def score_series(series_id: int) -> None:
-        then(pipeline.score(sessions=sessions, settings=settings, series_id=int(series_id),
-                            detector=models.detector()))
+        then(pipeline.score(sessions=sessions, settings=settings, series_id=int(series_id), detector=models.detector()))
 
     @app.task(name=SEGMENT_SERIES_TASK, ignore_result=True, acks_late=True)
     def segment_series(series_id: int) -> None:
@@ -138,8 +141,12 @@ def register_pipeline_tasks(
         segmenter = models.segmenter() if settings.segmentation_mode == "internal" else None
         then(pipeline.segment(sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter))
 
-    register_export_task(app, settings=settings, sessions=sessions,
-                         on_settled=lambda export_id: pipeline.export_settled(sessions=sessions, export_id=export_id))
+    register_export_task(
+        app,
+        settings=settings,
+        sessions=sessions,
+        on_settled=lambda export_id: pipeline.export_settled(sessions=sessions, export_id=export_id),
+    )
 
 
 class PipelineSweeper:

@@ -25,12 +25,18 @@ EXIT_BAD_SERIES = 1
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "score", help="score DICOM CT series with the anomaly detector",
+        "score",
+        help="score DICOM CT series with the anomaly detector",
         description="Score every CT series in each SERIES_DIR slice by slice with the exported detector "
-        "(ONNX Runtime). Exit 1 if any series could not be scored.")
+        "(ONNX Runtime). Exit 1 if any series could not be scored.",
+    )
     p.add_argument("series_dirs", nargs="+", type=Path, metavar="SERIES_DIR", help="folder(s) of DICOM files")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR,
-                   help=f"model folder with model.json and the ONNX files (default {DEFAULT_MODEL_DIR})")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL_DIR,
+        help=f"model folder with model.json and the ONNX files (default {DEFAULT_MODEL_DIR})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=run)
 
@@ -45,8 +51,7 @@ def score_folders(detector, folders: list[Path]) -> list[dict]:
             results.append({"folder": str(folder), "series_instance_uid": None, "error": str(exc)})
             continue
         if not groups:
-            results.append({"folder": str(folder), "series_instance_uid": None,
-                            "error": f"no DICOM files in {folder}"})
+            results.append({"folder": str(folder), "series_instance_uid": None, "error": f"no DICOM files in {folder}"})
             continue
         ct = dicom_series.ct_series_in(groups)
         for group in ct or groups[:1]:  # no CT at all: report why the first series is unusable
@@ -83,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 verdict = "FLAGGED" if r["flagged"] else "ok"
                 worst = max(r["slices"], key=lambda s: s["score"])
-                print(f"{verdict:7s} {r['series_instance_uid']}  score {r['score']:.3f} (threshold "
-                      f"{r['threshold']:.3f}), {len(r['slices'])} slices, worst slice {worst['sop_instance_uid']}")
+                print(
+                    f"{verdict:7s} {r['series_instance_uid']}  score {r['score']:.3f} (threshold "
+                    f"{r['threshold']:.3f}), {len(r['slices'])} slices, worst slice {worst['sop_instance_uid']}"
+                )
     return EXIT_BAD_SERIES if any(r["error"] for r in results) else 0

@@ -23,15 +23,21 @@ EXIT_NO_LIVER = 1
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "segment", help="segment the liver in one CT series and write a DICOM-SEG",
+        "segment",
+        help="segment the liver in one CT series and write a DICOM-SEG",
         description="Run the liver segmenter (ONNX Runtime) on one CT series in SERIES_DIR and write the result "
-        "as a DICOM Segmentation (BINARY, segment Liver, AUTOMATIC) to --out.")
+        "as a DICOM Segmentation (BINARY, segment Liver, AUTOMATIC) to --out.",
+    )
     p.add_argument("series_dir", type=Path, metavar="SERIES_DIR", help="folder holding the CT series' files")
     p.add_argument("--out", required=True, type=Path, help="DICOM-SEG file to write")
     p.add_argument("--model", type=Path, default=None, help="segmenter folder (model.json + ONNX; default: shipped)")
     p.add_argument("--series", default=None, metavar="UID", help="SeriesInstanceUID, if SERIES_DIR holds several")
-    p.add_argument("--series-version", type=int, default=1,
-                   help="reception version of the series (part of the SEG's deterministic UIDs; default 1)")
+    p.add_argument(
+        "--series-version",
+        type=int,
+        default=1,
+        help="reception version of the series (part of the SEG's deterministic UIDs; default 1)",
+    )
     p.set_defaults(func=run)
 
 
@@ -66,11 +72,18 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NO_LIVER
     by_uid = {i.sop_instance_uid: i.path for i in groups[0].instances}
     sources = [pydicom.dcmread(by_uid[uid]) for uid in series.sop_instance_uids]
-    seg = build_liver_seg(source_images=sources, mask=result.mask, algorithm_name=segmenter.name,
-                          algorithm_version=segmenter.version, source_series_version=args.series_version)
+    seg = build_liver_seg(
+        source_images=sources,
+        mask=result.mask,
+        algorithm_name=segmenter.name,
+        algorithm_version=segmenter.version,
+        source_series_version=args.series_version,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(args.out)
     slices = result.liver_slices()
-    print(f"{args.out}: liver on slices {slices.min() + 1}–{slices.max() + 1} of {series.num_slices}, "
-          f"{result.liver_volume_ml:.0f} ml, segmenter {segmenter.name} {segmenter.version}")
+    print(
+        f"{args.out}: liver on slices {slices.min() + 1}–{slices.max() + 1} of {series.num_slices}, "
+        f"{result.liver_volume_ml:.0f} ml, segmenter {segmenter.name} {segmenter.version}"
+    )
     return 0

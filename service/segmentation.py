@@ -66,8 +66,11 @@ class SegmenterInput:
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> SegmenterInput:
-        return cls(size=int(meta["size"]), context_slices=int(meta["context_slices"]),
-                   window=imaging.Window(float(meta["window_center_hu"]), float(meta["window_width_hu"])))
+        return cls(
+            size=int(meta["size"]),
+            context_slices=int(meta["context_slices"]),
+            window=imaging.Window(float(meta["window_center_hu"]), float(meta["window_width_hu"])),
+        )
 
 
 def prepare_volume(hu: np.ndarray, spec: SegmenterInput) -> np.ndarray:
@@ -171,8 +174,9 @@ class Segmentation:
 class Segmenter:
     """A loaded segmenter: one ONNX Runtime session, built once, reused for every series."""
 
-    def __init__(self, model_dir: Path | str = DEFAULT_MODEL_DIR, *, providers: list[str] | None = None,
-                 batch: int = 16) -> None:
+    def __init__(
+        self, model_dir: Path | str = DEFAULT_MODEL_DIR, *, providers: list[str] | None = None, batch: int = 16
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.meta = read_model_json(self.model_dir)
         self.input = SegmenterInput.from_json(self.meta["input"])
@@ -182,8 +186,11 @@ class Segmenter:
         self.batch = batch
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.model_dir / self.meta["file"]), options,
-                                            providers=list(providers) if providers else choose_providers())
+        self.session = ort.InferenceSession(
+            str(self.model_dir / self.meta["file"]),
+            options,
+            providers=list(providers) if providers else choose_providers(),
+        )
         self.output_names = [o.name for o in self.session.get_outputs()]
         if "probability" not in self.output_names:
             raise ValueError(f"{self.model_dir / self.meta['file']}: no output named 'probability'")
@@ -219,9 +226,14 @@ class Segmenter:
         with_liver = region.any(axis=(1, 2))
         series_entropy = float(per_slice[with_liver].mean()) if with_liver.any() else float(entropy.mean())
         voxel_ml = series.pixel_spacing_mm[0] * series.pixel_spacing_mm[1] * max(series.slice_spacing_mm, 1e-3) / 1000
-        return Segmentation(series_instance_uid=series.series_instance_uid, mask=mask, slice_entropy=per_slice,
-                            features=features, entropy=series_entropy,
-                            liver_volume_ml=float(mask.sum() * voxel_ml))
+        return Segmentation(
+            series_instance_uid=series.series_instance_uid,
+            mask=mask,
+            slice_entropy=per_slice,
+            features=features,
+            entropy=series_entropy,
+            liver_volume_ml=float(mask.sum() * voxel_ml),
+        )
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -43,13 +43,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--ae-title", help="our AE title (setting ae_title)")
     serve.add_argument("--bind", help="IP address to listen on (setting bind_address)")
     serve.add_argument("--port", type=int, help="DICOM TCP port (setting port)")
-    serve.add_argument("--allow-ae", action="append", metavar="TITLE",
-                       help="calling AE title allowed to send; repeatable; '*' for any (setting allowed_ae_titles)")
-    serve.add_argument("--allow-ip", action="append", metavar="CIDR",
-                       help="network allowed to send; repeatable (setting allowed_networks)")
+    serve.add_argument(
+        "--allow-ae",
+        action="append",
+        metavar="TITLE",
+        help="calling AE title allowed to send; repeatable; '*' for any (setting allowed_ae_titles)",
+    )
+    serve.add_argument(
+        "--allow-ip",
+        action="append",
+        metavar="CIDR",
+        help="network allowed to send; repeatable (setting allowed_networks)",
+    )
     serve.add_argument("--web-port", type=int, help="TCP port of the worklist web app (setting web_port)")
-    serve.add_argument("--queues", default="score,segment,export,default",
-                       help="queues of the embedded worker (default all; see `gatekeeper worker`)")
+    serve.add_argument(
+        "--queues",
+        default="score,segment,export,default",
+        help="queues of the embedded worker (default all; see `gatekeeper worker`)",
+    )
     serve.add_argument("--no-web", action="store_true", help="do not start the web app")
     serve.set_defaults(func=run)
 
@@ -64,8 +75,14 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
     base = load_settings_or_exit()
     overrides: dict[str, Any] = {}
-    for flag, name in (("ae_title", "ae_title"), ("bind", "bind_address"), ("port", "port"),
-                       ("allow_ae", "allowed_ae_titles"), ("allow_ip", "allowed_networks"), ("web_port", "web_port")):
+    for flag, name in (
+        ("ae_title", "ae_title"),
+        ("bind", "bind_address"),
+        ("port", "port"),
+        ("allow_ae", "allowed_ae_titles"),
+        ("allow_ip", "allowed_networks"),
+        ("web_port", "web_port"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides[name] = value
@@ -83,8 +100,10 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         error = exc.errors()[0]
         raise UsageError(f"invalid {'/'.join(map(str, error['loc']))}: {error['msg']}") from None
     if not settings.allowed_ae_titles or not settings.allowed_networks:
-        raise UsageError("the listener needs allow-lists: use --allow-ae TITLE and --allow-ip CIDR "
-                         "(or GATEKEEPER_ALLOWED_AE_TITLES / GATEKEEPER_ALLOWED_NETWORKS)")
+        raise UsageError(
+            "the listener needs allow-lists: use --allow-ae TITLE and --allow-ip CIDR "
+            "(or GATEKEEPER_ALLOWED_AE_TITLES / GATEKEEPER_ALLOWED_NETWORKS)"
+        )
     return settings
 
 
@@ -147,9 +166,15 @@ def run(args: argparse.Namespace) -> int:
     for name, command in child_commands(settings, queues=args.queues, web=not args.no_web and web_available()).items():
         children[name] = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
         log.info("started %s (pid %s)", name, children[name].pid)
-    log.info("gatekeeper serving: DICOM %s:%s as %s; database %s; broker %s%s", settings.bind_address, settings.port,
-             settings.ae_title, settings.database_url.split("://")[0], settings.broker_url.split("://")[0],
-             f"; worklist http://{settings.bind_address}:{settings.web_port}/" if "web" in children else "")
+    log.info(
+        "gatekeeper serving: DICOM %s:%s as %s; database %s; broker %s%s",
+        settings.bind_address,
+        settings.port,
+        settings.ae_title,
+        settings.database_url.split("://")[0],
+        settings.broker_url.split("://")[0],
+        f"; worklist http://{settings.bind_address}:{settings.web_port}/" if "web" in children else "",
+    )
     failed = None
     while not stop.wait(0.5):
         failed = next((name for name, child in children.items() if child.poll() is not None), None)

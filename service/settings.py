@@ -306,9 +306,11 @@ class Settings(BaseSettings):
         if self.segmentation_mode == "forward":
             for name in ("forward_host", "forward_ae_title"):
                 if not getattr(self, name):
-                    raise ValueError(f"segmentation_mode is 'forward' but {name} is empty; set "
-                                     f"{ENV_PREFIX}{name.upper()} to the external segmentation node's "
-                                     f"{'host' if name == 'forward_host' else 'AE title'}")
+                    raise ValueError(
+                        f"segmentation_mode is 'forward' but {name} is empty; set "
+                        f"{ENV_PREFIX}{name.upper()} to the external segmentation node's "
+                        f"{'host' if name == 'forward_host' else 'AE title'}"
+                    )
         return self
 
     @model_validator(mode="after")
@@ -319,8 +321,10 @@ class Settings(BaseSettings):
         if not self.pacs_tls and (self.pacs_tls_ca_path or self.pacs_tls_cert_path):
             raise ValueError("pacs_tls_ca_path or pacs_tls_cert_path is set but pacs_tls is off")
         if self.export_retry_max_s < self.export_retry_initial_s:
-            raise ValueError(f"export_retry_max_s {self.export_retry_max_s} is less than export_retry_initial_s "
-                             f"{self.export_retry_initial_s}")
+            raise ValueError(
+                f"export_retry_max_s {self.export_retry_max_s} is less than export_retry_initial_s "
+                f"{self.export_retry_initial_s}"
+            )
         return self
 
     def export_calling_ae_title(self) -> str:

@@ -38,8 +38,25 @@ def make_phantom(out: Path, *, slices: int, seed: int, series: int = 1, matrix: 
     """Generate phantom series under `out`; return the series folders."""
     from service.cli import main
 
-    assert main(["phantom", "--out", str(out), "--series", str(series), "--slices", str(slices), "--seed", str(seed),
-                 "--matrix", str(matrix), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "phantom",
+                "--out",
+                str(out),
+                "--series",
+                str(series),
+                "--slices",
+                str(slices),
+                "--seed",
+                str(seed),
+                "--matrix",
+                str(matrix),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return sorted(p for p in out.iterdir() if p.is_dir())
 
 
@@ -78,18 +95,22 @@ def running_listener(settings: Settings, **kwargs: Any) -> Iterator[Listener]:
         listener.stop()
 
 
-def storescu(port: int, paths: Sequence[Path], *options: str, aet: str = "STORESCU",
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, paths: Sequence[Path], *options: str, aet: str = "STORESCU", timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Send files with DCMTK storescu (verbose, so each response status is printed)."""
     return subprocess.run(
         ["storescu", "-v", "-aet", aet, "-aec", AE_TITLE, *options, "127.0.0.1", str(port), *map(str, paths)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def echoscu(port: int, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["echoscu", "-aet", aet, "-aec", AE_TITLE, "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["echoscu", "-aet", aet, "-aec", AE_TITLE, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30
+    )
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20, interval: float = 0.1) -> Any:
@@ -127,9 +148,11 @@ class Db:
 
     def event_kinds(self, series_id: int) -> list[str]:
         with self.sessions() as session:
-            return list(session.scalars(
-                select(SeriesEvent.kind).where(SeriesEvent.series_id == series_id).order_by(SeriesEvent.id)
-            ))
+            return list(
+                session.scalars(
+                    select(SeriesEvent.kind).where(SeriesEvent.series_id == series_id).order_by(SeriesEvent.id)
+                )
+            )
 
     def session(self) -> Session:
         return self.sessions()
@@ -158,9 +181,11 @@ def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.
     import socket
 
     log = log_path.open("ab")
-    process = subprocess.Popen([gatekeeper_executable(), "listen"], env=settings_env(settings),
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [gatekeeper_executable(), "listen"], env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT
+    )
     try:
+
         def port_open() -> bool:
             assert process.poll() is None, log_path.read_text()
             try:
@@ -168,6 +193,7 @@ def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.
                 return True
             except OSError:
                 return False
+
         wait_for(port_open, timeout=60)
         yield process
     finally:

@@ -11,15 +11,18 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from detector_support import untrained_detector  # noqa: E402
+
 from service.cli import main as gatekeeper  # noqa: E402
 
 
-def test_bench_score_quick_reports_ratios_work_peak_and_series_time(tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_score_quick_reports_ratios_work_peak_and_series_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = untrained_detector(tmp_path / "model")
     capsys.readouterr()
-    rc = gatekeeper(["bench", "score", "--quick", "--model", str(model), "--threads", "1",
-                     "--json", str(tmp_path / "bench.json")])
+    rc = gatekeeper(
+        ["bench", "score", "--quick", "--model", str(model), "--threads", "1", "--json", str(tmp_path / "bench.json")]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert re.search(r"^ORT / eager fp32 at batch 2: \d+\.\d\d× \(target ≥ 1\.3×: (met|missed)\)$", out, re.M), out

@@ -19,8 +19,12 @@ from service.dicom_series import SeriesError
 def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 5-slice phantom series (with its DICOM-SEG ground truth beside it)."""
     out = tmp_path_factory.mktemp("phantom")
-    assert gatekeeper(["phantom", "--out", str(out), "--series", "1", "--slices", "5", "--matrix", "64",
-                       "--seed", "3", "--quiet"]) == 0
+    assert (
+        gatekeeper(
+            ["phantom", "--out", str(out), "--series", "1", "--slices", "5", "--matrix", "64", "--seed", "3", "--quiet"]
+        )
+        == 0
+    )
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     return folder
 
@@ -36,8 +40,9 @@ def _copy_cts(src: Path, dst: Path, files: list[Path] | None = None) -> Path:
     return dst
 
 
-def test_series_is_grouped_ordered_and_seg_ignored_whatever_the_file_names(phantom_series: Path,
-                                                                          tmp_path: Path) -> None:
+def test_series_is_grouped_ordered_and_seg_ignored_whatever_the_file_names(
+    phantom_series: Path, tmp_path: Path
+) -> None:
     names = _ct_files(phantom_series)
     shuffled = tmp_path / "export"
     shuffled.mkdir()

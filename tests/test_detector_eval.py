@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from detector_support import SIZE, labelled_run, untrained_detector  # noqa: E402
+
 from service.cli import main as gatekeeper  # noqa: E402
 
 torch.set_num_threads(1)  # fastest on a shared 2-core machine
@@ -28,8 +29,31 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def autoencoder(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ae")
-    assert gatekeeper(["train", "autoencoder", "--data", str(run_dir), "--out", str(out), "--size", str(SIZE),
-                       "--steps", "40", "--batch", "8", "--seed", "3", "--jobs", "1", "--threads", "1"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "train",
+                "autoencoder",
+                "--data",
+                str(run_dir),
+                "--out",
+                str(out),
+                "--size",
+                str(SIZE),
+                "--steps",
+                "40",
+                "--batch",
+                "8",
+                "--seed",
+                "3",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -49,22 +73,40 @@ def test_autoencoder_learns_is_calibrated_on_validation_normals_and_exports_fait
     rng = np.random.default_rng(7)
     x = rng.uniform(-1, 1, (3, 1, SIZE, SIZE)).astype(np.float32)
     m = (rng.uniform(size=(3, 1, SIZE, SIZE)) > 0.4).astype(np.float32)
-    got = ort.InferenceSession(str(autoencoder / "autoencoder.onnx"),
-                               providers=["CPUExecutionProvider"]).run(None, {"image": x, "mask": m})
+    got = ort.InferenceSession(str(autoencoder / "autoencoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x, "mask": m}
+    )
     with torch.no_grad():
         want = [t.numpy() for t in scorer(torch.from_numpy(x), torch.from_numpy(m))]
     for g, w in zip(got, want):
         assert np.abs(g - w).max() / (np.abs(w).max() + 1e-12) < 1e-4
 
 
-def test_evaluate_compares_every_method_localises_and_plots(run_dir: Path, autoencoder: Path,
-                                                            tmp_path: Path) -> None:
+def test_evaluate_compares_every_method_localises_and_plots(run_dir: Path, autoencoder: Path, tmp_path: Path) -> None:
     model = untrained_detector(tmp_path / "model")
     ablation = untrained_detector(tmp_path / "ablation", conditioned=False, seed=1)
     report_dir = tmp_path / "report"
-    assert gatekeeper(["evaluate", "detector", "--data", str(run_dir), "--model", str(model), "--ablation",
-                       str(ablation), "--autoencoder", str(autoencoder), "--out", str(report_dir),
-                       "--bootstrap", "50"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "evaluate",
+                "detector",
+                "--data",
+                str(run_dir),
+                "--model",
+                str(model),
+                "--ablation",
+                str(ablation),
+                "--autoencoder",
+                str(autoencoder),
+                "--out",
+                str(report_dir),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     report = json.loads((report_dir / "report.json").read_text())
     assert report["series"] == 4 and report["normal_series"] == 2
     methods = report["methods"]
@@ -106,16 +148,35 @@ def test_evaluate_compares_every_method_localises_and_plots(run_dir: Path, autoe
         assert f"]({png})" in md
 
 
-def test_a_matched_twin_carries_the_conditioning_target(run_dir: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_matched_twin_carries_the_conditioning_target(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """With --ablation-twin the position condition is judged on the matched pair, not on --model."""
     model = untrained_detector(tmp_path / "model")
     twin = untrained_detector(tmp_path / "twin", seed=2)
     ablation = untrained_detector(tmp_path / "ablation", conditioned=False, seed=1)
     report_dir = tmp_path / "report"
-    assert gatekeeper(["evaluate", "detector", "--data", str(run_dir), "--model", str(model), "--ablation",
-                       str(ablation), "--ablation-twin", str(twin), "--out", str(report_dir),
-                       "--bootstrap", "50"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "evaluate",
+                "detector",
+                "--data",
+                str(run_dir),
+                "--model",
+                str(model),
+                "--ablation",
+                str(ablation),
+                "--ablation-twin",
+                str(twin),
+                "--out",
+                str(report_dir),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     report = json.loads((report_dir / "report.json").read_text())
     assert list(report["methods"]) == ["detector", "twin", "ablation", "hu_histogram"]
     pair = report["differences"]["twin_minus_ablation"]["all"]
@@ -129,11 +190,24 @@ def test_a_matched_twin_carries_the_conditioning_target(run_dir: Path, tmp_path:
     assert "## The position condition on a matched pair" in md and "GAN, conditioned (ablation's recipe)" in md
 
     # A twin without its ablation, or an unconditioned twin, is refused with a one-line reason.
-    for extra, reason in ((["--ablation-twin", str(twin)], "--ablation-twin needs --ablation"),
-                          (["--ablation", str(ablation), "--ablation-twin", str(ablation)], "is unconditioned")):
+    for extra, reason in (
+        (["--ablation-twin", str(twin)], "--ablation-twin needs --ablation"),
+        (["--ablation", str(ablation), "--ablation-twin", str(ablation)], "is unconditioned"),
+    ):
         capsys.readouterr()
-        rc = gatekeeper(["evaluate", "detector", "--data", str(run_dir), "--model", str(model), "--out",
-                         str(tmp_path / "r"), *extra])
+        rc = gatekeeper(
+            [
+                "evaluate",
+                "detector",
+                "--data",
+                str(run_dir),
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "r"),
+                *extra,
+            ]
+        )
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert rc == 2 and reason in last, last
 
@@ -155,15 +229,28 @@ def test_anomaly_mask_on_the_model_grid_covers_the_affected_slices(run_dir: Path
     assert grid[t].sum() <= full.sum()  # and the 2×2 shrink does not grow it
 
 
-def test_evaluate_without_normal_training_series_is_a_usage_error(run_dir: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_without_normal_training_series_is_a_usage_error(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = untrained_detector(tmp_path / "model")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no DICOM here")
     capsys.readouterr()
-    rc = gatekeeper(["evaluate", "detector", "--data", str(run_dir), "--model", str(model), "--out",
-                     str(tmp_path / "r"), "--train-data", str(empty)])
+    rc = gatekeeper(
+        [
+            "evaluate",
+            "detector",
+            "--data",
+            str(run_dir),
+            "--model",
+            str(model),
+            "--out",
+            str(tmp_path / "r"),
+            "--train-data",
+            str(empty),
+        ]
+    )
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert rc == 2 and "Traceback" not in err

@@ -20,6 +20,7 @@ from pydicom.uid import MRImageStorage
 pytest.importorskip("torch")  # to export the untrained detector
 
 from detector_support import untrained_detector  # noqa: E402
+
 from service.cli import main as gatekeeper  # noqa: E402
 
 
@@ -32,8 +33,25 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One normal 6-slice series (64²) with its SEG ground truth beside it."""
     out = tmp_path_factory.mktemp("phantom")
-    assert gatekeeper(["phantom", "--out", str(out), "--series", "1", "--slices", "6", "--matrix", "64",
-                       "--seed", "21", "--quiet"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "phantom",
+                "--out",
+                str(out),
+                "--series",
+                "1",
+                "--slices",
+                "6",
+                "--matrix",
+                "64",
+                "--seed",
+                "21",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     return folder
 
@@ -85,16 +103,25 @@ def nan_after_decoding(src: Path, dst: Path) -> None:
     ds.save_as(victim)
 
 
-@pytest.mark.parametrize(("make_bad", "message"), [
-    (one_slice, "has 1 slice"),
-    (mixed_sizes, "2 different sizes"),
-    (not_ct, "not a CT image series (Modality MR"),
-    (unreadable_pixels, "unreadable pixels in CT000003.dcm"),
-    (nan_after_decoding, "NaN or infinite HU after decoding in CT000003.dcm"),
-], ids=["one_slice", "mixed_sizes", "not_ct", "unreadable_pixels", "nan_after_decoding"])
+@pytest.mark.parametrize(
+    ("make_bad", "message"),
+    [
+        (one_slice, "has 1 slice"),
+        (mixed_sizes, "2 different sizes"),
+        (not_ct, "not a CT image series (Modality MR"),
+        (unreadable_pixels, "unreadable pixels in CT000003.dcm"),
+        (nan_after_decoding, "NaN or infinite HU after decoding in CT000003.dcm"),
+    ],
+    ids=["one_slice", "mixed_sizes", "not_ct", "unreadable_pixels", "nan_after_decoding"],
+)
 def test_bad_series_gets_an_error_entry_and_the_good_one_is_still_scored(
-        make_bad: Callable[[Path, Path], None], message: str, model: Path, good: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    make_bad: Callable[[Path, Path], None],
+    message: str,
+    model: Path,
+    good: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     bad = tmp_path / "bad"
     make_bad(good, bad)
     capsys.readouterr()

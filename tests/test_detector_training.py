@@ -25,8 +25,25 @@ SIZE = 64
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight normal 12-slice series (no manifest splits: the trainer holds out validation series itself)."""
     out = tmp_path_factory.mktemp("phantom")
-    assert gatekeeper(["phantom", "--out", str(out), "--series", "8", "--slices", "12", "--matrix", "64",
-                       "--seed", "11", "--quiet"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "phantom",
+                "--out",
+                str(out),
+                "--series",
+                "8",
+                "--slices",
+                "12",
+                "--matrix",
+                "64",
+                "--seed",
+                "11",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (out / "manifest.json").unlink()  # like a PACS export: just DICOM folders
     return out
 
@@ -35,9 +52,35 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     out = tmp_path_factory.mktemp("model")
     t0 = time.monotonic()
-    rc = gatekeeper(["train", "detector", "--data", str(phantom), "--out", str(out), "--size", str(SIZE),
-                     "--family", "dcgan", "--position-steps", "40", "--gan-steps", "30", "--encoder-steps", "80",
-                     "--batch", "16", "--seed", "5", "--jobs", "1", "--threads", "1", "--no-progress"])
+    rc = gatekeeper(
+        [
+            "train",
+            "detector",
+            "--data",
+            str(phantom),
+            "--out",
+            str(out),
+            "--size",
+            str(SIZE),
+            "--family",
+            "dcgan",
+            "--position-steps",
+            "40",
+            "--gan-steps",
+            "30",
+            "--encoder-steps",
+            "80",
+            "--batch",
+            "16",
+            "--seed",
+            "5",
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out, time.monotonic() - t0
 
@@ -46,8 +89,19 @@ def test_smoke_training_is_fast_losses_fall_and_model_json_is_complete(trained: 
     out, seconds = trained
     assert seconds < 180, f"smoke training took {seconds:.0f} s"
     meta = json.loads((out / "model.json").read_text())
-    for key in ("size", "kappa", "aggregation", "threshold", "preprocessing", "position", "normalisation", "files",
-                "training", "versions", "metrics"):
+    for key in (
+        "size",
+        "kappa",
+        "aggregation",
+        "threshold",
+        "preprocessing",
+        "position",
+        "normalisation",
+        "files",
+        "training",
+        "versions",
+        "metrics",
+    ):
         assert key in meta, key
     assert meta["size"] == SIZE and meta["position"]["method"] == "bpr"
     assert meta["training"]["steps"] == {"position": 40, "gan": 30, "encoder": 80}
@@ -71,7 +125,8 @@ def test_exported_scorer_matches_trained_weights(trained: tuple[Path, float]) ->
     p = rng.uniform(0, 1, 3).astype(np.float32)
     m = (rng.uniform(size=(3, 1, SIZE, SIZE)) > 0.5).astype(np.float32)
     got = ort.InferenceSession(str(out / "scorer.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"image": x, "position": p, "mask": m})
+        None, {"image": x, "position": p, "mask": m}
+    )
     with torch.no_grad():
         want = [t.numpy() for t in scorer(torch.from_numpy(x), torch.from_numpy(p), torch.from_numpy(m))]
     for g, w in zip(got, want):
@@ -83,9 +138,36 @@ def test_resume_continues_from_the_checkpoint(phantom: Path, trained: tuple[Path
     copy = tmp_path / "model"
     shutil.copytree(out, copy)
     assert gatekeeper(["train", "detector", "--data", str(phantom), "--out", str(copy), "--size", str(SIZE)]) == 2
-    rc = gatekeeper(["train", "detector", "--data", str(phantom), "--out", str(copy), "--size", str(SIZE),
-                     "--family", "dcgan", "--position-steps", "40", "--gan-steps", "30", "--encoder-steps", "90",
-                     "--batch", "16", "--seed", "5", "--jobs", "1", "--threads", "1", "--resume", "--no-progress"])
+    rc = gatekeeper(
+        [
+            "train",
+            "detector",
+            "--data",
+            str(phantom),
+            "--out",
+            str(copy),
+            "--size",
+            str(SIZE),
+            "--family",
+            "dcgan",
+            "--position-steps",
+            "40",
+            "--gan-steps",
+            "30",
+            "--encoder-steps",
+            "90",
+            "--batch",
+            "16",
+            "--seed",
+            "5",
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            "--resume",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     meta = json.loads((copy / "model.json").read_text())
     assert meta["training"]["steps"] == {"position": 40, "gan": 30, "encoder": 90}
@@ -107,8 +189,9 @@ def _mixed_sizes(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_score_reports_good_series_and_names_each_bad_one(trained: tuple[Path, float], phantom: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_score_reports_good_series_and_names_each_bad_one(
+    trained: tuple[Path, float], phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, _ = trained
     good = sorted(p for p in phantom.iterdir() if p.is_dir())[:2]
     bad = {
@@ -146,8 +229,27 @@ def test_score_reports_good_series_and_names_each_bad_one(trained: tuple[Path, f
 def test_evaluate_reports_auroc_per_anomaly_type(trained: tuple[Path, float], phantom: Path, tmp_path: Path) -> None:
     out, _ = trained
     data = tmp_path / "data"
-    assert gatekeeper(["phantom", "--out", str(data / "stent"), "--series", "1", "--slices", "12", "--matrix", "64",
-                       "--seed", "12", "--anomaly", "stent", "--quiet"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "phantom",
+                "--out",
+                str(data / "stent"),
+                "--series",
+                "1",
+                "--slices",
+                "12",
+                "--matrix",
+                "64",
+                "--seed",
+                "12",
+                "--anomaly",
+                "stent",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     entries = json.loads((data / "stent" / "manifest.json").read_text())["series"]
     for e in entries:
         e["folder"], e["split"] = f"stent/{e['folder']}", "test"
@@ -156,12 +258,35 @@ def test_evaluate_reports_auroc_per_anomaly_type(trained: tuple[Path, float], ph
     for folder in sorted(p for p in phantom.iterdir() if p.is_dir())[:3]:
         shutil.copytree(folder, data / "normal" / folder.name)
         (group,) = dicom_series.ct_series_in(dicom_series.scan_tree(data / "normal" / folder.name))
-        entries.append({"folder": f"normal/{folder.name}", "split": "test", "anomaly": None,
-                        "series_instance_uid": group.series_instance_uid})
+        entries.append(
+            {
+                "folder": f"normal/{folder.name}",
+                "split": "test",
+                "anomaly": None,
+                "series_instance_uid": group.series_instance_uid,
+            }
+        )
     (data / "manifest.json").write_text(json.dumps({"series": entries}))
     report_dir = tmp_path / "report"
-    assert gatekeeper(["evaluate", "detector", "--data", str(data), "--model", str(out), "--out", str(report_dir),
-                       "--train-data", str(phantom), "--bootstrap", "50"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "evaluate",
+                "detector",
+                "--data",
+                str(data),
+                "--model",
+                str(out),
+                "--out",
+                str(report_dir),
+                "--train-data",
+                str(phantom),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     report = json.loads((report_dir / "report.json").read_text())
     assert report["series"] == 4 and set(report["per_type"]) == {"stent", "all"}
     assert 0.0 <= report["per_type"]["stent"]["auroc"] <= 1.0
@@ -180,8 +305,10 @@ def test_reexport_from_weights_gives_the_same_graphs(trained: tuple[Path, float]
     written = {p.name for p in reexport(copy)}
     assert {"encoder.onnx", "generator.onnx", "discriminator.onnx", "position.onnx", "scorer.onnx"} <= written
     rng = np.random.default_rng(9)
-    feeds = {"image": rng.uniform(-1, 1, (2, 1, SIZE, SIZE)).astype(np.float32),
-             "position": rng.uniform(0, 1, 2).astype(np.float32)}
+    feeds = {
+        "image": rng.uniform(-1, 1, (2, 1, SIZE, SIZE)).astype(np.float32),
+        "position": rng.uniform(0, 1, 2).astype(np.float32),
+    }
     for name in ("encoder.onnx", "discriminator.onnx"):
         a = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"]).run(None, feeds)
         b = ort.InferenceSession(str(copy / name), providers=["CPUExecutionProvider"]).run(None, feeds)

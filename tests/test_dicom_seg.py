@@ -92,8 +92,13 @@ def test_same_inputs_give_the_same_uids(phantom_series) -> None:
 def test_new_algorithm_version_or_series_version_gives_new_uids(phantom_series) -> None:
     headers, mask = phantom_series
     first = build_liver_seg(source_images=headers, mask=mask, source_series_version=1, **ALGORITHM)
-    new_model = build_liver_seg(source_images=headers, mask=mask, source_series_version=1,
-                                algorithm_name=ALGORITHM["algorithm_name"], algorithm_version="sha256:fedcba")
+    new_model = build_liver_seg(
+        source_images=headers,
+        mask=mask,
+        source_series_version=1,
+        algorithm_name=ALGORITHM["algorithm_name"],
+        algorithm_version="sha256:fedcba",
+    )
     new_series_version = build_liver_seg(source_images=headers, mask=mask, source_series_version=2, **ALGORITHM)
     uids = {seg.SOPInstanceUID for seg in (first, new_model, new_series_version)}
     series_uids = {seg.SeriesInstanceUID for seg in (first, new_model, new_series_version)}
@@ -143,8 +148,9 @@ def test_no_source_images_is_refused(phantom_series) -> None:
 def test_too_long_algorithm_version_is_refused(phantom_series) -> None:
     headers, mask = phantom_series
     with pytest.raises(ValueError, match="algorithm_version"):
-        build_liver_seg(source_images=headers, mask=mask, source_series_version=1,
-                        algorithm_name="x", algorithm_version="v" * 65)
+        build_liver_seg(
+            source_images=headers, mask=mask, source_series_version=1, algorithm_name="x", algorithm_version="v" * 65
+        )
 
 
 def test_series_version_zero_is_refused(phantom_series) -> None:

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import func, select
-
 from ingest_support import (
     Db,
     ct_files,
@@ -35,9 +33,11 @@ from ingest_support import (
     upgrade,
     wait_for,
 )
+from sqlalchemy import func, select
+from test_pacs_export import orthanc
+
 from service.db.tables import Export, SeriesEvent, SeriesScore, SeriesState, WorklistItem
 from service.settings import Settings
-from test_pacs_export import orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,20 +55,73 @@ def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from service.phantom.generate import SeriesSpec, generate_run
 
     data, out = tmp_path_factory.mktemp("segdata"), tmp_path_factory.mktemp("segmodel")
-    specs = [SeriesSpec(folder=f"{split}/{i:04d}_normal", patient_seed=300 + i, series_seed=1300 + i, num_slices=14,
-                        matrix=64, split=split) for i, split in enumerate(["train", "train", "validation"])]
+    specs = [
+        SeriesSpec(
+            folder=f"{split}/{i:04d}_normal",
+            patient_seed=300 + i,
+            series_seed=1300 + i,
+            num_slices=14,
+            matrix=64,
+            split=split,
+        )
+        for i, split in enumerate(["train", "train", "validation"])
+    ]
     generate_run(specs, data, progress=False)
-    assert main(["train", "segmenter", "--data", str(data), "--out", str(out), "--size", "32", "--base", "4",
-                 "--steps", "4", "--batch", "4", "--val-every", "2", "--seed", "3", "--jobs", "1", "--threads", "1",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "segmenter",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--size",
+                "32",
+                "--base",
+                "4",
+                "--steps",
+                "4",
+                "--batch",
+                "4",
+                "--val-every",
+                "2",
+                "--seed",
+                "3",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def phantom(out: Path, *, anomaly: str, seed: int, slices: int) -> Path:
     from service.cli import main
 
-    assert main(["phantom", "--out", str(out), "--slices", str(slices), "--matrix", "128", "--seed", str(seed),
-                 "--anomaly", anomaly, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "phantom",
+                "--out",
+                str(out),
+                "--slices",
+                str(slices),
+                "--matrix",
+                "128",
+                "--seed",
+                str(seed),
+                "--anomaly",
+                anomaly,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     [folder] = [p for p in out.iterdir() if p.is_dir()]
     return folder
 
@@ -110,24 +163,47 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
     with orthanc(tmp_path / "orthanc") as pacs:
         pacs.start()
         settings = make_settings(
-            tmp_path / "var", postgres_db_url, redis_url, quiet_period_s=1.5, pacs_host="127.0.0.1",
-            pacs_port=pacs.dicom_port, pacs_ae_title="ORTHANC", export_timeout_s=10,
-            export_queue=f"test.export.{tmp_path.name}.{free_port()}", segmenter_model_dir=segmenter_dir,
-            pipeline_stuck_after_s=8, pipeline_sweep_interval_s=1, web_port=free_port(),
-            web_secret_key="e2e-" + "k" * 40)
+            tmp_path / "var",
+            postgres_db_url,
+            redis_url,
+            quiet_period_s=1.5,
+            pacs_host="127.0.0.1",
+            pacs_port=pacs.dicom_port,
+            pacs_ae_title="ORTHANC",
+            export_timeout_s=10,
+            export_queue=f"test.export.{tmp_path.name}.{free_port()}",
+            segmenter_model_dir=segmenter_dir,
+            pipeline_stuck_after_s=8,
+            pipeline_sweep_interval_s=1,
+            web_port=free_port(),
+            web_secret_key="e2e-" + "k" * 40,
+        )
         worker_command = [gatekeeper_executable(), "worker"]
-        adduser = subprocess.run([gatekeeper_executable(), "users", "add", "dosi", "--role", "dosimetrist",
-                                  "--password-stdin"], input=PASSWORD + "\n", text=True, capture_output=True,
-                                 env=settings_env(settings), timeout=60)
+        adduser = subprocess.run(
+            [gatekeeper_executable(), "users", "add", "dosi", "--role", "dosimetrist", "--password-stdin"],
+            input=PASSWORD + "\n",
+            text=True,
+            capture_output=True,
+            env=settings_env(settings),
+            timeout=60,
+        )
         assert adduser.returncode == 0, adduser.stderr
-        with listener_process(settings, tmp_path / "listener.log"), \
-                process([gatekeeper_executable(), "web"], settings, tmp_path / "web.log"), \
-                process(worker_command, settings, tmp_path / "worker1.log") as worker:
+        with (
+            listener_process(settings, tmp_path / "listener.log"),
+            process([gatekeeper_executable(), "web"], settings, tmp_path / "web.log"),
+            process(worker_command, settings, tmp_path / "worker1.log") as worker,
+        ):
             for folder in (normal, hip):
                 sent = storescu(settings.port, ct_files(folder))
                 assert sent.returncode == 0, sent.stdout[-2000:] + sent.stderr[-2000:]
-            wait_for(lambda: state(series_uid(normal)) == SeriesState.DELIVERED
-                     and state(series_uid(hip)) == SeriesState.WORKLISTED, timeout=180, interval=0.5)
+            wait_for(
+                lambda: (
+                    state(series_uid(normal)) == SeriesState.DELIVERED
+                    and state(series_uid(hip)) == SeriesState.WORKLISTED
+                ),
+                timeout=180,
+                interval=0.5,
+            )
 
             # The normal series: its SEG is in the PACS and references it.
             [normal_row] = db.series(series_uid(normal))
@@ -148,8 +224,10 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
             assert hip_row.route_reason == "anomaly"
 
             # ... and the worklist web app shows it.
-            request = urllib.request.Request(f"http://127.0.0.1:{settings.web_port}/api/worklist", headers={
-                "Authorization": "Basic " + base64.b64encode(f"dosi:{PASSWORD}".encode()).decode()})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{settings.web_port}/api/worklist",
+                headers={"Authorization": "Basic " + base64.b64encode(f"dosi:{PASSWORD}".encode()).decode()},
+            )
             worklist = wait_for(lambda: _get_json(request), timeout=30)
             [entry] = [e for e in worklist if e["series_instance_uid"] == series_uid(hip)]
             assert entry["reason"] == "anomaly" and entry["score"] > entry["threshold"]
@@ -159,8 +237,11 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
             assert sent.returncode == 0
             wait_for(lambda: state(series_uid(victim)) == SeriesState.SCORING, timeout=60, interval=0.05)
             # Its third score task has started (a few seconds of ONNX Runtime for 60 slices).
-            wait_for(lambda: (tmp_path / "worker1.log").read_text().count("Task gatekeeper.pipeline.score_series[") >= 3,
-                     timeout=30, interval=0.05)
+            wait_for(
+                lambda: (tmp_path / "worker1.log").read_text().count("Task gatekeeper.pipeline.score_series[") >= 3,
+                timeout=30,
+                interval=0.05,
+            )
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait()
             [victim_row] = db.series(series_uid(victim))
@@ -168,10 +249,14 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
             with process(worker_command, settings, tmp_path / "worker2.log"):
                 wait_for(lambda: state(series_uid(victim)) == SeriesState.DELIVERED, timeout=120, interval=0.5)
         with db.sessions() as session:
-            scores = session.scalar(select(func.count()).select_from(SeriesScore)
-                                    .where(SeriesScore.series_id == victim_row.id))
-            kinds = list(session.scalars(select(SeriesEvent.kind).where(SeriesEvent.series_id == victim_row.id)
-                                         .order_by(SeriesEvent.id)))
+            scores = session.scalar(
+                select(func.count()).select_from(SeriesScore).where(SeriesScore.series_id == victim_row.id)
+            )
+            kinds = list(
+                session.scalars(
+                    select(SeriesEvent.kind).where(SeriesEvent.series_id == victim_row.id).order_by(SeriesEvent.id)
+                )
+            )
         assert scores == 1 and kinds.count("routed") == 1, kinds
         assert "requeued_scoring" in kinds
         assert len(pacs.instances_with_uid(_export_uid(db, victim_row.id))) == 1

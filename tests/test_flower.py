@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -25,8 +24,13 @@ def flower_env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
 
 
 def test_flower_refuses_to_start_without_credentials(tmp_path: Path, redis_url: str) -> None:
-    result = subprocess.run([GATEKEEPER, "flower", "--port", str(free_port())], env=flower_env(tmp_path, redis_url),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [GATEKEEPER, "flower", "--port", str(free_port())],
+        env=flower_env(tmp_path, redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "GATEKEEPER_FLOWER_PASSWORD" in result.stderr
 
@@ -34,8 +38,13 @@ def test_flower_refuses_to_start_without_credentials(tmp_path: Path, redis_url: 
 def test_flower_starts_and_refuses_anonymous_requests(tmp_path: Path, redis_url: str) -> None:
     port = free_port()
     env = flower_env(tmp_path, redis_url, GATEKEEPER_FLOWER_USER="ops", GATEKEEPER_FLOWER_PASSWORD="flower-secret-1")
-    process = subprocess.Popen([GATEKEEPER, "flower", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [GATEKEEPER, "flower", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -45,7 +54,9 @@ def test_flower_starts_and_refuses_anonymous_requests(tmp_path: Path, redis_url:
                 break
             except httpx.TransportError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"flower did not start: {process.stdout.read() if process.stdout else ''}")
+                    raise AssertionError(
+                        f"flower did not start: {process.stdout.read() if process.stdout else ''}"
+                    ) from None
                 time.sleep(0.2)
         assert anonymous.status_code == 401
         assert httpx.get(f"{url}/api/workers", timeout=5).status_code == 401

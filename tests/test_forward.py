@@ -15,10 +15,6 @@ from typing import Any
 import pydicom
 import pytest
 from celery import Celery
-from pydantic import ValidationError
-from pynetdicom import AE, StoragePresentationContexts, evt
-from sqlalchemy import select, update
-
 from ingest_support import (
     Db,
     ct_files,
@@ -30,12 +26,16 @@ from ingest_support import (
     upgrade,
     wait_for,
 )
+from pydantic import ValidationError
+from pynetdicom import AE, StoragePresentationContexts, evt
+from sqlalchemy import select, update
+from test_pacs_export import Orthanc, orthanc
+
 from service import pipeline
 from service.db.tables import Series, SeriesEvent, SeriesState, utc_now
 from service.pacs_export import Destination, Outcome, send_files
 from service.pipeline_tasks import SEGMENT_SERIES_TASK, register_pipeline_tasks
 from service.settings import Settings, get_settings, load_settings_or_exit
-from test_pacs_export import Orthanc, orthanc
 
 FORWARD_DETAIL_KEYS = {"destination", "instances", "duration_s", "reason"}
 
@@ -78,8 +78,17 @@ def database(tmp_path: Path) -> Iterator[tuple[str, Db]]:
 
 def forward_settings(tmp_path: Path, url: str, *, port: int, ae_title: str = "ORTHANC") -> Settings:
     """Forward mode to `ae_title` at 127.0.0.1:`port`; no PACS configured (forward mode needs none)."""
-    return make_settings(tmp_path / "var", url, "memory://", quiet_period_s=0.5, segmentation_mode="forward",
-                         forward_host="127.0.0.1", forward_port=port, forward_ae_title=ae_title, export_timeout_s=5)
+    return make_settings(
+        tmp_path / "var",
+        url,
+        "memory://",
+        quiet_period_s=0.5,
+        segmentation_mode="forward",
+        forward_host="127.0.0.1",
+        forward_port=port,
+        forward_ae_title=ae_title,
+        export_timeout_s=5,
+    )
 
 
 def routed_auto(settings: Settings, db: Db, folder: Path) -> int:
@@ -89,16 +98,18 @@ def routed_auto(settings: Settings, db: Db, folder: Path) -> int:
         uid = pydicom.dcmread(ct_files(folder)[0], stop_before_pixels=True).SeriesInstanceUID
         [series] = wait_for(lambda: [s for s in db.series(uid) if s.state == SeriesState.QUEUED], timeout=30)
     with db.sessions.begin() as session:
-        session.execute(update(Series).where(Series.id == series.id)
-                        .values(state=SeriesState.SEGMENTING.value, route="auto"))
+        session.execute(
+            update(Series).where(Series.id == series.id).values(state=SeriesState.SEGMENTING.value, route="auto")
+        )
     return series.id
 
 
 def series_and_events(db: Db, series_id: int) -> tuple[Series, list[SeriesEvent]]:
     with db.sessions() as session:
         series = session.get(Series, series_id)
-        events = list(session.scalars(select(SeriesEvent).where(SeriesEvent.series_id == series_id)
-                                      .order_by(SeriesEvent.id)))
+        events = list(
+            session.scalars(select(SeriesEvent).where(SeriesEvent.series_id == series_id).order_by(SeriesEvent.id))
+        )
     assert series is not None
     return series, events
 
@@ -109,10 +120,14 @@ def sop_instance_uids(files: list[Path]) -> set[str]:
 
 def series_in_orthanc(server: Orthanc, series_instance_uid: str) -> set[str]:
     """SOP Instance UIDs that Orthanc holds for this series."""
-    found = [item["ID"] for item in server.rest("/tools/lookup", series_instance_uid.encode())
-             if item["Type"] == "Series"]
-    return {instance["MainDicomTags"]["SOPInstanceUID"]
-            for series in found for instance in server.rest(f"/series/{series}/instances")}
+    found = [
+        item["ID"] for item in server.rest("/tools/lookup", series_instance_uid.encode()) if item["Type"] == "Series"
+    ]
+    return {
+        instance["MainDicomTags"]["SOPInstanceUID"]
+        for series in found
+        for instance in server.rest(f"/series/{series}/instances")
+    }
 
 
 @contextmanager
@@ -139,8 +154,13 @@ def store_scp(status_of: Callable[[int], int], ae_title: str = "SEGNODE") -> Ite
 
 @pytest.mark.parametrize("missing", ["forward_host", "forward_ae_title"])
 def test_forward_mode_without_its_destination_is_refused_naming_the_field(tmp_path: Path, missing: str) -> None:
-    values = {"storage_dir": tmp_path, "segmentation_mode": "forward", "forward_host": "segnode.example.org",
-              "forward_ae_title": "SEGNODE", missing: ""}
+    values = {
+        "storage_dir": tmp_path,
+        "segmentation_mode": "forward",
+        "forward_host": "segnode.example.org",
+        "forward_ae_title": "SEGNODE",
+        missing: "",
+    }
     with pytest.raises(ValidationError, match=f"{missing} is empty; set GATEKEEPER_{missing.upper()}"):
         Settings(**values)
 
@@ -175,8 +195,9 @@ def test_internal_mode_is_the_default_and_needs_no_forward_destination(tmp_path:
 def test_every_instance_is_stored_over_one_association(tmp_path: Path, phantom: Path) -> None:
     settings = Settings(storage_dir=tmp_path, export_timeout_s=5)
     with store_scp(lambda n: 0x0000) as port:
-        result = send_files(paths=ct_files(phantom), destination=Destination("SEGNODE", "127.0.0.1", port),
-                            settings=settings)
+        result = send_files(
+            paths=ct_files(phantom), destination=Destination("SEGNODE", "127.0.0.1", port), settings=settings
+        )
     assert (result.outcome, result.status, result.reason) == (Outcome.DELIVERED, 0x0000, None)
     assert result.destination == f"SEGNODE@127.0.0.1:{port}"
 
@@ -184,8 +205,9 @@ def test_every_instance_is_stored_over_one_association(tmp_path: Path, phantom: 
 def test_some_instances_out_of_resources_is_transient_and_says_how_many(tmp_path: Path, phantom: Path) -> None:
     settings = Settings(storage_dir=tmp_path, export_timeout_s=5)
     with store_scp(lambda n: 0xA700 if n in (3, 7) else 0x0000) as port:
-        result = send_files(paths=ct_files(phantom), destination=Destination("SEGNODE", "127.0.0.1", port),
-                            settings=settings)
+        result = send_files(
+            paths=ct_files(phantom), destination=Destination("SEGNODE", "127.0.0.1", port), settings=settings
+        )
     assert (result.outcome, result.status) == (Outcome.TRANSIENT, 0xA700)
     assert result.reason == "2 of 12 instances failed; the worst: 0xA700 refused: out of resources"
 
@@ -193,8 +215,9 @@ def test_some_instances_out_of_resources_is_transient_and_says_how_many(tmp_path
 def test_a_permanent_failure_outweighs_transient_ones(tmp_path: Path, phantom: Path) -> None:
     settings = Settings(storage_dir=tmp_path, export_timeout_s=5)
     with store_scp(lambda n: {2: 0xA700, 5: 0xC000}.get(n, 0x0000)) as port:
-        result = send_files(paths=ct_files(phantom), destination=Destination("SEGNODE", "127.0.0.1", port),
-                            settings=settings)
+        result = send_files(
+            paths=ct_files(phantom), destination=Destination("SEGNODE", "127.0.0.1", port), settings=settings
+        )
     assert (result.outcome, result.status) == (Outcome.PERMANENT, 0xC000)
     assert result.reason == "2 of 12 instances failed; the worst: 0xC000 error: cannot understand"
 
@@ -204,8 +227,11 @@ def test_an_unreadable_file_fails_before_anything_is_sent(tmp_path: Path, phanto
     junk.write_bytes(b"not dicom")
     calls: list[int] = []
     with store_scp(lambda n: calls.append(n) or 0x0000) as port:
-        result = send_files(paths=[*ct_files(phantom), junk], destination=Destination("SEGNODE", "127.0.0.1", port),
-                            settings=Settings(storage_dir=tmp_path, export_timeout_s=5))
+        result = send_files(
+            paths=[*ct_files(phantom), junk],
+            destination=Destination("SEGNODE", "127.0.0.1", port),
+            settings=Settings(storage_dir=tmp_path, export_timeout_s=5),
+        )
     assert result.outcome == Outcome.PERMANENT and "junk.dcm" in result.reason and calls == []
 
 
@@ -229,8 +255,10 @@ def test_forwarded_series_arrives_whole_and_the_series_is_delivered(
         series, events = series_and_events(db, series_id)
         arrived = series_in_orthanc(server, series.series_instance_uid)
         # A duplicate message finds the series delivered and sends nothing.
-        assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id,
-                                segmenter=None) == pipeline.DONE
+        assert (
+            pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None)
+            == pipeline.DONE
+        )
         assert len(server.rest("/instances")) == len(ct_files(phantom))
     assert arrived == sop_instance_uids(ct_files(phantom))
     assert (series.state, series.route) == (SeriesState.DELIVERED, "auto")
@@ -251,14 +279,17 @@ def test_node_refusing_our_ae_fails_the_series_with_the_reason(
         server.start()
         settings = forward_settings(tmp_path, url, port=server.dicom_port)
         series_id = routed_auto(settings, db, phantom)
-        assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id,
-                                segmenter=None) == pipeline.DONE
+        assert (
+            pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None)
+            == pipeline.DONE
+        )
         assert server.rest("/instances") == []
     series, events = series_and_events(db, series_id)
     assert series.state == SeriesState.EXPORT_FAILED
     assert events[-1].kind == "export_failed"
-    assert events[-1].detail["reason"] == ("association rejected permanently by the service-user: "
-                                           "calling AE title not recognized")
+    assert events[-1].detail["reason"] == (
+        "association rejected permanently by the service-user: calling AE title not recognized"
+    )
 
 
 def test_node_down_leaves_the_series_to_the_sweeper(tmp_path: Path, phantom: Path, database: tuple[str, Db]) -> None:
@@ -266,12 +297,14 @@ def test_node_down_leaves_the_series_to_the_sweeper(tmp_path: Path, phantom: Pat
     settings = forward_settings(tmp_path, url, port=free_port())  # nobody listens there
     settings = settings.model_copy(update={"pipeline_stuck_after_s": 60})
     series_id = routed_auto(settings, db, phantom)
-    assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id,
-                            segmenter=None) == pipeline.DONE
+    assert (
+        pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None) == pipeline.DONE
+    )
     series, events = series_and_events(db, series_id)
     assert series.state == SeriesState.SEGMENTING
     assert events[-1].kind == "forward_failed" and events[-1].detail["reason"].startswith("cannot connect to")
     publisher = RecordingPublisher()
-    report = pipeline.sweep(sessions=db.sessions, settings=settings, publisher=publisher,
-                            now=utc_now() + dt.timedelta(seconds=61))
+    report = pipeline.sweep(
+        sessions=db.sessions, settings=settings, publisher=publisher, now=utc_now() + dt.timedelta(seconds=61)
+    )
     assert report.requeued == [series_id] and publisher.messages == [pipeline.Next("segment", series_id)]

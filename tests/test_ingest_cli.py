@@ -7,8 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
-
 from ingest_support import (
     Db,
     ct_files,
@@ -18,10 +16,11 @@ from ingest_support import (
     make_settings,
     running_listener,
     settings_env,
-    storescu,
     upgrade,
     wait_for,
 )
+from pydantic import ValidationError
+
 from service.db.tables import SeriesState
 from service.ingest.listener import AccessPolicy
 from service.settings import Settings
@@ -83,8 +82,12 @@ def test_listener_on_default_sqlite_serves_concurrent_senders_and_series_lists_t
     settings = make_settings(tmp_path / "var", database_url, redis_url)
     db = Db(database_url)
     with running_listener(settings) as listener:
-        senders = [subprocess.Popen(["storescu", "-aec", "GATEKEEPER", "127.0.0.1", str(listener.port),
-                                     *map(str, ct_files(folder))]) for folder in folders]
+        senders = [
+            subprocess.Popen(
+                ["storescu", "-aec", "GATEKEEPER", "127.0.0.1", str(listener.port), *map(str, ct_files(folder))]
+            )
+            for folder in folders
+        ]
         assert [sender.wait(timeout=120) for sender in senders] == [0, 0]
         wait_for(lambda: [s.state for s in db.series()] == [SeriesState.QUEUED] * 2)
     env = settings_env(settings)

@@ -13,11 +13,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from pydicom import dcmread
-from pynetdicom import AE
-from sqlalchemy import select
-from sqlalchemy.engine import make_url
-
 from ingest_support import (
     Db,
     ct_files,
@@ -30,6 +25,11 @@ from ingest_support import (
     upgrade,
     wait_for,
 )
+from pydicom import dcmread
+from pynetdicom import AE
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
 from service import ingest_cli
 from service.db.tables import QuarantinedInstance, SeriesState
 from service.settings import get_settings
@@ -89,13 +89,15 @@ def test_series_is_stored_indexed_completed_and_queued_with_ids_only(
         result = storescu(listener.port, files)
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout.count("Received Store Response (Success)") + result.stderr.count(
-            "Received Store Response (Success)") == len(files)
+            "Received Store Response (Success)"
+        ) == len(files)
         [series] = wait_for(lambda: [s for s in stored_series(db, series_a) if s.state == SeriesState.QUEUED])
     assert series.num_instances == len(files) and series.version == 1
     assert series.geometry_findings == []
     instances = db.instances(series.id)
     assert sorted(i.sop_instance_uid for i in instances) == sorted(
-        dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files)
+        dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files
+    )
     for instance in instances:
         stored = settings.storage_dir / instance.relative_path
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == instance.sha256
@@ -152,6 +154,7 @@ def third_party_dir() -> Path:
 
 # --- bad bytes, sent as they are by pynetdicom (storescu refuses to read broken files) -------------
 
+
 def send_raw(port: int, path: Path) -> int:
     """Send the data set of `path` without decoding it (bytes as in the file); return the C-STORE status."""
     from pynetdicom import _config
@@ -184,14 +187,14 @@ def corrupt_copies(source: Path, out: Path) -> dict[str, Path]:
     # Garbage over a data element header in the middle of the data set (before Pixel Data).
     garbage = bytearray(raw)
     offset = raw.index(b"\x28\x00\x10\x00")  # (0028,0010) Rows
-    garbage[offset: offset + 8] = b"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8"
+    garbage[offset : offset + 8] = b"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8"
     variants["garbage_in_element"] = out / "garbage.dcm"
     variants["garbage_in_element"].write_bytes(bytes(garbage))
 
     # A value length that runs past the end of the data set: (0010,0010) Patient Name says 60000 bytes.
     wrong_length = bytearray(raw)
     offset = raw.index(b"\x10\x00\x10\x00PN")
-    wrong_length[offset + 6: offset + 8] = (60000).to_bytes(2, "little")
+    wrong_length[offset + 6 : offset + 8] = (60000).to_bytes(2, "little")
     variants["wrong_value_length"] = out / "wrong_length.dcm"
     variants["wrong_value_length"].write_bytes(bytes(wrong_length))
 
@@ -207,13 +210,16 @@ def corrupt_copies(source: Path, out: Path) -> dict[str, Path]:
     return variants
 
 
-@pytest.mark.parametrize(("defect", "status"), [
-    ("truncated", 0xC210),
-    ("garbage_in_element", 0xC210),
-    ("wrong_value_length", 0xC210),
-    ("missing_pixel_data", 0xA900),
-    ("pixel_data_size_mismatch", 0xA900),
-])
+@pytest.mark.parametrize(
+    ("defect", "status"),
+    [
+        ("truncated", 0xC210),
+        ("garbage_in_element", 0xC210),
+        ("wrong_value_length", 0xC210),
+        ("missing_pixel_data", 0xA900),
+        ("pixel_data_size_mismatch", 0xA900),
+    ],
+)
 def test_corrupt_data_set_is_refused_and_not_stored(
     settings, db: Db, series_a: Path, tmp_path: Path, defect: str, status: int
 ) -> None:  # type: ignore[no-untyped-def]
@@ -251,8 +257,9 @@ def test_different_content_under_same_uid_is_quarantined_not_overwritten(
             assert storescu(listener.port, [changed_path]).returncode == 0
     [series] = db.series()
     [instance] = db.instances(series.id)
-    assert (settings.storage_dir / instance.relative_path).read_bytes()[128:] == first.read_bytes()[128:] or \
-        hashlib.sha256((settings.storage_dir / instance.relative_path).read_bytes()).hexdigest() == instance.sha256
+    assert (settings.storage_dir / instance.relative_path).read_bytes()[128:] == first.read_bytes()[
+        128:
+    ] or hashlib.sha256((settings.storage_dir / instance.relative_path).read_bytes()).hexdigest() == instance.sha256
     assert dcmread(settings.storage_dir / instance.relative_path).get("SeriesDescription") != "edited after sending"
     with db.session() as session:
         [quarantined] = session.scalars(select(QuarantinedInstance)).all()
@@ -344,8 +351,9 @@ def test_quiet_period_is_configurable_per_calling_ae(
     tmp_path: Path, db_url: str, redis_url: str, db: Db, phantom_dir: Path
 ) -> None:
     slow, fast = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[1:3]
-    settings = make_settings(tmp_path / "var", db_url, redis_url, quiet_period_s=3600,
-                             quiet_period_s_by_ae={"TESTSCU": 0.5})
+    settings = make_settings(
+        tmp_path / "var", db_url, redis_url, quiet_period_s=3600, quiet_period_s_by_ae={"TESTSCU": 0.5}
+    )
     with running_listener(settings) as listener:
         assert storescu(listener.port, ct_files(slow)).returncode == 0
         assert storescu(listener.port, ct_files(fast), aet="TESTSCU").returncode == 0
@@ -372,9 +380,7 @@ def test_restart_resumes_quiet_period_of_receiving_series(
     assert series.num_instances == len(files) and series.version == 1 and series.num_duplicates == 3
 
 
-def test_geometry_findings_are_recorded_for_a_series_with_a_missing_slice(
-    settings, db: Db, series_a: Path
-) -> None:  # type: ignore[no-untyped-def]
+def test_geometry_findings_are_recorded_for_a_series_with_a_missing_slice(settings, db: Db, series_a: Path) -> None:  # type: ignore[no-untyped-def]
     files = ct_files(series_a)
     with running_listener(settings) as listener:
         assert storescu(listener.port, files[:2] + files[3:]).returncode == 0
@@ -452,8 +458,9 @@ def test_association_limit_timeouts_and_pdu_size_come_from_settings(
 ) -> None:
     import time
 
-    settings = make_settings(tmp_path / "var", db_url, redis_url, max_associations=1, network_timeout_s=1.0,
-                             max_pdu_bytes=16384)
+    settings = make_settings(
+        tmp_path / "var", db_url, redis_url, max_associations=1, network_timeout_s=1.0, max_pdu_bytes=16384
+    )
     with running_listener(settings, run_assembler=False) as listener:
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context("1.2.840.10008.1.1")
@@ -468,22 +475,24 @@ def test_association_limit_timeouts_and_pdu_size_come_from_settings(
         assert "Max Send PDV: 16372" in result.stdout + result.stderr  # 16384 minus the PDV header
 
 
-def test_no_patient_data_in_logs_even_at_debug_level(
-    settings, db: Db, series_a: Path, caplog, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+def test_no_patient_data_in_logs_even_at_debug_level(settings, db: Db, series_a: Path, caplog, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     files = ct_files(series_a)
     header = dcmread(files[0], stop_before_pixels=True)
-    secrets = [str(header.PatientName), str(header.PatientID), str(header.PatientBirthDate), str(header.AccessionNumber)]
+    secrets = [
+        str(header.PatientName),
+        str(header.PatientID),
+        str(header.PatientBirthDate),
+        str(header.AccessionNumber),
+    ]
     assert all(secrets)
     changed = dcmread(files[0])
     changed.ImageComments = "changed"
     changed.save_as(tmp_path / "changed.dcm")
-    with caplog.at_level(logging.DEBUG):
-        with running_listener(settings) as listener:
-            assert storescu(listener.port, files).returncode == 0
-            assert storescu(listener.port, files[:1] + [tmp_path / "changed.dcm"]).returncode == 0  # duplicate, quarantine
-            assert storescu(listener.port, files[:1], aet="INTRUDER").returncode != 0
-            wait_for(lambda: [s for s in stored_series(db, series_a) if s.state == SeriesState.QUEUED])
+    with caplog.at_level(logging.DEBUG), running_listener(settings) as listener:
+        assert storescu(listener.port, files).returncode == 0
+        assert storescu(listener.port, files[:1] + [tmp_path / "changed.dcm"]).returncode == 0  # duplicate, quarantine
+        assert storescu(listener.port, files[:1], aet="INTRUDER").returncode != 0
+        wait_for(lambda: [s for s in stored_series(db, series_a) if s.state == SeriesState.QUEUED])
     assert "queued series id" in caplog.text and "rejecting association" in caplog.text
     import re
 

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from pydicom import dcmread
-
 from ingest_support import (
     Db,
     clone_series,
@@ -33,6 +31,8 @@ from ingest_support import (
     upgrade,
     wait_for,
 )
+from pydicom import dcmread
+
 from service.db.tables import SeriesState
 from service.ingest.queue import CeleryPublisher, make_celery_app
 
@@ -57,8 +57,7 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance_and_retry_queues_once(
     upgrade(postgres_db_url)
     [source] = make_phantom(tmp_path / "phantom", slices=10, seed=21)
     files = clone_series(source, tmp_path / "series300", 300)
-    settings = make_settings(tmp_path / "var", postgres_db_url, redis_url, quiet_period_s=4.0,
-                             sweeper_interval_s=0.3)
+    settings = make_settings(tmp_path / "var", postgres_db_url, redis_url, quiet_period_s=4.0, sweeper_interval_s=0.3)
     db = Db(postgres_db_url)
 
     def stored_count() -> int:
@@ -68,7 +67,9 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance_and_retry_queues_once(
     with listener_process(settings, tmp_path / "listener1.log") as listener:
         sender = subprocess.Popen(
             ["storescu", "-v", "-aec", "GATEKEEPER", "127.0.0.1", str(settings.port), *map(str, files)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         wait_for(lambda: stored_count() >= 100, timeout=120, interval=0.02)
         os.kill(listener.pid, signal.SIGKILL)
@@ -122,8 +123,12 @@ def test_worker_takes_the_series_and_sweeper_resends_a_lost_message(
 
         # A worker on the light queue only: it takes the series (start stage) and queues its scoring.
         log = (tmp_path / "worker.log").open("wb")
-        worker = subprocess.Popen([gatekeeper_executable(), "worker", "--queues", "default"],
-                                  env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [gatekeeper_executable(), "worker", "--queues", "default"],
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for(lambda: db.series()[0].state == SeriesState.SCORING, timeout=60)
             wait_for(lambda: broker.llen(settings.score_queue) == 1)
@@ -149,22 +154,30 @@ def orthanc_executable() -> str:
     return path
 
 
-def test_orthanc_pushes_a_study_through_its_rest_api(
-    tmp_path: Path, postgres_db_url: str, redis_url: str
-) -> None:
+def test_orthanc_pushes_a_study_through_its_rest_api(tmp_path: Path, postgres_db_url: str, redis_url: str) -> None:
     upgrade(postgres_db_url)
     [folder] = make_phantom(tmp_path / "phantom", slices=5, seed=13)
-    settings = make_settings(tmp_path / "var", postgres_db_url, redis_url, allowed_ae_titles=["ORTHANC"],
-                             quiet_period_s=2.0)
+    settings = make_settings(
+        tmp_path / "var", postgres_db_url, redis_url, allowed_ae_titles=["ORTHANC"], quiet_period_s=2.0
+    )
     http_port = free_port()
     config = {
-        "Name": "test-pacs", "StorageDirectory": str(tmp_path / "orthanc-db"), "IndexDirectory": str(tmp_path / "orthanc-db"),
-        "HttpPort": http_port, "DicomPort": free_port(), "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "Plugins": [], "DicomModalities": {"gatekeeper": ["GATEKEEPER", "127.0.0.1", settings.port]},
+        "Name": "test-pacs",
+        "StorageDirectory": str(tmp_path / "orthanc-db"),
+        "IndexDirectory": str(tmp_path / "orthanc-db"),
+        "HttpPort": http_port,
+        "DicomPort": free_port(),
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        "DicomModalities": {"gatekeeper": ["GATEKEEPER", "127.0.0.1", settings.port]},
     }
     (tmp_path / "orthanc.json").write_text(json.dumps(config))
     log = (tmp_path / "orthanc.log").open("wb")
-    orthanc = subprocess.Popen([orthanc_executable(), str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    orthanc = subprocess.Popen(
+        [orthanc_executable(), str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+    )
     db = Db(postgres_db_url)
     base = f"http://127.0.0.1:{http_port}"
 
@@ -186,8 +199,10 @@ def test_orthanc_pushes_a_study_through_its_rest_api(
         for path in ct_files(folder):
             rest("/instances", path.read_bytes())
         [study] = rest("/studies")  # type: ignore[misc]
-        with running_listener(settings) as listener:
-            answer = rest("/modalities/gatekeeper/store", json.dumps({"Resources": [study], "Synchronous": True}).encode())
+        with running_listener(settings):
+            answer = rest(
+                "/modalities/gatekeeper/store", json.dumps({"Resources": [study], "Synchronous": True}).encode()
+            )
             assert answer["FailedInstancesCount"] == 0 and answer["InstancesCount"] == 5, answer  # type: ignore[index]
             [series] = wait_for(lambda: [s for s in db.series() if s.state == SeriesState.QUEUED])
         assert series.num_instances == 5 and series.calling_ae_title == "ORTHANC"

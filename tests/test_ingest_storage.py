@@ -25,8 +25,12 @@ def test_part10_file_meta_equals_pydicom_encoding(sop_instance_uid: str) -> None
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     write_file_meta_info(buffer, meta)
-    ours = part10_file(b"", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop_instance_uid,
-                       transfer_syntax_uid="1.2.840.10008.1.2.4.90")
+    ours = part10_file(
+        b"",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax_uid="1.2.840.10008.1.2.4.90",
+    )
     assert ours == b"\x00" * 128 + b"DICM" + buffer.getvalue()
     parsed = dcmread(BytesIO(ours + b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00"))
     assert parsed.file_meta.MediaStorageSOPInstanceUID == sop_instance_uid

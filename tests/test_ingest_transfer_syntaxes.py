@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ingest_support import Db, ct_files, make_phantom, make_settings, running_listener, storescu, upgrade
 from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -21,8 +22,6 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-
-from ingest_support import Db, ct_files, make_phantom, make_settings, running_listener, storescu, upgrade
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +129,9 @@ def propose_options(path: Path) -> list[str]:
     header = dcmread(path, stop_before_pixels=True, force=True)
     if "TransferSyntaxUID" not in header.file_meta:
         return ["-xe"]
-    options = ["-R"] if header.get("SOPClassUID") in ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.481.3") else []
+    options = (
+        ["-R"] if header.get("SOPClassUID") in ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.481.3") else []
+    )
     for syntax, (_, option) in SYNTAXES.items():
         if syntax == header.file_meta.TransferSyntaxUID:
             return [*options, option]
@@ -166,6 +167,9 @@ def test_third_party_files_each_get_the_right_status(tmp_path: Path, db_url: str
                 assert "missing SOP class" in output or "Bad DICOM file" in output or "E: " in output, output
         assert refused >= len(refused_at_negotiation) - 3
     stored = {i.sop_instance_uid for s in db.series() for i in db.instances(s.id)}
-    expected_uids = {str(dcmread(data / n, stop_before_pixels=True).SOPInstanceUID)
-                     for n, e in ACCEPTED_THIRD_PARTY.items() if e == "Success"}
+    expected_uids = {
+        str(dcmread(data / n, stop_before_pixels=True).SOPInstanceUID)
+        for n, e in ACCEPTED_THIRD_PARTY.items()
+        if e == "Success"
+    }
     assert stored == expected_uids

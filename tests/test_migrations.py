@@ -60,8 +60,16 @@ def test_upgrade_head_on_empty_database_matches_tables(empty_database_url: str) 
     command.upgrade(config, "head")
     assert schema_differences(empty_database_url) == []
     assert table_names(empty_database_url) == {
-        "alembic_version", "series", "instance", "series_event", "quarantined_instance", "export", "export_attempt",
-        "series_score", "app_user", "worklist_item"
+        "alembic_version",
+        "series",
+        "instance",
+        "series_event",
+        "quarantined_instance",
+        "export",
+        "export_attempt",
+        "series_score",
+        "app_user",
+        "worklist_item",
     }
 
 

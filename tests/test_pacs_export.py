@@ -21,8 +21,6 @@ import highdicom as hd
 import pydicom
 import pytest
 import redis
-from sqlalchemy import select, update
-
 from ingest_support import (
     Db,
     free_port,
@@ -32,6 +30,8 @@ from ingest_support import (
     upgrade,
     wait_for,
 )
+from sqlalchemy import select, update
+
 from service.cli import main
 from service.db.tables import Export, ExportAttempt, ExportState, utc_now
 from service.dicom_seg import build_liver_seg
@@ -53,7 +53,6 @@ from service.phantom.anatomy import Label
 from service.phantom.generate import SeriesSpec, generate_series
 from service.settings import Settings, get_settings, load_settings_or_exit
 
-
 # --- fixtures ---------------------------------------------------------------------------------------
 
 
@@ -65,11 +64,17 @@ def seg_case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ct_paths = [out / "ct" / name for name in entry["files"]]
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in ct_paths]
     labels = hd.seg.segread(out / "ct" / entry["organs_seg"]).get_pixels_by_source_instance(
-        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in headers], combine_segments=True,
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in headers],
+        combine_segments=True,
         assert_missing_frames_are_empty=True,
     )
-    seg = build_liver_seg(source_images=headers, mask=labels == Label.LIVER, algorithm_name="test liver model",
-                          algorithm_version="test-1", source_series_version=1)
+    seg = build_liver_seg(
+        source_images=headers,
+        mask=labels == Label.LIVER,
+        algorithm_name="test liver model",
+        algorithm_version="test-1",
+        source_series_version=1,
+    )
     seg_path = out / "liver.seg.dcm"
     seg.save_as(seg_path)
     return {
@@ -92,9 +97,16 @@ def sqlite_sessions(tmp_path: Path) -> Iterator[Any]:
 
 
 def unit_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"storage_dir": tmp_path / "var", "pacs_host": "127.0.0.1", "pacs_port": free_port(),
-                              "pacs_ae_title": "PACS", "export_retry_initial_s": 30, "export_retry_max_s": 3600,
-                              "export_retry_deadline_s": 48 * 3600, "export_timeout_s": 5}
+    values: dict[str, Any] = {
+        "storage_dir": tmp_path / "var",
+        "pacs_host": "127.0.0.1",
+        "pacs_port": free_port(),
+        "pacs_ae_title": "PACS",
+        "export_retry_initial_s": 30,
+        "export_retry_max_s": 3600,
+        "export_retry_deadline_s": 48 * 3600,
+        "export_timeout_s": 5,
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -104,8 +116,14 @@ def fake_send(outcome: Outcome, status: int | None = None, reason: str | None = 
 
     def send(*, path: Path, settings: Settings) -> SendResult:
         calls.append(path)
-        return SendResult(outcome=outcome, status=status, reason=reason, destination="PACS@127.0.0.1:104",
-                          started_at=utc_now(), duration_s=0.01)
+        return SendResult(
+            outcome=outcome,
+            status=status,
+            reason=reason,
+            destination="PACS@127.0.0.1:104",
+            started_at=utc_now(),
+            duration_s=0.01,
+        )
 
     send.calls = calls  # type: ignore[attr-defined]
     return send
@@ -205,8 +223,9 @@ def test_retry_max_below_initial_is_refused(tmp_path: Path) -> None:
 
 def test_export_without_pacs_host_is_refused(tmp_path: Path, seg_case: dict[str, Any], sqlite_sessions: Any) -> None:
     with pytest.raises(ExportNotConfiguredError, match="GATEKEEPER_PACS_HOST"):
-        record_export(sessions=sqlite_sessions, settings=unit_settings(tmp_path, pacs_host=""),
-                      path=seg_case["seg_path"])
+        record_export(
+            sessions=sqlite_sessions, settings=unit_settings(tmp_path, pacs_host=""), path=seg_case["seg_path"]
+        )
 
 
 # --- deliver(): state, attempts, backoff (SQLite, no network) -----------------------------------------
@@ -265,8 +284,9 @@ def test_transient_failures_past_the_deadline_give_up(
     settings = unit_settings(tmp_path, export_retry_deadline_s=3600)
     export_id, _ = record_export(sessions=sqlite_sessions, settings=settings, path=seg_case["seg_path"])
     with sqlite_sessions.begin() as session:
-        session.execute(update(Export).where(Export.id == export_id)
-                        .values(pending_since=utc_now() - dt.timedelta(hours=2)))
+        session.execute(
+            update(Export).where(Export.id == export_id).values(pending_since=utc_now() - dt.timedelta(hours=2))
+        )
     send = fake_send(Outcome.TRANSIENT, None, "cannot connect to 127.0.0.1:104")
     delivery = deliver(sessions=sqlite_sessions, settings=settings, export_id=export_id, send=send)
     assert delivery.state == ExportState.FAILED and delivery.retry_after_s is None
@@ -282,10 +302,15 @@ def test_last_retry_lands_on_the_deadline(tmp_path: Path, seg_case: dict[str, An
     settings = unit_settings(tmp_path, export_retry_initial_s=600, export_retry_max_s=600, export_retry_deadline_s=3600)
     export_id, _ = record_export(sessions=sqlite_sessions, settings=settings, path=seg_case["seg_path"])
     with sqlite_sessions.begin() as session:
-        session.execute(update(Export).where(Export.id == export_id)
-                        .values(pending_since=utc_now() - dt.timedelta(seconds=3400)))
-    delivery = deliver(sessions=sqlite_sessions, settings=settings, export_id=export_id,
-                       send=fake_send(Outcome.TRANSIENT, None, "timeout"))
+        session.execute(
+            update(Export).where(Export.id == export_id).values(pending_since=utc_now() - dt.timedelta(seconds=3400))
+        )
+    delivery = deliver(
+        sessions=sqlite_sessions,
+        settings=settings,
+        export_id=export_id,
+        send=fake_send(Outcome.TRANSIENT, None, "timeout"),
+    )
     assert delivery.state == ExportState.PENDING and 190 <= delivery.retry_after_s <= 200
 
 
@@ -330,9 +355,16 @@ class Orthanc:
         self.folder = folder
         self.http_port, self.dicom_port = free_port(), free_port()
         self.config = {
-            "Name": "test-pacs", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [], **config,
+            "Name": "test-pacs",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+            **config,
         }
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -341,8 +373,9 @@ class Orthanc:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "orthanc.json").write_text(json.dumps(self.config))
         log = (self.folder / "orthanc.log").open("ab")
-        self.process = subprocess.Popen([orthanc_executable(), str(self.folder / "orthanc.json")], stdout=log,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [orthanc_executable(), str(self.folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
 
         def up() -> bool:
@@ -362,8 +395,9 @@ class Orthanc:
         self.process = None
 
     def rest(self, path: str, body: bytes | None = None) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
-                                         method="POST" if body is not None else "GET")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST" if body is not None else "GET"
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
@@ -397,15 +431,27 @@ def gatekeeper_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Itera
 def export_settings(
     tmp_path: Path, postgres_db_url: str, redis_url: str, server: Orthanc, **overrides: Any
 ) -> Settings:
-    return make_settings(tmp_path / "var", postgres_db_url, redis_url, pacs_host="127.0.0.1",
-                         pacs_port=server.dicom_port, pacs_ae_title="ORTHANC", export_timeout_s=5,
-                         export_queue=f"test.export.{tmp_path.name}.{free_port()}", **overrides)
+    return make_settings(
+        tmp_path / "var",
+        postgres_db_url,
+        redis_url,
+        pacs_host="127.0.0.1",
+        pacs_port=server.dicom_port,
+        pacs_ae_title="ORTHANC",
+        export_timeout_s=5,
+        export_queue=f"test.export.{tmp_path.name}.{free_port()}",
+        **overrides,
+    )
 
 
 @pytest.mark.integration
 def test_seg_arrives_in_orthanc_once_and_references_the_source_series(
-    tmp_path: Path, seg_case: dict[str, Any], postgres_db_url: str, redis_url: str,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    seg_case: dict[str, Any],
+    postgres_db_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     upgrade(postgres_db_url)
     with orthanc(tmp_path / "orthanc") as server:
@@ -444,8 +490,12 @@ def test_seg_arrives_in_orthanc_once_and_references_the_source_series(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_orthanc_down_then_back_is_delivered_exactly_once_by_the_worker(
-    tmp_path: Path, seg_case: dict[str, Any], postgres_db_url: str, redis_url: str,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    seg_case: dict[str, Any],
+    postgres_db_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     upgrade(postgres_db_url)
     db = Db(postgres_db_url)
@@ -461,11 +511,13 @@ def test_orthanc_down_then_back_is_delivered_exactly_once_by_the_worker(
     with orthanc(tmp_path / "orthanc") as server:
         server.start()
         server.stop()  # the PACS goes down before our export
-        settings = export_settings(tmp_path, postgres_db_url, redis_url, server,
-                                   export_retry_initial_s=1, export_retry_max_s=2)
+        settings = export_settings(
+            tmp_path, postgres_db_url, redis_url, server, export_retry_initial_s=1, export_retry_max_s=2
+        )
         log = (tmp_path / "worker.log").open("wb")
-        worker = subprocess.Popen([gatekeeper_executable(), "worker"], env=settings_env(settings),
-                                  stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [gatekeeper_executable(), "worker"], env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             with gatekeeper_env(monkeypatch, settings):
                 assert main(["exports", "send", str(seg_case["seg_path"])]) == 0
@@ -490,8 +542,12 @@ def test_orthanc_down_then_back_is_delivered_exactly_once_by_the_worker(
 
 @pytest.mark.integration
 def test_orthanc_refusing_our_ae_fails_at_once_and_operator_retry_delivers(
-    tmp_path: Path, seg_case: dict[str, Any], postgres_db_url: str, redis_url: str,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    seg_case: dict[str, Any],
+    postgres_db_url: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     upgrade(postgres_db_url)
     db = Db(postgres_db_url)
@@ -504,8 +560,9 @@ def test_orthanc_refusing_our_ae_fails_at_once_and_operator_retry_delivers(
             assert main(["exports", "send", str(seg_case["seg_path"]), "--now", "--json"]) == 1
             receipt = json.loads(capsys.readouterr().out)
             assert receipt["state"] == "failed" and receipt["attempts"] == 1 and receipt["last_status"] is None
-            assert receipt["last_reason"] == ("association rejected permanently by the service-user: "
-                                              "calling AE title not recognized")
+            assert receipt["last_reason"] == (
+                "association rejected permanently by the service-user: calling AE title not recognized"
+            )
             assert broker.llen(settings.export_queue) == 0  # no retry is scheduled
 
             assert main(["exports", "list", "--state", "failed", "--json"]) == 0
@@ -543,9 +600,26 @@ def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
     """A self-signed certificate and its key for CN=localhost (also valid for 127.0.0.1), made with openssl."""
     key, cert = folder / f"{name}.key", folder / f"{name}.crt"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=localhost/O={name}",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=localhost/O={name}",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return key, cert
 
@@ -557,13 +631,24 @@ def test_seg_is_delivered_over_mutual_tls_and_an_untrusted_pacs_is_refused(
     server_key, server_cert = self_signed(tmp_path, "pacs")
     client_key, client_cert = self_signed(tmp_path, "gatekeeper")
     stranger_key, stranger_cert = self_signed(tmp_path, "stranger")
-    tls = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(server_cert), "DicomTlsPrivateKey": str(server_key),
-           "DicomTlsTrustedCertificates": str(client_cert), "DicomTlsRemoteCertificateRequired": True}
+    tls = {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(server_cert),
+        "DicomTlsPrivateKey": str(server_key),
+        "DicomTlsTrustedCertificates": str(client_cert),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
     with orthanc(tmp_path / "orthanc", **tls) as server:
         server.start()
-        settings = unit_settings(tmp_path, pacs_port=server.dicom_port, pacs_ae_title="ORTHANC", pacs_tls=True,
-                                 pacs_tls_ca_path=server_cert, pacs_tls_cert_path=client_cert,
-                                 pacs_tls_key_path=client_key)
+        settings = unit_settings(
+            tmp_path,
+            pacs_port=server.dicom_port,
+            pacs_ae_title="ORTHANC",
+            pacs_tls=True,
+            pacs_tls_ca_path=server_cert,
+            pacs_tls_cert_path=client_cert,
+            pacs_tls_key_path=client_key,
+        )
         result = send_seg(path=seg_case["seg_path"], settings=settings)
         assert result.outcome == Outcome.DELIVERED, result
         assert len(server.instances_with_uid(seg_case["sop_instance_uid"])) == 1

@@ -39,8 +39,9 @@ def anomaly_run(tmp_path_factory) -> Path:
     """One series per anomaly type at 128², through the command line as a user would."""
     out = tmp_path_factory.mktemp("anomalies")
     specs = [
-        SeriesSpec(folder=f"{i:02d}_{name}", patient_seed=200 + i, series_seed=300 + i, anomaly=name,
-                   num_slices=40, matrix=128)
+        SeriesSpec(
+            folder=f"{i:02d}_{name}", patient_seed=200 + i, series_seed=300 + i, anomaly=name, num_slices=40, matrix=128
+        )
         for i, name in enumerate(ANOMALY_TYPES)
     ]
     generate_run(specs, out, progress=False)
@@ -49,8 +50,24 @@ def anomaly_run(tmp_path_factory) -> Path:
 
 def test_cli_writes_series_folders_and_manifest(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["phantom", "--out", str(out), "--series", "2", "--slices", "12", "--seed", "4",
-               "--anomaly", "stent", "--matrix", "96", "--quiet"])
+    rc = main(
+        [
+            "phantom",
+            "--out",
+            str(out),
+            "--series",
+            "2",
+            "--slices",
+            "12",
+            "--seed",
+            "4",
+            "--anomaly",
+            "stent",
+            "--matrix",
+            "96",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["series"]) == 2
@@ -95,8 +112,16 @@ def test_ct_and_seg_files_pass_dciodvfy_with_zero_errors(normal_run, anomaly_run
 def test_series_headers_are_consistent(normal_run):
     entry = load_manifest(normal_run)["series"][0]
     datasets = [pydicom.dcmread(normal_run / entry["folder"] / f) for f in entry["files"]]
-    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "ImageOrientationPatient",
-                "PixelSpacing", "RescaleSlope", "RescaleIntercept", "PatientID"):
+    for key in (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "PatientID",
+    ):
         assert len({str(ds.get(key)) for ds in datasets}) == 1, key
     assert str(datasets[0].SeriesInstanceUID) == entry["series_instance_uid"]
     assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets)
@@ -178,8 +203,9 @@ def test_anomaly_mask_is_nonempty_exactly_on_manifest_slices(anomaly_run, name):
 
 def test_low_dose_series_is_noisier_than_normal(anomaly_run, tmp_path):
     entry = next(e for e in load_manifest(anomaly_run)["series"] if e["anomaly"]["type"] == "low_dose")
-    normal = SeriesSpec(folder="n", patient_seed=entry["patient_seed"], series_seed=entry["series_seed"],
-                        num_slices=40, matrix=128)
+    normal = SeriesSpec(
+        folder="n", patient_seed=entry["patient_seed"], series_seed=entry["series_seed"], num_slices=40, matrix=128
+    )
     generate_run([normal], tmp_path, progress=False)
     noisy = load_series(anomaly_run, entry)
     clean = load_series(tmp_path, load_manifest(tmp_path)["series"][0])
@@ -225,8 +251,12 @@ def test_every_protocol_series_has_a_scan_that_fits_its_patient():
     ],
 )
 def test_bad_options_end_with_one_line_and_exit_code_2(tmp_path, args, message):
-    result = subprocess.run([*GATEKEEPER, "phantom", "--out", str(tmp_path / "o"), *args, "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*GATEKEEPER, "phantom", "--out", str(tmp_path / "o"), *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from ingest_support import Db, ct_files, make_settings, running_listener, storescu, upgrade, wait_for
 from sqlalchemy import select, update
 
-from ingest_support import Db, ct_files, make_phantom, make_settings, running_listener, storescu, upgrade, wait_for
 from service import pipeline
 from service.db.tables import (
     Export,
@@ -59,9 +59,15 @@ class StubSegmenter:
         mask = np.zeros(series.hu.shape, bool)
         if self.liver:
             k, rows, cols = series.hu.shape
-            mask[k // 4: 3 * k // 4, rows // 3: rows // 2, cols // 4: cols // 2] = True
-        return Segmentation(series_instance_uid=series.series_instance_uid, mask=mask, slice_entropy=np.zeros(len(mask)),
-                            features=None, entropy=0.0, liver_volume_ml=float(mask.sum()) * 0.01)
+            mask[k // 4 : 3 * k // 4, rows // 3 : rows // 2, cols // 4 : cols // 2] = True
+        return Segmentation(
+            series_instance_uid=series.series_instance_uid,
+            mask=mask,
+            slice_entropy=np.zeros(len(mask)),
+            features=None,
+            entropy=0.0,
+            liver_volume_ml=float(mask.sum()) * 0.01,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +84,25 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     folders = {}
     for name, anomaly, seed in (("normal", "none", 5), ("hip", "hip_prosthesis", 6)):
-        assert main(["phantom", "--out", str(out / name), "--slices", "24", "--matrix", "128", "--seed", str(seed),
-                     "--anomaly", anomaly, "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "phantom",
+                    "--out",
+                    str(out / name),
+                    "--slices",
+                    "24",
+                    "--matrix",
+                    "128",
+                    "--seed",
+                    str(seed),
+                    "--anomaly",
+                    anomaly,
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         [folders[name]] = [p for p in (out / name).iterdir() if p.is_dir()]
     return folders
 
@@ -88,8 +111,16 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def env(tmp_path: Path) -> Iterator[tuple[Settings, Db]]:
     url = f"sqlite:///{tmp_path / 'gatekeeper.db'}"
     upgrade(url)
-    settings = make_settings(tmp_path / "var", url, "memory://", quiet_period_s=0.5, pacs_host="127.0.0.1",
-                             pacs_ae_title="PACS", pacs_port=104, top_slices=3)
+    settings = make_settings(
+        tmp_path / "var",
+        url,
+        "memory://",
+        quiet_period_s=0.5,
+        pacs_host="127.0.0.1",
+        pacs_ae_title="PACS",
+        pacs_port=104,
+        top_slices=3,
+    )
     db = Db(url)
     yield settings, db
     db.close()
@@ -106,8 +137,9 @@ def ingest(settings: Settings, db: Db, folder: Path) -> int:
 
 def events(db: Db, series_id: int) -> list[SeriesEvent]:
     with db.sessions() as session:
-        return list(session.scalars(select(SeriesEvent).where(SeriesEvent.series_id == series_id)
-                                    .order_by(SeriesEvent.id)))
+        return list(
+            session.scalars(select(SeriesEvent).where(SeriesEvent.series_id == series_id).order_by(SeriesEvent.id))
+        )
 
 
 def series_row(db: Db, series_id: int) -> Series:
@@ -120,15 +152,18 @@ def series_row(db: Db, series_id: int) -> Series:
 # --- routing table and state machine ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("facts", "expected"), [
-    (RouteFacts(flagged=False), ("auto", None)),
-    (RouteFacts(flagged=True), ("worklist", "anomaly")),
-    (RouteFacts(geometry_findings=[{"code": "gap"}], flagged=False), ("worklist", "geometry")),
-    (RouteFacts(geometry_findings=[{"code": "gap"}], unreadable="one slice"), ("worklist", "geometry")),
-    (RouteFacts(unreadable="one slice"), ("worklist", "unreadable")),
-    (RouteFacts(flagged=False, liver_found=False), ("worklist", "no_liver")),
-    (RouteFacts(flagged=False, liver_found=True), ("auto", None)),
-])
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        (RouteFacts(flagged=False), ("auto", None)),
+        (RouteFacts(flagged=True), ("worklist", "anomaly")),
+        (RouteFacts(geometry_findings=[{"code": "gap"}], flagged=False), ("worklist", "geometry")),
+        (RouteFacts(geometry_findings=[{"code": "gap"}], unreadable="one slice"), ("worklist", "geometry")),
+        (RouteFacts(unreadable="one slice"), ("worklist", "unreadable")),
+        (RouteFacts(flagged=False, liver_found=False), ("worklist", "no_liver")),
+        (RouteFacts(flagged=False, liver_found=True), ("auto", None)),
+    ],
+)
 def test_routing_rules_pick_the_first_reason_that_applies(facts: RouteFacts, expected: tuple) -> None:
     route, reason = decide_route(facts)
     assert (route.value, reason.value if reason else None) == expected
@@ -152,8 +187,9 @@ def test_normal_series_is_scored_routed_auto_segmented_and_exported(
 
     assert pipeline.start(sessions=sessions, series_id=series_id, worker="test") == Next("score", series_id)
     assert pipeline.start(sessions=sessions, series_id=series_id, worker="test") == pipeline.DONE  # duplicate
-    assert pipeline.score(sessions=sessions, settings=settings, series_id=series_id,
-                          detector=detector) == Next("segment", series_id)
+    assert pipeline.score(sessions=sessions, settings=settings, series_id=series_id, detector=detector) == Next(
+        "segment", series_id
+    )
     # A redelivered score message finds the series routed: nothing is scored or routed again.
     assert pipeline.score(sessions=sessions, settings=settings, series_id=series_id, detector=detector) == pipeline.DONE
     with db.sessions() as session:
@@ -177,8 +213,14 @@ def test_normal_series_is_scored_routed_auto_segmented_and_exported(
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_row(db, series_id).series_instance_uid
 
     def delivered(*, path: Path, settings: Settings) -> SendResult:
-        return SendResult(outcome=Outcome.DELIVERED, status=0, reason=None, destination="PACS@127.0.0.1:104",
-                          started_at=utc_now(), duration_s=0.01)
+        return SendResult(
+            outcome=Outcome.DELIVERED,
+            status=0,
+            reason=None,
+            destination="PACS@127.0.0.1:104",
+            started_at=utc_now(),
+            duration_s=0.01,
+        )
 
     assert deliver(sessions=sessions, settings=settings, export_id=nxt.id, send=delivered).state == "delivered"
     pipeline.export_settled(sessions=sessions, export_id=nxt.id)
@@ -195,8 +237,9 @@ def test_anomalous_series_goes_to_the_worklist_with_its_scores(
     settings, db = env
     series_id = ingest(settings, db, phantoms["hip"])
     pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
-    assert pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id,
-                          detector=detector) == pipeline.DONE
+    assert (
+        pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector) == pipeline.DONE
+    )
     series = series_row(db, series_id)
     assert (series.state, series.route, series.route_reason) == (SeriesState.WORKLISTED, "worklist", "anomaly")
     with db.sessions() as session:
@@ -216,8 +259,12 @@ def test_no_liver_found_goes_to_the_worklist(
     series_id = ingest(settings, db, phantoms["normal"])
     pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
     pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
-    assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id,
-                            segmenter=StubSegmenter(liver=False)) == pipeline.DONE
+    assert (
+        pipeline.segment(
+            sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter(liver=False)
+        )
+        == pipeline.DONE
+    )
     series = series_row(db, series_id)
     assert (series.state, series.route_reason) == (SeriesState.WORKLISTED, "no_liver")
     with db.sessions() as session:

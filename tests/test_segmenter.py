@@ -29,10 +29,18 @@ from service.segmentation import DEFAULT_MODEL_DIR, Segmenter, dice  # noqa: E40
 torch.set_num_threads(1)
 
 
-def _spec(folder: str, seed: int, split: str | None, anomaly: str | None = None, matrix: int = 64,
-          slices: int = 14) -> SeriesSpec:
-    return SeriesSpec(folder=folder, patient_seed=seed, series_seed=seed + 1000, anomaly=anomaly,
-                      num_slices=slices, matrix=matrix, split=split)
+def _spec(
+    folder: str, seed: int, split: str | None, anomaly: str | None = None, matrix: int = 64, slices: int = 14
+) -> SeriesSpec:
+    return SeriesSpec(
+        folder=folder,
+        patient_seed=seed,
+        series_seed=seed + 1000,
+        anomaly=anomaly,
+        num_slices=slices,
+        matrix=matrix,
+        split=split,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,11 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run with manifest splits: 3 train, 1 validation, 2 test (one normal, one tumor)."""
     out = tmp_path_factory.mktemp("segphantom")
     specs = [_spec(f"train/{i:04d}_normal", 300 + i, "train") for i in range(1, 4)]
-    specs += [_spec("validation/0001_normal", 310, "validation"),
-              _spec("test/0001_normal", 320, "test"), _spec("test/0002_tumor", 321, "test", "tumor")]
+    specs += [
+        _spec("validation/0001_normal", 310, "validation"),
+        _spec("test/0001_normal", 320, "test"),
+        _spec("test/0002_tumor", 321, "test", "tumor"),
+    ]
     generate_run(specs, out, progress=False)
     return out
 
@@ -49,9 +60,33 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("segmodel")
-    rc = gatekeeper(["train", "segmenter", "--data", str(phantom), "--out", str(out), "--size", "32", "--base", "4",
-                     "--steps", "6", "--batch", "4", "--val-every", "3", "--seed", "3", "--jobs", "1",
-                     "--threads", "1", "--no-progress"])
+    rc = gatekeeper(
+        [
+            "train",
+            "segmenter",
+            "--data",
+            str(phantom),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--base",
+            "4",
+            "--steps",
+            "6",
+            "--batch",
+            "4",
+            "--val-every",
+            "3",
+            "--seed",
+            "3",
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -108,7 +143,8 @@ def test_training_exports_onnx_that_matches_torch_and_a_complete_model_json(trai
     with torch.inference_mode():
         ref = [t.numpy() for t in wrapper(x)]
     got = ort.InferenceSession(str(trained / "segmenter.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"image": x.numpy()})
+        None, {"image": x.numpy()}
+    )
     for g, r in zip(got, ref):
         assert g.shape == r.shape
         assert np.abs(g - r).max() / (np.abs(r).max() + 1e-12) < 1e-4
@@ -125,8 +161,11 @@ def test_shipped_segmenter_writes_a_valid_seg_with_the_liver(phantom: Path, tmp_
     assert errors == [], errors
     seg = hd.seg.segread(out)
     truth = load_series(run, entry)
-    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(truth.sop_instance_uids),
-                                            segment_numbers=[1], assert_missing_frames_are_empty=True)[..., 0]
+    got = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(truth.sop_instance_uids),
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )[..., 0]
     assert dice(got.astype(bool), truth.labels == Label.LIVER) > 0.9
     meta = json.loads((DEFAULT_MODEL_DIR / "model.json").read_text())
     assert seg.SeriesDescription.endswith("UNREVIEWED")
@@ -163,8 +202,23 @@ def test_segment_bad_input_is_one_line_and_exit_2(make: str, tmp_path: Path, cap
 
 def test_gate_evaluation_reports_dice_and_failure_prediction(phantom: Path, trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    assert gatekeeper(["evaluate", "gate", "--data", str(phantom), "--out", str(out), "--segmenter", str(trained),
-                       "--bootstrap", "20"]) == 0
+    assert (
+        gatekeeper(
+            [
+                "evaluate",
+                "gate",
+                "--data",
+                str(phantom),
+                "--out",
+                str(out),
+                "--segmenter",
+                str(trained),
+                "--bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["series"] == 2
     assert set(report["dice"]) >= {"all", "normal", "tumor"}

@@ -18,13 +18,13 @@ import pytest
 from fastapi.routing import APIRoute
 from PIL import Image
 from sqlalchemy import select
+from web_support import ANOMALY, PASSWORDS, THRESHOLD, Seeded, seed_database, serve, write_model_dir, write_phantom
 
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, Series, SeriesEvent, WorklistItem
 from service.settings import Settings, get_settings
 from service.web import security
 from service.web.app import create_app
-from web_support import ANOMALY, PASSWORDS, THRESHOLD, Seeded, seed_database, serve, write_model_dir, write_phantom
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +34,11 @@ SECRET = "s" * 40
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("phantoms")
-    return {"anomaly": write_phantom(out, anomaly=ANOMALY, seed=11),
-            "geometry": write_phantom(out, anomaly=None, seed=12),
-            "normal": write_phantom(out, anomaly=None, seed=13)}
+    return {
+        "anomaly": write_phantom(out, anomaly=ANOMALY, seed=11),
+        "geometry": write_phantom(out, anomaly=None, seed=12),
+        "normal": write_phantom(out, anomaly=None, seed=13),
+    }
 
 
 def make_settings(tmp_path: Path, database_url: str, broker_url: str, **overrides: Any) -> Settings:
@@ -80,8 +82,13 @@ def env(tmp_path: Path, postgres_db_url: str, redis_url: str, phantoms: dict[str
 
 def example_path(route: APIRoute, env: Env) -> str:
     """The route's path with its parameters filled with existing ids."""
-    values = {"series_instance_uid": env.seeded.flagged_uid, "item_id": str(env.seeded.flagged_item),
-              "action": "claim", "version": "1", "index": "0"}
+    values = {
+        "series_instance_uid": env.seeded.flagged_uid,
+        "item_id": str(env.seeded.flagged_item),
+        "action": "claim",
+        "version": "1",
+        "index": "0",
+    }
     return re.sub(r"{(\w+)(:\w+)?}", lambda m: values[m.group(1)], route.path)
 
 
@@ -123,8 +130,9 @@ def test_login_form_sets_a_session_cookie_that_opens_pages_and_api(env: Env) -> 
         assert refused.status_code == 401 and "Wrong user name or password" in refused.text
         assert "gatekeeper_session" not in client.cookies
 
-        response = client.post("/login", data={"name": "alice", "password": PASSWORDS["alice"],
-                                               "next": "/worklist?sort=score"})
+        response = client.post(
+            "/login", data={"name": "alice", "password": PASSWORDS["alice"], "next": "/worklist?sort=score"}
+        )
         assert response.status_code == 303 and response.headers["location"] == "/worklist?sort=score"
         assert "httponly" in response.headers["set-cookie"].lower()
         page = client.get("/worklist")
@@ -137,8 +145,9 @@ def test_login_form_sets_a_session_cookie_that_opens_pages_and_api(env: Env) -> 
 
 def test_login_redirects_only_within_the_site(env: Env) -> None:
     with env.client() as client:
-        response = client.post("/login", data={"name": "alice", "password": PASSWORDS["alice"],
-                                               "next": "//evil.example/steal"})
+        response = client.post(
+            "/login", data={"name": "alice", "password": PASSWORDS["alice"], "next": "//evil.example/steal"}
+        )
         assert response.headers["location"] == "/worklist"
 
 
@@ -208,7 +217,9 @@ def test_done_needs_a_claim_and_moves_the_series_to_done(env: Env) -> None:
     done = env.client("alice").post(f"/api/worklist/{item}/done")
     assert done.status_code == 200 and done.json()["status"] == "done" and done.json()["done_at"]
     assert env.client("alice").post(f"/api/worklist/{item}/claim").status_code == 409
-    assert env.seeded.flagged_uid not in {e["series_instance_uid"] for e in env.client("alice").get("/api/worklist").json()}
+    assert env.seeded.flagged_uid not in {
+        e["series_instance_uid"] for e in env.client("alice").get("/api/worklist").json()
+    }
     assert [e["id"] for e in env.client("alice").get("/api/worklist", params={"status": "done"}).json()] == [item]
     series = env.client("alice").get(f"/api/series/{env.seeded.flagged_uid}").json()
     assert series["state"] == "done"
@@ -241,13 +252,24 @@ def test_series_json_has_route_state_score_and_slices(env: Env) -> None:
 def test_series_versions_default_to_the_newest(env: Env) -> None:
     with env.sessions() as session:
         old = session.scalar(select(Series).where(Series.series_instance_uid == env.seeded.delivered_uid))
-        session.add(Series(series_instance_uid=old.series_instance_uid, version=2, study_instance_uid=old.study_instance_uid,
-                           modality="CT", calling_ae_title="CT1", state="scoring", first_received_at=old.first_received_at,
-                           last_received_at=old.last_received_at))
+        session.add(
+            Series(
+                series_instance_uid=old.series_instance_uid,
+                version=2,
+                study_instance_uid=old.study_instance_uid,
+                modality="CT",
+                calling_ae_title="CT1",
+                state="scoring",
+                first_received_at=old.first_received_at,
+                last_received_at=old.last_received_at,
+            )
+        )
         session.commit()
     client = env.client("alice")
     newest = client.get(f"/api/series/{env.seeded.delivered_uid}").json()
-    assert newest["version"] == 2 and newest["state"] == "scoring" and newest["score"] is None and newest["slices"] == []
+    assert (
+        newest["version"] == 2 and newest["state"] == "scoring" and newest["score"] is None and newest["slices"] == []
+    )
     assert client.get(f"/api/series/{env.seeded.delivered_uid}", params={"version": 1}).json()["state"] == "delivered"
 
 
@@ -263,8 +285,9 @@ def test_bad_input_is_4xx_with_a_reason(env: Env) -> None:
     bad_sort = client.get("/api/worklist", params={"sort": "shoe_size"})
     assert bad_sort.status_code == 400 and "sort key" in bad_sort.json()["detail"]
     assert client.get("/api/worklist", params={"status": "lost"}).status_code == 400
-    cross_site = client.post(f"/api/worklist/{env.seeded.flagged_item}/claim",
-                             headers={"Origin": "https://evil.example"})
+    cross_site = client.post(
+        f"/api/worklist/{env.seeded.flagged_item}/claim", headers={"Origin": "https://evil.example"}
+    )
     assert cross_site.status_code == 403
     missing_slice = client.get(f"/series/{env.seeded.flagged_uid}/versions/1/slices/99.png")
     assert missing_slice.status_code == 404
@@ -311,12 +334,14 @@ def test_readyz_names_each_check(env: Env) -> None:
     assert [c["name"] for c in body["checks"]] == ["database", "broker", "detector_model", "segmenter_model", "disk"]
 
 
-def test_readyz_with_a_dead_broker_is_503_naming_it(tmp_path: Path, postgres_db_url: str,
-                                                    phantoms: dict[str, Path]) -> None:
+def test_readyz_with_a_dead_broker_is_503_naming_it(
+    tmp_path: Path, postgres_db_url: str, phantoms: dict[str, Path]
+) -> None:
     from conftest import free_port
 
-    settings = make_settings(tmp_path, postgres_db_url, f"redis://127.0.0.1:{free_port()}/0",
-                             segmenter_model_dir=tmp_path / "no-such-model")
+    settings = make_settings(
+        tmp_path, postgres_db_url, f"redis://127.0.0.1:{free_port()}/0", segmenter_model_dir=tmp_path / "no-such-model"
+    )
     engine = make_engine(settings.database_url)
     Base.metadata.create_all(engine)
     sessions = make_session_factory(engine)
@@ -349,8 +374,9 @@ def test_passwords_are_salted_scrypt_hashes() -> None:
         security.hash_password("short")
 
 
-def test_users_command_adds_lists_and_disables(tmp_path: Path, postgres_db_url: str, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_users_command_adds_lists_and_disables(
+    tmp_path: Path, postgres_db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from service.cli import main
 
     engine = make_engine(postgres_db_url)

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_web import make_settings
+from web_support import ANOMALY, PASSWORDS, seed_database, serve, write_phantom
 
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, WorklistItem
 from service.web.app import create_app
-from test_web import make_settings
-from web_support import ANOMALY, PASSWORDS, seed_database, serve, write_phantom
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -25,9 +25,11 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 @pytest.fixture
 def worklist(tmp_path: Path, postgres_db_url: str, redis_url: str) -> Iterator[tuple[str, object, int]]:
-    phantoms = {"anomaly": write_phantom(tmp_path / "phantoms", anomaly=ANOMALY, seed=21),
-                "geometry": write_phantom(tmp_path / "phantoms", anomaly=None, seed=22),
-                "normal": write_phantom(tmp_path / "phantoms", anomaly=None, seed=23)}
+    phantoms = {
+        "anomaly": write_phantom(tmp_path / "phantoms", anomaly=ANOMALY, seed=21),
+        "geometry": write_phantom(tmp_path / "phantoms", anomaly=None, seed=22),
+        "normal": write_phantom(tmp_path / "phantoms", anomaly=None, seed=23),
+    }
     settings = make_settings(tmp_path, postgres_db_url, redis_url)
     engine = make_engine(settings.database_url)
     Base.metadata.create_all(engine)
@@ -66,8 +68,9 @@ def test_a_dosimetrist_logs_in_opens_a_flagged_series_and_claims_it(worklist: tu
             expect(page.locator("svg.score-plot line.threshold")).to_have_count(1)
             images = page.locator("figure.slice img")
             expect(images).to_have_count(3)
-            page.wait_for_function("[...document.querySelectorAll('figure.slice img')]"
-                                   ".every(img => img.complete && img.naturalWidth > 64)")
+            page.wait_for_function(
+                "[...document.querySelectorAll('figure.slice img')].every(img => img.complete && img.naturalWidth > 64)"
+            )
 
             page.locator("section.worklist-item button.claim").click()
             expect(page.locator("section.worklist-item .status")).to_have_text("claimed")
@@ -80,4 +83,3 @@ def test_a_dosimetrist_logs_in_opens_a_flagged_series_and_claims_it(worklist: tu
     with sessions() as session:  # type: ignore[operator]
         item = session.get(WorklistItem, item_id)
         assert item.status == "claimed"
-

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import uvicorn
+from conftest import free_port
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,7 +32,6 @@ from service.db.tables import (
 )
 from service.phantom.generate import SeriesSpec, generate_series
 from service.web import security
-from conftest import free_port
 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "admin": "admin-password"}
 THRESHOLD = 0.5
@@ -43,8 +43,9 @@ FLAGGED = range(5, 9)  # slices whose score is above the threshold in the anomal
 
 def write_phantom(out: Path, *, anomaly: str | None, seed: int) -> Path:
     """A small phantom series (12 slices, 64×64) in `out`; returns its folder."""
-    spec = SeriesSpec(folder=f"s{seed}", patient_seed=seed, series_seed=seed, anomaly=anomaly,
-                      num_slices=NUM_SLICES, matrix=MATRIX)
+    spec = SeriesSpec(
+        folder=f"s{seed}", patient_seed=seed, series_seed=seed, anomaly=anomaly, num_slices=NUM_SLICES, matrix=MATRIX
+    )
     generate_series(spec, out)
     return out / spec.folder
 
@@ -61,8 +62,17 @@ class Seeded:
     user_ids: dict[str, int]
 
 
-def add_series(session: Session, *, folder: Path, storage_dir: Path, state: SeriesState, route: Route | None,
-               reason: RouteReason | None, name: str, version: int = 1) -> tuple[Series, list[dict]]:
+def add_series(
+    session: Session,
+    *,
+    folder: Path,
+    storage_dir: Path,
+    state: SeriesState,
+    route: Route | None,
+    reason: RouteReason | None,
+    name: str,
+    version: int = 1,
+) -> tuple[Series, list[dict]]:
     """Copy the folder's slices under `storage_dir` and add the Series and Instance rows.
 
     Returns the series and its slices head → feet as `{"index", "sop_instance_uid", "position"}`.
@@ -75,13 +85,25 @@ def add_series(session: Session, *, folder: Path, storage_dir: Path, state: Seri
     headers.sort(key=lambda h: -h[0])  # head first: descending z
     first = headers[0][2]
     series = Series(
-        series_instance_uid=str(first.SeriesInstanceUID), version=version, study_instance_uid=str(first.StudyInstanceUID),
-        frame_of_reference_uid=str(first.FrameOfReferenceUID), modality="CT", calling_ae_title="CT1",
-        state=state.value, num_instances=len(headers), first_received_at=now - dt.timedelta(hours=3),
-        last_received_at=now - dt.timedelta(hours=3), completed_at=now - dt.timedelta(hours=3),
-        geometry_findings=[], route=route.value if route else None, route_reason=reason.value if reason else None,
-        patient_name=name, patient_id=f"PID-{name[:3].upper()}", study_date=dt.date(2026, 3, 14),
-        series_description=str(first.get("SeriesDescription", "")), state_changed_at=now,
+        series_instance_uid=str(first.SeriesInstanceUID),
+        version=version,
+        study_instance_uid=str(first.StudyInstanceUID),
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        modality="CT",
+        calling_ae_title="CT1",
+        state=state.value,
+        num_instances=len(headers),
+        first_received_at=now - dt.timedelta(hours=3),
+        last_received_at=now - dt.timedelta(hours=3),
+        completed_at=now - dt.timedelta(hours=3),
+        geometry_findings=[],
+        route=route.value if route else None,
+        route_reason=reason.value if reason else None,
+        patient_name=name,
+        patient_id=f"PID-{name[:3].upper()}",
+        study_date=dt.date(2026, 3, 14),
+        series_description=str(first.get("SeriesDescription", "")),
+        state_changed_at=now,
     )
     session.add(series)
     session.flush()
@@ -91,9 +113,18 @@ def add_series(session: Session, *, folder: Path, storage_dir: Path, state: Seri
         target = storage_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-        session.add(Instance(series_id=series.id, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), relative_path=relative,
-                             sha256="0" * 64, size_bytes=target.stat().st_size, received_at=now))
+        session.add(
+            Instance(
+                series_id=series.id,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                relative_path=relative,
+                sha256="0" * 64,
+                size_bytes=target.stat().st_size,
+                received_at=now,
+            )
+        )
         slices.append({"index": index, "sop_instance_uid": str(ds.SOPInstanceUID), "position": z})
     return series, slices
 
@@ -103,16 +134,30 @@ def seed_database(sessions: sessionmaker[Session], *, storage_dir: Path, phantom
     residual maps; a geometry series on the worklist without scores; a delivered series."""
     now = dt.datetime.now(dt.UTC)
     with sessions() as session:
-        users = {name: User(name=name, role=(UserRole.ADMIN if name == "admin" else UserRole.DOSIMETRIST).value,
-                            password_hash=security.hash_password(password), active=True)
-                 for name, password in PASSWORDS.items()}
+        users = {
+            name: User(
+                name=name,
+                role=(UserRole.ADMIN if name == "admin" else UserRole.DOSIMETRIST).value,
+                password_hash=security.hash_password(password),
+                active=True,
+            )
+            for name, password in PASSWORDS.items()
+        }
         session.add_all(users.values())
 
-        flagged, slices = add_series(session, folder=phantoms["anomaly"], storage_dir=storage_dir,
-                                     state=SeriesState.WORKLISTED, route=Route.WORKLIST, reason=RouteReason.ANOMALY,
-                                     name="Doe^Jane")
+        flagged, slices = add_series(
+            session,
+            folder=phantoms["anomaly"],
+            storage_dir=storage_dir,
+            state=SeriesState.WORKLISTED,
+            route=Route.WORKLIST,
+            reason=RouteReason.ANOMALY,
+            name="Doe^Jane",
+        )
         for entry in slices:
-            entry["score"] = 0.9 - 0.05 * abs(entry["index"] - 6) if entry["index"] in FLAGGED else 0.2 + 0.01 * entry["index"]
+            entry["score"] = (
+                0.9 - 0.05 * abs(entry["index"] - 6) if entry["index"] in FLAGGED else 0.2 + 0.01 * entry["index"]
+            )
         top = sorted(slices, key=lambda s: -s["score"])[:3]
         top_slices = []
         for entry in top:
@@ -121,35 +166,87 @@ def seed_database(sessions: sessionmaker[Session], *, storage_dir: Path, phantom
             yy, xx = np.mgrid[0:64, 0:64]
             blob = np.exp(-((yy - 30) ** 2 + (xx - 38) ** 2) / 40.0).astype(np.float16)
             np.save(storage_dir / relative, blob)
-            top_slices.append({"index": entry["index"], "score": entry["score"], "residual_map": relative,
-                               "sop_instance_uid": entry["sop_instance_uid"]})
-        session.add(SeriesScore(series_id=flagged.id, model_version="test-model-1", score=0.85, threshold=THRESHOLD,
-                                flagged=True, slices=slices, top_slices=top_slices, provider="CPUExecutionProvider",
-                                duration_s=1.0, created_at=now))
-        flagged_item = WorklistItem(series_id=flagged.id, reason=RouteReason.ANOMALY.value, detail={"score": 0.85},
-                                    created_at=now - dt.timedelta(hours=2))
+            top_slices.append(
+                {
+                    "index": entry["index"],
+                    "score": entry["score"],
+                    "residual_map": relative,
+                    "sop_instance_uid": entry["sop_instance_uid"],
+                }
+            )
+        session.add(
+            SeriesScore(
+                series_id=flagged.id,
+                model_version="test-model-1",
+                score=0.85,
+                threshold=THRESHOLD,
+                flagged=True,
+                slices=slices,
+                top_slices=top_slices,
+                provider="CPUExecutionProvider",
+                duration_s=1.0,
+                created_at=now,
+            )
+        )
+        flagged_item = WorklistItem(
+            series_id=flagged.id,
+            reason=RouteReason.ANOMALY.value,
+            detail={"score": 0.85},
+            created_at=now - dt.timedelta(hours=2),
+        )
 
-        geometry, _ = add_series(session, folder=phantoms["geometry"], storage_dir=storage_dir,
-                                 state=SeriesState.WORKLISTED, route=Route.WORKLIST, reason=RouteReason.GEOMETRY,
-                                 name="Roe^Richard")
+        geometry, _ = add_series(
+            session,
+            folder=phantoms["geometry"],
+            storage_dir=storage_dir,
+            state=SeriesState.WORKLISTED,
+            route=Route.WORKLIST,
+            reason=RouteReason.GEOMETRY,
+            name="Roe^Richard",
+        )
         geometry.geometry_findings = [{"code": "gap", "message": "slice gap of 10 mm between slices 4 and 5"}]
-        geometry_item = WorklistItem(series_id=geometry.id, reason=RouteReason.GEOMETRY.value,
-                                     detail={"findings": ["gap"]}, created_at=now - dt.timedelta(minutes=20))
+        geometry_item = WorklistItem(
+            series_id=geometry.id,
+            reason=RouteReason.GEOMETRY.value,
+            detail={"findings": ["gap"]},
+            created_at=now - dt.timedelta(minutes=20),
+        )
 
-        delivered, delivered_slices = add_series(session, folder=phantoms["normal"], storage_dir=storage_dir,
-                                                 state=SeriesState.DELIVERED, route=Route.AUTO, reason=None,
-                                                 name="Poe^Edgar")
+        delivered, delivered_slices = add_series(
+            session,
+            folder=phantoms["normal"],
+            storage_dir=storage_dir,
+            state=SeriesState.DELIVERED,
+            route=Route.AUTO,
+            reason=None,
+            name="Poe^Edgar",
+        )
         for entry in delivered_slices:
             entry["score"] = 0.2
-        session.add(SeriesScore(series_id=delivered.id, model_version="test-model-1", score=0.2, threshold=THRESHOLD,
-                                flagged=False, slices=delivered_slices, top_slices=[], provider="CPUExecutionProvider",
-                                duration_s=1.0, created_at=now))
+        session.add(
+            SeriesScore(
+                series_id=delivered.id,
+                model_version="test-model-1",
+                score=0.2,
+                threshold=THRESHOLD,
+                flagged=False,
+                slices=delivered_slices,
+                top_slices=[],
+                provider="CPUExecutionProvider",
+                duration_s=1.0,
+                created_at=now,
+            )
+        )
         session.add_all([flagged_item, geometry_item])
         session.commit()
-        return Seeded(flagged_uid=flagged.series_instance_uid, flagged_item=flagged_item.id,
-                      geometry_uid=geometry.series_instance_uid, geometry_item=geometry_item.id,
-                      delivered_uid=delivered.series_instance_uid,
-                      user_ids={name: user.id for name, user in users.items()})
+        return Seeded(
+            flagged_uid=flagged.series_instance_uid,
+            flagged_item=flagged_item.id,
+            geometry_uid=geometry.series_instance_uid,
+            geometry_item=geometry_item.id,
+            delivered_uid=delivered.series_instance_uid,
+            user_ids={name: user.id for name, user in users.items()},
+        )
 
 
 def write_model_dir(folder: Path) -> Path:

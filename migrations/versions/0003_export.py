@@ -36,8 +36,9 @@ def upgrade() -> None:
         sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
         # a SEG outlives the received series it was made from: its receipt stays
-        sa.ForeignKeyConstraint(["series_id"], ["series.id"], name=op.f("fk_export_series_id_series"),
-                                ondelete="SET NULL"),
+        sa.ForeignKeyConstraint(
+            ["series_id"], ["series.id"], name=op.f("fk_export_series_id_series"), ondelete="SET NULL"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_export")),
         # one row per object: the SEG's deterministic UID makes a second export of it find this one
         sa.UniqueConstraint("sop_instance_uid", name=op.f("uq_export_sop_instance_uid")),
@@ -55,8 +56,9 @@ def upgrade() -> None:
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("status", sa.Integer(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
-        sa.ForeignKeyConstraint(["export_id"], ["export.id"], name=op.f("fk_export_attempt_export_id_export"),
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["export_id"], ["export.id"], name=op.f("fk_export_attempt_export_id_export"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_export_attempt")),
     )
     op.create_index(op.f("ix_export_attempt_export_id"), "export_attempt", ["export_id"])

@@ -37,8 +37,9 @@ def upgrade() -> None:
         sa.Column("provider", sa.String(64), nullable=False),
         sa.Column("duration_s", sa.Float(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["series_id"], ["series.id"], name=op.f("fk_series_score_series_id_series"),
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["series_id"], ["series.id"], name=op.f("fk_series_score_series_id_series"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_series_score")),
         # one result per series version and detector version: a redelivered task finds it
         sa.UniqueConstraint("series_id", "model_version", name=op.f("uq_series_score_series_id_model_version")),
@@ -66,10 +67,12 @@ def upgrade() -> None:
         sa.Column("claimed_by", sa.Integer(), nullable=True),
         sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("done_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(["series_id"], ["series.id"], name=op.f("fk_worklist_item_series_id_series"),
-                                ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["claimed_by"], ["app_user.id"], name=op.f("fk_worklist_item_claimed_by_app_user"),
-                                ondelete="SET NULL"),
+        sa.ForeignKeyConstraint(
+            ["series_id"], ["series.id"], name=op.f("fk_worklist_item_series_id_series"), ondelete="CASCADE"
+        ),
+        sa.ForeignKeyConstraint(
+            ["claimed_by"], ["app_user.id"], name=op.f("fk_worklist_item_claimed_by_app_user"), ondelete="SET NULL"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_worklist_item")),
         sa.UniqueConstraint("series_id", name=op.f("uq_worklist_item_series_id")),
     )

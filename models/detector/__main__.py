@@ -1,12 +1,12 @@
 """`python -m models.detector COMMAND` — detector jobs without the service CLI (for bare GPU machines).
 
-    python -m models.detector phantom-train-set --out DIR [--matrix 128] [--jobs N] [--seed 0] [--slices K]
-    python -m models.detector train --data DIR --out DIR [...]   (same options as `gatekeeper train detector`)
-    python -m models.detector baseline-ae --data DIR --out DIR [--minutes N] [--seed 0]   (autoencoder baseline;
-                                                    same options as `gatekeeper train autoencoder`)
-    python -m models.detector bench --model DIR [--device cuda]    (scoring throughput, torch vs ONNX Runtime)
-    python -m models.detector export --model DIR     (ONNX files again from weights.pt + model.json)
-    python -m models.detector samples --model DIR [--data DIR] --out PNG   (samples and reconstructions)
+python -m models.detector phantom-train-set --out DIR [--matrix 128] [--jobs N] [--seed 0] [--slices K]
+python -m models.detector train --data DIR --out DIR [...]   (same options as `gatekeeper train detector`)
+python -m models.detector baseline-ae --data DIR --out DIR [--minutes N] [--seed 0]   (autoencoder baseline;
+                                                same options as `gatekeeper train autoencoder`)
+python -m models.detector bench --model DIR [--device cuda]    (scoring throughput, torch vs ONNX Runtime)
+python -m models.detector export --model DIR     (ONNX files again from weights.pt + model.json)
+python -m models.detector samples --model DIR [--data DIR] --out PNG   (samples and reconstructions)
 """
 
 from __future__ import annotations
@@ -59,8 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         manifest = generate_phantom_training_set(a.out, matrix=a.matrix, jobs=a.jobs, seed=a.seed, num_slices=a.slices)
         n = sum(e["geometry"]["num_slices"] for e in manifest["series"])
-        logging.getLogger(__name__).info("phantom train+validation: %d series, %d slices in %.0f s",
-                                         len(manifest["series"]), n, time.monotonic() - t0)
+        logging.getLogger(__name__).info(
+            "phantom train+validation: %d series, %d slices in %.0f s",
+            len(manifest["series"]),
+            n,
+            time.monotonic() - t0,
+        )
         return 0
     print(__doc__, file=sys.stderr)
     return 2

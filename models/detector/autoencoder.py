@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.detector.baselines import AUTOENCODER_KIND
-from models.detector.metrics import threshold_at_false_flag_rate
 from models.detector.config import add_autoencoder_arguments
 from models.detector.data import SeriesData, cpu_count, load_dataset
 from models.detector.export import OPSET, export_graph
+from models.detector.metrics import threshold_at_false_flag_rate
 from service import imaging
 
 log = logging.getLogger(__name__)
@@ -110,16 +110,17 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def series_errors(scorer: AutoencoderScorer, series: list[SeriesData], device: torch.device,
-                  batch: int = 64) -> list[np.ndarray]:
+def series_errors(
+    scorer: AutoencoderScorer, series: list[SeriesData], device: torch.device, batch: int = 64
+) -> list[np.ndarray]:
     """Raw slice errors of every series (eval mode)."""
     scorer.eval()
     out = []
     for s in series:
         errs = []
         for i in range(0, s.num_slices, batch):
-            x = torch.from_numpy(s.images[i:i + batch].astype(np.float32)).to(device)[:, None]
-            m = torch.from_numpy(s.masks[i:i + batch].astype(np.float32)).to(device)[:, None]
+            x = torch.from_numpy(s.images[i : i + batch].astype(np.float32)).to(device)[:, None]
+            m = torch.from_numpy(s.masks[i : i + batch].astype(np.float32)).to(device)[:, None]
             errs.append(scorer.errors(x, m)[0].cpu().numpy())
         out.append(np.concatenate(errs))
     return out
@@ -137,8 +138,7 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    data = load_dataset(args.data, args.size, jobs=args.jobs or cpu_count(), seed=args.seed,
-                        max_series=args.max_series)
+    data = load_dataset(args.data, args.size, jobs=args.jobs or cpu_count(), seed=args.seed, max_series=args.max_series)
     images = torch.from_numpy(np.concatenate([s.images for s in data.train])[:, None]).to(device)
     n = images.shape[0]
     scorer = AutoencoderScorer(ConvAutoencoder(args.size, latent=args.latent)).to(device)
@@ -179,8 +179,10 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
     torch.save({"scorer": scorer.state_dict(), "args": args_dict}, args.out / "weights.pt")
     w = max(1, len(history) // 10)
     command = "gatekeeper train autoencoder " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("func", "command", "what", "verbose") and v not in (None, False))
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k not in ("func", "command", "what", "verbose") and v not in (None, False)
+    )
     model = {
         "format": 1,
         "kind": AUTOENCODER_KIND,
@@ -188,8 +190,10 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
         "latent": args.latent,
         "preprocessing": {
             "function": "service.imaging.preprocess_slices",
-            "window_center_hu": imaging.ABDOMEN_WINDOW.center, "window_width_hu": imaging.ABDOMEN_WINDOW.width,
-            "scale": "windowed [0,1] * 2 - 1", "body_threshold_hu": imaging.BODY_THRESHOLD_HU,
+            "window_center_hu": imaging.ABDOMEN_WINDOW.center,
+            "window_width_hu": imaging.ABDOMEN_WINDOW.width,
+            "scale": "windowed [0,1] * 2 - 1",
+            "body_threshold_hu": imaging.BODY_THRESHOLD_HU,
         },
         "files": {"autoencoder": "autoencoder.onnx"},
         "onnx_opset": OPSET,
@@ -199,17 +203,28 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
         "target_false_flag_rate": args.false_flag_rate,
         "validation_series_scores": [round(float(v), 5) for v in val_scores],
         "training": {
-            "command": command, "seed": args.seed, "device": str(device),
+            "command": command,
+            "seed": args.seed,
+            "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "data": str(args.data), "data_hash_sha256": data.data_hash(),
-            "train_series": len(data.train), "train_slices": n, "validation_series": len(data.validation),
-            "steps": step, "batch": args.batch, "train_seconds": round(train_seconds, 1),
+            "data": str(args.data),
+            "data_hash_sha256": data.data_hash(),
+            "train_series": len(data.train),
+            "train_slices": n,
+            "validation_series": len(data.validation),
+            "steps": step,
+            "batch": args.batch,
+            "train_seconds": round(train_seconds, 1),
             "wall_seconds": round(time.monotonic() - t0, 1),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "metrics": {"mse": {"first": round(float(np.mean(history[:w])), 6) if history else None,
-                            "last": round(float(np.mean(history[-w:])), 6) if history else None,
-                            "steps": step}},
+        "metrics": {
+            "mse": {
+                "first": round(float(np.mean(history[:w])), 6) if history else None,
+                "last": round(float(np.mean(history[-w:])), 6) if history else None,
+                "steps": step,
+            }
+        },
     }
     (args.out / "model.json").write_text(json.dumps(model, indent=1))
     log.info("autoencoder written to %s (threshold %.4g) in %.0f s", args.out, threshold, time.monotonic() - t0)
@@ -238,8 +253,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m models.detector baseline-ae ...` — the same command without the service CLI."""
-    parser = argparse.ArgumentParser(prog="python -m models.detector baseline-ae",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m models.detector baseline-ae", description=__doc__.splitlines()[0])
     add_autoencoder_arguments(parser)
     args = parser.parse_args(argv)
     try:

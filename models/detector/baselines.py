@@ -30,8 +30,30 @@ log = logging.getLogger(__name__)
 
 #: HU bin edges of the histogram statistic: air, lung, fat, water/fluid, soft tissue, contrast,
 #: bone, metal. Values outside the outer edges fall into the first or last bin.
-HU_BIN_EDGES = (-1000.0, -900.0, -700.0, -500.0, -300.0, -150.0, -100.0, -60.0, -20.0, 0.0, 20.0, 40.0, 60.0,
-                80.0, 100.0, 130.0, 170.0, 220.0, 300.0, 500.0, 1000.0, 2000.0)
+HU_BIN_EDGES = (
+    -1000.0,
+    -900.0,
+    -700.0,
+    -500.0,
+    -300.0,
+    -150.0,
+    -100.0,
+    -60.0,
+    -20.0,
+    0.0,
+    20.0,
+    40.0,
+    60.0,
+    80.0,
+    100.0,
+    130.0,
+    170.0,
+    220.0,
+    300.0,
+    500.0,
+    1000.0,
+    2000.0,
+)
 #: Position bins of the histogram statistic over the conditioning position 0…1 (clamped).
 POSITION_BINS = 10
 #: Floor of a feature's spread (in √fraction units), so a bin no training slice uses stays finite.
@@ -88,8 +110,14 @@ class HistogramBaseline:
     train_slices: int = 0
 
     @classmethod
-    def fit(cls, features: Sequence[np.ndarray], positions: Sequence[np.ndarray], *, aggregation: str,
-            bins: int = POSITION_BINS) -> HistogramBaseline:
+    def fit(
+        cls,
+        features: Sequence[np.ndarray],
+        positions: Sequence[np.ndarray],
+        *,
+        aggregation: str,
+        bins: int = POSITION_BINS,
+    ) -> HistogramBaseline:
         """Fit on normal series: `features[i]` [k_i, F] from `hu_histograms`, `positions[i]` [k_i].
 
         Each position bin pools its own slices with Gaussian weights on the distance between bin
@@ -101,8 +129,10 @@ class HistogramBaseline:
         if aggregation not in imaging.AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {imaging.AGGREGATIONS}, got {aggregation!r}.")
         if len(features) != len(positions) or not features:
-            raise ValueError(f"need one position array per feature array and at least one series, got "
-                             f"{len(features)} and {len(positions)}.")
+            raise ValueError(
+                f"need one position array per feature array and at least one series, got "
+                f"{len(features)} and {len(positions)}."
+            )
         f = np.concatenate(features)
         b = np.concatenate([position_bin(p, bins) for p in positions])
         if f.shape[0] != b.size:
@@ -133,11 +163,19 @@ class HistogramBaseline:
         return imaging.aggregate_slice_scores(slice_scores, self.aggregation)
 
     def as_dict(self) -> dict:
-        return {"kind": "hu-histogram", "hu_bin_edges": list(HU_BIN_EDGES), "position_bins": int(self.mu.shape[0]),
-                "mu": self.mu.round(6).tolist(), "sigma": self.sigma.round(6).tolist(),
-                "d_mu": self.d_mu.round(6).tolist(), "d_sigma": self.d_sigma.round(6).tolist(),
-                "aggregation": self.aggregation, "threshold": self.threshold,
-                "train_series": self.train_series, "train_slices": self.train_slices}
+        return {
+            "kind": "hu-histogram",
+            "hu_bin_edges": list(HU_BIN_EDGES),
+            "position_bins": int(self.mu.shape[0]),
+            "mu": self.mu.round(6).tolist(),
+            "sigma": self.sigma.round(6).tolist(),
+            "d_mu": self.d_mu.round(6).tolist(),
+            "d_sigma": self.d_sigma.round(6).tolist(),
+            "aggregation": self.aggregation,
+            "threshold": self.threshold,
+            "train_series": self.train_series,
+            "train_slices": self.train_slices,
+        }
 
 
 class AutoencoderBaseline:
@@ -165,17 +203,23 @@ class AutoencoderBaseline:
         self.batch = batch
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.model_dir / self.meta["files"]["autoencoder"]), options,
-                                            providers=list(providers) if providers else ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.model_dir / self.meta["files"]["autoencoder"]),
+            options,
+            providers=list(providers) if providers else ["CPUExecutionProvider"],
+        )
 
     def score_arrays(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised slice scores [k] and residual maps [k, S, S] for preprocessed slices."""
         scores, maps = [], []
         for i in range(0, images.shape[0], self.batch):
-            score, _, residual_map = self.session.run(None, {
-                "image": np.ascontiguousarray(images[i:i + self.batch, None], np.float32),
-                "mask": np.ascontiguousarray(masks[i:i + self.batch, None], np.float32),
-            })
+            score, _, residual_map = self.session.run(
+                None,
+                {
+                    "image": np.ascontiguousarray(images[i : i + self.batch, None], np.float32),
+                    "mask": np.ascontiguousarray(masks[i : i + self.batch, None], np.float32),
+                },
+            )
             scores.append(score)
             maps.append(residual_map[:, 0])
         return np.concatenate(scores), np.concatenate(maps)

@@ -65,8 +65,11 @@ def bench(model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: S
     size = int(meta["size"])
     dev = torch.device(device)
     scorer = load_scorer(model_dir, dev)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
-        if "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"]
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in ort.get_available_providers()
+        else ["CPUExecutionProvider"]
+    )
     session = ort.InferenceSession(str(model_dir / "scorer.onnx"), providers=providers)
     result: dict = {"device": str(dev), "ort_provider": session.get_providers()[0], "size": size, "rates": {}}
     if dev.type == "cuda":
@@ -85,11 +88,17 @@ def bench(model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: S
         def ort_run(feeds: dict = {"image": x, "position": p, "mask": m}) -> None:  # noqa: B006 — read only
             session.run(None, feeds)
 
-        rates = {"torch_eager": _rate(torch_run, b, seconds),
-                 f"ort_{result['ort_provider']}": _rate(ort_run, b, seconds)}
+        rates = {
+            "torch_eager": _rate(torch_run, b, seconds),
+            f"ort_{result['ort_provider']}": _rate(ort_run, b, seconds),
+        }
         result["rates"][b] = {k: round(v, 1) for k, v in rates.items()}
-        log.info("bench batch %d: %s slices/s (300-slice series: %s s)", b, result["rates"][b],
-                 {k: round(300 / v, 2) for k, v in rates.items()})
+        log.info(
+            "bench batch %d: %s slices/s (300-slice series: %s s)",
+            b,
+            result["rates"][b],
+            {k: round(300 / v, 2) for k, v in rates.items()},
+        )
     return result
 
 
@@ -118,14 +127,20 @@ def scorer_for_bench(model_dir: Path) -> tuple[Scorer, bool]:
         return load_scorer(model_dir, torch.device("cpu")), False
     meta = json.loads((model_dir / "model.json").read_text())
     torch.manual_seed(0)
-    nets = build_networks(meta["family"], int(meta["size"]), z_dim=int(meta.get("z_dim", 128)),
-                          conditioned=bool(meta.get("conditioned", True)))
+    nets = build_networks(
+        meta["family"],
+        int(meta["size"]),
+        z_dim=int(meta.get("z_dim", 128)),
+        conditioned=bool(meta.get("conditioned", True)),
+    )
     nets.G.noise_mode = "const"
     scorer = Scorer(nets.G, nets.E, nets.D, kappa=float(meta.get("kappa", 1.0)))
     norm = meta.get("normalisation")
     if norm:
-        scorer.set_position_normalisation(norm["position_grid"], [norm["mu_residual"], norm["sigma_residual"],
-                                                                   norm["mu_feature"], norm["sigma_feature"]])
+        scorer.set_position_normalisation(
+            norm["position_grid"],
+            [norm["mu_residual"], norm["sigma_residual"], norm["mu_feature"], norm["sigma_feature"]],
+        )
     return scorer.eval(), True
 
 
@@ -157,8 +172,9 @@ def _max_relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
-def engine_rates(scorer: Scorer, onnx_path: Path, size: int, batches: Sequence[int], seconds: float,
-                 threads: int | None) -> tuple[dict, dict]:
+def engine_rates(
+    scorer: Scorer, onnx_path: Path, size: int, batches: Sequence[int], seconds: float, threads: int | None
+) -> tuple[dict, dict]:
     """Slices/s per batch and engine, and the agreement of ORT and bf16 with torch fp32.
 
     Engines: `torch_fp32` (eager, inference_mode), `ort_fp32` (the fused ONNX graph of the same
@@ -192,8 +208,11 @@ def engine_rates(scorer: Scorer, onnx_path: Path, size: int, batches: Sequence[i
         def ort_fp32() -> list[np.ndarray]:
             return session.run(None, feeds)
 
-        rates[b] = {"torch_fp32": _rate(torch_fp32, b, seconds), "ort_fp32": _rate(ort_fp32, b, seconds),
-                    "torch_bf16": _rate(torch_bf16, b, seconds)}
+        rates[b] = {
+            "torch_fp32": _rate(torch_fp32, b, seconds),
+            "ort_fp32": _rate(ort_fp32, b, seconds),
+            "torch_bf16": _rate(torch_bf16, b, seconds),
+        }
         reference = [t.float().numpy() for t in torch_fp32()[:3]]  # score, residual term, feature term
         low = [t.float().numpy() for t in torch_bf16()[:3]]
         onnx = ort_fp32()[:3]
@@ -218,8 +237,9 @@ def series_end_to_end(model_dir: Path, slices: int, matrix: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gk-bench-") as tmp:
         t0 = time.perf_counter()
-        generate_series(SeriesSpec(folder="series", patient_seed=7, series_seed=8, num_slices=slices,
-                                   matrix=matrix), Path(tmp))
+        generate_series(
+            SeriesSpec(folder="series", patient_seed=7, series_seed=8, num_slices=slices, matrix=matrix), Path(tmp)
+        )
         generated = time.perf_counter() - t0
         t0 = time.perf_counter()
         detector = Detector(model_dir, providers=["CPUExecutionProvider"])
@@ -234,13 +254,28 @@ def series_end_to_end(model_dir: Path, slices: int, matrix: int) -> dict:
         scores, _ = detector.score_arrays(images, masks, positions)
         imaging.aggregate_slice_scores(scores, detector.aggregation)
         t3 = time.perf_counter()
-    return {"slices": slices, "matrix": matrix, "generate_s": round(generated, 1),
-            "session_start_s": round(session_seconds, 2), "read_s": round(t1 - t0, 2),
-            "preprocess_s": round(t2 - t1, 2), "score_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2)}
+    return {
+        "slices": slices,
+        "matrix": matrix,
+        "generate_s": round(generated, 1),
+        "session_start_s": round(session_seconds, 2),
+        "read_s": round(t1 - t0, 2),
+        "preprocess_s": round(t2 - t1, 2),
+        "score_s": round(t3 - t2, 2),
+        "total_s": round(t3 - t0, 2),
+    }
 
 
-def bench_score(model_dir: Path, *, batches: Sequence[int], seconds: float, series_slices: int, matrix: int,
-                threads: int | None, matmul_n: int = 2048) -> dict:
+def bench_score(
+    model_dir: Path,
+    *,
+    batches: Sequence[int],
+    seconds: float,
+    series_slices: int,
+    matrix: int,
+    threads: int | None,
+    matmul_n: int = 2048,
+) -> dict:
     """Every number of `gatekeeper bench score` (see the module docstring) as one dict."""
     import os
     import platform
@@ -262,19 +297,33 @@ def bench_score(model_dir: Path, *, batches: Sequence[int], seconds: float, seri
     except OSError:
         pass
     result: dict = {
-        "model": str(model_dir), "family": meta.get("family"), "size": size,
-        "conditioned": meta.get("conditioned", True), "fresh_weights": fresh,
-        "machine": {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                    else os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "ort_threads": threads or "default", "torch": torch.__version__, "onnxruntime": ort.__version__},
+        "model": str(model_dir),
+        "family": meta.get("family"),
+        "size": size,
+        "conditioned": meta.get("conditioned", True),
+        "fresh_weights": fresh,
+        "machine": {
+            "cpu": cpu,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "ort_threads": threads or "default",
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+        },
         "gflop_per_slice": round(gflop_per_slice(scorer, size), 3),
-        "matmul_peak_gflops": round(matmul_peak(matmul_n, min(3.0, 2 * seconds)), 1), "matmul_n": matmul_n,
+        "matmul_peak_gflops": round(matmul_peak(matmul_n, min(3.0, 2 * seconds)), 1),
+        "matmul_n": matmul_n,
     }
     with tempfile.TemporaryDirectory(prefix="gk-bench-onnx-") as tmp:
         onnx_path = Path(tmp) / "scorer.onnx"
         x = torch.rand(2, 1, size, size) * 2 - 1
-        export_graph(scorer, (x, torch.rand(2), torch.ones(2, 1, size, size)), onnx_path,
-                     ["image", "position", "mask"], ["score", "residual", "feature", "residual_map"])
+        export_graph(
+            scorer,
+            (x, torch.rand(2), torch.ones(2, 1, size, size)),
+            onnx_path,
+            ["image", "position", "mask"],
+            ["score", "residual", "feature", "residual_map"],
+        )
         rates, agreement = engine_rates(scorer, onnx_path, size, batches, seconds, threads)
     result["rates"] = {b: {k: round(v, 2) for k, v in r.items()} for b, r in rates.items()}
     result["agreement"] = agreement
@@ -291,22 +340,31 @@ def format_table(r: dict) -> str:
         f"{'conditioned' if r['conditioned'] else 'unconditioned'})",
         f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} (threads: {m['torch_threads']}), "
         f"onnxruntime {m['onnxruntime']} (threads: {m['ort_threads']}).",
-        "Weights: " + ("fresh, the same architecture as model.json (no weights.pt; timing does not depend on "
-                       "weight values)" if r["fresh_weights"] else "the model's weights.pt") + ".",
+        "Weights: "
+        + (
+            "fresh, the same architecture as model.json (no weights.pt; timing does not depend on weight values)"
+            if r["fresh_weights"]
+            else "the model's weights.pt"
+        )
+        + ".",
         f"Work: {r['gflop_per_slice']:.3f} GFLOP per slice (conv + matmul). fp32 matmul peak of this machine: "
         f"{peak:.0f} GFLOP/s ({r['matmul_n']}² torch.mm, best of repeats).",
         "",
         "| batch | engine | slices/s | GFLOP/s | % of matmul peak | vs PyTorch eager fp32 |",
         "|---|---|---|---|---|---|",
     ]
-    names = {"torch_fp32": "PyTorch eager fp32", "ort_fp32": "ONNX Runtime fp32 (fused scorer)",
-             "torch_bf16": "PyTorch eager bf16 autocast"}
+    names = {
+        "torch_fp32": "PyTorch eager fp32",
+        "ort_fp32": "ONNX Runtime fp32 (fused scorer)",
+        "torch_bf16": "PyTorch eager bf16 autocast",
+    }
     for b, rates in r["rates"].items():
         base = rates["torch_fp32"]
         for key, label in names.items():
             gf = rates[key] * r["gflop_per_slice"]
-            lines.append(f"| {b} | {label} | {rates[key]:.1f} | {gf:.0f} | {100 * gf / peak:.0f} % | "
-                         f"{rates[key] / base:.2f}× |")
+            lines.append(
+                f"| {b} | {label} | {rates[key]:.1f} | {gf:.0f} | {100 * gf / peak:.0f} % | {rates[key] / base:.2f}× |"
+            )
     lines.append("")
     for b, rates in r["rates"].items():
         ratio = rates["ort_fp32"] / rates["torch_fp32"]
@@ -315,23 +373,28 @@ def format_table(r: dict) -> str:
     for b, rates in r["rates"].items():
         a = r["agreement"][b]
         ok = a["bf16_terms_max_rel"] <= REDUCED_PRECISION_TOLERANCE
-        lines.append(f"bf16 / eager fp32 at batch {b}: {rates['torch_bf16'] / rates['torch_fp32']:.2f}×; score terms "
-                     f"within {100 * a['bf16_terms_max_rel']:.2g} % of fp32 "
-                     f"(max |Δscore| {a['bf16_score_max_abs']:.3g}) "
-                     f"— {'within' if ok else 'outside'} the 1 % tolerance"
-                     f"{'' if ok else ', so not usable'}; ORT vs torch fp32 terms within "
-                     f"{100 * a['ort_terms_max_rel']:.2g} %")
+        lines.append(
+            f"bf16 / eager fp32 at batch {b}: {rates['torch_bf16'] / rates['torch_fp32']:.2f}×; score terms "
+            f"within {100 * a['bf16_terms_max_rel']:.2g} % of fp32 "
+            f"(max |Δscore| {a['bf16_score_max_abs']:.3g}) "
+            f"— {'within' if ok else 'outside'} the 1 % tolerance"
+            f"{'' if ok else ', so not usable'}; ORT vs torch fp32 terms within "
+            f"{100 * a['ort_terms_max_rel']:.2g} %"
+        )
     s = r["series"]
     if s["slices"] >= 300:
         verdict = "met" if s["total_s"] <= TARGET_SERIES_SECONDS else "missed"
     else:
         verdict = "not comparable: fewer slices"
-    lines += ["", f"{s['slices']}-slice {s['matrix']}² series end to end (the model's ONNX files, as "
-              "`gatekeeper score`): "
-              f"read {s['read_s']:.2f} s + preprocess {s['preprocess_s']:.2f} s + position and score "
-              f"{s['score_s']:.2f} s = {s['total_s']:.2f} s (target ≤ {TARGET_SERIES_SECONDS:g} s for 300 slices: "
-              f"{verdict}); session start {s['session_start_s']:.2f} s once per worker, not counted; "
-              f"generating the series took {s['generate_s']:.0f} s, not counted."]
+    lines += [
+        "",
+        f"{s['slices']}-slice {s['matrix']}² series end to end (the model's ONNX files, as "
+        "`gatekeeper score`): "
+        f"read {s['read_s']:.2f} s + preprocess {s['preprocess_s']:.2f} s + position and score "
+        f"{s['score_s']:.2f} s = {s['total_s']:.2f} s (target ≤ {TARGET_SERIES_SECONDS:g} s for 300 slices: "
+        f"{verdict}); session start {s['session_start_s']:.2f} s once per worker, not counted; "
+        f"generating the series took {s['generate_s']:.0f} s, not counted.",
+    ]
     return "\n".join(lines)
 
 
@@ -359,8 +422,15 @@ def run_cli(args: argparse.Namespace) -> int:
         seconds, slices, matrix, matmul_n = args.seconds, args.series_slices, args.matrix, 2048
     if slices < 2 or not 64 <= matrix <= 1024:
         raise UsageError("--series-slices must be >= 2 and --matrix within 64..1024")
-    result = bench_score(model_dir, batches=batches, seconds=seconds, series_slices=slices, matrix=matrix,
-                         threads=args.threads, matmul_n=matmul_n)
+    result = bench_score(
+        model_dir,
+        batches=batches,
+        seconds=seconds,
+        series_slices=slices,
+        matrix=matrix,
+        threads=args.threads,
+        matmul_n=matmul_n,
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result))

@@ -22,16 +22,17 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def slice_terms(scorer: Scorer, series: list[SeriesData], positions: list[np.ndarray], device: torch.device,
-                batch: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+def slice_terms(
+    scorer: Scorer, series: list[SeriesData], positions: list[np.ndarray], device: torch.device, batch: int = 64
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Unnormalised (residual, feature) terms for every slice of every series."""
     out = []
     for s, pos in zip(series, positions):
         r_all, f_all = [], []
         for i in range(0, s.num_slices, batch):
-            x = torch.from_numpy(s.images[i:i + batch].astype(np.float32)).to(device)[:, None]
-            m = torch.from_numpy(s.masks[i:i + batch].astype(np.float32)).to(device)[:, None]
-            p = torch.from_numpy(np.asarray(pos[i:i + batch], np.float32)).to(device)
+            x = torch.from_numpy(s.images[i : i + batch].astype(np.float32)).to(device)[:, None]
+            m = torch.from_numpy(s.masks[i : i + batch].astype(np.float32)).to(device)[:, None]
+            p = torch.from_numpy(np.asarray(pos[i : i + batch], np.float32)).to(device)
             r, f, _ = scorer.terms(x, p, m)
             r_all.append(r.cpu().numpy())
             f_all.append(f.cpu().numpy())
@@ -45,7 +46,7 @@ def add_proxy_anomaly(s: SeriesData, rng: np.random.Generator) -> SeriesData:
     k, size, _ = images.shape
     length = int(min(k, rng.integers(3, 9)))
     start = int(rng.integers(0, k - length + 1))
-    body = s.masks[start:start + length].any(axis=0)
+    body = s.masks[start : start + length].any(axis=0)
     ys, xs = np.nonzero(body)
     if ys.size == 0:
         ys, xs = np.array([size // 2]), np.array([size // 2])
@@ -56,12 +57,20 @@ def add_proxy_anomaly(s: SeriesData, rng: np.random.Generator) -> SeriesData:
     blob = np.exp(-((yy - ys[j]) ** 2 + (xx - xs[j]) ** 2) / (2 * radius**2)).astype(np.float32)
     for t in range(start, start + length):
         images[t] = np.clip(images[t] + amp * blob * s.masks[t], -1.0, 1.0)
-    return SeriesData(s.series_instance_uid + ".proxy", s.sop_instance_uids, images.astype(np.float16), s.masks,
-                      s.locations_mm, s.true_positions, s.folder)
+    return SeriesData(
+        s.series_instance_uid + ".proxy",
+        s.sop_instance_uids,
+        images.astype(np.float16),
+        s.masks,
+        s.locations_mm,
+        s.true_positions,
+        s.folder,
+    )
 
 
-def position_normalisation(positions: np.ndarray, residual: np.ndarray, feature: np.ndarray, *,
-                           grid_size: int = 10, by_position: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def position_normalisation(
+    positions: np.ndarray, residual: np.ndarray, feature: np.ndarray, *, grid_size: int = 10, by_position: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """μ and σ of both score terms as functions of slice position, from validation normal slices.
 
     Returns (grid [K], table [4, K]: μ_r, σ_r, μ_f, σ_f). Each grid point takes a Gaussian-weighted
@@ -73,7 +82,7 @@ def position_normalisation(positions: np.ndarray, residual: np.ndarray, feature:
     p = np.asarray(positions, np.float64)
     terms = [np.asarray(residual, np.float64), np.asarray(feature, np.float64)]
     global_stats = [(t.mean(), t.std() + 1e-12) for t in terms]
-    lo, hi = (np.percentile(p, [1, 99]) if p.size else (0.0, 1.0))
+    lo, hi = np.percentile(p, [1, 99]) if p.size else (0.0, 1.0)
     if not by_position or hi - lo < 1e-3 or p.size < 2 * grid_size:
         (mr, sr), (mf, sf) = global_stats
         return np.array([0.0, 1.0]), np.array([[mr, mr], [sr, sr], [mf, mf], [sf, sf]])
@@ -106,9 +115,13 @@ class Calibration:
 
     def as_dict(self) -> dict:
         return {
-            "normalisation": {"position_grid": self.grid, "mu_residual": self.table[0],
-                              "sigma_residual": self.table[1], "mu_feature": self.table[2],
-                              "sigma_feature": self.table[3]},
+            "normalisation": {
+                "position_grid": self.grid,
+                "mu_residual": self.table[0],
+                "sigma_residual": self.table[1],
+                "mu_feature": self.table[2],
+                "sigma_feature": self.table[3],
+            },
             "aggregation": self.aggregation,
             "aggregation_proxy_auroc": self.aggregation_auroc,
             "threshold": self.threshold,
@@ -117,13 +130,26 @@ class Calibration:
         }
 
 
-def calibrate(scorer: Scorer, validation: list[SeriesData], positions: list[np.ndarray], device: torch.device, *,
-              kappa: float, false_flag_rate: float = 0.05, seed: int = 0, by_position: bool = True) -> Calibration:
+def calibrate(
+    scorer: Scorer,
+    validation: list[SeriesData],
+    positions: list[np.ndarray],
+    device: torch.device,
+    *,
+    kappa: float,
+    false_flag_rate: float = 0.05,
+    seed: int = 0,
+    by_position: bool = True,
+) -> Calibration:
     """Normalise the two score terms (by position unless `by_position` is False), choose the series
     aggregation and set the threshold — all on validation normals."""
     terms = slice_terms(scorer, validation, positions, device)
-    grid, table = position_normalisation(np.concatenate(positions), np.concatenate([t[0] for t in terms]),
-                                         np.concatenate([t[1] for t in terms]), by_position=by_position)
+    grid, table = position_normalisation(
+        np.concatenate(positions),
+        np.concatenate([t[0] for t in terms]),
+        np.concatenate([t[1] for t in terms]),
+        by_position=by_position,
+    )
     scorer.set_position_normalisation(grid.tolist(), table.tolist())
 
     def slice_scores(tt: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
@@ -145,7 +171,20 @@ def calibrate(scorer: Scorer, validation: list[SeriesData], positions: list[np.n
     best = max(imaging.AGGREGATIONS, key=lambda m: (aurocs[m], -imaging.AGGREGATIONS.index(m)))
     series_scores = [imaging.aggregate_slice_scores(s, best) for s in clean]
     threshold = threshold_at_false_flag_rate(np.array(series_scores), false_flag_rate)
-    log.info("calibration: %s normalisation over %d grid points, aggregation %s (proxy AUROC %s), threshold %.4g",
-             "position-dependent" if by_position and grid.size > 2 else "global", grid.size, best, aurocs, threshold)
-    return Calibration([float(v) for v in grid], [[float(v) for v in row] for row in table], best, aurocs,
-                       threshold, false_flag_rate, [round(float(v), 5) for v in series_scores])
+    log.info(
+        "calibration: %s normalisation over %d grid points, aggregation %s (proxy AUROC %s), threshold %.4g",
+        "position-dependent" if by_position and grid.size > 2 else "global",
+        grid.size,
+        best,
+        aurocs,
+        threshold,
+    )
+    return Calibration(
+        [float(v) for v in grid],
+        [[float(v) for v in row] for row in table],
+        best,
+        aurocs,
+        threshold,
+        false_flag_rate,
+        [round(float(v), 5) for v in series_scores],
+    )

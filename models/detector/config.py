@@ -18,8 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--size", type=int, default=64, choices=SIZES, help="slice size in pixels (default 64)")
     p.add_argument("--family", default="dcgan", choices=FAMILIES, help="network family (default dcgan)")
-    p.add_argument("--position", default="bpr", choices=("bpr", "naive"),
-                   help="slice position: bpr = body-part regression (default), naive = 0..1 within the series")
+    p.add_argument(
+        "--position",
+        default="bpr",
+        choices=("bpr", "naive"),
+        help="slice position: bpr = body-part regression (default), naive = 0..1 within the series",
+    )
     p.add_argument("--unconditioned", action="store_true", help="ablation: ignore the slice position")
     p.add_argument("--minutes", type=float, default=60.0, help="time budget for all training phases (default 60)")
     p.add_argument("--gan-steps", type=int, default=None, help="stop the GAN phase after this many steps")
@@ -27,15 +31,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position-steps", type=int, default=None, help="stop the position phase after this many steps")
     p.add_argument("--batch", type=int, default=32, help="batch size (multiple of 4; default 32)")
     p.add_argument("--kappa", type=float, default=1.0, help="weight of the feature residual (default 1)")
-    p.add_argument("--false-flag-rate", type=float, default=0.05,
-                   help="fraction of validation normal series allowed above the threshold (default 0.05)")
+    p.add_argument(
+        "--false-flag-rate",
+        type=float,
+        default=0.05,
+        help="fraction of validation normal series allowed above the threshold (default 0.05)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--jobs", type=int, default=None, help="processes for reading DICOM (default: all cores)")
     p.add_argument("--max-series", type=int, default=None, help="use at most this many training series")
     p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
 
@@ -44,35 +56,62 @@ def add_autoencoder_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="folder tree of normal DICOM CT series")
     p.add_argument("--out", required=True, type=Path, help="model folder (autoencoder.onnx, model.json, weights.pt)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--size", type=int, default=128, choices=SIZES,
-                   help="slice size in pixels: use the detector's size (default 128, the shipped detector's)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=128,
+        choices=SIZES,
+        help="slice size in pixels: use the detector's size (default 128, the shipped detector's)",
+    )
     p.add_argument("--minutes", type=float, default=20.0, help="training time budget (default 20)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps instead of the time budget")
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--latent", type=int, default=128, help="bottleneck size (default 128)")
-    p.add_argument("--aggregation", default="top3_mean",
-                   choices=AGGREGATIONS,
-                   help="series aggregation of slice scores (default top3_mean)")
-    p.add_argument("--false-flag-rate", type=float, default=0.05,
-                   help="fraction of validation normal series allowed above the threshold (default 0.05)")
+    p.add_argument(
+        "--aggregation",
+        default="top3_mean",
+        choices=AGGREGATIONS,
+        help="series aggregation of slice scores (default top3_mean)",
+    )
+    p.add_argument(
+        "--false-flag-rate",
+        type=float,
+        default=0.05,
+        help="fraction of validation normal series allowed above the threshold (default 0.05)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--jobs", type=int, default=None, help="processes for reading DICOM (default: all cores)")
     p.add_argument("--max-series", type=int, default=None, help="use at most this many training series")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)",
+    )
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `gatekeeper bench score`."""
-    p.add_argument("--model", type=Path, default=None,
-                   help="model folder (model.json + ONNX files; default the shipped models/detector/default)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model folder (model.json + ONNX files; default the shipped models/detector/default)",
+    )
     p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (default 1,16,64)")
     p.add_argument("--seconds", type=float, default=4.0, help="seconds of timing per engine and batch (default 4)")
     p.add_argument("--series-slices", type=int, default=300, help="slices of the end-to-end series (default 300)")
     p.add_argument("--matrix", type=int, default=512, help="rows and columns of that series (default 512)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for torch and ONNX Runtime alike in the engine comparison (default: the "
-                   "machine's cores; the end-to-end series always uses ONNX Runtime's default, like score)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and ONNX Runtime alike in the engine comparison (default: the "
+        "machine's cores; the end-to-end series always uses ONNX Runtime's default, like score)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
-    p.add_argument("--quick", action="store_true",
-                   help="a few seconds in all (batch 2, a 16-slice 64² series): for tests, not for numbers")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds in all (batch 2, a 16-slice 64² series): for tests, not for numbers",
+    )

@@ -79,13 +79,14 @@ def scan_parallel(root: Path, jobs: int) -> list[dicom_series.SeriesFiles]:
     if jobs <= 1:
         return dicom_series.scan_tree(root)
     paths = [str(p) for p in dicom_series._walk_files(root)]  # noqa: SLF001
-    chunks = [paths[i::jobs * 4] for i in range(jobs * 4)]
+    chunks = [paths[i :: jobs * 4] for i in range(jobs * 4)]
     groups: dict[str, dicom_series.SeriesFiles] = {}
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for insts in pool.map(_scan_chunk, chunks):
             for inst in insts:
-                groups.setdefault(inst.series_instance_uid,
-                                  dicom_series.SeriesFiles(inst.series_instance_uid)).instances.append(inst)
+                groups.setdefault(
+                    inst.series_instance_uid, dicom_series.SeriesFiles(inst.series_instance_uid)
+                ).instances.append(inst)
     for g in groups.values():
         g.instances.sort(key=lambda i: str(i.path))
     return sorted(groups.values(), key=lambda g: str(g.folder))
@@ -98,8 +99,14 @@ def _load_one(args: tuple[dicom_series.SeriesFiles, int]) -> SeriesData | str:
     except dicom_series.SeriesError as exc:
         return str(exc)
     images, masks = imaging.preprocess_slices(series.hu, size)
-    return SeriesData(series.series_instance_uid, series.sop_instance_uids, images.astype(np.float16), masks,
-                      series.locations_mm, folder=str(series.folder))
+    return SeriesData(
+        series.series_instance_uid,
+        series.sop_instance_uids,
+        images.astype(np.float16),
+        masks,
+        series.locations_mm,
+        folder=str(series.folder),
+    )
 
 
 def _manifest_splits(root: Path) -> tuple[dict[str, str], dict[str, list[float]]] | None:
@@ -124,8 +131,9 @@ def _manifest_splits(root: Path) -> tuple[dict[str, str], dict[str, list[float]]
     return splits, positions
 
 
-def normal_splits(root: Path, groups: list[dicom_series.SeriesFiles], seed: int = 0
-                  ) -> tuple[dict[str, str], dict[str, list[float]]]:
+def normal_splits(
+    root: Path, groups: list[dicom_series.SeriesFiles], seed: int = 0
+) -> tuple[dict[str, str], dict[str, list[float]]]:
     """Split of every series: "train", "validation" (normals) or something else (left out).
 
     With a phantom `manifest.json` in `root`, its split fields ("test" stays "test", anomalous
@@ -144,8 +152,9 @@ def normal_splits(root: Path, groups: list[dicom_series.SeriesFiles], seed: int 
     return splits, {}
 
 
-def load_dataset(root: Path | str, size: int, *, jobs: int = 1, seed: int = 0,
-                 max_series: int | None = None) -> Dataset:
+def load_dataset(
+    root: Path | str, size: int, *, jobs: int = 1, seed: int = 0, max_series: int | None = None
+) -> Dataset:
     """Normal training and validation series under `root`, preprocessed to `size`².
 
     Bad series (one slice, mixed sizes, unreadable …) are skipped with a warning naming them.
@@ -159,7 +168,7 @@ def load_dataset(root: Path | str, size: int, *, jobs: int = 1, seed: int = 0,
     groups = [g for g in groups if splits.get(g.series_instance_uid) in ("train", "validation")]
     if max_series is not None:
         tr = [g for g in groups if splits[g.series_instance_uid] == "train"][:max_series]
-        va = [g for g in groups if splits[g.series_instance_uid] == "validation"][:max(2, max_series // 4)]
+        va = [g for g in groups if splits[g.series_instance_uid] == "validation"][: max(2, max_series // 4)]
         groups = tr + va
     work = [(g, size) for g in groups]
     if jobs > 1:
@@ -178,16 +187,24 @@ def load_dataset(root: Path | str, size: int, *, jobs: int = 1, seed: int = 0,
             item.true_positions = np.asarray(truth, np.float32)
         (validation if splits[g.series_instance_uid] == "validation" else train).append(item)
     if len(train) < 2 or not validation:
-        raise ValueError(f"{root}: {len(train)} training and {len(validation)} validation CT series usable; "
-                         "need at least 2 and 1")
-    log.info("data: %d training series (%d slices), %d validation series (%d slices), %d skipped, from %s",
-             len(train), sum(s.num_slices for s in train), len(validation),
-             sum(s.num_slices for s in validation), len(skipped), root)
+        raise ValueError(
+            f"{root}: {len(train)} training and {len(validation)} validation CT series usable; need at least 2 and 1"
+        )
+    log.info(
+        "data: %d training series (%d slices), %d validation series (%d slices), %d skipped, from %s",
+        len(train),
+        sum(s.num_slices for s in train),
+        len(validation),
+        sum(s.num_slices for s in validation),
+        len(skipped),
+        root,
+    )
     return Dataset(train, validation, str(root), skipped)
 
 
-def generate_phantom_training_set(out: Path, *, matrix: int, jobs: int, seed: int = 0,
-                                  num_slices: int | None = None) -> dict:
+def generate_phantom_training_set(
+    out: Path, *, matrix: int, jobs: int, seed: int = 0, num_slices: int | None = None
+) -> dict:
     """Write the train and validation splits of `gatekeeper phantom dataset` (no test split) to `out`.
 
     For the GPU run, where only the training data is needed. `num_slices` shortens the *training*
@@ -199,8 +216,7 @@ def generate_phantom_training_set(out: Path, *, matrix: int, jobs: int, seed: in
     from service.phantom.generate import DEFAULT_NOISE_SIGMA, count_slices, dataset_specs, generate_run
 
     def protocol(slices: int | None) -> list:
-        return dataset_specs(seed=seed, large=False, num_slices=slices, matrix=matrix,
-                             noise_sigma=DEFAULT_NOISE_SIGMA)
+        return dataset_specs(seed=seed, large=False, num_slices=slices, matrix=matrix, noise_sigma=DEFAULT_NOISE_SIGMA)
 
     specs = [s for s in protocol(num_slices) if s.split == "train"]
     specs += [s for s in protocol(None) if s.split == "validation"]
@@ -211,8 +227,11 @@ def generate_phantom_training_set(out: Path, *, matrix: int, jobs: int, seed: in
             usable.append(s)
         except ValueError as exc:
             log.warning("phantom spec %s skipped: %s", s.folder, exc)
-    meta = {"seed": seed, "protocol": "dataset (train+validation only)",
-            "command": f"models.detector phantom-train-set --matrix {matrix} --seed {seed}"}
+    meta = {
+        "seed": seed,
+        "protocol": "dataset (train+validation only)",
+        "command": f"models.detector phantom-train-set --matrix {matrix} --seed {seed}",
+    }
     return generate_run(usable, out, jobs=jobs, progress=False, meta=meta)
 
 

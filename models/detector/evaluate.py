@@ -74,24 +74,43 @@ LOCALISATION_DILATION_PX = 2
 
 
 def register(what: argparse._SubParsersAction) -> None:
-    d = what.add_parser("detector", help="evaluate an exported detector and its baselines on a phantom split",
-                        description="Score the test series of a phantom run (manifest.json) with the detector, the "
-                        "HU-histogram baseline and optionally the unconditioned ablation and the autoencoder; write "
-                        "report.json, report.md and PNG plots to --out.")
+    d = what.add_parser(
+        "detector",
+        help="evaluate an exported detector and its baselines on a phantom split",
+        description="Score the test series of a phantom run (manifest.json) with the detector, the "
+        "HU-histogram baseline and optionally the unconditioned ablation and the autoencoder; write "
+        "report.json, report.md and PNG plots to --out.",
+    )
     d.add_argument("--data", required=True, type=Path, help="phantom run folder with manifest.json")
     d.add_argument("--model", required=True, type=Path, help="model folder (model.json + ONNX files)")
     d.add_argument("--out", required=True, type=Path, help="report folder")
     d.add_argument("--split", default="test", help="manifest split to evaluate (default test)")
-    d.add_argument("--ablation", type=Path, default=None,
-                   help="model folder of the unconditioned ablation (gatekeeper train detector --unconditioned)")
-    d.add_argument("--ablation-twin", type=Path, default=None,
-                   help="the conditioned model trained with exactly the ablation's command except --unconditioned; "
-                   "the ablation is then judged against it (use when --model was trained differently)")
-    d.add_argument("--autoencoder", type=Path, default=None,
-                   help="model folder of the autoencoder baseline (gatekeeper train autoencoder)")
-    d.add_argument("--train-data", type=Path, default=None,
-                   help="normal series to fit the HU-histogram baseline on: a phantom run (its train split; "
-                   "threshold on its validation split) or any DICOM tree (default: --data)")
+    d.add_argument(
+        "--ablation",
+        type=Path,
+        default=None,
+        help="model folder of the unconditioned ablation (gatekeeper train detector --unconditioned)",
+    )
+    d.add_argument(
+        "--ablation-twin",
+        type=Path,
+        default=None,
+        help="the conditioned model trained with exactly the ablation's command except --unconditioned; "
+        "the ablation is then judged against it (use when --model was trained differently)",
+    )
+    d.add_argument(
+        "--autoencoder",
+        type=Path,
+        default=None,
+        help="model folder of the autoencoder baseline (gatekeeper train autoencoder)",
+    )
+    d.add_argument(
+        "--train-data",
+        type=Path,
+        default=None,
+        help="normal series to fit the HU-histogram baseline on: a phantom run (its train split; "
+        "threshold on its validation split) or any DICOM tree (default: --data)",
+    )
     d.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     d.set_defaults(func=run)
 
@@ -113,8 +132,12 @@ def anomaly_mask_on_grid(seg_path: Path, sop_instance_uids: tuple[str, ...], siz
     from service import imaging
 
     seg = hd.seg.segread(seg_path)
-    mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(sop_instance_uids),
-                                             segment_numbers=[1], assert_missing_frames_are_empty=True)[..., 0] > 0
+    mask = (
+        seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(sop_instance_uids), segment_numbers=[1], assert_missing_frames_are_empty=True
+        )[..., 0]
+        > 0
+    )
     out = np.zeros((mask.shape[0], size, size), bool)
     for i in np.flatnonzero(mask.any(axis=(1, 2))):
         out[i] = imaging.resize(mask[i].astype(np.float32), (size, size)) > 1e-3
@@ -171,15 +194,23 @@ def fit_histogram_baseline(root: Path, detector, *, seed: int = 0):
         positions = detector.positions(images, series.locations_mm)
         parts[split].append((hu_histograms(series.hu), positions))
     if not parts["train"]:
-        raise ValueError(f"{root}: no normal training series to fit the HU-histogram baseline on (phantom split "
-                         "'train', or any CT series when there is no manifest.json); give --train-data")
-    model = HistogramBaseline.fit([f for f, _ in parts["train"]], [p for _, p in parts["train"]],
-                                  aggregation=detector.aggregation)
+        raise ValueError(
+            f"{root}: no normal training series to fit the HU-histogram baseline on (phantom split "
+            "'train', or any CT series when there is no manifest.json); give --train-data"
+        )
+    model = HistogramBaseline.fit(
+        [f for f, _ in parts["train"]], [p for _, p in parts["train"]], aggregation=detector.aggregation
+    )
     if parts["validation"]:
         scores = [model.series_score(model.slice_scores(f, p)) for f, p in parts["validation"]]
         model.threshold = threshold_at_false_flag_rate(np.array(scores), TARGET_FALSE_FLAG_RATE)
-    log.info("HU histogram fitted on %d series (%d slices), threshold %s from %d validation series",
-             model.train_series, model.train_slices, model.threshold, len(parts["validation"]))
+    log.info(
+        "HU histogram fitted on %d series (%d slices), threshold %s from %d validation series",
+        model.train_series,
+        model.train_slices,
+        model.threshold,
+        len(parts["validation"]),
+    )
     return model
 
 
@@ -215,17 +246,24 @@ def _method_summary(rows: list[dict], name: str, threshold: float | None, n_boot
     for kind in types + ["all"]:
         pos = np.array([r["scores"][name] for r in rows if r["type"] != "normal" and kind in ("all", r["type"])])
         out["per_type"][kind] = {
-            "n": int(pos.size), "auroc": round(auroc(normal, pos), 4),
+            "n": int(pos.size),
+            "auroc": round(auroc(normal, pos), 4),
             "auroc_ci95": bootstrap_ci(auroc, normal, pos, n_boot),
             "auprc": round(auprc(normal, pos), 4),
             "sensitivity_at_threshold": None if threshold is None else round(float(np.mean(pos > threshold)), 4),
         }
-    out["false_flag_rate_normals"] = None if threshold is None or normal.size == 0 else \
-        round(float(np.mean(normal > threshold)), 4)
+    out["false_flag_rate_normals"] = (
+        None if threshold is None or normal.size == 0 else round(float(np.mean(normal > threshold)), 4)
+    )
     slice_neg = [r["slice_scores"][name] for r in rows if r["type"] == "normal"]
     slice_pos = [np.asarray(r["slice_scores"][name])[r["affected"]] for r in rows if r["affected"]]
-    out["slice_auroc"] = round(auroc(np.concatenate(slice_neg) if slice_neg else np.zeros(0),
-                                     np.concatenate(slice_pos) if slice_pos else np.zeros(0)), 4)
+    out["slice_auroc"] = round(
+        auroc(
+            np.concatenate(slice_neg) if slice_neg else np.zeros(0),
+            np.concatenate(slice_pos) if slice_pos else np.zeros(0),
+        ),
+        4,
+    )
     located = [r for r in rows if r["localisation"].get(name) is not None]
     if located:
         out["localisation"] = {}
@@ -233,8 +271,10 @@ def _method_summary(rows: list[dict], name: str, threshold: float | None, n_boot
             sel = [r["localisation"][name] for r in located if kind in ("all", r["type"])]
             if sel:
                 out["localisation"][kind] = {
-                    "n": len(sel), "hit_rate": round(float(np.mean([s["hit"] for s in sel])), 4),
-                    "chance": round(float(np.mean([s["chance"] for s in sel])), 4)}
+                    "n": len(sel),
+                    "hit_rate": round(float(np.mean([s["hit"] for s in sel])), 4),
+                    "chance": round(float(np.mean([s["chance"] for s in sel])), 4),
+                }
     else:
         out["localisation"] = None
     return out
@@ -248,8 +288,12 @@ def _difference(rows: list[dict], first: str, second: str, n_boot: int) -> dict:
     for kind in types + ["all"]:
         pos = [r for r in rows if r["type"] != "normal" and kind in ("all", r["type"])]
         diff, ci = paired_bootstrap_difference(
-            [r["scores"][first] for r in neg], [r["scores"][first] for r in pos],
-            [r["scores"][second] for r in neg], [r["scores"][second] for r in pos], n_boot)
+            [r["scores"][first] for r in neg],
+            [r["scores"][first] for r in pos],
+            [r["scores"][second] for r in neg],
+            [r["scores"][second] for r in pos],
+            n_boot,
+        )
         out[kind] = {"difference": round(diff, 4), "ci95": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
     return out
 
@@ -267,25 +311,49 @@ def _targets(report: dict) -> list[dict]:
     out = []
     for kind in TARGET_TYPES:
         m = main["per_type"].get(kind)
-        out.append({"target": f"series AUROC >= {TARGET_AUROC} on {kind}",
-                    "value": None if m is None else m["auroc"], "ci95": None if m is None else m["auroc_ci95"],
-                    "met": None if m is None else bool(m["auroc"] >= TARGET_AUROC)})
+        out.append(
+            {
+                "target": f"series AUROC >= {TARGET_AUROC} on {kind}",
+                "value": None if m is None else m["auroc"],
+                "ci95": None if m is None else m["auroc_ci95"],
+                "met": None if m is None else bool(m["auroc"] >= TARGET_AUROC),
+            }
+        )
     ffr = main["false_flag_rate_normals"]
-    out.append({"target": f"false-flag rate <= {TARGET_FALSE_FLAG_RATE:.0%} of unseen normal series",
-                "value": ffr, "ci95": None, "met": None if ffr is None else bool(ffr <= TARGET_FALSE_FLAG_RATE)})
+    out.append(
+        {
+            "target": f"false-flag rate <= {TARGET_FALSE_FLAG_RATE:.0%} of unseen normal series",
+            "value": ffr,
+            "ci95": None,
+            "met": None if ffr is None else bool(ffr <= TARGET_FALSE_FLAG_RATE),
+        }
+    )
     twin = "twin_minus_ablation" in report["differences"]
     d = report["differences"].get("twin_minus_ablation" if twin else "ablation", {}).get("all")
     pair = "the matched conditioned twin" if twin else "conditioned"
-    out.append({"target": f"{pair} better than the unconditioned ablation (paired 95 % CI of the AUROC "
-                          "difference, all anomalies, above 0)",
-                "value": None if d is None else d["difference"], "ci95": None if d is None else d["ci95"],
-                "met": None if d is None else bool(d["ci95"][0] > 0)})
+    out.append(
+        {
+            "target": f"{pair} better than the unconditioned ablation (paired 95 % CI of the AUROC "
+            "difference, all anomalies, above 0)",
+            "value": None if d is None else d["difference"],
+            "ci95": None if d is None else d["ci95"],
+            "met": None if d is None else bool(d["ci95"][0] > 0),
+        }
+    )
     return out
 
 
-def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *, ablation: Path | None = None,
-             autoencoder: Path | None = None, train_data: Path | None = None,
-             ablation_twin: Path | None = None) -> Run:
+def evaluate(
+    data: Path,
+    model: Path,
+    split: str = "test",
+    n_boot: int = 1000,
+    *,
+    ablation: Path | None = None,
+    autoencoder: Path | None = None,
+    train_data: Path | None = None,
+    ablation_twin: Path | None = None,
+) -> Run:
     """Score the `split` series of the phantom run `data` with every method; return the report and plot data.
 
     Raises:
@@ -345,8 +413,9 @@ def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *
 
         def anomaly_on(size: int) -> np.ndarray:
             if size not in truth:
-                truth[size] = anomaly_mask_on_grid(data / e["folder"] / e["anomaly"]["seg"],
-                                                   series.sop_instance_uids, size)
+                truth[size] = anomaly_mask_on_grid(
+                    data / e["folder"] / e["anomaly"]["seg"], series.sop_instance_uids, size
+                )
             return truth[size]
 
         slice_scores: dict[str, np.ndarray] = {}
@@ -377,27 +446,47 @@ def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *
                     example.anomaly, example.localisation = anomaly_on(size)[t], localisation[name]
             del maps
         slice_scores["hu_histogram"] = histogram.slice_scores(hu_histograms(series.hu), main_positions)
-        rows.append({
-            "folder": e["folder"], "type": kind, "affected": affected, "slice_scores": slice_scores,
-            "scores": {k: imaging.aggregate_slice_scores(v, aggregation[k]) for k, v in slice_scores.items()},
-            "localisation": localisation,
-        })
+        rows.append(
+            {
+                "folder": e["folder"],
+                "type": kind,
+                "affected": affected,
+                "slice_scores": slice_scores,
+                "scores": {k: imaging.aggregate_slice_scores(v, aggregation[k]) for k, v in slice_scores.items()},
+                "localisation": localisation,
+            }
+        )
         if n % 10 == 0 or n == len(entries):
             log.info("evaluated %d/%d series (%.0f s)", n, len(entries), time.monotonic() - t0)
     seconds = time.monotonic() - t0
 
-    report: dict = {"data": str(data), "model": str(model), "split": split, "threshold": detector.threshold,
-                    "aggregation": detector.aggregation, "provider": detector.provider,
-                    "family": detector.meta.get("family"), "size": detector.size,
-                    "conditioned": detector.meta.get("conditioned", True),
-                    "series": len(rows), "normal_series": sum(r["type"] == "normal" for r in rows),
-                    "seconds": round(seconds, 1), "bootstrap": n_boot, "methods": {}}
+    report: dict = {
+        "data": str(data),
+        "model": str(model),
+        "split": split,
+        "threshold": detector.threshold,
+        "aggregation": detector.aggregation,
+        "provider": detector.provider,
+        "family": detector.meta.get("family"),
+        "size": detector.size,
+        "conditioned": detector.meta.get("conditioned", True),
+        "series": len(rows),
+        "normal_series": sum(r["type"] == "normal" for r in rows),
+        "seconds": round(seconds, 1),
+        "bootstrap": n_boot,
+        "methods": {},
+    }
     for name in names:
         summary = _method_summary(rows, name, thresholds[name], n_boot)
         summary["label"] = METHOD_LABELS[name]
         summary["aggregation"] = aggregation[name]
-        summary["model"] = {"detector": str(model), "twin": str(ablation_twin), "ablation": str(ablation),
-                            "autoencoder": str(autoencoder), "hu_histogram": str(train_data or data)}[name]
+        summary["model"] = {
+            "detector": str(model),
+            "twin": str(ablation_twin),
+            "ablation": str(ablation),
+            "autoencoder": str(autoencoder),
+            "hu_histogram": str(train_data or data),
+        }[name]
         report["methods"][name] = summary
     main = report["methods"]["detector"]
     # The fields of the first report format (main detector only), kept for readers of report.json.
@@ -406,21 +495,29 @@ def evaluate(data: Path, model: Path, split: str = "test", n_boot: int = 1000, *
     report["false_flag_rate_normals"] = main["false_flag_rate_normals"]
     report["differences"] = _differences(rows, names, n_boot)
     report["targets"] = _targets(report)
-    report["hu_histogram_fit"] = histogram.as_dict() | {"data": str(train_data or data),
-                                                          "seconds": round(fit_seconds, 1)}
+    report["hu_histogram_fit"] = histogram.as_dict() | {
+        "data": str(train_data or data),
+        "seconds": round(fit_seconds, 1),
+    }
     model_meta = detector.meta
     report["position_quality_validation"] = model_meta.get("metrics", {}).get("position_quality_validation", {})
     report["model_training"] = {k: model_meta.get("training", {}).get(k) for k in ("command", "device_name", "steps")}
     for name in ("twin", "ablation"):
         if name in gans:
-            report["methods"][name]["training"] = {k: gans[name].meta.get("training", {}).get(k)
-                                                   for k in ("command", "device_name", "steps")}
-    report["rows"] = [{"folder": r["folder"], "type": r["type"],
-                       "scores": {k: round(float(v), 5) for k, v in r["scores"].items()},
-                       "score": round(float(r["scores"]["detector"]), 5),
-                       "flagged": bool(r["scores"]["detector"] > detector.threshold),
-                       "localisation": {k: v for k, v in r["localisation"].items() if v is not None}}
-                      for r in rows]
+            report["methods"][name]["training"] = {
+                k: gans[name].meta.get("training", {}).get(k) for k in ("command", "device_name", "steps")
+            }
+    report["rows"] = [
+        {
+            "folder": r["folder"],
+            "type": r["type"],
+            "scores": {k: round(float(v), 5) for k, v in r["scores"].items()},
+            "score": round(float(r["scores"]["detector"]), 5),
+            "flagged": bool(r["scores"]["detector"] > detector.threshold),
+            "localisation": {k: v for k, v in r["localisation"].items() if v is not None},
+        }
+        for r in rows
+    ]
     return Run(report, list(examples.values()))
 
 
@@ -441,29 +538,42 @@ def report_markdown(report: dict, plots: list[str]) -> str:
     methods = report["methods"]
     names = list(methods)
     kinds = list(methods["detector"]["per_type"])
-    lines = [f"# Detector evaluation — {report['split']} split of {report['data']}", "",
-             f"Model `{report['model']}` ({report['family']}, {report['size']} px, "
-             f"{'position-conditioned' if report['conditioned'] else 'unconditioned'}), aggregation "
-             f"`{report['aggregation']}`, threshold {report['threshold']:.4g}; {report['series']} series "
-             f"({report['normal_series']} normal) scored by every method in {report['seconds']} s "
-             f"({report['provider']}). CIs: {report['bootstrap']} bootstrap resamples.", "",
-             "## Targets", ""]
+    lines = [
+        f"# Detector evaluation — {report['split']} split of {report['data']}",
+        "",
+        f"Model `{report['model']}` ({report['family']}, {report['size']} px, "
+        f"{'position-conditioned' if report['conditioned'] else 'unconditioned'}), aggregation "
+        f"`{report['aggregation']}`, threshold {report['threshold']:.4g}; {report['series']} series "
+        f"({report['normal_series']} normal) scored by every method in {report['seconds']} s "
+        f"({report['provider']}). CIs: {report['bootstrap']} bootstrap resamples.",
+        "",
+        "## Targets",
+        "",
+    ]
     for t in report["targets"]:
         if t["value"] is None:
             lines.append(f"- {t['target']}: {_verdict(None)}")
             continue
         ci = f" (95 % CI {t['ci95'][0]:.3f}–{t['ci95'][1]:.3f})" if t["ci95"] else ""
         lines.append(f"- {t['target']}: {t['value']:.3f}{ci} — {_verdict(t['met'])}")
-    lines += ["", "## Series AUROC by method (95 % bootstrap CI)", "",
-              "| anomaly | n | " + " | ".join(methods[k]["label"] for k in names) + " |",
-              "|---|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "## Series AUROC by method (95 % bootstrap CI)",
+        "",
+        "| anomaly | n | " + " | ".join(methods[k]["label"] for k in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for kind in kinds:
         n = methods["detector"]["per_type"][kind]["n"]
         lines.append(f"| {kind} | {n} | " + " | ".join(_ci(methods[k]["per_type"][kind]) for k in names) + " |")
     others = [k for k in names if k != "detector"]
-    lines += ["", "## AUROC difference: detector − method (paired bootstrap 95 % CI; * = CI excludes 0)", "",
-              "| anomaly | " + " | ".join(f"− {methods[k]['label']}" for k in others) + " |",
-              "|---|" + "---|" * len(others)]
+    lines += [
+        "",
+        "## AUROC difference: detector − method (paired bootstrap 95 % CI; * = CI excludes 0)",
+        "",
+        "| anomaly | " + " | ".join(f"− {methods[k]['label']}" for k in others) + " |",
+        "|---|" + "---|" * len(others),
+    ]
     for kind in kinds:
         cells = []
         for k in others:
@@ -472,33 +582,51 @@ def report_markdown(report: dict, plots: list[str]) -> str:
             cells.append(f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}){star}")
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     if "twin_minus_ablation" in report["differences"]:
-        lines += ["", "## The position condition on a matched pair: twin − ablation (paired bootstrap 95 % CI)", "",
-                  f"Both trained by the same command except `--unconditioned`: "
-                  f"`{(methods['twin'].get('training') or {}).get('command')}`.", "",
-                  "| anomaly | conditioned − unconditioned |", "|---|---|"]
+        lines += [
+            "",
+            "## The position condition on a matched pair: twin − ablation (paired bootstrap 95 % CI)",
+            "",
+            f"Both trained by the same command except `--unconditioned`: "
+            f"`{(methods['twin'].get('training') or {}).get('command')}`.",
+            "",
+            "| anomaly | conditioned − unconditioned |",
+            "|---|---|",
+        ]
         for kind in kinds:
             d = report["differences"]["twin_minus_ablation"][kind]
             star = "*" if d["excludes_zero"] else ""
             lines.append(f"| {kind} | {d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}){star} |")
-    lines += ["", "## Operating point (each method at its own threshold, set on validation normals)", "",
-              "| method | aggregation | threshold | false-flag rate (unseen normals) | sensitivity (all anomalies) "
-              "| slice AUROC |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Operating point (each method at its own threshold, set on validation normals)",
+        "",
+        "| method | aggregation | threshold | false-flag rate (unseen normals) | sensitivity (all anomalies) "
+        "| slice AUROC |",
+        "|---|---|---|---|---|---|",
+    ]
     for k in names:
         m = methods[k]
         thr = "—" if m["threshold"] is None else f"{m['threshold']:.4g}"
         ffr = "—" if m["false_flag_rate_normals"] is None else f"{m['false_flag_rate_normals']:.2f}"
         sens = m["per_type"]["all"]["sensitivity_at_threshold"]
-        lines.append(f"| {m['label']} | {m['aggregation']} | {thr} | {ffr} | "
-                     f"{'—' if sens is None else f'{sens:.2f}'} | {m['slice_auroc']:.3f} |")
+        lines.append(
+            f"| {m['label']} | {m['aggregation']} | {thr} | {ffr} | "
+            f"{'—' if sens is None else f'{sens:.2f}'} | {m['slice_auroc']:.3f} |"
+        )
     located = [k for k in names if methods[k].get("localisation")]
     if located:
-        lines += ["", "## Localisation", "",
-                  "Fraction of anomalous series where the argmax of the residual map (Gaussian-smoothed, "
-                  f"σ = {LOCALISATION_SIGMA_PX:g} px, inside the body) on the highest-scoring affected slice lies "
-                  f"in the injected mask dilated by {LOCALISATION_DILATION_PX} px (model grid). Chance = fraction "
-                  "of the body inside that dilated mask. The HU histogram has no map.", "",
-                  "| anomaly | n | " + " | ".join(f"{methods[k]['label']} (chance)" for k in located) + " |",
-                  "|---|---|" + "---|" * len(located)]
+        lines += [
+            "",
+            "## Localisation",
+            "",
+            "Fraction of anomalous series where the argmax of the residual map (Gaussian-smoothed, "
+            f"σ = {LOCALISATION_SIGMA_PX:g} px, inside the body) on the highest-scoring affected slice lies "
+            f"in the injected mask dilated by {LOCALISATION_DILATION_PX} px (model grid). Chance = fraction "
+            "of the body inside that dilated mask. The HU histogram has no map.",
+            "",
+            "| anomaly | n | " + " | ".join(f"{methods[k]['label']} (chance)" for k in located) + " |",
+            "|---|---|" + "---|" * len(located),
+        ]
         for kind in methods[located[0]]["localisation"]:
             cells = []
             for k in located:
@@ -507,29 +635,47 @@ def report_markdown(report: dict, plots: list[str]) -> str:
             n = methods[located[0]]["localisation"][kind]["n"]
             lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
     main = methods["detector"]
-    lines += ["", "## Detector detail", "",
-              "| anomaly | n | series AUROC (95 % CI) | AUPRC | sensitivity at threshold |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Detector detail",
+        "",
+        "| anomaly | n | series AUROC (95 % CI) | AUPRC | sensitivity at threshold |",
+        "|---|---|---|---|---|",
+    ]
     for kind, m in main["per_type"].items():
         lines.append(f"| {kind} | {m['n']} | {_ci(m)} | {m['auprc']:.3f} | {m['sensitivity_at_threshold']:.2f} |")
-    lines += ["", f"Slice-level AUROC: {main['slice_auroc']:.3f}. False-flag rate of unseen normal series at the "
-              f"threshold: {main['false_flag_rate_normals']:.2f}.", ""]
+    lines += [
+        "",
+        f"Slice-level AUROC: {main['slice_auroc']:.3f}. False-flag rate of unseen normal series at the "
+        f"threshold: {main['false_flag_rate_normals']:.2f}.",
+        "",
+    ]
     fit = report["hu_histogram_fit"]
-    lines += [f"HU histogram: {len(fit['hu_bin_edges']) + 1} HU bins × {fit['position_bins']} position bins (the "
-              f"detector's positions), fitted on {fit['train_series']} normal series ({fit['train_slices']} slices) "
-              f"of {fit['data']} in {fit['seconds']} s.", ""]
+    lines += [
+        f"HU histogram: {len(fit['hu_bin_edges']) + 1} HU bins × {fit['position_bins']} position bins (the "
+        f"detector's positions), fitted on {fit['train_series']} normal series ({fit['train_slices']} slices) "
+        f"of {fit['data']} in {fit['seconds']} s.",
+        "",
+    ]
     quality = report.get("position_quality_validation") or {}
     if quality:
-        lines += ["Slice position vs the phantom's true body-axis position (validation series, after a linear fit):",
-                  "", "| position | Pearson r | RMSE |", "|---|---|---|"]
+        lines += [
+            "Slice position vs the phantom's true body-axis position (validation series, after a linear fit):",
+            "",
+            "| position | Pearson r | RMSE |",
+            "|---|---|---|",
+        ]
         lines += [f"| {k} | {v['pearson_r']:.3f} | {v['rmse_after_linear_fit']:.3f} |" for k, v in quality.items()]
         lines.append("")
     if plots:
         lines += ["## Plots", ""]
-        captions = {"roc.png": "Series-level ROC curves per anomaly type, every method",
-                    "profiles.png": "Detector slice scores along the body axis (head → feet) for example series; "
-                                    "red: affected slices, dashed: series threshold",
-                    "heatmaps.png": "Residual maps of the highest-scoring affected slice (cyan: injected mask, "
-                                    "×: argmax of the smoothed map)"}
+        captions = {
+            "roc.png": "Series-level ROC curves per anomaly type, every method",
+            "profiles.png": "Detector slice scores along the body axis (head → feet) for example series; "
+            "red: affected slices, dashed: series threshold",
+            "heatmaps.png": "Residual maps of the highest-scoring affected slice (cyan: injected mask, "
+            "×: argmax of the smoothed map)",
+        }
         for p in plots:
             lines += [f"{captions.get(p, p)}:", "", f"![{p}]({p})", ""]
     return "\n".join(lines)
@@ -629,8 +775,16 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("the evaluation plots need matplotlib: pip install -e '.[train]'") from None
     try:
-        result = evaluate(args.data, args.model, args.split, args.bootstrap, ablation=args.ablation,
-                          autoencoder=args.autoencoder, train_data=args.train_data, ablation_twin=args.ablation_twin)
+        result = evaluate(
+            args.data,
+            args.model,
+            args.split,
+            args.bootstrap,
+            ablation=args.ablation,
+            autoencoder=args.autoencoder,
+            train_data=args.train_data,
+            ablation_twin=args.ablation_twin,
+        )
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     write_report(result, args.out)

@@ -36,15 +36,23 @@ class _DiscriminatorWithFeatures(nn.Module):
         return self.D(x, pos), self.D.features(x)
 
 
-def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
-                 outputs: list[str]) -> None:
+def export_graph(
+    module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str]
+) -> None:
     """Export `module` (eval mode) to `path`: opset 17, the batch axis of every input and output dynamic."""
     module = module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
-            dynamic_axes={name: {0: "batch"} for name in inputs + outputs}, do_constant_folding=True,
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in inputs + outputs},
+            do_constant_folding=True,
         )
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
 
@@ -60,8 +68,13 @@ def export_onnx(scorer: Scorer, position_net: nn.Module | None, size: int, z_dim
     mask = (torch.rand(n, 1, size, size) > 0.3).float()
     z = torch.randn(n, z_dim)
     paths = [out / "scorer.onnx", out / "encoder.onnx", out / "generator.onnx", out / "discriminator.onnx"]
-    export_graph(scorer, (x, pos, mask), paths[0], ["image", "position", "mask"],
-            ["score", "residual", "feature", "residual_map"])
+    export_graph(
+        scorer,
+        (x, pos, mask),
+        paths[0],
+        ["image", "position", "mask"],
+        ["score", "residual", "feature", "residual_map"],
+    )
     export_graph(scorer.E, (x, pos), paths[1], ["image", "position"], ["z"])
     export_graph(scorer.G, (z, pos), paths[2], ["z", "position"], ["image"])
     export_graph(_DiscriminatorWithFeatures(scorer.D), (x, pos), paths[3], ["image", "position"], ["logit", "features"])

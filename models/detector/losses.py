@@ -55,8 +55,9 @@ def diff_augment(x: torch.Tensor, policy: str = "translation,cutout") -> torch.T
     return x
 
 
-def izif_loss(x: torch.Tensor, recon: torch.Tensor, feat_x: torch.Tensor, feat_recon: torch.Tensor,
-              kappa: float) -> torch.Tensor:
+def izif_loss(
+    x: torch.Tensor, recon: torch.Tensor, feat_x: torch.Tensor, feat_recon: torch.Tensor, kappa: float
+) -> torch.Tensor:
     """f-AnoGAN izi_f: pixel MSE + κ · discriminator-feature MSE (Schlegl et al. 2019)."""
     return F.mse_loss(recon, x) + kappa * F.mse_loss(feat_recon, feat_x)
 

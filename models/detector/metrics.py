@@ -20,7 +20,7 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     if neg.size == 0 or pos.size == 0:
         return float("nan")
     ranks = rankdata(np.concatenate([neg, pos]))  # average ranks over ties
-    r_pos = ranks[neg.size:].sum()
+    r_pos = ranks[neg.size :].sum()
     return float((r_pos - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
 
 
@@ -44,8 +44,9 @@ def roc_curve(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return fpr, tpr
 
 
-def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], neg: np.ndarray, pos: np.ndarray, n: int,
-                 seed: int = 0) -> list[float]:
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float], neg: np.ndarray, pos: np.ndarray, n: int, seed: int = 0
+) -> list[float]:
     """95 % percentile-bootstrap interval of `metric(neg, pos)`, resampling each group on its own."""
     neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
     if neg.size == 0 or pos.size == 0:
@@ -55,8 +56,9 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], neg: np.ndar
     return [round(float(v), 4) for v in np.nanpercentile(vals, [2.5, 97.5])]
 
 
-def paired_bootstrap_difference(neg_a: np.ndarray, pos_a: np.ndarray, neg_b: np.ndarray, pos_b: np.ndarray,
-                                n: int, seed: int = 0) -> tuple[float, list[float]]:
+def paired_bootstrap_difference(
+    neg_a: np.ndarray, pos_a: np.ndarray, neg_b: np.ndarray, pos_b: np.ndarray, n: int, seed: int = 0
+) -> tuple[float, list[float]]:
     """AUROC(a) − AUROC(b) on the same series and its paired 95 % bootstrap interval.
 
     `neg_a[i]` and `neg_b[i]` (and `pos_a[j]`, `pos_b[j]`) are two methods' scores of the same series;
@@ -67,8 +69,10 @@ def paired_bootstrap_difference(neg_a: np.ndarray, pos_a: np.ndarray, neg_b: np.
     """
     neg_a, pos_a, neg_b, pos_b = (np.asarray(v, np.float64).ravel() for v in (neg_a, pos_a, neg_b, pos_b))
     if neg_a.size != neg_b.size or pos_a.size != pos_b.size:
-        raise ValueError(f"paired scores must cover the same series: {neg_a.size}/{neg_b.size} normal, "
-                         f"{pos_a.size}/{pos_b.size} anomalous.")
+        raise ValueError(
+            f"paired scores must cover the same series: {neg_a.size}/{neg_b.size} normal, "
+            f"{pos_a.size}/{pos_b.size} anomalous."
+        )
     diff = auroc(neg_a, pos_a) - auroc(neg_b, pos_b)
     if neg_a.size == 0 or pos_a.size == 0:
         return float("nan"), [float("nan"), float("nan")]

@@ -37,8 +37,15 @@ def _lrelu(x: torch.Tensor) -> torch.Tensor:
 class EqualLinear(nn.Module):
     """Linear layer with equalized learning rate (weights scaled at run time)."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias_init: float = 0.0, lr_mul: float = 1.0,
-                 activation: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias_init: float = 0.0,
+        lr_mul: float = 1.0,
+        activation: bool = False,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
@@ -54,8 +61,16 @@ class EqualLinear(nn.Module):
 class EqualConv2d(nn.Module):
     """Conv layer with equalized learning rate."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, *, bias: bool = True,
-                 activation: bool = False, downsample: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        *,
+        bias: bool = True,
+        activation: bool = False,
+        downsample: bool = False,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -118,8 +133,16 @@ class MappingNetwork(nn.Module):
 class ModulatedConv2d(nn.Module):
     """StyleGAN2 modulated convolution, in the plain-op form: (x·s) ⊛ W, then × demodulation."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, w_dim: int, *, demodulate: bool = True,
-                 upsample: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        w_dim: int,
+        *,
+        demodulate: bool = True,
+        upsample: bool = False,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
         self.scale = 1.0 / math.sqrt(in_channels * kernel * kernel)
@@ -160,8 +183,9 @@ class NoiseInjection(nn.Module):
 
 
 class StyledConv(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, *,
-                 upsample: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, w_dim: int, resolution: int, *, upsample: bool = False
+    ) -> None:
         super().__init__()
         self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim, upsample=upsample)
         self.noise = NoiseInjection(resolution)
@@ -309,8 +333,12 @@ class DCGenerator(nn.Module):
         layers: list[nn.Module] = [nn.BatchNorm2d(ch[4]), nn.LeakyReLU(0.2)]
         r = 8
         while r <= size:
-            layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(ch[r // 2], ch[r], 3, padding=1),
-                       nn.BatchNorm2d(ch[r]), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Upsample(scale_factor=2.0, mode="nearest"),
+                nn.Conv2d(ch[r // 2], ch[r], 3, padding=1),
+                nn.BatchNorm2d(ch[r]),
+                nn.LeakyReLU(0.2),
+            ]
             r *= 2
         layers += [nn.Conv2d(ch[size], 1, 3, padding=1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -374,8 +402,13 @@ class BodyPartRegressor(nn.Module):
         chans = [1, 16, 32, 64, 64]
         layers: list[nn.Module] = []
         for a, b in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(a, b, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(b, b, 3, padding=1),
-                       nn.LeakyReLU(0.2), nn.AvgPool2d(2)]
+            layers += [
+                nn.Conv2d(a, b, 3, padding=1),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(b, b, 3, padding=1),
+                nn.LeakyReLU(0.2),
+                nn.AvgPool2d(2),
+            ]
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(64, 1)
 
@@ -403,12 +436,16 @@ def build_networks(family: str, size: int, *, z_dim: int = 128, conditioned: boo
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(map(str, SIZES))}, got {size}.")
     if family == "stylegan2":
-        return Networks(StyleGenerator(size, z_dim=z_dim, conditioned=conditioned),
-                        ResDiscriminator(size, conditioned=conditioned),
-                        Encoder(size, z_dim=z_dim, conditioned=conditioned))
-    return Networks(DCGenerator(size, z_dim=z_dim, conditioned=conditioned),
-                    DCDiscriminator(size, conditioned=conditioned),
-                    Encoder(size, z_dim=z_dim, conditioned=conditioned, width=32))
+        return Networks(
+            StyleGenerator(size, z_dim=z_dim, conditioned=conditioned),
+            ResDiscriminator(size, conditioned=conditioned),
+            Encoder(size, z_dim=z_dim, conditioned=conditioned),
+        )
+    return Networks(
+        DCGenerator(size, z_dim=z_dim, conditioned=conditioned),
+        DCDiscriminator(size, conditioned=conditioned),
+        Encoder(size, z_dim=z_dim, conditioned=conditioned, width=32),
+    )
 
 
 class Scorer(nn.Module):

@@ -45,19 +45,25 @@ def render(model_dir: Path, out: Path, data: Path | None = None, columns: int = 
             p = torch.from_numpy(s.naive_positions()[idx]) if meta["position"]["method"] == "naive" else None
             if p is None:
                 from service import imaging
+
                 raw = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=False)
                 from models.detector.networks import BodyPartRegressor
 
                 net = BodyPartRegressor(int(meta["size"]))
                 net.load_state_dict(raw["P"])
                 fitted = imaging.fit_series_positions(
-                    net.eval()(torch.from_numpy(s.images.astype(np.float32))[:, None]).numpy(), s.locations_mm,
-                    float(meta["position"]["mm_per_unit"]))
+                    net.eval()(torch.from_numpy(s.images.astype(np.float32))[:, None]).numpy(),
+                    s.locations_mm,
+                    float(meta["position"]["mm_per_unit"]),
+                )
                 lo, hi = meta["position"]["lo"], meta["position"]["hi"]
                 p = torch.from_numpy(((fitted - lo) / (hi - lo)).astype(np.float32)[idx])
             recon = scorer.G(scorer.E(x, p), p)
-            rows += [("validation slices", x[:, 0].numpy()), ("G(E(x))", recon[:, 0].numpy()),
-                     ("|x − G(E(x))|", (x - recon).abs()[:, 0].numpy() - 1.0)]
+            rows += [
+                ("validation slices", x[:, 0].numpy()),
+                ("G(E(x))", recon[:, 0].numpy()),
+                ("|x − G(E(x))|", (x - recon).abs()[:, 0].numpy() - 1.0),
+            ]
     fig, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns, 1.7 * len(rows)), squeeze=False)
     for r, (title, imgs) in enumerate(rows):
         for c in range(columns):

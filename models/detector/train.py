@@ -121,13 +121,21 @@ class Trainer:
         if self.opt_P is not None:
             opt["P"] = self.opt_P.state_dict()
         return {
-            "format": MODEL_FORMAT, "G": self.G.state_dict(), "D": self.D.state_dict(),
-            "G_ema": self.G_ema.state_dict(), "E": self.E.state_dict(),
-            "P": self.P.state_dict() if self.P is not None else None, "optimizers": opt, "step": dict(self.steps),
-            "done": list(self.done), "elapsed": dict(self.clock.elapsed), "history": self.history,
-            "position_norm": dict(self.position_norm), "args": {k: str(v) if isinstance(v, Path) else v
-                                                                for k, v in vars(self.args).items() if k != "func"},
-            "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
+            "format": MODEL_FORMAT,
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "E": self.E.state_dict(),
+            "P": self.P.state_dict() if self.P is not None else None,
+            "optimizers": opt,
+            "step": dict(self.steps),
+            "done": list(self.done),
+            "elapsed": dict(self.clock.elapsed),
+            "history": self.history,
+            "position_norm": dict(self.position_norm),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items() if k != "func"},
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
         }
 
     def save(self) -> None:
@@ -170,8 +178,15 @@ class Trainer:
     def _bar(self, phase: str):
         from tqdm import tqdm
 
-        return tqdm(total=self._max_steps(phase), initial=self.steps[phase], desc=phase, unit="step",
-                    disable=self.args.no_progress or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+        return tqdm(
+            total=self._max_steps(phase),
+            initial=self.steps[phase],
+            desc=phase,
+            unit="step",
+            disable=self.args.no_progress or not sys.stderr.isatty(),
+            dynamic_ncols=True,
+            leave=False,
+        )
 
     def _log_progress(self, phase: str, values: dict[str, torch.Tensor], last: list[float]) -> None:
         """Log a line every 15 s and checkpoint every --checkpoint-every s (tensors are read only then)."""
@@ -191,7 +206,7 @@ class Trainer:
         self.P.eval()
         out = []
         for i in range(0, s.num_slices, batch):
-            x = torch.from_numpy(s.images[i:i + batch].astype(np.float32)).to(self.device)[:, None]
+            x = torch.from_numpy(s.images[i : i + batch].astype(np.float32)).to(self.device)[:, None]
             out.append(self.P(x).float().cpu().numpy())
         self.P.train()
         return np.concatenate(out)
@@ -233,12 +248,14 @@ class Trainer:
             self.steps["position"] += 1
             self.history["position"].append([self.steps["position"], loss.item()])
             bar.update(1)
-            self._log_progress("position", {"loss": loss.detach(), "order": order.detach(),
-                                            "distance": distance.detach()}, last)
+            self._log_progress(
+                "position", {"loss": loss.detach(), "order": order.detach(), "distance": distance.detach()}, last
+            )
         self.clock.stop()
         bar.close()
-        fitted = np.concatenate([imaging.fit_series_positions(self.raw_positions(s), s.locations_mm, MM_PER_UNIT)
-                                 for s in self.data.train])
+        fitted = np.concatenate(
+            [imaging.fit_series_positions(self.raw_positions(s), s.locations_mm, MM_PER_UNIT) for s in self.data.train]
+        )
         lo, hi = np.percentile(fitted, [1, 99])
         self.position_norm = {"lo": float(lo), "hi": float(max(hi, lo + 1e-3))}
         log.info("position: %d steps, normalisation %s", self.steps["position"], self.position_norm)
@@ -301,8 +318,11 @@ class Trainer:
                 self.history["gan"].append([self.steps["gan"], d_loss.item(), g_loss.item(), r1.item()])
                 if not all(math.isfinite(v) for v in self.history["gan"][-1][1:]):
                     self.diverged = True
-                    log.error("gan: non-finite loss at step %d (%s); stopping the GAN phase",
-                              self.steps["gan"], self.history["gan"][-1])
+                    log.error(
+                        "gan: non-finite loss at step %d (%s); stopping the GAN phase",
+                        self.steps["gan"],
+                        self.history["gan"][-1],
+                    )
                     break
             bar.update(1)
             self._log_progress("gan", {"d": d_loss.detach(), "g": g_loss.detach(), "r1": r1.detach()}, last)
@@ -385,8 +405,12 @@ def _versions() -> dict:
     import numpy
     import scipy
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-         "scipy": scipy.__version__}
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+    }
     try:
         import onnx
 
@@ -433,11 +457,14 @@ def _train(args: argparse.Namespace) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    log.info("train detector: %s", " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                           if k != "func" and v not in (None, False)))
+    log.info(
+        "train detector: %s",
+        " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "func" and v not in (None, False)
+        ),
+    )
     # Read the DICOM files (forked worker processes) before CUDA is initialised in this process.
-    data = load_dataset(args.data, args.size, jobs=args.jobs or cpu_count(), seed=args.seed,
-                        max_series=args.max_series)
+    data = load_dataset(args.data, args.size, jobs=args.jobs or cpu_count(), seed=args.seed, max_series=args.max_series)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     log.info("device %s%s, torch %s", device, name, torch.__version__)
     data_hash = data.data_hash()
@@ -451,18 +478,35 @@ def _train(args: argparse.Namespace) -> Path:
 
     val_positions = [trainer.positions(s) for s in data.validation]
     scorer = trainer.scorer()
-    calibration = cal.calibrate(scorer, data.validation, val_positions, device, kappa=args.kappa,
-                                false_flag_rate=args.false_flag_rate, seed=args.seed,
-                                by_position=not args.unconditioned)
+    calibration = cal.calibrate(
+        scorer,
+        data.validation,
+        val_positions,
+        device,
+        kappa=args.kappa,
+        false_flag_rate=args.false_flag_rate,
+        seed=args.seed,
+        by_position=not args.unconditioned,
+    )
     paths = export_onnx(scorer, trainer.P, args.size, trainer.G.z_dim, args.out)
-    torch.save({"G_ema": trainer.G_ema.state_dict(), "E": trainer.E.state_dict(), "D": trainer.D.state_dict(),
-                "P": trainer.P.state_dict() if trainer.P is not None else None,
-                "norm_grid": scorer.norm_grid.cpu(), "norm_table": scorer.norm_table.cpu(),
-                "args": trainer.state()["args"]}, args.out / "weights.pt")
+    torch.save(
+        {
+            "G_ema": trainer.G_ema.state_dict(),
+            "E": trainer.E.state_dict(),
+            "D": trainer.D.state_dict(),
+            "P": trainer.P.state_dict() if trainer.P is not None else None,
+            "norm_grid": scorer.norm_grid.cpu(),
+            "norm_table": scorer.norm_table.cpu(),
+            "args": trainer.state()["args"],
+        },
+        args.out / "weights.pt",
+    )
 
     command = "gatekeeper train detector " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-        for k, v in vars(args).items() if k not in ("func", "command", "what", "verbose") and v not in (None, False))
+        for k, v in vars(args).items()
+        if k not in ("func", "command", "what", "verbose") and v not in (None, False)
+    )
     model = {
         "format": MODEL_FORMAT,
         "kind": "ct-slice-anomaly-detector",
@@ -473,23 +517,35 @@ def _train(args: argparse.Namespace) -> Path:
         "kappa": args.kappa,
         "preprocessing": {
             "function": "service.imaging.preprocess_slices",
-            "window_center_hu": imaging.ABDOMEN_WINDOW.center, "window_width_hu": imaging.ABDOMEN_WINDOW.width,
-            "scale": "windowed [0,1] * 2 - 1", "body_threshold_hu": imaging.BODY_THRESHOLD_HU,
+            "window_center_hu": imaging.ABDOMEN_WINDOW.center,
+            "window_width_hu": imaging.ABDOMEN_WINDOW.width,
+            "scale": "windowed [0,1] * 2 - 1",
+            "body_threshold_hu": imaging.BODY_THRESHOLD_HU,
             "resize": "area average (service.imaging.resize)",
         },
-        "position": {"method": "naive" if args.unconditioned else args.position, "mm_per_unit": MM_PER_UNIT,
-                     **trainer.position_norm},
+        "position": {
+            "method": "naive" if args.unconditioned else args.position,
+            "mm_per_unit": MM_PER_UNIT,
+            **trainer.position_norm,
+        },
         "files": {p.stem: p.name for p in paths},
         "onnx_opset": OPSET,
         **calibration.as_dict(),
         "training": {
-            "command": command, "seed": args.seed, "device": str(device),
+            "command": command,
+            "seed": args.seed,
+            "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "data": str(args.data), "data_hash_sha256": data_hash,
-            "train_series": len(data.train), "train_slices": int(sum(s.num_slices for s in data.train)),
-            "validation_series": len(data.validation), "skipped_series": data.skipped,
-            "steps": trainer.steps, "seconds": {k: round(v, 1) for k, v in trainer.clock.elapsed.items()},
-            "wall_seconds": round(time.monotonic() - t0, 1), "batch": args.batch,
+            "data": str(args.data),
+            "data_hash_sha256": data_hash,
+            "train_series": len(data.train),
+            "train_slices": int(sum(s.num_slices for s in data.train)),
+            "validation_series": len(data.validation),
+            "skipped_series": data.skipped,
+            "steps": trainer.steps,
+            "seconds": {k: round(v, 1) for k, v in trainer.clock.elapsed.items()},
+            "wall_seconds": round(time.monotonic() - t0, 1),
+            "batch": args.batch,
         },
         "versions": _versions(),
         "metrics": {
@@ -533,4 +589,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

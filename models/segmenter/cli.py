@@ -6,9 +6,12 @@ import argparse
 
 
 def register_train(what: argparse._SubParsersAction) -> None:
-    s = what.add_parser("segmenter", help="the liver segmenter (2.5-D U-Net)",
-                        description="Train the liver segmenter on CT series with liver contours (DICOM-SEG or "
-                        "RTSTRUCT) and export segmenter.onnx + model.json to --out.")
+    s = what.add_parser(
+        "segmenter",
+        help="the liver segmenter (2.5-D U-Net)",
+        description="Train the liver segmenter on CT series with liver contours (DICOM-SEG or "
+        "RTSTRUCT) and export segmenter.onnx + model.json to --out.",
+    )
     from models.segmenter.config import add_arguments
 
     add_arguments(s)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="folder tree of CT series with liver contours (SEG/RTSTRUCT)")
+    p.add_argument(
+        "--data", required=True, type=Path, help="folder tree of CT series with liver contours (SEG/RTSTRUCT)"
+    )
     p.add_argument("--out", required=True, type=Path, help="model folder (checkpoint, segmenter.onnx, model.json)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--size", type=int, default=128, help="network input size in pixels, multiple of 16 (default 128)")

@@ -56,8 +56,9 @@ class LiverContour:
             ContourError: the contour is for another series or its masks have another size.
         """
         if series.series_instance_uid != self.series_instance_uid:
-            raise ContourError(f"{self.path.name}: refers to series {self.series_instance_uid}, "
-                               f"not {series.series_instance_uid}")
+            raise ContourError(
+                f"{self.path.name}: refers to series {self.series_instance_uid}, not {series.series_instance_uid}"
+            )
         out = np.zeros(series.hu.shape, bool)
         for n, uid in enumerate(series.sop_instance_uids):
             m = self.masks.get(uid)
@@ -80,9 +81,12 @@ def read_seg_liver(path: Path) -> LiverContour:
         ContourError: no liver segment, or no referenced series.
     """
     seg = hd.seg.segread(path)
-    numbers = [d.SegmentNumber for d in seg.SegmentSequence
-               if any(str(c.CodeValue) == LIVER_SCT_CODE for c in d.SegmentedPropertyTypeCodeSequence)
-               or _is_liver_name(str(d.SegmentLabel))]
+    numbers = [
+        d.SegmentNumber
+        for d in seg.SegmentSequence
+        if any(str(c.CodeValue) == LIVER_SCT_CODE for c in d.SegmentedPropertyTypeCodeSequence)
+        or _is_liver_name(str(d.SegmentLabel))
+    ]
     if not numbers:
         labels = ", ".join(str(d.SegmentLabel) for d in seg.SegmentSequence)
         raise NoLiver(f"{path.name}: no liver segment (SCT {LIVER_SCT_CODE} or label 'Liver'); has {labels}")
@@ -92,8 +96,8 @@ def read_seg_liver(path: Path) -> LiverContour:
     series_uid = str(refs[0].SeriesInstanceUID)
     sop_uids = [str(r.ReferencedSOPInstanceUID) for r in refs[0].ReferencedInstanceSequence]
     pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=sop_uids, segment_numbers=[int(numbers[0])],
-        assert_missing_frames_are_empty=True)[..., 0]
+        source_sop_instance_uids=sop_uids, segment_numbers=[int(numbers[0])], assert_missing_frames_are_empty=True
+    )[..., 0]
     return LiverContour(series_uid, Path(path), {u: pixels[i].astype(bool) for i, u in enumerate(sop_uids)})
 
 
@@ -117,8 +121,11 @@ def read_rtstruct_liver(path: Path, series_files: dicom_series.SeriesFiles) -> L
         volume = RTStruct(images, ds).get_roi_mask_by_name(liver[0])  # [rows, columns, slices]
     except Exception as exc:  # noqa: BLE001 — rt-utils raises plain Exception for bad geometry
         raise ContourError(f"{path.name}: cannot rasterise ROI {liver[0]!r}: {exc}") from None
-    return LiverContour(series_files.series_instance_uid, Path(path),
-                        {str(img.SOPInstanceUID): volume[:, :, i].astype(bool) for i, img in enumerate(images)})
+    return LiverContour(
+        series_files.series_instance_uid,
+        Path(path),
+        {str(img.SOPInstanceUID): volume[:, :, i].astype(bool) for i, img in enumerate(images)},
+    )
 
 
 def rtstruct_series_uid(ds: pydicom.Dataset) -> str | None:
@@ -139,8 +146,10 @@ def find_liver_contours(groups: list[dicom_series.SeriesFiles]) -> dict[str, Liv
     """
     ct_by_uid = {g.series_instance_uid: g for g in groups if g.is_ct}
     found: dict[str, LiverContour] = {}
-    objects = sorted((i for g in groups for i in g.instances
-                      if i.sop_class_uid in (SegmentationStorage, RTStructureSetStorage)), key=lambda i: str(i.path))
+    objects = sorted(
+        (i for g in groups for i in g.instances if i.sop_class_uid in (SegmentationStorage, RTStructureSetStorage)),
+        key=lambda i: str(i.path),
+    )
     for inst in objects:
         try:
             if inst.sop_class_uid == SegmentationStorage:
@@ -158,8 +167,11 @@ def find_liver_contours(groups: list[dicom_series.SeriesFiles]) -> dict[str, Liv
             log.warning("skipping contour: %s", exc)
             continue
         if contour.series_instance_uid in found:
-            log.warning("series has a second liver contour %s; using %s", inst.path.name,
-                        found[contour.series_instance_uid].path.name)
+            log.warning(
+                "series has a second liver contour %s; using %s",
+                inst.path.name,
+                found[contour.series_instance_uid].path.name,
+            )
             continue
         found[contour.series_instance_uid] = contour
     return found

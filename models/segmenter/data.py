@@ -66,12 +66,17 @@ def _load_one(args: tuple[dicom_series.SeriesFiles, LiverContour, SegmenterInput
         mask = contour.volume_for(series)
     except ValueError as exc:  # SeriesError, ContourError
         return str(exc)
-    return SegSeries(series.series_instance_uid, prepare_volume(series.hu, spec).astype(np.float16),
-                     resize_mask(mask, spec.size), folder=str(series.folder))
+    return SegSeries(
+        series.series_instance_uid,
+        prepare_volume(series.hu, spec).astype(np.float16),
+        resize_mask(mask, spec.size),
+        folder=str(series.folder),
+    )
 
 
-def load_dataset(root: Path | str, spec: SegmenterInput, *, jobs: int = 1, seed: int = 0,
-                 max_series: int | None = None) -> SegDataset:
+def load_dataset(
+    root: Path | str, spec: SegmenterInput, *, jobs: int = 1, seed: int = 0, max_series: int | None = None
+) -> SegDataset:
     """Contoured normal series under `root`, prepared at `spec.size`².
 
     Raises:
@@ -97,7 +102,7 @@ def load_dataset(root: Path | str, spec: SegmenterInput, *, jobs: int = 1, seed:
             splits[cts[idx].series_instance_uid] = "validation" if rank < n_val else "train"
     if max_series is not None:
         tr = [g for g in cts if splits[g.series_instance_uid] == "train"][:max_series]
-        va = [g for g in cts if splits[g.series_instance_uid] == "validation"][:max(1, max_series // 4)]
+        va = [g for g in cts if splits[g.series_instance_uid] == "validation"][: max(1, max_series // 4)]
         cts = tr + va
     work = [(g, contours[g.series_instance_uid], spec) for g in cts]
     if jobs > 1:
@@ -113,9 +118,17 @@ def load_dataset(root: Path | str, spec: SegmenterInput, *, jobs: int = 1, seed:
             continue
         (validation if splits[g.series_instance_uid] == "validation" else train).append(item)
     if len(train) < 2 or not validation:
-        raise ValueError(f"{root}: {len(train)} training and {len(validation)} validation CT series with liver "
-                         "contours usable; need at least 2 and 1")
-    log.info("data: %d training series (%d slices), %d validation series (%d slices), %d skipped, from %s",
-             len(train), sum(s.num_slices for s in train), len(validation),
-             sum(s.num_slices for s in validation), len(skipped), root)
+        raise ValueError(
+            f"{root}: {len(train)} training and {len(validation)} validation CT series with liver "
+            "contours usable; need at least 2 and 1"
+        )
+    log.info(
+        "data: %d training series (%d slices), %d validation series (%d slices), %d skipped, from %s",
+        len(train),
+        sum(s.num_slices for s in train),
+        len(validation),
+        sum(s.num_slices for s in validation),
+        len(skipped),
+        root,
+    )
     return SegDataset(train, validation, str(root), skipped)

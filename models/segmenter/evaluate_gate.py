@@ -46,18 +46,26 @@ SCORES = ("gate", "entropy", "mahalanobis", "combined")
 
 
 def register(what: argparse._SubParsersAction) -> None:
-    g = what.add_parser("gate", help="how well the gate predicts the segmenter's failures",
-                        description="Run the segmenter on contoured CT series, compute Dice, and measure how well the "
-                        "detector's score (and the entropy / Mahalanobis baselines) predict Dice < 0.95.")
+    g = what.add_parser(
+        "gate",
+        help="how well the gate predicts the segmenter's failures",
+        description="Run the segmenter on contoured CT series, compute Dice, and measure how well the "
+        "detector's score (and the entropy / Mahalanobis baselines) predict Dice < 0.95.",
+    )
     g.add_argument("--data", required=True, type=Path, help="folder tree of CT series with liver contours")
     g.add_argument("--out", required=True, type=Path, help="report folder")
     g.add_argument("--segmenter", type=Path, default=None, help="segmenter model folder (default: shipped)")
     g.add_argument("--detector", type=Path, default=None, help="detector model folder (default: shipped)")
-    g.add_argument("--train-data", type=Path, default=None,
-                   help="normal contoured series to fit the Mahalanobis baseline and the z-scores on "
-                   "(phantom run with train/validation splits; default: --data when it has them)")
-    g.add_argument("--split", default=None,
-                   help="manifest split(s) to evaluate, comma-separated (default: test and test_large)")
+    g.add_argument(
+        "--train-data",
+        type=Path,
+        default=None,
+        help="normal contoured series to fit the Mahalanobis baseline and the z-scores on "
+        "(phantom run with train/validation splits; default: --data when it has them)",
+    )
+    g.add_argument(
+        "--split", default=None, help="manifest split(s) to evaluate, comma-separated (default: test and test_large)"
+    )
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     g.add_argument("--reuse", action="store_true", help="reuse --out/series.json instead of scoring again")
     g.set_defaults(func=run)
@@ -99,9 +107,14 @@ def review_outcome(scores: np.ndarray, failed: np.ndarray, rate: float) -> dict:
     n_fail = int(failed.sum())
     caught = int((failed & reviewed).sum())
     rest = ~reviewed
-    return {"review_rate": rate, "reviewed": k, "failures": n_fail, "caught": caught,
-            "recall": caught / n_fail if n_fail else float("nan"),
-            "residual_failure_rate": float(failed[rest].mean()) if rest.any() else 0.0}
+    return {
+        "review_rate": rate,
+        "reviewed": k,
+        "failures": n_fail,
+        "caught": caught,
+        "recall": caught / n_fail if n_fail else float("nan"),
+        "residual_failure_rate": float(failed[rest].mean()) if rest.any() else 0.0,
+    }
 
 
 def _boot(fn, n_items: int, n: int, seed: int = 0) -> list[float]:
@@ -118,8 +131,10 @@ def score_summary(scores: np.ndarray, dice: np.ndarray, cut: float, n_boot: int)
         return auroc(scores[idx][~failed[idx]], scores[idx][failed[idx]])
 
     out = {
-        "failures": int(failed.sum()), "series": int(scores.size),
-        "auroc": auroc(scores[~failed], scores[failed]), "auprc": auprc(scores[~failed], scores[failed]),
+        "failures": int(failed.sum()),
+        "series": int(scores.size),
+        "auroc": auroc(scores[~failed], scores[failed]),
+        "auprc": auprc(scores[~failed], scores[failed]),
         "aurc": aurc(scores, risk),
         "review": [review_outcome(scores, failed, r) for r in REVIEW_RATES],
     }
@@ -127,7 +142,8 @@ def score_summary(scores: np.ndarray, dice: np.ndarray, cut: float, n_boot: int)
         out["auroc_ci"] = _boot(au, scores.size, n_boot)
         out["aurc_ci"] = _boot(lambda i: aurc(scores[i], risk[i]), scores.size, n_boot, seed=1)
         out["recall_at_15_ci"] = _boot(
-            lambda i: review_outcome(scores[i], failed[i], TARGET_REVIEW_RATE)["recall"], scores.size, n_boot, seed=2)
+            lambda i: review_outcome(scores[i], failed[i], TARGET_REVIEW_RATE)["recall"], scores.size, n_boot, seed=2
+        )
     return out
 
 
@@ -205,11 +221,19 @@ def fit_reference(train_root: Path, segmenter, detector) -> dict:
     maha = Mahalanobis(np.concatenate(train_feats))
     val_gate = np.array([detector.score_series(s).score for s, _ in val])
     val_maha = np.array([float(maha.distance(seg.features[_liver_slices(seg.mask)]).mean()) for _, seg in val])
-    log.info("references: %d training series (%d liver slices) for Mahalanobis, %d validation series for z-scores",
-             len(train_feats), sum(len(f) for f in train_feats), len(val))
-    return {"mahalanobis": maha,
-            "z": {"gate": (float(val_gate.mean()), float(val_gate.std() + 1e-9)),
-                  "mahalanobis": (float(val_maha.mean()), float(val_maha.std() + 1e-9))}}
+    log.info(
+        "references: %d training series (%d liver slices) for Mahalanobis, %d validation series for z-scores",
+        len(train_feats),
+        sum(len(f) for f in train_feats),
+        len(val),
+    )
+    return {
+        "mahalanobis": maha,
+        "z": {
+            "gate": (float(val_gate.mean()), float(val_gate.std() + 1e-9)),
+            "mahalanobis": (float(val_maha.mean()), float(val_maha.std() + 1e-9)),
+        },
+    }
 
 
 def score_series(root: Path, splits: set[str] | None, segmenter, detector, reference: dict) -> list[SeriesResult]:
@@ -218,7 +242,9 @@ def score_series(root: Path, splits: set[str] | None, segmenter, detector, refer
 
     groups, contours, entries = _contoured_series(root, splits)
     if not groups:
-        raise ValueError(f"{root}: no CT series with a liver contour" + (f" in split {sorted(splits)}" if splits else ""))
+        raise ValueError(
+            f"{root}: no CT series with a liver contour" + (f" in split {sorted(splits)}" if splits else "")
+        )
     results = []
     t0 = time.monotonic()
     for n, g in enumerate(groups, 1):
@@ -232,12 +258,21 @@ def score_series(root: Path, splits: set[str] | None, segmenter, detector, refer
         gate = detector.score_series(series)
         maha = float(reference["mahalanobis"].distance(seg.features[_liver_slices(seg.mask)]).mean())
         (mg, sg), (mm, sm) = reference["z"]["gate"], reference["z"]["mahalanobis"]
-        results.append(SeriesResult(
-            series_instance_uid=g.series_instance_uid, folder=str(Path(g.folder).relative_to(root)),
-            anomaly=_anomaly(entries.get(g.series_instance_uid)), num_slices=series.num_slices,
-            dice=dice(seg.mask, truth), gate=gate.score, gate_flagged=gate.flagged, entropy=seg.entropy,
-            mahalanobis=maha, combined=max((gate.score - mg) / sg, (maha - mm) / sm),
-            liver_volume_ml=seg.liver_volume_ml))
+        results.append(
+            SeriesResult(
+                series_instance_uid=g.series_instance_uid,
+                folder=str(Path(g.folder).relative_to(root)),
+                anomaly=_anomaly(entries.get(g.series_instance_uid)),
+                num_slices=series.num_slices,
+                dice=dice(seg.mask, truth),
+                gate=gate.score,
+                gate_flagged=gate.flagged,
+                entropy=seg.entropy,
+                mahalanobis=maha,
+                combined=max((gate.score - mg) / sg, (maha - mm) / sm),
+                liver_volume_ml=seg.liver_volume_ml,
+            )
+        )
         if n % 10 == 0 or n == len(groups):
             log.info("scored %d/%d series (%.0f s)", n, len(groups), time.monotonic() - t0)
     return results
@@ -249,9 +284,7 @@ def score_series(root: Path, splits: set[str] | None, segmenter, detector, refer
 def build_report(results: list[SeriesResult], n_boot: int, meta: dict) -> dict:
     dice = np.array([r.dice for r in results])
     types = sorted({r.anomaly for r in results})
-    report: dict = {"meta": meta, "series": len(results),
-                    "dice": {"all": _dice_stats(dice)},
-                    "failure_definitions": {}}
+    report: dict = {"meta": meta, "series": len(results), "dice": {"all": _dice_stats(dice)}, "failure_definitions": {}}
     for t in types:
         report["dice"][t] = _dice_stats(np.array([r.dice for r in results if r.anomaly == t]))
     for cut in (FAILURE_DICE, SECONDARY_FAILURE_DICE):
@@ -264,7 +297,8 @@ def build_report(results: list[SeriesResult], n_boot: int, meta: dict) -> dict:
         block["gate_at_threshold"] = {
             "review_rate": float(gate_flag.mean()),
             "recall": float((failed & gate_flag).sum() / failed.sum()) if failed.any() else float("nan"),
-            "residual_failure_rate": float(failed[~gate_flag].mean()) if (~gate_flag).any() else 0.0}
+            "residual_failure_rate": float(failed[~gate_flag].mean()) if (~gate_flag).any() else 0.0,
+        }
         per_type = {}
         for t in types:
             sel = np.array([r.anomaly == t for r in results])
@@ -280,8 +314,10 @@ def build_report(results: list[SeriesResult], n_boot: int, meta: dict) -> dict:
         block["per_type"] = per_type
         report["failure_definitions"][f"dice<{cut}"] = block
     main = report["failure_definitions"][f"dice<{FAILURE_DICE}"]
-    best_recall = {name: next(r["recall"] for r in main["scores"][name]["review"] if r["review_rate"] == TARGET_REVIEW_RATE)
-                   for name in SCORES}
+    best_recall = {
+        name: next(r["recall"] for r in main["scores"][name]["review"] if r["review_rate"] == TARGET_REVIEW_RATE)
+        for name in SCORES
+    }
     report["targets"] = {
         "segmenter_dice_normal_ge_0.95": report["dice"].get("normal", {}).get("mean", float("nan")) >= 0.95,
         "gate_recall_at_15pct_ge_0.95": best_recall["gate"] >= TARGET_RECALL,
@@ -295,8 +331,14 @@ def build_report(results: list[SeriesResult], n_boot: int, meta: dict) -> dict:
 def _dice_stats(d: np.ndarray) -> dict:
     if d.size == 0:
         return {"series": 0}
-    return {"series": int(d.size), "mean": float(d.mean()), "median": float(np.median(d)), "min": float(d.min()),
-            "below_0.95": int((d < 0.95).sum()), "below_0.90": int((d < 0.90).sum())}
+    return {
+        "series": int(d.size),
+        "mean": float(d.mean()),
+        "median": float(np.median(d)),
+        "min": float(d.min()),
+        "below_0.95": int((d < 0.95).sum()),
+        "below_0.90": int((d < 0.90).sum()),
+    }
 
 
 def _f(v: float, nd: int = 3) -> str:
@@ -305,48 +347,77 @@ def _f(v: float, nd: int = 3) -> str:
 
 def report_markdown(report: dict, plots: list[str]) -> str:
     m = report["meta"]
-    lines = [f"# Gate evaluation: does the gate catch the segmenter's failures? ({m['data']})", "",
-             f"- Series: {report['series']} (split {m['splits']}); segmenter `{m['segmenter']}` "
-             f"(version {m['segmenter_version']}); detector `{m['detector']}` (threshold {m['detector_threshold']:.4f}).",
-             f"- Command: `{m['command']}`; scored in {m['seconds']:.0f} s on {m['machine']}.",
-             "- Failure: 3-D liver Dice < 0.95 against the contour (also < 0.90 below). Risk = 1 − Dice.",
-             "- Scores: `gate` = GAN detector series score; `entropy` = segmenter mean entropy around its liver; "
-             "`mahalanobis` = bottleneck-feature Mahalanobis distance (fitted on normal training liver slices); "
-             "`combined` = max of gate and Mahalanobis z-scores (z on validation normals).", "",
-             "## Segmenter Dice by series type", "",
-             "| type | series | mean | median | min | < 0.95 | < 0.90 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Gate evaluation: does the gate catch the segmenter's failures? ({m['data']})",
+        "",
+        f"- Series: {report['series']} (split {m['splits']}); segmenter `{m['segmenter']}` "
+        f"(version {m['segmenter_version']}); detector `{m['detector']}` (threshold {m['detector_threshold']:.4f}).",
+        f"- Command: `{m['command']}`; scored in {m['seconds']:.0f} s on {m['machine']}.",
+        "- Failure: 3-D liver Dice < 0.95 against the contour (also < 0.90 below). Risk = 1 − Dice.",
+        "- Scores: `gate` = GAN detector series score; `entropy` = segmenter mean entropy around its liver; "
+        "`mahalanobis` = bottleneck-feature Mahalanobis distance (fitted on normal training liver slices); "
+        "`combined` = max of gate and Mahalanobis z-scores (z on validation normals).",
+        "",
+        "## Segmenter Dice by series type",
+        "",
+        "| type | series | mean | median | min | < 0.95 | < 0.90 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t, d in report["dice"].items():
         if d.get("series"):
-            lines.append(f"| {t} | {d['series']} | {_f(d['mean'])} | {_f(d['median'])} | {_f(d['min'])} | "
-                         f"{d['below_0.95']} | {d['below_0.90']} |")
+            lines.append(
+                f"| {t} | {d['series']} | {_f(d['mean'])} | {_f(d['median'])} | {_f(d['min'])} | "
+                f"{d['below_0.95']} | {d['below_0.90']} |"
+            )
     for key, block in report["failure_definitions"].items():
-        lines += ["", f"## Failure = {key}", "",
-                  f"Oracle AURC {_f(block['oracle_aurc'], 4)}, random order {_f(block['random_aurc'], 4)} (lower is better).", "",
-                  "| score | failures | AUROC [95 % CI] | AUPRC | AURC [95 % CI] | recall @10 % | @15 % | @20 % | @30 % | "
-                  "failure rate among auto-routed @15 % |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Failure = {key}",
+            "",
+            f"Oracle AURC {_f(block['oracle_aurc'], 4)}, random order {_f(block['random_aurc'], 4)} (lower is better).",
+            "",
+            "| score | failures | AUROC [95 % CI] | AUPRC | AURC [95 % CI] | recall @10 % | @15 % | @20 % | @30 % | "
+            "failure rate among auto-routed @15 % |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, s in block["scores"].items():
             rec = {r["review_rate"]: r for r in s["review"]}
             ci = f" [{_f(s['auroc_ci'][0])}, {_f(s['auroc_ci'][1])}]" if "auroc_ci" in s else ""
             aci = f" [{_f(s['aurc_ci'][0], 4)}, {_f(s['aurc_ci'][1], 4)}]" if "aurc_ci" in s else ""
-            lines.append(f"| {name} | {s['failures']}/{s['series']} | {_f(s['auroc'])}{ci} | {_f(s['auprc'])} | "
-                         f"{_f(s['aurc'], 4)}{aci} | " + " | ".join(_f(rec[r]['recall'], 2) for r in REVIEW_RATES)
-                         + f" | {_f(rec[0.15]['residual_failure_rate'], 3)} |")
+            lines.append(
+                f"| {name} | {s['failures']}/{s['series']} | {_f(s['auroc'])}{ci} | {_f(s['auprc'])} | "
+                f"{_f(s['aurc'], 4)}{aci} | "
+                + " | ".join(_f(rec[r]["recall"], 2) for r in REVIEW_RATES)
+                + f" | {_f(rec[0.15]['residual_failure_rate'], 3)} |"
+            )
         g = block["gate_at_threshold"]
-        lines += ["", f"Gate at its calibrated threshold: reviews {_f(g['review_rate'] * 100, 1)} % of series, catches "
-                  f"{_f(g['recall'] * 100 if g['recall'] == g['recall'] else float('nan'), 1)} % of failures; failure rate "
-                  f"among auto-routed {_f(g['residual_failure_rate'] * 100, 1)} %.", "",
-                  "| type | series | failures | gate flagged | caught @15 %: gate | entropy | mahalanobis | combined |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Gate at its calibrated threshold: reviews {_f(g['review_rate'] * 100, 1)} % of series, catches "
+            f"{_f(g['recall'] * 100 if g['recall'] == g['recall'] else float('nan'), 1)} % of failures; failure rate "
+            f"among auto-routed {_f(g['residual_failure_rate'] * 100, 1)} %.",
+            "",
+            "| type | series | failures | gate flagged | caught @15 %: gate | entropy | mahalanobis | combined |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for t, row in block["per_type"].items():
-            lines.append(f"| {t} | {row['series']} | {row['failures']} | {row['gate_flagged']} | "
-                         + " | ".join(str(row[f'{n}_caught_at_15']) for n in SCORES) + " |")
+            lines.append(
+                f"| {t} | {row['series']} | {row['failures']} | {row['gate_flagged']} | "
+                + " | ".join(str(row[f"{n}_caught_at_15"]) for n in SCORES)
+                + " |"
+            )
     t = report["targets"]
-    lines += ["", "## Targets", "",
-              f"- Segmenter Dice ≥ 0.95 on unseen normal series: **{'met' if t['segmenter_dice_normal_ge_0.95'] else 'missed'}**.",
-              f"- Gate catches ≥ 95 % of failures at ≤ 15 % review: **{'met' if t['gate_recall_at_15pct_ge_0.95'] else 'missed'}** "
-              f"(combined score: {'met' if t['combined_recall_at_15pct_ge_0.95'] else 'missed'}).",
-              f"- Gate AURC ≤ Mahalanobis AURC: **{'met' if t['gate_aurc_le_mahalanobis'] else 'missed'}** "
-              f"(combined: {'met' if t['combined_aurc_le_mahalanobis'] else 'missed'}).", ""]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        f"- Segmenter Dice ≥ 0.95 on unseen normal series: **{'met' if t['segmenter_dice_normal_ge_0.95'] else 'missed'}**.",
+        f"- Gate catches ≥ 95 % of failures at ≤ 15 % review: **{'met' if t['gate_recall_at_15pct_ge_0.95'] else 'missed'}** "
+        f"(combined score: {'met' if t['combined_recall_at_15pct_ge_0.95'] else 'missed'}).",
+        f"- Gate AURC ≤ Mahalanobis AURC: **{'met' if t['gate_aurc_le_mahalanobis'] else 'missed'}** "
+        f"(combined: {'met' if t['combined_aurc_le_mahalanobis'] else 'missed'}).",
+        "",
+    ]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -373,7 +444,9 @@ def write_plots(results: list[SeriesResult], report: dict, out: Path) -> list[st
     axes[0].set(xlabel="coverage (fraction auto-routed)", ylabel="risk (mean 1 − Dice)", title="Risk–coverage")
     axes[1].axvline(15, color="grey", ls="--")
     axes[1].axhline(0.95, color="grey", ls="--")
-    axes[1].set(xlabel="review rate (%)", ylabel="recall of failures (Dice < 0.95)", title="Failures caught vs review load")
+    axes[1].set(
+        xlabel="review rate (%)", ylabel="recall of failures (Dice < 0.95)", title="Failures caught vs review load"
+    )
     types = sorted({r.anomaly for r in results})
     for i, t in enumerate(types):
         d = [r.dice for r in results if r.anomaly == t]
@@ -439,17 +512,25 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         seconds = time.monotonic() - t0
         cache.write_text(json.dumps({"seconds": seconds, "results": [asdict(r) for r in results]}, indent=1))
-    meta = {"data": str(args.data), "splits": ",".join(sorted(splits)), "segmenter": str(seg_dir),
-            "segmenter_version": segmenter.version, "detector": str(det_dir),
-            "detector_threshold": detector.threshold, "seconds": seconds,
-            "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
-            "command": "gatekeeper evaluate gate " + " ".join(shlex.quote(a) for a in sys.argv[3:])}
+    meta = {
+        "data": str(args.data),
+        "splits": ",".join(sorted(splits)),
+        "segmenter": str(seg_dir),
+        "segmenter_version": segmenter.version,
+        "detector": str(det_dir),
+        "detector_threshold": detector.threshold,
+        "seconds": seconds,
+        "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "command": "gatekeeper evaluate gate " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
+    }
     report = build_report(results, args.bootstrap, meta)
     plots = write_plots(results, report, args.out)
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (args.out / "report.md").write_text(report_markdown(report, plots))
     main = report["failure_definitions"][f"dice<{FAILURE_DICE}"]
-    print(f"{len(results)} series, {main['scores']['gate']['failures']} failures (Dice < {FAILURE_DICE}); "
-          + ", ".join(f"{n}: AUROC {_f(s['auroc'])} AURC {_f(s['aurc'], 4)}" for n, s in main["scores"].items())
-          + f"; report in {args.out / 'report.md'}")
+    print(
+        f"{len(results)} series, {main['scores']['gate']['failures']} failures (Dice < {FAILURE_DICE}); "
+        + ", ".join(f"{n}: AUROC {_f(s['auroc'])} AURC {_f(s['aurc'], 4)}" for n, s in main["scores"].items())
+        + f"; report in {args.out / 'report.md'}"
+    )
     return 0

@@ -18,8 +18,12 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     """Two 3×3 convolutions, each followed by group norm and SiLU."""
     groups = max(1, cout // 8)
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.SiLU(),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.SiLU(),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, cout),
+        nn.SiLU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, cout),
+        nn.SiLU(),
     )
 
 
@@ -41,7 +45,9 @@ class UNet(nn.Module):
         widths = [base * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList([_block(in_channels, widths[0])])
         self.down.extend(_block(widths[i], widths[i + 1]) for i in range(depth))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+        )
         self.merge = nn.ModuleList(_block(2 * widths[i], widths[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         self.feature_dim = widths[-1]

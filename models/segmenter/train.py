@@ -113,9 +113,16 @@ def export(net: UNet, spec: SegmenterInput, out: Path) -> float:
     wrapper = SegmenterExport(net.cpu().eval())
     example = torch.rand(2, spec.channels, spec.size, spec.size)
     path = out / "segmenter.onnx"
-    torch.onnx.export(wrapper, (example,), str(path), input_names=["image"], output_names=["probability", "features"],
-                      dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}, "features": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        wrapper,
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["probability", "features"],
+        dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}, "features": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     x = torch.rand(3, spec.channels, spec.size, spec.size)
     with torch.inference_mode():
         ref = [t.numpy() for t in wrapper(x)]
@@ -123,19 +130,34 @@ def export(net: UNet, spec: SegmenterInput, out: Path) -> float:
     return max(float(np.abs(g - r).max() / (np.abs(r).max() + 1e-12)) for g, r in zip(got, ref))
 
 
-def write_model_json(out: Path, *, args: argparse.Namespace, spec: SegmenterInput, data: SegDataset,
-                     metrics: dict, parity: float, data_hash: str) -> dict:
+def write_model_json(
+    out: Path,
+    *,
+    args: argparse.Namespace,
+    spec: SegmenterInput,
+    data: SegDataset,
+    metrics: dict,
+    parity: float,
+    data_hash: str,
+) -> dict:
     meta = {
         "format": 1,
         "kind": KIND,
         "name": "gatekeeper-liver-unet",
         "file": "segmenter.onnx",
         "version": file_version(out / "segmenter.onnx"),
-        "input": {"size": spec.size, "context_slices": spec.context_slices,
-                  "window_center_hu": spec.window.center, "window_width_hu": spec.window.width,
-                  "resize": "area average (service.imaging.resize)", "order": "head to feet"},
-        "outputs": {"probability": "liver probability of the middle slice [N, S, S]",
-                    "features": f"bottleneck features [N, {net_feature_dim(args)}]"},
+        "input": {
+            "size": spec.size,
+            "context_slices": spec.context_slices,
+            "window_center_hu": spec.window.center,
+            "window_width_hu": spec.window.width,
+            "resize": "area average (service.imaging.resize)",
+            "order": "head to feet",
+        },
+        "outputs": {
+            "probability": "liver probability of the middle slice [N, S, S]",
+            "features": f"bottleneck features [N, {net_feature_dim(args)}]",
+        },
         "threshold": 0.5,
         "postprocessing": "resample to the series matrix, cut at threshold, largest 3-D component, fill holes",
         "segment": {"label": "Liver", "scheme": "SCT", "code": "10200004", "meaning": "Liver"},
@@ -143,13 +165,22 @@ def write_model_json(out: Path, *, args: argparse.Namespace, spec: SegmenterInpu
         "metrics": metrics,
         "onnx_parity_max_rel_error": parity,
         "training": {
-            "data": data.source, "data_hash": data_hash, "data_command": _data_command(Path(data.source)),
-            "train_series": len(data.train), "validation_series": len(data.validation),
+            "data": data.source,
+            "data_hash": data_hash,
+            "data_command": _data_command(Path(data.source)),
+            "train_series": len(data.train),
+            "validation_series": len(data.validation),
             "train_slices": sum(s.num_slices for s in data.train),
             "command": "gatekeeper train segmenter " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-            if sys.argv[1:3] == ["train", "segmenter"] else " ".join(shlex.quote(a) for a in sys.argv),
-            "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            if sys.argv[1:3] == ["train", "segmenter"]
+            else " ".join(shlex.quote(a) for a in sys.argv),
+            "seed": args.seed,
+            "steps": args.steps,
+            "batch": args.batch,
+            "lr": args.lr,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(),
         },
     }
     (out / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -209,17 +240,34 @@ def run_cli(args: argparse.Namespace) -> int:
 
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                    "best_state": best_state, "history": history, "rng": rng.bit_generator.state,
-                    "gen": gen.get_state(), "args": vars(args) | {"data": str(args.data), "out": str(args.out)}}, tmp)
+        torch.save(
+            {
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "best": best,
+                "best_state": best_state,
+                "history": history,
+                "rng": rng.bit_generator.state,
+                "gen": gen.get_state(),
+                "args": vars(args) | {"data": str(args.data), "out": str(args.out)},
+            },
+            tmp,
+        )
         tmp.replace(ckpt_path)
 
     def check() -> None:
         nonlocal best, best_state
         scores = validate(net, data.validation, spec.context_slices, device)
         mean = float(np.mean(scores))
-        history.append({"step": step, "validation_dice_mean": mean, "validation_dice_min": float(np.min(scores)),
-                        "seconds": round(time.monotonic() - t0, 1)})
+        history.append(
+            {
+                "step": step,
+                "validation_dice_mean": mean,
+                "validation_dice_min": float(np.min(scores)),
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+        )
         log.info("step %d: validation Dice mean %.4f, min %.4f", step, mean, float(np.min(scores)))
         if mean > best:
             best, best_state = mean, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -254,14 +302,28 @@ def run_cli(args: argparse.Namespace) -> int:
     save()
     net.load_state_dict(best_state)
     scores = validate(net, data.validation, spec.context_slices, device)
-    metrics = {"validation_dice_mean": float(np.mean(scores)), "validation_dice_min": float(np.min(scores)),
-               "validation_dice_per_series": [round(s, 4) for s in scores], "history": history,
-               "trained_steps": step, "training_seconds": round(time.monotonic() - t0, 1)}
+    metrics = {
+        "validation_dice_mean": float(np.mean(scores)),
+        "validation_dice_min": float(np.min(scores)),
+        "validation_dice_per_series": [round(s, 4) for s in scores],
+        "history": history,
+        "trained_steps": step,
+        "training_seconds": round(time.monotonic() - t0, 1),
+    }
     parity = export(net, spec, args.out)
-    meta = write_model_json(args.out, args=args, spec=spec, data=data, metrics=metrics, parity=parity,
-                            data_hash=data_hash)
-    torch.save({"net": net.state_dict(), "args": vars(args) | {"data": str(args.data), "out": str(args.out)}},
-               args.out / "weights.pt")
-    log.info("segmenter written to %s: validation Dice %.4f (min %.4f), version %s, ONNX parity %.2e",
-             args.out, metrics["validation_dice_mean"], metrics["validation_dice_min"], meta["version"], parity)
+    meta = write_model_json(
+        args.out, args=args, spec=spec, data=data, metrics=metrics, parity=parity, data_hash=data_hash
+    )
+    torch.save(
+        {"net": net.state_dict(), "args": vars(args) | {"data": str(args.data), "out": str(args.out)}},
+        args.out / "weights.pt",
+    )
+    log.info(
+        "segmenter written to %s: validation Dice %.4f (min %.4f), version %s, ONNX parity %.2e",
+        args.out,
+        metrics["validation_dice_mean"],
+        metrics["validation_dice_min"],
+        meta["version"],
+        parity,
+    )
     return 0

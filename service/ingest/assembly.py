@@ -39,16 +39,17 @@ def complete_due_series(
     now = now or utc_now()
     with store.sessions() as session:
         receiving = session.execute(
-            select(Series.id, Series.calling_ae_title, Series.last_received_at)
-            .where(Series.state == SeriesState.RECEIVING.value)
+            select(Series.id, Series.calling_ae_title, Series.last_received_at).where(
+                Series.state == SeriesState.RECEIVING.value
+            )
         ).all()
     completed = []
     for series_id, calling_ae_title, last_received_at in receiving:
         quiet = dt.timedelta(seconds=settings.quiet_period_for(calling_ae_title))
-        if max(last_received_at, not_before) + quiet <= now:
-            if complete_series(store=store, series_id=series_id, reason="quiet_period",
-                               quiet_until=now - quiet, not_before=not_before):
-                completed.append(series_id)
+        if max(last_received_at, not_before) + quiet <= now and complete_series(
+            store=store, series_id=series_id, reason="quiet_period", quiet_until=now - quiet, not_before=not_before
+        ):
+            completed.append(series_id)
     return completed
 
 
@@ -81,16 +82,27 @@ def complete_series(
         series.state = (SeriesState.COMPLETE if is_image_series else SeriesState.STORED).value
         series.completed_at = now
         series.geometry_findings = findings if is_image_series else None
-        session.add(SeriesEvent(series_id=series_id, kind="completed", detail={
-            "reason": reason,
-            "num_instances": series.num_instances,
-            "first_received_at": series.first_received_at.isoformat(),
-            "last_received_at": series.last_received_at.isoformat(),
-        }))
+        session.add(
+            SeriesEvent(
+                series_id=series_id,
+                kind="completed",
+                detail={
+                    "reason": reason,
+                    "num_instances": series.num_instances,
+                    "first_received_at": series.first_received_at.isoformat(),
+                    "last_received_at": series.last_received_at.isoformat(),
+                },
+            )
+        )
         if is_image_series:
             session.add(SeriesEvent(series_id=series_id, kind="geometry_checked", detail={"findings": findings}))
-    log.info("series id %s complete (%s): %s instances, %s geometry finding(s)",
-             series_id, reason, series.num_instances, len(findings))
+    log.info(
+        "series id %s complete (%s): %s instances, %s geometry finding(s)",
+        series_id,
+        reason,
+        series.num_instances,
+        len(findings),
+    )
     for finding in findings:
         log.warning("series id %s geometry: %s", series_id, finding["message"])
     return True

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames
 from pydicom.uid import UID
@@ -137,8 +137,12 @@ def _check_value_lengths(dataset: Dataset) -> None:
     """
     for tag in list(dataset.keys()):
         raw = dataset.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH and raw.value is not None \
-                and len(raw.value) < raw.length:
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != UNDEFINED_LENGTH
+            and raw.value is not None
+            and len(raw.value) < raw.length
+        ):
             raise EOFError(f"element {tag} has {len(raw.value)} of {raw.length} bytes")
 
 
@@ -188,9 +192,7 @@ def check_pixel_data(dataset: Dataset, *, encapsulated: bool) -> None:
         except Exception as exc:  # malformed item tags or lengths inside the encapsulation
             raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "encapsulated PixelData malformed") from exc
         if found < frames:
-            raise RefusedInstance(
-                DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"PixelData has {found} frames; expected {frames}"
-            )
+            raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"PixelData has {found} frames; expected {frames}")
         return
     expected = (rows * columns * samples * frames * bits_allocated + 7) // 8
     if len(pixel_data) not in (expected, expected + 1):  # +1: padding to an even length

@@ -67,13 +67,17 @@ def check_geometry(planes: Sequence[SlicePlane]) -> list[Finding]:
         findings.append(Finding("localizer", f"Series has {localizers} localizer image(s) (ImageType LOCALIZER)."))
     incomplete = [p for p in planes if p.position is None or p.orientation is None]
     if incomplete:
-        findings.append(Finding(
-            "missing_geometry",
-            f"{len(incomplete)} of {len(planes)} slices lack ImagePositionPatient or ImageOrientationPatient.",
-        ))
+        findings.append(
+            Finding(
+                "missing_geometry",
+                f"{len(incomplete)} of {len(planes)} slices lack ImagePositionPatient or ImageOrientationPatient.",
+            )
+        )
     usable = [p for p in planes if p.position is not None and p.orientation is not None]
     if len(usable) < MIN_SLICES:
-        findings.append(Finding("too_few_slices", f"Series has {len(usable)} slices with geometry; expected >= {MIN_SLICES}."))
+        findings.append(
+            Finding("too_few_slices", f"Series has {len(usable)} slices with geometry; expected >= {MIN_SLICES}.")
+        )
         if len(usable) < 2:
             return findings
 
@@ -82,14 +86,18 @@ def check_geometry(planes: Sequence[SlicePlane]) -> list[Finding]:
     differs = np.flatnonzero(np.abs(orientations - reference).max(axis=1) > ORIENTATION_TOLERANCE)
     if differs.size:
         distinct = _count_distinct(orientations)
-        findings.append(Finding(
-            "multiple_orientations",
-            f"Series has {distinct} orientations; expected 1 (ImageOrientationPatient differs at slice "
-            f"{int(differs[0]) + 1}).",
-        ))
+        findings.append(
+            Finding(
+                "multiple_orientations",
+                f"Series has {distinct} orientations; expected 1 (ImageOrientationPatient differs at slice "
+                f"{int(differs[0]) + 1}).",
+            )
+        )
     normal = np.cross(reference[:3], reference[3:])
     if not np.linalg.norm(normal) > 0.5:
-        findings.append(Finding("missing_geometry", "ImageOrientationPatient row and column are not orthogonal unit vectors."))
+        findings.append(
+            Finding("missing_geometry", "ImageOrientationPatient row and column are not orthogonal unit vectors.")
+        )
         return findings
     positions = np.sort(np.array([p.position for p in usable], dtype=float) @ normal)
     steps = np.diff(positions)
@@ -104,18 +112,22 @@ def check_geometry(planes: Sequence[SlicePlane]) -> list[Finding]:
     gaps = steps[steps > GAP_FACTOR * typical]
     if gaps.size:
         missing = int(np.sum(np.round(gaps / typical) - 1))
-        findings.append(Finding(
-            "missing_slices",
-            f"{gaps.size} gap(s) in slice positions, about {max(missing, 1)} slice(s) missing "
-            f"(spacing {typical:.3g} mm, largest gap {gaps.max():.3g} mm).",
-        ))
+        findings.append(
+            Finding(
+                "missing_slices",
+                f"{gaps.size} gap(s) in slice positions, about {max(missing, 1)} slice(s) missing "
+                f"(spacing {typical:.3g} mm, largest gap {gaps.max():.3g} mm).",
+            )
+        )
     regular = steps[steps <= GAP_FACTOR * typical]
     if regular.size and np.abs(regular - typical).max() > SPACING_TOLERANCE * typical:
-        findings.append(Finding(
-            "inconsistent_spacing",
-            f"Slice spacing varies from {regular.min():.3g} to {regular.max():.3g} mm; expected {typical:.3g} mm ± "
-            f"{SPACING_TOLERANCE:.0%}.",
-        ))
+        findings.append(
+            Finding(
+                "inconsistent_spacing",
+                f"Slice spacing varies from {regular.min():.3g} to {regular.max():.3g} mm; expected {typical:.3g} mm ± "
+                f"{SPACING_TOLERANCE:.0%}.",
+            )
+        )
     return findings
 
 
@@ -152,8 +164,14 @@ def planes_from_dataset(dataset: Dataset) -> list[SlicePlane]:
     is_localizer = "LOCALIZER" in image_type
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None:
-        return [SlicePlane(uid, _floats(dataset.get("ImagePositionPatient"), 3),
-                           _floats(dataset.get("ImageOrientationPatient"), 6), is_localizer)]
+        return [
+            SlicePlane(
+                uid,
+                _floats(dataset.get("ImagePositionPatient"), 3),
+                _floats(dataset.get("ImageOrientationPatient"), 6),
+                is_localizer,
+            )
+        ]
     shared = (dataset.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     planes = []
     for frame in per_frame:
@@ -162,8 +180,14 @@ def planes_from_dataset(dataset: Dataset) -> list[SlicePlane]:
         if orientation is None:
             orientation = _nested(shared, "PlaneOrientationSequence", "ImageOrientationPatient")
         frame_type = _nested(frame, "CTImageFrameTypeSequence", "FrameType") or []
-        planes.append(SlicePlane(uid, _floats(position, 3), _floats(orientation, 6),
-                                 is_localizer or "LOCALIZER" in [str(v).upper() for v in frame_type]))
+        planes.append(
+            SlicePlane(
+                uid,
+                _floats(position, 3),
+                _floats(orientation, 6),
+                is_localizer or "LOCALIZER" in [str(v).upper() for v in frame_type],
+            )
+        )
     return planes
 
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -221,9 +221,7 @@ class _Server(ThreadedAssociationServer):
         if self.ssl_context:
             # The TLS handshake happens on the first read, in the association's own thread, so a
             # client that connects and stays silent cannot hold up the accept loop.
-            client_socket = self.ssl_context.wrap_socket(
-                client_socket, server_side=True, do_handshake_on_connect=False
-            )
+            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         else:
             client_socket = _QuickAckSocket(fileno=client_socket.detach())
         return client_socket, address
@@ -270,8 +268,14 @@ def make_ae(settings: Settings) -> AE:
 class Assembler:
     """Completes quiet series, queues complete ones and re-sends lost ones, in a background thread."""
 
-    def __init__(self, *, store: InstanceStore, settings: Settings, publisher: Publisher,
-                 sweepers: Sequence[Callable[[dt.datetime | None], object]] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        store: InstanceStore,
+        settings: Settings,
+        publisher: Publisher,
+        sweepers: Sequence[Callable[[dt.datetime | None], object]] = (),
+    ) -> None:
         self.store = store
         self.settings = settings
         self.publisher = publisher
@@ -381,8 +385,13 @@ class Listener:
                 thread = threading.Thread(target=server.serve_forever, name=f"dicom-server-{port}", daemon=True)
                 thread.start()
                 listener.servers.append(server)
-                log.info("listening as %s on %s:%s%s", settings.ae_title, settings.bind_address,
-                         server.server_address[1], " (TLS)" if context else "")
+                log.info(
+                    "listening as %s on %s:%s%s",
+                    settings.ae_title,
+                    settings.bind_address,
+                    server.server_address[1],
+                    " (TLS)" if context else "",
+                )
         except BaseException:
             listener.stop()
             raise

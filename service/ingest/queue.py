@@ -49,7 +49,8 @@ def make_celery_app(settings: Settings) -> Celery:
         # export backoff (a countdown task is held unacknowledged until it runs), or Redis would
         # deliver it twice. A worker that dies mid-task is covered by the pipeline's sweeper instead.
         transport_options: dict[str, object] = {
-            "socket_timeout": 5, "socket_connect_timeout": 5,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
             "visibility_timeout": settings.export_retry_max_s + 600,
         }
     elif settings.broker_url.startswith("filesystem://"):
@@ -113,10 +114,12 @@ def queue_due_series(
         due = session.execute(
             select(Series.id, Series.state, Series.queue_attempts)
             .where(Series.superseded.is_(False))
-            .where(or_(
-                Series.state == SeriesState.COMPLETE.value,
-                (Series.state == SeriesState.QUEUED.value) & (Series.queued_at < resend_before),
-            ))
+            .where(
+                or_(
+                    Series.state == SeriesState.COMPLETE.value,
+                    (Series.state == SeriesState.QUEUED.value) & (Series.queued_at < resend_before),
+                )
+            )
             .order_by(Series.id)
         ).all()
     published = []
@@ -126,8 +129,12 @@ def queue_due_series(
             claimed = session.execute(
                 update(Series)
                 .where(Series.id == series_id, Series.state == state, Series.queue_attempts == attempts)
-                .values(state=SeriesState.QUEUED.value, queued_at=utc_now(), state_changed_at=utc_now(),
-                        queue_attempts=attempts + 1)
+                .values(
+                    state=SeriesState.QUEUED.value,
+                    queued_at=utc_now(),
+                    state_changed_at=utc_now(),
+                    queue_attempts=attempts + 1,
+                )
             ).rowcount
         if not claimed:
             continue  # another process queued it meanwhile
@@ -139,8 +146,11 @@ def queue_due_series(
                 session.execute(
                     update(Series)
                     .where(Series.id == series_id, Series.queue_attempts == attempts + 1)
-                    .values(state=state, queue_attempts=attempts, queued_at=None if state == SeriesState.COMPLETE.value
-                            else resend_before)
+                    .values(
+                        state=state,
+                        queue_attempts=attempts,
+                        queued_at=None if state == SeriesState.COMPLETE.value else resend_before,
+                    )
                 )
             break
         with sessions.begin() as session:

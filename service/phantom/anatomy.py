@@ -218,9 +218,7 @@ class Canvas:
             dx, dy = c * dx + s * dy, -s * dx + c * dy
         return box, (dx / rx) ** 2 + (dy / ry) ** 2
 
-    def paint(
-        self, box: tuple[slice, slice], where: np.ndarray, tissue: Tissue, label: int | None = None
-    ) -> None:
+    def paint(self, box: tuple[slice, slice], where: np.ndarray, tissue: Tissue, label: int | None = None) -> None:
         """Set `tissue` (and `label`, if given) on the pixels of `box` where `where` is true."""
         self.tissue[box][where] = tissue
         if label is not None:
@@ -278,7 +276,9 @@ class Patient:
             raise ValueError(f"seed must be >= 0, got {seed}.")
         self.seed = seed
         rng = np.random.default_rng([seed, 0xC7])
-        self.size = float(size if size is not None else rng.choice([rng.uniform(0.62, 0.85), rng.uniform(0.85, 1.12)], p=[0.15, 0.85]))
+        self.size = float(
+            size if size is not None else rng.choice([rng.uniform(0.62, 0.85), rng.uniform(0.85, 1.12)], p=[0.15, 0.85])
+        )
         if not 0.5 <= self.size <= 1.3:
             raise ValueError(f"size must be within [0.5, 1.3], got {self.size}.")
         default_fat = rng.gamma(3.0, 7.0) * self.size + 4.0
@@ -444,8 +444,16 @@ class Patient:
             c.paint(full, lung, Tissue.LUNG, Label.LUNG)
             if u < 0.15:
                 hp = _profile(u, -0.2, 0.16)
-                shape = c.paint_ellipse(0.18 * ia, -0.30 * ib, 0.50 * ia * hp, 0.45 * ib * hp,
-                                        Tissue.MYOCARDIUM, Label.HEART, angle=-0.5, inside=~dome)
+                shape = c.paint_ellipse(
+                    0.18 * ia,
+                    -0.30 * ib,
+                    0.50 * ia * hp,
+                    0.45 * ib * hp,
+                    Tissue.MYOCARDIUM,
+                    Label.HEART,
+                    angle=-0.5,
+                    inside=~dome,
+                )
                 if shape is not None:
                     box, r2 = shape
                     c.paint(box, (r2 < 0.55) & ~dome[box], Tissue.BLOOD_POOL, Label.HEART)
@@ -456,15 +464,23 @@ class Patient:
         abdomen = cavity & dome
 
         # Liver: big right lobe under the right dome, left lobe across the midline in front.
-        u0, u1 = self.u_dome_right - 0.005, self.u_liver_end
+        u0 = self.u_dome_right - 0.005
         right_lobe = self.liver_right_lobe(u)
         if right_lobe is not None:
             cx, cy, rx, ry, angle = right_lobe
             shape = c.paint_ellipse(cx, cy, rx, ry, Tissue.LIVER, Label.LIVER, angle=angle, inside=abdomen)
             lp = _profile(u, u0 + 0.01, u0 + 0.17) * self.liver_left_lobe
             if lp > 0:
-                c.paint_ellipse(0.02 * ia, -0.50 * ib, 0.55 * ia * lp, 0.32 * ib * min(lp, 1.0),
-                                Tissue.LIVER, Label.LIVER, angle=0.25, inside=abdomen)
+                c.paint_ellipse(
+                    0.02 * ia,
+                    -0.50 * ib,
+                    0.55 * ia * lp,
+                    0.32 * ib * min(lp, 1.0),
+                    Tissue.LIVER,
+                    Label.LIVER,
+                    angle=0.25,
+                    inside=abdomen,
+                )
             # Hepatic and portal vessels inside the liver belong to the liver contour.
             if shape is not None:
                 vessels = np.abs(self.liver_vessels.at(s_mm)) < 0.09
@@ -473,8 +489,9 @@ class Patient:
             # Gallbladder on the visceral surface (not part of the liver contour).
             gp = _profile(u, u0 + 0.14, u0 + 0.24)
             if gp > 0:
-                c.paint_ellipse(-0.25 * ia, -0.05 * ib, 18.0 * s * gp, 15.0 * s * gp, Tissue.BILE,
-                                Label.GALLBLADDER, inside=abdomen)
+                c.paint_ellipse(
+                    -0.25 * ia, -0.05 * ib, 18.0 * s * gp, 15.0 * s * gp, Tissue.BILE, Label.GALLBLADDER, inside=abdomen
+                )
 
         # Stomach, left upper quadrant, gas rising to the front (the patient lies supine).
         sp = _profile(u, *self.u_stomach) * self.stomach_fill
@@ -492,25 +509,44 @@ class Patient:
         # Spleen, left posterolateral, tucked under the left dome.
         pp = _profile(u, *self.u_spleen) * self.spleen_scale
         if pp > 0.05:
-            c.paint_ellipse(0.66 * ia, 0.38 * ib, 0.22 * ia * pp ** 0.6, 0.42 * ib * pp ** 0.6, Tissue.SPLEEN,
-                            Label.SPLEEN, angle=-0.75, inside=abdomen)
+            c.paint_ellipse(
+                0.66 * ia,
+                0.38 * ib,
+                0.22 * ia * pp**0.6,
+                0.42 * ib * pp**0.6,
+                Tissue.SPLEEN,
+                Label.SPLEEN,
+                angle=-0.75,
+                inside=abdomen,
+            )
 
         # Pancreas lies across the spine in front of the aorta and splenic vein.
         pp = _profile(u, 0.27, 0.345)
         if pp > 0:
-            c.paint_ellipse(0.12 * ia, vb_y - vb_ry - 38.0 * s, 0.34 * ia, 11.0 * s * pp, Tissue.PANCREAS,
-                            Label.PANCREAS, angle=-0.25, inside=abdomen)
+            c.paint_ellipse(
+                0.12 * ia,
+                vb_y - vb_ry - 38.0 * s,
+                0.34 * ia,
+                11.0 * s * pp,
+                Tissue.PANCREAS,
+                Label.PANCREAS,
+                angle=-0.25,
+                inside=abdomen,
+            )
 
         # Kidneys: cortex rim, medulla, a renal sinus with fat and urine facing the midline.
         kl = 112.0 * s * self.kidney_scale / self.length_mm
-        for side, u_top, label in ((1, self.u_kidney_left, Label.KIDNEY_LEFT),
-                                   (-1, self.u_kidney_right, Label.KIDNEY_RIGHT)):
+        for side, u_top, label in (
+            (1, self.u_kidney_left, Label.KIDNEY_LEFT),
+            (-1, self.u_kidney_right, Label.KIDNEY_RIGHT),
+        ):
             kp = _profile(u, u_top, u_top + kl)
             if kp <= 0.05:
                 continue
             kx, ky = side * (vb_rx + 42.0 * s), vb_y - 5.0 * s
-            shape = c.paint_ellipse(kx, ky, 31.0 * s * kp, 22.0 * s * kp, Tissue.KIDNEY_CORTEX, label,
-                                    angle=side * 0.55, inside=cavity)
+            shape = c.paint_ellipse(
+                kx, ky, 31.0 * s * kp, 22.0 * s * kp, Tissue.KIDNEY_CORTEX, label, angle=side * 0.55, inside=cavity
+            )
             if shape is None:
                 continue
             box, r2 = shape
@@ -519,8 +555,16 @@ class Patient:
             if kp > 0.6:  # the hilum opens toward the spine and the front
                 hx = kx - side * 16.0 * s
                 c.paint_ellipse(hx, ky - 6.0 * s, 10.0 * s, 7.0 * s, Tissue.FAT, 0, angle=side * 0.55, inside=cavity)
-                c.paint_ellipse(hx + side * 4.0 * s, ky - 5.0 * s, 6.0 * s, 4.0 * s, Tissue.URINE, label,
-                                angle=side * 0.55, inside=cavity)
+                c.paint_ellipse(
+                    hx + side * 4.0 * s,
+                    ky - 5.0 * s,
+                    6.0 * s,
+                    4.0 * s,
+                    Tissue.URINE,
+                    label,
+                    angle=side * 0.55,
+                    inside=cavity,
+                )
 
         # Bowel: loops in whatever space of the lower abdomen is still fat, gas in some of them.
         if 0.30 < u < 0.97:
@@ -538,20 +582,27 @@ class Patient:
             for side, (c0, c1) in ((-1, (0.38, 0.82)), (1, (0.30, 0.80))):
                 cp = _profile(u, c0 - 0.03, c1 + 0.03)
                 if cp > 0:
-                    shape = c.paint_ellipse(side * 0.68 * ia, 0.05 * ib, 24.0 * s, 21.0 * s, Tissue.BOWEL_WALL,
-                                            Label.BOWEL, inside=cavity)
+                    shape = c.paint_ellipse(
+                        side * 0.68 * ia, 0.05 * ib, 24.0 * s, 21.0 * s, Tissue.BOWEL_WALL, Label.BOWEL, inside=cavity
+                    )
                     if shape is not None:
                         box, r2 = shape
                         lumen_c = (r2 < 0.75) & cavity[box]
                         c.paint(box, lumen_c, Tissue.STOOL, Label.BOWEL)
-                        c.paint(box, lumen_c & (gas[box] | (c.y[box] < 0.05 * ib - 12.0 * s)),
-                                Tissue.GAS, Label.BOWEL)
+                        c.paint(box, lumen_c & (gas[box] | (c.y[box] < 0.05 * ib - 12.0 * s)), Tissue.GAS, Label.BOWEL)
 
         # Urinary bladder in the pelvis, in front.
         bp = _profile(u, 0.83, 1.08) * self.bladder_fill
         if bp > 0.05:
-            c.paint_ellipse(0.0, -0.35 * ib, 0.30 * ia * bp ** 0.5, 0.42 * ib * bp ** 0.5, Tissue.URINE,
-                            Label.URINARY_BLADDER, inside=cavity)
+            c.paint_ellipse(
+                0.0,
+                -0.35 * ib,
+                0.30 * ia * bp**0.5,
+                0.42 * ib * bp**0.5,
+                Tissue.URINE,
+                Label.URINARY_BLADDER,
+                inside=cavity,
+            )
 
         # Great vessels: aorta left of midline in front of the spine, IVC to the right.
         if u < self.u_bifurcation:
@@ -559,24 +610,42 @@ class Patient:
         else:
             spread = (u - self.u_bifurcation) * 240.0 * s
             for side in (-1, 1):
-                c.paint_ellipse(side * (6.0 * s + spread), vb_y - vb_ry - 8.0 * s - 0.3 * spread,
-                                6.5 * s, 6.5 * s, Tissue.AORTA, Label.AORTA)
+                c.paint_ellipse(
+                    side * (6.0 * s + spread),
+                    vb_y - vb_ry - 8.0 * s - 0.3 * spread,
+                    6.5 * s,
+                    6.5 * s,
+                    Tissue.AORTA,
+                    Label.AORTA,
+                )
         if 0.10 < u < self.u_bifurcation + 0.03:
             c.paint_ellipse(-22.0 * s, vb_y - vb_ry - 12.0 * s, 13.0 * s, 9.0 * s, Tissue.IVC, Label.IVC)
         elif u >= self.u_bifurcation + 0.03:
             spread = (u - self.u_bifurcation - 0.03) * 230.0 * s
             for side in (-1, 1):
-                c.paint_ellipse(side * (10.0 * s + spread), vb_y - vb_ry - 2.0 * s - 0.2 * spread,
-                                8.0 * s, 6.0 * s, Tissue.IVC, Label.IVC)
+                c.paint_ellipse(
+                    side * (10.0 * s + spread),
+                    vb_y - vb_ry - 2.0 * s - 0.2 * spread,
+                    8.0 * s,
+                    6.0 * s,
+                    Tissue.IVC,
+                    Label.IVC,
+                )
 
         # Muscles of the back and the psoas, on top of cavity fat.
         for side in (-1, 1):
-            c.paint_ellipse(side * 36.0 * s, vb_y + vb_ry + 20.0 * s, 30.0 * s, 30.0 * s, Tissue.MUSCLE,
-                            inside=wall_out < 1.0)
+            c.paint_ellipse(
+                side * 36.0 * s, vb_y + vb_ry + 20.0 * s, 30.0 * s, 30.0 * s, Tissue.MUSCLE, inside=wall_out < 1.0
+            )
             pp = float(np.clip((u - 0.40) / 0.30, 0, 1)) if u < 0.86 else 0.0
             if pp > 0:
-                c.paint_ellipse(side * (vb_rx + 12.0 * s + 20.0 * s * pp), vb_y - 4.0 * s - 10.0 * s * pp,
-                                24.0 * s * pp, 20.0 * s * pp, Tissue.MUSCLE)
+                c.paint_ellipse(
+                    side * (vb_rx + 12.0 * s + 20.0 * s * pp),
+                    vb_y - 4.0 * s - 10.0 * s * pp,
+                    24.0 * s * pp,
+                    20.0 * s * pp,
+                    Tissue.MUSCLE,
+                )
 
         self._paint_skeleton(u, s_mm, c, vb_y, vb_rx, vb_ry, ia, ib, px, py, n)
         return self.texture.at(s_mm), outer < 1.0
@@ -602,8 +671,18 @@ class Patient:
         return out
 
     def _paint_skeleton(
-        self, u: float, s_mm: float, c: Canvas, vb_y: float, vb_rx: float, vb_ry: float,
-        ia: float, ib: float, px: np.ndarray, py: np.ndarray, n: float,
+        self,
+        u: float,
+        s_mm: float,
+        c: Canvas,
+        vb_y: float,
+        vb_rx: float,
+        vb_ry: float,
+        ia: float,
+        ib: float,
+        px: np.ndarray,
+        py: np.ndarray,
+        n: float,
     ) -> None:
         """Vertebrae (bodies, discs, canal, posterior elements), ribs, sacrum, pelvis, femora."""
         s = self.size
@@ -624,8 +703,15 @@ class Patient:
                 c.paint_ellipse(0.0, canal_y + 20.0 * s, 4.5 * s, 14.0 * s, Tissue.BONE_CORTEX, Label.BONE)
                 if u > 0.3:
                     for side in (-1, 1):
-                        c.paint_ellipse(side * 26.0 * s, canal_y - 2.0 * s, 17.0 * s, 4.5 * s, Tissue.BONE_CORTEX,
-                                        Label.BONE, angle=side * 0.2)
+                        c.paint_ellipse(
+                            side * 26.0 * s,
+                            canal_y - 2.0 * s,
+                            17.0 * s,
+                            4.5 * s,
+                            Tissue.BONE_CORTEX,
+                            Label.BONE,
+                            angle=side * 0.2,
+                        )
         else:
             # Sacrum: wide, curved backwards, with a thin canal.
             w = 1.0 + 1.8 * min(1.0, (u - self.u_sacrum) / 0.08)
@@ -672,8 +758,15 @@ class Patient:
             for side in (-1, 1):
                 x0, y0 = side * (vb_rx + 14.0 * s), vb_y + 8.0 * s  # sacroiliac joint
                 x1, y1 = side * 0.80 * ia * reach, vb_y - 0.55 * ib * reach  # towards the iliac spine
-                c.paint_ellipse((x0 + 2 * x1) / 3 + side * 18.0 * s, (y0 + y1) / 2 + 22.0 * s, 0.30 * ia,
-                                0.30 * ib, Tissue.MUSCLE, angle=side * 0.9, inside=wall_out < 1.0)
+                c.paint_ellipse(
+                    (x0 + 2 * x1) / 3 + side * 18.0 * s,
+                    (y0 + y1) / 2 + 22.0 * s,
+                    0.30 * ia,
+                    0.30 * ib,
+                    Tissue.MUSCLE,
+                    angle=side * 0.9,
+                    inside=wall_out < 1.0,
+                )
                 box = c.box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + 15.0, abs(y1 - y0) / 2 + 15.0)
                 if box is None:
                     continue

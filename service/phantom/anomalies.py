@@ -49,7 +49,9 @@ class Anomaly:
         """Change the anatomy of one slice; return this slice's anomaly mask, or None if untouched."""
         return None
 
-    def artifact(self, canvas: Canvas, body: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    def artifact(
+        self, canvas: Canvas, body: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """An additive HU field for the slice and the pixels it makes abnormal, or None."""
         return None
 

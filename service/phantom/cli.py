@@ -1,7 +1,7 @@
 """`gatekeeper phantom`: write synthetic CT series with exact ground truth.
 
-    gatekeeper phantom --out DIR --series N --slices K --seed S [--anomaly TYPE]
-    gatekeeper phantom dataset --out DIR [--large] [--seed S]
+gatekeeper phantom --out DIR --series N --slices K --seed S [--anomaly TYPE]
+gatekeeper phantom dataset --out DIR [--large] [--seed S]
 """
 
 from __future__ import annotations
@@ -34,17 +34,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("mode", nargs="?", choices=["dataset"], help="'dataset': build the seed protocol")
     p.add_argument("--out", required=True, type=Path, help="output folder (must be empty, or use --force)")
     p.add_argument("--series", type=int, default=1, help="number of series (default 1; not with 'dataset')")
-    p.add_argument("--slices", type=int, default=None,
-                   help="slices per series (default: a realistic scan range, ~40–380 slices)")
+    p.add_argument(
+        "--slices", type=int, default=None, help="slices per series (default: a realistic scan range, ~40–380 slices)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed: same seed, same output (default 0)")
-    p.add_argument("--anomaly", default="none",
-                   help=f"anomaly to inject in every series: none, {', '.join(ANOMALY_TYPES)} (default none)")
+    p.add_argument(
+        "--anomaly",
+        default="none",
+        help=f"anomaly to inject in every series: none, {', '.join(ANOMALY_TYPES)} (default none)",
+    )
     p.add_argument("--matrix", type=int, default=512, help="rows and columns per slice (default 512)")
-    p.add_argument("--noise-sigma", type=float, default=DEFAULT_NOISE_SIGMA,
-                   help=f"CT noise standard deviation in HU for an average adult (default {DEFAULT_NOISE_SIGMA:g})")
+    p.add_argument(
+        "--noise-sigma",
+        type=float,
+        default=DEFAULT_NOISE_SIGMA,
+        help=f"CT noise standard deviation in HU for an average adult (default {DEFAULT_NOISE_SIGMA:g})",
+    )
     p.add_argument("--large", action="store_true", help="with 'dataset': the >= 300-series test set instead")
-    p.add_argument("--split", choices=["train", "validation", "test"], default=None,
-                   help="with 'dataset': write only this split of the protocol (same series as in the full run)")
+    p.add_argument(
+        "--split",
+        choices=["train", "validation", "test"],
+        default=None,
+        help="with 'dataset': write only this split of the protocol (same series as in the full run)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="series generated in parallel (default 1)")
     p.add_argument("--force", action="store_true", help="replace an earlier phantom run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -92,8 +104,9 @@ def prepare_output(out: Path, force: bool) -> None:
         if not force:
             raise UsageError(f"--out {out} is not empty; use --force to replace an earlier phantom run")
         if not ((out / "manifest.json").is_file() or (out / RUN_MARKER).is_file()):
-            raise UsageError(f"--out {out} is not empty and is not a phantom run (no manifest.json); "
-                             "refusing to delete it")
+            raise UsageError(
+                f"--out {out} is not empty and is not a phantom run (no manifest.json); refusing to delete it"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -105,21 +118,36 @@ def run(args: argparse.Namespace) -> int:
     anomaly = None if args.anomaly == "none" else args.anomaly
     try:
         if args.mode == "dataset":
-            specs = dataset_specs(seed=args.seed, large=args.large, num_slices=args.slices, matrix=args.matrix,
-                                  noise_sigma=args.noise_sigma)
+            specs = dataset_specs(
+                seed=args.seed,
+                large=args.large,
+                num_slices=args.slices,
+                matrix=args.matrix,
+                noise_sigma=args.noise_sigma,
+            )
             if args.split:
                 specs = [s for s in specs if s.split.startswith(args.split)]
         else:
-            specs = series_specs(count=args.series, seed=args.seed, num_slices=args.slices, anomaly=anomaly,
-                                 matrix=args.matrix, noise_sigma=args.noise_sigma)
+            specs = series_specs(
+                count=args.series,
+                seed=args.seed,
+                num_slices=args.slices,
+                anomaly=anomaly,
+                matrix=args.matrix,
+                noise_sigma=args.noise_sigma,
+            )
         # Fail on impossible geometry before touching the output folder.
         count_slices(specs[0])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     prepare_output(args.out, args.force)
     command = "gatekeeper " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("gatekeeper") else None
-    meta = {"seed": args.seed, "protocol": "dataset-large" if args.large else ("dataset" if args.mode else "series"),
-            "summary": spec_summary(specs), "command": command}
+    meta = {
+        "seed": args.seed,
+        "protocol": "dataset-large" if args.large else ("dataset" if args.mode else "series"),
+        "summary": spec_summary(specs),
+        "command": command,
+    }
     manifest = generate_run(specs, args.out, jobs=args.jobs, progress=not args.quiet, meta=meta)
     print_manifest(manifest, args.out)
     return 0
@@ -136,5 +164,7 @@ def print_manifest(manifest: dict, out: Path) -> None:
         if anomaly:
             s = anomaly["slices"]
             affected = f"{len(s)} ({s[0]}–{s[-1]})"
-        print(f"{entry['folder']:34} {g['num_slices']:>6} {g['slice_thickness_mm']:>6g}mm "
-              f"{(anomaly or {}).get('type', 'normal'):15} {affected}")
+        print(
+            f"{entry['folder']:34} {g['num_slices']:>6} {g['slice_thickness_mm']:>6g}mm "
+            f"{(anomaly or {}).get('type', 'normal'):15} {affected}"
+        )

@@ -44,7 +44,9 @@ class SeriesIdentity:
         self.patient_sex = str(rng.choice(["F", "M"]))
         birth = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 70)))
         self.patient_birth_date = birth.strftime("%Y%m%d")
-        study_day = dt.date(2024, 1, 1) + dt.timedelta(days=int(np.random.default_rng([series_seed, 7]).integers(0, 700)))
+        study_day = dt.date(2024, 1, 1) + dt.timedelta(
+            days=int(np.random.default_rng([series_seed, 7]).integers(0, 700))
+        )
         self.study_date = study_day.strftime("%Y%m%d")
         self.study_time = f"{8 + series_seed % 10:02d}{series_seed % 60:02d}00"
         self.accession_number = f"A{series_seed:08d}"[:16]
@@ -225,9 +227,7 @@ def _segmentation(
     return seg
 
 
-def organ_segmentation(
-    sources: Sequence[Dataset], labels: np.ndarray, identity: SeriesIdentity
-) -> hd.seg.Segmentation:
+def organ_segmentation(sources: Sequence[Dataset], labels: np.ndarray, identity: SeriesIdentity) -> hd.seg.Segmentation:
     """The ground-truth organs as one BINARY DICOM-SEG; segment numbers are `Label` values.
 
     `labels` is [slice, row, column] uint8 in the same order as `sources`.
@@ -243,8 +243,15 @@ def organ_segmentation(
         )
         for label, (name, code) in _ORGAN_CODES.items()
     ]
-    return _segmentation(sources, labels, descriptions, identity=identity, kind="organs",
-                         series_number=identity.series_number + 100, description="Phantom ground truth: organs")
+    return _segmentation(
+        sources,
+        labels,
+        descriptions,
+        identity=identity,
+        kind="organs",
+        series_number=identity.series_number + 100,
+        description="Phantom ground truth: organs",
+    )
 
 
 def anomaly_segmentation(
@@ -260,6 +267,12 @@ def anomaly_segmentation(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=_ALGORITHM,
     )
-    return _segmentation(sources, mask.astype(np.uint8), [description], identity=identity, kind="anomaly",
-                         series_number=identity.series_number + 200,
-                         description=f"Phantom ground truth: {anomaly}")
+    return _segmentation(
+        sources,
+        mask.astype(np.uint8),
+        [description],
+        identity=identity,
+        kind="anomaly",
+        series_number=identity.series_number + 200,
+        description=f"Phantom ground truth: {anomaly}",
+    )

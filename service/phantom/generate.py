@@ -106,7 +106,9 @@ def generate_series(spec: SeriesSpec, out: Path, on_slice: Callable[[], None] | 
         "frame_of_reference_uid": identity.frame_of_reference_uid,
         "patient_seed": spec.patient_seed,
         "series_seed": spec.series_seed,
-        "anomaly": None if anomaly is None else {
+        "anomaly": None
+        if anomaly is None
+        else {
             "type": anomaly.name,
             "slices": affected,
             "params": anomaly.params,
@@ -158,8 +160,14 @@ def generate_run(
     total = sum(count_slices(s) for s in specs)
     # On a terminal the bar redraws smoothly; in a log file, one line every 10 s is enough.
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=total, unit="slice", desc="phantom", disable=not progress, dynamic_ncols=True,
-               mininterval=0.1 if interactive else 10.0)
+    bar = tqdm(
+        total=total,
+        unit="slice",
+        desc="phantom",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.1 if interactive else 10.0,
+    )
     entries: list[dict] = []
     try:
         if jobs <= 1:
@@ -194,8 +202,15 @@ def series_specs(
     seeds = rng.choice(10**6, size=(count, 2), replace=False)
     label = anomaly or "normal"
     return [
-        SeriesSpec(folder=f"{i + 1:04d}_{label}", patient_seed=int(p), series_seed=int(q), anomaly=anomaly,
-                   num_slices=num_slices, matrix=matrix, noise_sigma=noise_sigma)
+        SeriesSpec(
+            folder=f"{i + 1:04d}_{label}",
+            patient_seed=int(p),
+            series_seed=int(q),
+            anomaly=anomaly,
+            num_slices=num_slices,
+            matrix=matrix,
+            noise_sigma=noise_sigma,
+        )
         for i, (p, q) in enumerate(seeds)
     ]
 
@@ -203,7 +218,13 @@ def series_specs(
 #: The seed protocol: (split, normal count, anomalous count per type) — see `dataset_specs`.
 SEED_PROTOCOL = {"train": 96, "validation": 10, "test_normal": 25}
 SEED_TEST_ANOMALIES = {
-    "stent": 5, "tumor": 5, "fluid": 5, "hip_prosthesis": 3, "low_dose": 3, "contrast_phase": 2, "truncation": 2,
+    "stent": 5,
+    "tumor": 5,
+    "fluid": 5,
+    "hip_prosthesis": 3,
+    "low_dose": 3,
+    "contrast_phase": 2,
+    "truncation": 2,
 }
 LARGE_TEST = {"normal": 125, **{name: 25 for name in ANOMALY_TYPES}}
 
@@ -238,8 +259,18 @@ def dataset_specs(
     for (split, anomaly), p, q in zip(plan, patient_seeds, series_seeds):
         counters[split] = counters.get(split, 0) + 1
         folder = f"{split}/{counters[split]:04d}_{anomaly or 'normal'}"
-        specs.append(SeriesSpec(folder=folder, patient_seed=int(p), series_seed=int(q), anomaly=anomaly,
-                                num_slices=num_slices, matrix=matrix, noise_sigma=noise_sigma, split=split))
+        specs.append(
+            SeriesSpec(
+                folder=folder,
+                patient_seed=int(p),
+                series_seed=int(q),
+                anomaly=anomaly,
+                num_slices=num_slices,
+                matrix=matrix,
+                noise_sigma=noise_sigma,
+                split=split,
+            )
+        )
     return specs
 
 

@@ -71,8 +71,9 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     Raises:
         service.web.security.InsecureSettings: no session secret outside development (see `session_secret`).
     """
-    signer = security.SessionSigner(secret=security.session_secret(settings),
-                                    max_age_s=settings.web_session_hours * 3600.0)
+    signer = security.SessionSigner(
+        secret=security.session_secret(settings), max_age_s=settings.web_session_hours * 3600.0
+    )
     if sessions is None:
         sessions = make_session_factory(make_engine(settings.database_url))
     templates = Jinja2Templates(directory=str(WEB_DIR / "templates"))
@@ -115,18 +116,23 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
 
     # --- errors -----------------------------------------------------------------------------------
 
-    def error_response(request: Request, status_code: int, reason: str,
-                       headers: dict[str, str] | None = None) -> Response:
+    def error_response(
+        request: Request, status_code: int, reason: str, headers: dict[str, str] | None = None
+    ) -> Response:
         if wants_json(request):
             return JSONResponse({"detail": reason}, status_code=status_code, headers=headers)
-        return templates.TemplateResponse(request, "error.html", {"status_code": status_code, "reason": reason,
-                                                                  "user": None}, status_code=status_code)
+        return templates.TemplateResponse(
+            request, "error.html", {"status_code": status_code, "reason": reason, "user": None}, status_code=status_code
+        )
 
     @app.exception_handler(NotAuthenticated)
     def _not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
         if wants_json(request):
-            return JSONResponse({"detail": "login required: HTTP basic auth or the session cookie of POST /login"},
-                                status_code=401, headers={"WWW-Authenticate": BASIC_REALM})
+            return JSONResponse(
+                {"detail": "login required: HTTP basic auth or the session cookie of POST /login"},
+                status_code=401,
+                headers={"WWW-Authenticate": BASIC_REALM},
+            )
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
@@ -169,22 +175,41 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
 
     @app.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, next: str = "/worklist") -> Response:
-        return templates.TemplateResponse(request, "login.html", {"next": safe_next(next), "error": None,
-                                                                  "user": None})
+        return templates.TemplateResponse(request, "login.html", {"next": safe_next(next), "error": None, "user": None})
 
     @app.post("/login")
-    def login(request: Request, session: DB, name: Annotated[str, Form()], password: Annotated[str, Form()],
-              next: Annotated[str, Form()] = "/worklist", _: None = Depends(same_origin)) -> Response:
+    def login(
+        request: Request,
+        session: DB,
+        name: Annotated[str, Form()],
+        password: Annotated[str, Form()],
+        next: Annotated[str, Form()] = "/worklist",
+        _: None = Depends(same_origin),
+    ) -> Response:
         user = crud.authenticate(session=session, name=name, password=password)
         if user is None:
             log.info("login refused")
-            return templates.TemplateResponse(request, "login.html", {
-                "next": safe_next(next), "error": "Wrong user name or password, or the user is disabled.",
-                "user": None}, status_code=401)
+            return templates.TemplateResponse(
+                request,
+                "login.html",
+                {
+                    "next": safe_next(next),
+                    "error": "Wrong user name or password, or the user is disabled.",
+                    "user": None,
+                },
+                status_code=401,
+            )
         log.info("user %s logged in", user.id)
         response = RedirectResponse(safe_next(next), status_code=303)
-        response.set_cookie(SESSION_COOKIE, signer.sign(user.id), max_age=int(signer.max_age_s), httponly=True,
-                            samesite="lax", secure=settings.web_cookie_secure, path="/")
+        response.set_cookie(
+            SESSION_COOKIE,
+            signer.sign(user.id),
+            max_age=int(signer.max_age_s),
+            httponly=True,
+            samesite="lax",
+            secure=settings.web_cookie_secure,
+            path="/",
+        )
         return response
 
     @app.post("/logout")
@@ -200,19 +225,34 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
         return RedirectResponse("/worklist", status_code=303)
 
     @app.get("/worklist", response_class=HTMLResponse)
-    def worklist_page(request: Request, user: CurrentUser, session: DB, sort: str = "age", order: str = "desc",
-                      status: str = "active") -> Response:
+    def worklist_page(
+        request: Request, user: CurrentUser, session: DB, sort: str = "age", order: str = "desc", status: str = "active"
+    ) -> Response:
         entries = worklist_entries(session, sort=sort, order=order, status=status)
-        return templates.TemplateResponse(request, "worklist.html", {
-            "user": user, "entries": entries, "sort": sort, "order": order, "status": status,
-            "sort_keys": SORT_KEYS})
+        return templates.TemplateResponse(
+            request,
+            "worklist.html",
+            {"user": user, "entries": entries, "sort": sort, "order": order, "status": status, "sort_keys": SORT_KEYS},
+        )
 
     @app.get("/series/{series_instance_uid}", response_class=HTMLResponse)
-    def series_page(request: Request, series_instance_uid: str, user: CurrentUser, session: DB,
-                    version: Annotated[int | None, Query(ge=1)] = None) -> Response:
+    def series_page(
+        request: Request,
+        series_instance_uid: str,
+        user: CurrentUser,
+        session: DB,
+        version: Annotated[int | None, Query(ge=1)] = None,
+    ) -> Response:
         detail = series_detail(session, series_instance_uid, version)
-        plot = slice_score_svg([s.model_dump() for s in detail.slices], threshold=detail.threshold,
-                               top_indexes=[t.index for t in detail.top_slices]) if detail.threshold is not None else None
+        plot = (
+            slice_score_svg(
+                [s.model_dump() for s in detail.slices],
+                threshold=detail.threshold,
+                top_indexes=[t.index for t in detail.top_slices],
+            )
+            if detail.threshold is not None
+            else None
+        )
         return templates.TemplateResponse(request, "series.html", {"user": user, "s": detail, "plot": plot})
 
     @app.get("/series/{series_instance_uid}/versions/{version}/slices/{index}.png")
@@ -226,8 +266,14 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     @app.post("/worklist/{item_id}/{action}")
-    def worklist_action_form(item_id: int, action: str, user: CurrentUser, session: DB,
-                             next: Annotated[str, Form()] = "/worklist", _: None = Depends(same_origin)) -> Response:
+    def worklist_action_form(
+        item_id: int,
+        action: str,
+        user: CurrentUser,
+        session: DB,
+        next: Annotated[str, Form()] = "/worklist",
+        _: None = Depends(same_origin),
+    ) -> Response:
         apply_action(session, item_id=item_id, action=action, user=user)
         return RedirectResponse(safe_next(next), status_code=303)
 
@@ -238,21 +284,24 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
         return UserOut.from_user(user)
 
     @app.get("/api/worklist", response_model=list[WorklistEntry])
-    def api_worklist(user: CurrentUser, session: DB, sort: str = "age", order: str = "desc",
-                     status: str = "active") -> list[WorklistEntry]:
+    def api_worklist(
+        user: CurrentUser, session: DB, sort: str = "age", order: str = "desc", status: str = "active"
+    ) -> list[WorklistEntry]:
         """Worklist entries; `status`: active (open and claimed, default), all, or a comma-separated list."""
         return worklist_entries(session, sort=sort, order=order, status=status)
 
     @app.post("/api/worklist/{item_id}/{action}", response_model=WorklistEntry)
-    def api_worklist_action(item_id: int, action: str, user: CurrentUser, session: DB,
-                            _: None = Depends(same_origin)) -> WorklistEntry:
+    def api_worklist_action(
+        item_id: int, action: str, user: CurrentUser, session: DB, _: None = Depends(same_origin)
+    ) -> WorklistEntry:
         """`action`: claim, release or done; answers the item as it is afterwards."""
         row = apply_action(session, item_id=item_id, action=action, user=user)
         return WorklistEntry.from_row(row, now=utc_now())
 
     @app.get("/api/series/{series_instance_uid}", response_model=SeriesDetail)
-    def api_series(series_instance_uid: str, user: CurrentUser, session: DB,
-                   version: Annotated[int | None, Query(ge=1)] = None) -> SeriesDetail:
+    def api_series(
+        series_instance_uid: str, user: CurrentUser, session: DB, version: Annotated[int | None, Query(ge=1)] = None
+    ) -> SeriesDetail:
         """One series version (default: the newest) with its route, state, scores and worklist item."""
         return series_detail(session, series_instance_uid, version)
 
@@ -343,4 +392,3 @@ def format_age(seconds: float) -> str:
     if hours < 48:
         return f"{hours} h {minutes % 60:02d} min"
     return f"{hours // 24} d {hours % 24} h"
-

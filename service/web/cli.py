@@ -33,10 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     add = commands.add_parser("add", help="add a user who may log in to the worklist")
     add.add_argument("name", help="login name (no spaces)")
-    add.add_argument("--role", required=True, choices=[r.value for r in UserRole],
-                     help="dosimetrist: works the worklist; admin: may also release or finish others' items")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read the password from the first line of standard input (else: prompt twice)")
+    add.add_argument(
+        "--role",
+        required=True,
+        choices=[r.value for r in UserRole],
+        help="dosimetrist: works the worklist; admin: may also release or finish others' items",
+    )
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (else: prompt twice)",
+    )
     add.set_defaults(func=run_add)
 
     passwd = commands.add_parser("passwd", help="set a user's password")
@@ -67,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 # --- users -------------------------------------------------------------------------------------------
+
 
 def read_password(args: argparse.Namespace) -> str:
     """The new password: the first line of stdin with --password-stdin, else typed twice at a terminal.
@@ -100,8 +108,9 @@ def _database_errors(func):  # noqa: ANN001, ANN202
         try:
             return func(args)
         except (OperationalError, ProgrammingError) as exc:
-            raise UsageError(f"database not ready ({type(exc.orig).__name__}); run `gatekeeper db upgrade` first"
-                             ) from None
+            raise UsageError(
+                f"database not ready ({type(exc.orig).__name__}); run `gatekeeper db upgrade` first"
+            ) from None
 
     return wrapper
 
@@ -144,8 +153,10 @@ def run_list(args: argparse.Namespace) -> int:
         users = crud.list_users(session=session)
     print(f"{'NAME':<24} {'ROLE':<12} {'ACTIVE':<7} CREATED")
     for user in users:
-        print(f"{user.name:<24} {user.role:<12} {'yes' if user.active else 'no':<7} "
-              f"{user.created_at.isoformat(timespec='seconds')}")
+        print(
+            f"{user.name:<24} {user.role:<12} {'yes' if user.active else 'no':<7} "
+            f"{user.created_at.isoformat(timespec='seconds')}"
+        )
     return 0
 
 
@@ -163,6 +174,7 @@ def run_set_active(args: argparse.Namespace) -> int:
 
 
 # --- web and flower ------------------------------------------------------------------------------------
+
 
 def run_web(args: argparse.Namespace) -> int:
     """Serve the worklist until interrupted."""
@@ -193,8 +205,9 @@ def run_flower(args: argparse.Namespace) -> int:
     settings = load_settings_or_exit()
     user, password = settings.flower_user, settings.flower_password.get_secret_value()
     if not user or not password or ":" in user:
-        raise UsageError("Flower needs basic auth: set GATEKEEPER_FLOWER_USER (no colon) and "
-                         "GATEKEEPER_FLOWER_PASSWORD")
+        raise UsageError(
+            "Flower needs basic auth: set GATEKEEPER_FLOWER_USER (no colon) and GATEKEEPER_FLOWER_PASSWORD"
+        )
     from flower.app import Flower
     from flower.options import options
     from flower.urls import settings as flower_settings

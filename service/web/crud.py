@@ -45,6 +45,7 @@ class Conflict(Exception):
 
 # --- users -----------------------------------------------------------------------------------------
 
+
 def create_user(*, session: Session, name: str, role: str, password: str) -> User:
     """Add an active user with a salted scrypt hash of `password`.
 
@@ -119,6 +120,7 @@ def get_active_user(*, session: Session, user_id: int) -> User | None:
 
 # --- the worklist ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class WorklistRow:
     """One worklist item with what the list shows about it.
@@ -143,8 +145,10 @@ def list_worklist(*, session: Session, statuses: Collection[str]) -> list[Workli
         .order_by(WorklistItem.created_at, WorklistItem.id)
     ).all()
     scores = latest_scores(session=session, series_ids=[series.id for _, series, _ in rows])
-    return [WorklistRow(item=item, series=series, score=scores.get(series.id), claimed_by=name)
-            for item, series, name in rows]
+    return [
+        WorklistRow(item=item, series=series, score=scores.get(series.id), claimed_by=name)
+        for item, series, name in rows
+    ]
 
 
 def latest_scores(*, session: Session, series_ids: Collection[int]) -> dict[int, SeriesScore]:
@@ -152,8 +156,11 @@ def latest_scores(*, session: Session, series_ids: Collection[int]) -> dict[int,
     if not series_ids:
         return {}
     latest: dict[int, SeriesScore] = {}
-    for score in session.scalars(select(SeriesScore).where(SeriesScore.series_id.in_(list(series_ids)))
-                                 .order_by(SeriesScore.created_at, SeriesScore.id)):
+    for score in session.scalars(
+        select(SeriesScore)
+        .where(SeriesScore.series_id.in_(list(series_ids)))
+        .order_by(SeriesScore.created_at, SeriesScore.id)
+    ):
         latest[score.series_id] = score
     return latest
 
@@ -174,8 +181,12 @@ def get_worklist_row(*, session: Session, item_id: int) -> WorklistRow:
     if row is None:
         raise NotFound(f"no worklist item {item_id}")
     item, series, name = row
-    return WorklistRow(item=item, series=series, score=latest_scores(session=session, series_ids=[series.id])
-                       .get(series.id), claimed_by=name)
+    return WorklistRow(
+        item=item,
+        series=series,
+        score=latest_scores(session=session, series_ids=[series.id]).get(series.id),
+        claimed_by=name,
+    )
 
 
 def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
@@ -192,8 +203,14 @@ def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         .values(status=WorklistStatus.CLAIMED.value, claimed_by=user_id, claimed_at=now)
     ).rowcount
     if claimed:
-        _series_moves(session=session, item_id=item_id, state=SeriesState.CLAIMED, kind="worklist_claimed",
-                      user_id=user_id, now=now)
+        _series_moves(
+            session=session,
+            item_id=item_id,
+            state=SeriesState.CLAIMED,
+            kind="worklist_claimed",
+            user_id=user_id,
+            now=now,
+        )
         session.commit()
         log.info("worklist item %s claimed by user %s", item_id, user_id)
         return get_worklist_row(session=session, item_id=item_id)
@@ -211,9 +228,15 @@ def release_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow
         NotFound: no such item, or no such user.
         Conflict: the item is not claimed, or claimed by another user and `user_id` is no admin.
     """
-    return _finish_claim(session=session, item_id=item_id, user_id=user_id, action="release",
-                         values={"status": WorklistStatus.OPEN.value, "claimed_by": None, "claimed_at": None},
-                         state=SeriesState.WORKLISTED, kind="worklist_released")
+    return _finish_claim(
+        session=session,
+        item_id=item_id,
+        user_id=user_id,
+        action="release",
+        values={"status": WorklistStatus.OPEN.value, "claimed_by": None, "claimed_at": None},
+        state=SeriesState.WORKLISTED,
+        kind="worklist_released",
+    )
 
 
 def finish_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
@@ -223,13 +246,20 @@ def finish_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         NotFound: no such item, or no such user.
         Conflict: the item is not claimed (claim it first), or claimed by another user and `user_id` is no admin.
     """
-    return _finish_claim(session=session, item_id=item_id, user_id=user_id, action="mark done",
-                         values={"status": WorklistStatus.DONE.value, "done_at": utc_now()},
-                         state=SeriesState.DONE, kind="worklist_done")
+    return _finish_claim(
+        session=session,
+        item_id=item_id,
+        user_id=user_id,
+        action="mark done",
+        values={"status": WorklistStatus.DONE.value, "done_at": utc_now()},
+        state=SeriesState.DONE,
+        kind="worklist_done",
+    )
 
 
-def _finish_claim(*, session: Session, item_id: int, user_id: int, action: str, values: dict,
-                  state: SeriesState, kind: str) -> WorklistRow:
+def _finish_claim(
+    *, session: Session, item_id: int, user_id: int, action: str, values: dict, state: SeriesState, kind: str
+) -> WorklistRow:
     user = session.get(User, user_id)
     if user is None:
         raise NotFound(f"no user {user_id}")
@@ -240,8 +270,11 @@ def _finish_claim(*, session: Session, item_id: int, user_id: int, action: str, 
     # The claimer in the WHERE clause makes this safe against a release/claim racing it.
     changed = session.execute(
         update(WorklistItem)
-        .where(WorklistItem.id == item_id, WorklistItem.status == WorklistStatus.CLAIMED.value,
-               WorklistItem.claimed_by == row.item.claimed_by)
+        .where(
+            WorklistItem.id == item_id,
+            WorklistItem.status == WorklistStatus.CLAIMED.value,
+            WorklistItem.claimed_by == row.item.claimed_by,
+        )
         .values(**values)
     ).rowcount
     if not changed:
@@ -261,20 +294,27 @@ def _why_not(row: WorklistRow, action: str) -> str:
     if item.status == WorklistStatus.OPEN:
         return f"cannot {action} worklist item {item.id}: it is not claimed (claim it first)"
     since = item.claimed_at.isoformat(timespec="minutes") if item.claimed_at else "?"
-    return (f"cannot {action} worklist item {item.id}: it is claimed by {row.claimed_by or 'another user'} "
-            f"since {since}; only they or an admin may")
+    return (
+        f"cannot {action} worklist item {item.id}: it is claimed by {row.claimed_by or 'another user'} "
+        f"since {since}; only they or an admin may"
+    )
 
 
-def _series_moves(*, session: Session, item_id: int, state: SeriesState, kind: str, user_id: int,
-                  now: dt.datetime) -> None:
+def _series_moves(
+    *, session: Session, item_id: int, state: SeriesState, kind: str, user_id: int, now: dt.datetime
+) -> None:
     """Move the item's series version to `state` and record the event in its trail."""
     series_id = session.scalar(select(WorklistItem.series_id).where(WorklistItem.id == item_id))
     session.execute(update(Series).where(Series.id == series_id).values(state=state.value, state_changed_at=now))
-    session.add(SeriesEvent(series_id=series_id, kind=kind, detail={"worklist_item_id": item_id, "user_id": user_id},
-                            created_at=now))
+    session.add(
+        SeriesEvent(
+            series_id=series_id, kind=kind, detail={"worklist_item_id": item_id, "user_id": user_id}, created_at=now
+        )
+    )
 
 
 # --- a series for review ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SeriesReview:
@@ -292,8 +332,9 @@ def get_series_review(*, session: Session, series_instance_uid: str, version: in
     Raises:
         NotFound: no such series, or no such version of it.
     """
-    versions = session.scalars(select(Series).where(Series.series_instance_uid == series_instance_uid)
-                               .order_by(Series.version)).all()
+    versions = session.scalars(
+        select(Series).where(Series.series_instance_uid == series_instance_uid).order_by(Series.version)
+    ).all()
     if not versions:
         raise NotFound(f"no series with Series Instance UID {series_instance_uid}")
     if version is None:
@@ -301,8 +342,10 @@ def get_series_review(*, session: Session, series_instance_uid: str, version: in
     else:
         matching = [s for s in versions if s.version == version]
         if not matching:
-            raise NotFound(f"series {series_instance_uid} has no version {version} "
-                           f"(versions: {', '.join(str(s.version) for s in versions)})")
+            raise NotFound(
+                f"series {series_instance_uid} has no version {version} "
+                f"(versions: {', '.join(str(s.version) for s in versions)})"
+            )
         series = matching[0]
     score = latest_scores(session=session, series_ids=[series.id]).get(series.id)
     item_id = session.scalar(select(WorklistItem.id).where(WorklistItem.series_id == series.id))
@@ -333,8 +376,11 @@ def get_slice_source(*, session: Session, series_id: int, index: int) -> SliceSo
     entry = next((s for s in score.slices if s.get("index") == index), None)
     if entry is None:
         raise NotFound(f"series version {series_id} has no scored slice {index} ({len(score.slices)} slices)")
-    path = session.scalar(select(Instance.relative_path).where(
-        Instance.series_id == series_id, Instance.sop_instance_uid == entry.get("sop_instance_uid")))
+    path = session.scalar(
+        select(Instance.relative_path).where(
+            Instance.series_id == series_id, Instance.sop_instance_uid == entry.get("sop_instance_uid")
+        )
+    )
     if path is None:
         raise NotFound(f"slice {index} of series version {series_id}: its instance is not stored")
     top = next((t for t in score.top_slices if t.get("index") == index), None)

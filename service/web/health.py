@@ -76,11 +76,17 @@ def check_disk(storage_dir: Path, *, min_free_bytes: int, max_used_fraction: flo
         return CheckResult(name="disk", status="failed", reason=f"{storage_dir}: {exc}")
     used = (usage.total - usage.free) / usage.total if usage.total else 1.0
     if usage.free < min_free_bytes:
-        return CheckResult(name="disk", status="failed",
-                           reason=f"{usage.free} bytes free under {storage_dir}; expected at least {min_free_bytes}")
+        return CheckResult(
+            name="disk",
+            status="failed",
+            reason=f"{usage.free} bytes free under {storage_dir}; expected at least {min_free_bytes}",
+        )
     if used > max_used_fraction:
-        return CheckResult(name="disk", status="failed",
-                           reason=f"{used:.1%} of the disk under {storage_dir} used; expected at most {max_used_fraction:.0%}")
+        return CheckResult(
+            name="disk",
+            status="failed",
+            reason=f"{used:.1%} of the disk under {storage_dir} used; expected at most {max_used_fraction:.0%}",
+        )
     return CheckResult(name="disk", status="ok")
 
 
@@ -91,6 +97,9 @@ def readiness_checks(settings: Settings, sessions: sessionmaker[Session]) -> lis
         lambda: check_broker(settings.broker_url),
         lambda: check_model_dir("detector_model", settings.detector_model_dir),
         lambda: check_model_dir("segmenter_model", settings.segmenter_model_dir),
-        lambda: check_disk(settings.storage_dir, min_free_bytes=settings.min_free_disk_bytes,
-                           max_used_fraction=settings.max_disk_used_fraction),
+        lambda: check_disk(
+            settings.storage_dir,
+            min_free_bytes=settings.min_free_disk_bytes,
+            max_used_fraction=settings.max_disk_used_fraction,
+        ),
     ]

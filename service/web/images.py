@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 from PIL import Image
+from pydicom.errors import InvalidDicomError
 
 from service.imaging import ABDOMEN_WINDOW, Window, apply_window, resize, to_hu
 
@@ -114,8 +114,14 @@ def render_slice_png(*, dicom_path: Path, residual_path: Path | None) -> bytes:
     return buffer.getvalue()
 
 
-def slice_score_svg(slices: Sequence[dict[str, Any]], *, threshold: float, top_indexes: Sequence[int] = (),
-                    width: int = 760, height: int = 240) -> str:
+def slice_score_svg(
+    slices: Sequence[dict[str, Any]],
+    *,
+    threshold: float,
+    top_indexes: Sequence[int] = (),
+    width: int = 760,
+    height: int = 240,
+) -> str:
     """An inline SVG plot of slice score along the body axis (head left, feet right), with the threshold.
 
     Slices above the threshold are drawn red, the top slices (with residual maps) ringed and linked
@@ -125,8 +131,10 @@ def slice_score_svg(slices: Sequence[dict[str, Any]], *, threshold: float, top_i
     left, right, top, bottom = 52, 12, 12, 34
     points = sorted((int(s["index"]), float(s["score"])) for s in slices if s.get("score") is not None)
     if not points:
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="60" role="img">'
-                '<text x="10" y="30">no slice scores</text></svg>')
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="60" role="img">'
+            '<text x="10" y="30">no slice scores</text></svg>'
+        )
     indexes = [i for i, _ in points]
     scores = [v for _, v in points]
     lo = min(min(scores), threshold)
@@ -142,32 +150,47 @@ def slice_score_svg(slices: Sequence[dict[str, Any]], *, threshold: float, top_i
     def y(value: float) -> float:
         return top + (hi - value) / (hi - lo) * (height - top - bottom)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="score-plot" viewBox="0 0 {width} {height}" '
-             f'width="{width}" height="{height}" role="img" aria-label="slice score along the body axis">',
-             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-             'fill="#fafafa" stroke="#bbb"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="score-plot" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="slice score along the body axis">',
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+        'fill="#fafafa" stroke="#bbb"/>',
+    ]
     for k in range(5):  # y ticks
         value = lo + (hi - lo) * k / 4
         parts.append(f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end" font-size="11">{value:.3g}</text>')
-    parts.append(f'<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="'
-                 + " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in points) + '"/>')
-    parts.append(f'<line class="threshold" x1="{left}" x2="{width - right}" y1="{y(threshold):.1f}" '
-                 f'y2="{y(threshold):.1f}" stroke="#c0392b" stroke-dasharray="6 4" stroke-width="1.5"/>')
-    parts.append(f'<text x="{width - right - 4}" y="{y(threshold) - 5:.1f}" text-anchor="end" font-size="11" '
-                 f'fill="#c0392b">threshold {threshold:.3g}</text>')
+    parts.append(
+        '<polyline fill="none" stroke="#1f5fa8" stroke-width="1.5" points="'
+        + " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in points)
+        + '"/>'
+    )
+    parts.append(
+        f'<line class="threshold" x1="{left}" x2="{width - right}" y1="{y(threshold):.1f}" '
+        f'y2="{y(threshold):.1f}" stroke="#c0392b" stroke-dasharray="6 4" stroke-width="1.5"/>'
+    )
+    parts.append(
+        f'<text x="{width - right - 4}" y="{y(threshold) - 5:.1f}" text-anchor="end" font-size="11" '
+        f'fill="#c0392b">threshold {threshold:.3g}</text>'
+    )
     tops = set(int(i) for i in top_indexes)
     for i, v in points:
         colour = "#c0392b" if v > threshold else "#1f5fa8"
-        dot = f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"><title>slice {i}: {v:.4g}</title></circle>'
+        dot = (
+            f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"><title>slice {i}: {v:.4g}</title></circle>'
+        )
         if i in tops:
-            dot = (f'<a href="#slice-{i}">{dot}<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="7" fill="none" '
-                   f'stroke="{colour}" stroke-width="1.5"/></a>')
+            dot = (
+                f'<a href="#slice-{i}">{dot}<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="7" fill="none" '
+                f'stroke="{colour}" stroke-width="1.5"/></a>'
+            )
         parts.append(dot)
     step = max(1, round(span / 10))
     for i in range(first, last + 1, step):  # x ticks
         parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="11">{i}</text>')
-    parts.append(f'<text x="{left}" y="{height - 4}" font-size="11">head</text>'
-                 f'<text x="{(left + width - right) / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="11">'
-                 'slice index along the body axis</text>'
-                 f'<text x="{width - right}" y="{height - 4}" text-anchor="end" font-size="11">feet</text></svg>')
+    parts.append(
+        f'<text x="{left}" y="{height - 4}" font-size="11">head</text>'
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="11">'
+        "slice index along the body axis</text>"
+        f'<text x="{width - right}" y="{height - 4}" text-anchor="end" font-size="11">feet</text></svg>'
+    )
     return "".join(parts)

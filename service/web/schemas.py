@@ -145,12 +145,25 @@ class SeriesDetail(BaseModel):
             threshold=score.threshold if score else None,
             flagged=score.flagged if score else None,
             flagged_slices=flagged_slice_range(score),
-            slices=[SliceScoreOut(index=s["index"], sop_instance_uid=s.get("sop_instance_uid"),
-                                  position=s.get("position"), score=s["score"]) for s in (score.slices if score else [])],
-            top_slices=[TopSlice(index=t["index"], score=t["score"], sop_instance_uid=t.get("sop_instance_uid"),
-                                 has_residual_map=bool(t.get("residual_map")),
-                                 image_url=slice_image_url(uid, version, t["index"]))
-                        for t in (score.top_slices if score else [])],
+            slices=[
+                SliceScoreOut(
+                    index=s["index"],
+                    sop_instance_uid=s.get("sop_instance_uid"),
+                    position=s.get("position"),
+                    score=s["score"],
+                )
+                for s in (score.slices if score else [])
+            ],
+            top_slices=[
+                TopSlice(
+                    index=t["index"],
+                    score=t["score"],
+                    sop_instance_uid=t.get("sop_instance_uid"),
+                    has_residual_map=bool(t.get("residual_map")),
+                    image_url=slice_image_url(uid, version, t["index"]),
+                )
+                for t in (score.top_slices if score else [])
+            ],
             worklist=WorklistEntry.from_row(review.worklist, now=now) if review.worklist else None,
         )
 
@@ -208,8 +221,9 @@ def sort_entries(entries: list[WorklistEntry], *, key: str, descending: bool) ->
         "description": lambda e: (e.series_description or "").casefold() or None,
         "reason": lambda e: e.reason,
         "score": lambda e: None if e.score is None or not e.threshold else e.score / e.threshold,
-        "status": lambda e: ("open", "claimed", "done").index(e.status) if e.status in ("open", "claimed", "done")
-        else 3,
+        "status": lambda e: (
+            ("open", "claimed", "done").index(e.status) if e.status in ("open", "claimed", "done") else 3
+        ),
     }
     if key not in getters:
         raise ValueError(f"sort key {key!r}: expected one of {', '.join(SORT_KEYS)}")

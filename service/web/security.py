@@ -69,8 +69,7 @@ def dummy_password_check(password: str) -> None:
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024,
-                          dklen=HASH_BYTES)
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=HASH_BYTES)
 
 
 def _b64(data: bytes) -> str:
@@ -98,14 +97,20 @@ def session_secret(settings: Settings) -> bytes:
     key = settings.web_secret_key.get_secret_value()
     if key:
         if len(key) < MIN_SECRET_KEY_LENGTH:
-            raise InsecureSettings(f"GATEKEEPER_WEB_SECRET_KEY has {len(key)} characters; expected at least "
-                                   f"{MIN_SECRET_KEY_LENGTH} (e.g. `openssl rand -hex 32`)")
+            raise InsecureSettings(
+                f"GATEKEEPER_WEB_SECRET_KEY has {len(key)} characters; expected at least "
+                f"{MIN_SECRET_KEY_LENGTH} (e.g. `openssl rand -hex 32`)"
+            )
         return key.encode("utf-8")
     if not is_development(settings):
-        raise InsecureSettings("GATEKEEPER_WEB_SECRET_KEY is empty; it must be set when the database is not the "
-                               "embedded SQLite one (e.g. `openssl rand -hex 32`)")
-    log.warning("GATEKEEPER_WEB_SECRET_KEY is empty: using a random key for this process (development only; "
-                "logins end on restart)")
+        raise InsecureSettings(
+            "GATEKEEPER_WEB_SECRET_KEY is empty; it must be set when the database is not the "
+            "embedded SQLite one (e.g. `openssl rand -hex 32`)"
+        )
+    log.warning(
+        "GATEKEEPER_WEB_SECRET_KEY is empty: using a random key for this process (development only; "
+        "logins end on restart)"
+    )
     return secrets.token_bytes(32)
 
 

@@ -13,6 +13,7 @@ contrast-phase change is a table swap, and the label map is exact by constructio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -153,7 +154,8 @@ class SmoothField:
     def _basis(self, coords: np.ndarray) -> np.ndarray:
         """Row-normalised basis matrix (len(coords) × lattice size) for in-plane coordinates in mm."""
         b = np.exp(-0.5 * ((coords[:, None] - self.cx[None, :]) / self.step_xy) ** 2)
-        return (b / np.linalg.norm(b, axis=1, keepdims=True)).astype(np.float32)
+        basis: np.ndarray = (b / np.linalg.norm(b, axis=1, keepdims=True)).astype(np.float32)
+        return basis
 
     def bind(self, y_mm: np.ndarray, x_mm: np.ndarray) -> None:
         """Fix the pixel grid (row and column coordinates in mm) that `at` evaluates on."""
@@ -166,7 +168,8 @@ class SmoothField:
         wz = np.exp(-0.5 * ((s_mm - self.cz) / self.step_z) ** 2)
         wz = (wz / np.linalg.norm(wz)).astype(np.float32)
         plane = np.tensordot(wz, self.coef, axes=1)
-        return self._basis_y @ plane @ self._basis_x.T
+        on_grid: np.ndarray = self._basis_y @ plane @ self._basis_x.T
+        return on_grid
 
 
 @dataclass
@@ -255,7 +258,7 @@ def _profile(u: float, u0: float, u1: float) -> float:
     return float(np.sqrt(max(0.0, 1.0 - (2.0 * t - 1.0) ** 2)))
 
 
-def _lerp(u: float, knots: list[float], values: list[float]) -> float:
+def _lerp(u: float, knots: Sequence[float], values: Sequence[float]) -> float:
     return float(np.interp(u, knots, values))
 
 
@@ -286,7 +289,11 @@ class Patient:
         s = self.size
         #: Length of the modelled body segment (lower chest → femoral heads) in mm.
         self.length_mm = 540.0 * s * rng.uniform(0.93, 1.07)
-        j = lambda scale: float(rng.normal(0.0, scale))  # noqa: E731 — a jitter, used below only
+
+        def j(scale: float) -> float:
+            """A jitter, used below only."""
+            return float(rng.normal(0.0, scale))
+
         self.u_dome_right = 0.14 + j(0.012)
         self.u_dome_left = self.u_dome_right + 0.025 + j(0.008)
         self.u_liver_end = 0.42 + j(0.03)
@@ -767,12 +774,12 @@ class Patient:
                     angle=side * 0.9,
                     inside=wall_out < 1.0,
                 )
-                box = c.box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + 15.0, abs(y1 - y0) / 2 + 15.0)
-                if box is None:
+                wing_box = c.box((x0 + x1) / 2, (y0 + y1) / 2, abs(x1 - x0) / 2 + 15.0, abs(y1 - y0) / 2 + 15.0)
+                if wing_box is None:
                     continue
                 dx, dy = x1 - x0, y1 - y0
                 length2 = dx * dx + dy * dy
-                px_, py_ = c.x[box] - x0, c.y[box] - y0
+                px_, py_ = c.x[wing_box] - x0, c.y[wing_box] - y0
                 along = np.clip((px_ * dx + py_ * dy) / length2, 0.0, 1.0)
                 # A gentle curve: the plate bows outwards in its middle.
                 bow = 10.0 * s * 4.0 * along * (1.0 - along)
@@ -781,9 +788,9 @@ class Patient:
                 dist = np.hypot(px_ - along * dx - bow * nx, py_ - along * dy - bow * ny)
                 thick = (4.0 + 3.0 * (1.0 - ip)) * s
                 inner = (dist < thick + 7.0 * s) & ((px_ - along * dx) * nx + (py_ - along * dy) * ny < 0)
-                c.paint(box, inner & (c.tissue[box] == Tissue.FAT), Tissue.MUSCLE)  # iliacus
-                c.paint(box, dist < thick, Tissue.BONE_CORTEX, Label.BONE)
-                c.paint(box, dist < thick * 0.5, Tissue.BONE_MARROW, Label.BONE)
+                c.paint(wing_box, inner & (c.tissue[wing_box] == Tissue.FAT), Tissue.MUSCLE)  # iliacus
+                c.paint(wing_box, dist < thick, Tissue.BONE_CORTEX, Label.BONE)
+                c.paint(wing_box, dist < thick * 0.5, Tissue.BONE_MARROW, Label.BONE)
 
         # Acetabula and femoral heads at the bottom of the scan.
         fp = _profile(u, self.u_femoral_head - 0.06, self.u_femoral_head + 0.07)

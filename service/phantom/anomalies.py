@@ -12,6 +12,7 @@ ascites around it and a stent in the bile duct are not.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class Anomaly:
     #: Contrast phase the series is rendered in.
     phase: str = "portal_venous"
     #: Parameters recorded in the manifest.
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def required_range(self, patient: Patient) -> tuple[float, float] | None:
         """Anatomical levels (u0, u1) the scan must cover for this anomaly to be visible."""
@@ -142,7 +143,9 @@ class Stent(Anomaly):
         mask[box] = r2 < 1.0
         return mask
 
-    def artifact(self, canvas, body, mask):
+    def artifact(
+        self, canvas: Canvas, body: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         if mask is None:
             return None
         field_ = _streaks(canvas, [self._last_center], self.seed, self.strength, 25.0)
@@ -155,7 +158,8 @@ class Tumor(Anomaly):
     def __init__(self, patient: Patient, rng: np.random.Generator) -> None:
         super().__init__("tumor")
         self.patient = patient
-        self.lesions = []
+        #: (level u of the centre, in-plane centre in mm, radii in mm) of each lesion.
+        self.lesions: list[tuple[float, tuple[float, float], np.ndarray]] = []
         liver_hu = TISSUE_HU[Tissue.LIVER][0]
         self.kind = str(rng.choice(["hypodense", "hyperdense"], p=[0.7, 0.3]))
         delta = rng.uniform(-70, -35) if self.kind == "hypodense" else rng.uniform(35, 60)
@@ -166,7 +170,9 @@ class Tumor(Anomaly):
             diameter = float(np.exp(rng.uniform(np.log(low), np.log(high))))
             span = patient.u_liver_end - patient.u_dome_right
             uc = float(patient.u_dome_right + rng.uniform(0.2, 0.6) * span)
-            cx, cy, rx, ry, _ = patient.liver_right_lobe(uc)
+            lobe = patient.liver_right_lobe(uc)
+            assert lobe is not None  # uc lies between the dome and the end of the liver
+            cx, cy, rx, ry, _ = lobe
             rho, phi = np.sqrt(rng.uniform(0.0, 0.3)), rng.uniform(0, 2 * np.pi)
             center = (cx + rho * rx * np.cos(phi), cy + rho * ry * np.sin(phi))
             radii = diameter / 2 * rng.uniform(0.85, 1.15, 3)
@@ -181,8 +187,8 @@ class Tumor(Anomaly):
         us = [uc for uc, _, _ in self.lesions]
         return min(us), max(us)
 
-    def paint(self, u, s_mm, canvas, body):
-        mask = None
+    def paint(self, u: float, s_mm: float, canvas: Canvas, body: np.ndarray) -> np.ndarray | None:
+        mask: np.ndarray | None = None
         for uc, (cx, cy), (rx, ry, rz) in self.lesions:
             dz = (u - uc) * self.patient.length_mm
             if abs(dz) >= rz:
@@ -213,7 +219,7 @@ class Fluid(Anomaly):
     def required_range(self, patient: Patient) -> tuple[float, float]:
         return patient.u_dome_right + 0.02, patient.u_liver_end - 0.02
 
-    def paint(self, u, s_mm, canvas, body):
+    def paint(self, u: float, s_mm: float, canvas: Canvas, body: np.ndarray) -> np.ndarray | None:
         lobe = self.patient.liver_right_lobe(u)
         if lobe is None:
             return None
@@ -252,12 +258,12 @@ class HipProsthesis(Anomaly):
     def required_range(self, patient: Patient) -> tuple[float, float]:
         return patient.u_femoral_head - 0.03, patient.u_femoral_head + 0.03
 
-    def paint(self, u, s_mm, canvas, body):
+    def paint(self, u: float, s_mm: float, canvas: Canvas, body: np.ndarray) -> np.ndarray | None:
         p = self.patient
         s = p.size
         dz = (u - p.u_femoral_head) * p.length_mm
         head_r = 22.0 * s
-        self._centers = []
+        self._centers: list[tuple[float, float]] = []
         mask = np.zeros(canvas.x.shape, bool)
         ia, ib = p.cavity_half_axes(u)
         for side in self.sides:
@@ -282,7 +288,9 @@ class HipProsthesis(Anomaly):
                     self._centers.append((sx, fy))
         return mask if mask.any() else None
 
-    def artifact(self, canvas, body, mask):
+    def artifact(
+        self, canvas: Canvas, body: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         if mask is None or not self._centers:
             return None
         field_ = _streaks(canvas, self._centers, self.seed, self.strength, 40.0)
@@ -296,7 +304,7 @@ class LowDose(Anomaly):
         super().__init__("low_dose", noise_factor=float(rng.uniform(2.5, 4.0)))
         self.params = {"noise_factor": round(self.noise_factor, 2)}
 
-    def paint(self, u, s_mm, canvas, body):
+    def paint(self, u: float, s_mm: float, canvas: Canvas, body: np.ndarray) -> np.ndarray | None:
         return body.copy()
 
 
@@ -309,7 +317,7 @@ class ContrastPhase(Anomaly):
         enhancing = [t for t, (pv, nc, _) in TISSUE_HU.items() if abs(pv - nc) > 20]
         self.enhancing = np.array(sorted(enhancing), dtype=np.uint8)
 
-    def paint(self, u, s_mm, canvas, body):
+    def paint(self, u: float, s_mm: float, canvas: Canvas, body: np.ndarray) -> np.ndarray | None:
         mask = np.isin(canvas.tissue, self.enhancing)
         return mask if mask.any() else None
 
@@ -327,7 +335,9 @@ class Truncation(Anomaly):
         self.fov_radius = 0.0  # set by the scanner once the geometry is known
         self.center = (0.0, 0.0)
 
-    def artifact(self, canvas, body, mask):
+    def artifact(
+        self, canvas: Canvas, body: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         x = canvas.x - self.center[0]
         y = canvas.y - self.center[1]
         r = np.sqrt(x * x + y * y)

@@ -10,6 +10,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from service.phantom.anomalies import ANOMALY_TYPES
 from service.phantom.generate import (
@@ -23,7 +24,7 @@ from service.phantom.generate import (
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "phantom",
         help="generate synthetic abdominal CT series with ground truth",
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 noise_sigma=args.noise_sigma,
             )
             if args.split:
-                specs = [s for s in specs if s.split.startswith(args.split)]
+                specs = [s for s in specs if s.split is not None and s.split.startswith(args.split)]
         else:
             specs = series_specs(
                 count=args.series,
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_manifest(manifest: dict, out: Path) -> None:
+def print_manifest(manifest: dict[str, Any], out: Path) -> None:
     """Print one line per series written: folder, slices, anomaly and the slices it affects."""
     print(f"Wrote {len(manifest['series'])} series under {out} (manifest: {out / 'manifest.json'})")
     print(f"{'folder':34} {'slices':>6} {'spacing':>8} {'anomaly':15} affected slices")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class SeriesSpec:
             raise ValueError(f"noise_sigma must be >= 0 HU, got {self.noise_sigma}.")
 
 
-def generate_series(spec: SeriesSpec, out: Path, on_slice: Callable[[], None] | None = None) -> dict:
+def generate_series(spec: SeriesSpec, out: Path, on_slice: Callable[[], None] | None = None) -> dict[str, Any]:
     """Write one series under `out / spec.folder`; return its manifest entry."""
     patient = Patient(spec.patient_seed)
     rng = np.random.default_rng([spec.series_seed, 0x5E])
@@ -143,14 +144,14 @@ def count_slices(spec: SeriesSpec) -> int:
     return plan_geometry(patient, rng, num_slices=spec.num_slices, matrix=spec.matrix, anomaly=anomaly).num_slices
 
 
-def _run_one(args: tuple[SeriesSpec, str]) -> dict:
+def _run_one(args: tuple[SeriesSpec, str]) -> dict[str, Any]:
     spec, out = args
     return generate_series(spec, Path(out))
 
 
 def generate_run(
-    specs: list[SeriesSpec], out: Path, *, jobs: int = 1, progress: bool = True, meta: dict | None = None
-) -> dict:
+    specs: list[SeriesSpec], out: Path, *, jobs: int = 1, progress: bool = True, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Generate every series in `specs` under `out` and write `out/manifest.json`; return it."""
     from tqdm import tqdm
 
@@ -168,7 +169,7 @@ def generate_run(
         dynamic_ncols=True,
         mininterval=0.1 if interactive else 10.0,
     )
-    entries: list[dict] = []
+    entries: list[dict[str, Any]] = []
     try:
         if jobs <= 1:
             for spec in specs:
@@ -274,7 +275,7 @@ def dataset_specs(
     return specs
 
 
-def spec_summary(specs: Iterable[SeriesSpec]) -> dict:
+def spec_summary(specs: Iterable[SeriesSpec]) -> dict[str, dict[str, int]]:
     """Counts per split and anomaly type, for the manifest and the command's printout."""
     summary: dict[str, dict[str, int]] = {}
     for s in specs:
@@ -284,5 +285,5 @@ def spec_summary(specs: Iterable[SeriesSpec]) -> dict:
     return summary
 
 
-def spec_as_dict(spec: SeriesSpec) -> dict:
+def spec_as_dict(spec: SeriesSpec) -> dict[str, Any]:
     return asdict(spec)

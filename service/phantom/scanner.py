@@ -14,7 +14,7 @@ import numpy as np
 from scipy import fft
 
 from service.phantom.anatomy import Canvas, Patient, hu_lookup
-from service.phantom.anomalies import Anomaly, Truncation
+from service.phantom.anomalies import Anomaly, Truncation, Tumor
 
 RESCALE_INTERCEPT = -1024.0
 MAX_STORED = 4095  # 12 bits stored
@@ -170,7 +170,7 @@ class Scanner:
         for tissue, shift in patient.hu_jitter.items():
             self.hu_lut[tissue] += shift
         self.hu_lut[25] += patient.marrow_hu_shift  # Tissue.BONE_MARROW
-        if anomaly is not None and anomaly.name == "tumor":
+        if isinstance(anomaly, Tumor):
             self.hu_lut[32] = anomaly.lesion_hu  # Tissue.LESION
         # Noise: CT noise power spectrum ~ f · apodisation², normalised so the pixel std is sigma.
         size_factor = float(np.clip((2 * patient.max_half_width() / 340.0) ** 0.8, 0.7, 1.7))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -25,19 +26,20 @@ class SeriesTruth:
     labels: np.ndarray  # [slice, row, column] uint8, `Label` values (0 = none)
     anomaly: np.ndarray | None  # [slice, row, column] bool, None for a normal series
     sop_instance_uids: tuple[str, ...]
-    entry: dict  # the series' manifest entry
+    entry: dict[str, Any]  # the series' manifest entry
 
 
-def load_manifest(run_folder: Path) -> dict:
+def load_manifest(run_folder: Path) -> dict[str, Any]:
     """The manifest.json of a phantom run.
 
     Raises:
         FileNotFoundError: `run_folder` holds no manifest.json.
     """
-    return json.loads((Path(run_folder) / "manifest.json").read_text())
+    manifest: dict[str, Any] = json.loads((Path(run_folder) / "manifest.json").read_text())
+    return manifest
 
 
-def load_series(run_folder: Path, entry: dict) -> SeriesTruth:
+def load_series(run_folder: Path, entry: dict[str, Any]) -> SeriesTruth:
     """Load the CT slices and ground-truth SEGs of one manifest entry."""
     folder = Path(run_folder) / entry["folder"]
     datasets = [pydicom.dcmread(folder / name) for name in entry["files"]]

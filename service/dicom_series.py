@@ -255,9 +255,10 @@ def load_series(files: SeriesFiles) -> CTSeries:
     if differs.size:
         where = instances[differs[0]].path.name
         raise SeriesError(uid, f"has 2 or more orientations (ImageOrientationPatient differs at {where}); expected 1")
+    positions = [i.image_position for i in instances if i.image_position is not None]  # all present (checked above)
     try:
-        order = imaging.slice_order([i.image_position for i in instances], iops[0])
-        locations = imaging.slice_distances([i.image_position for i in instances], iops[0])[order]
+        order = imaging.slice_order(positions, iops[0])
+        locations = imaging.slice_distances(positions, iops[0])[order]
     except ValueError as exc:
         raise SeriesError(uid, str(exc)) from None
     gaps = np.abs(np.diff(locations))

@@ -77,7 +77,8 @@ def body_mask(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarra
     sizes[0] = 0
     body = labels == int(np.argmax(sizes))
     # A lung touching the edge of the slice is still enclosed by ribs/muscle; fill per slice.
-    return ndimage.binary_fill_holes(body)
+    filled: np.ndarray = ndimage.binary_fill_holes(body)
+    return filled
 
 
 def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -87,13 +88,15 @@ def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return image.astype(np.float32, copy=False)
     if rows % shape[0] == 0 and cols % shape[1] == 0:
         fr, fc = rows // shape[0], cols // shape[1]
-        return image.reshape(shape[0], fr, shape[1], fc).mean(axis=(1, 3), dtype=np.float32)
+        pooled: np.ndarray = image.reshape(shape[0], fr, shape[1], fc).mean(axis=(1, 3), dtype=np.float32)
+        return pooled
     zoom = (shape[0] / rows, shape[1] / cols)
     if zoom[0] < 1 or zoom[1] < 1:
         # Anti-alias before subsampling: Gaussian with sigma ~ half the shrink factor.
         sigma = (max(0.0, 0.5 / zoom[0] - 0.5), max(0.0, 0.5 / zoom[1] - 0.5))
         image = ndimage.gaussian_filter(image.astype(np.float32), sigma)
-    return ndimage.zoom(image.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest")
+    zoomed: np.ndarray = ndimage.zoom(image.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest")
+    return zoomed
 
 
 def slice_normal(image_orientation: Sequence[float]) -> np.ndarray:
@@ -125,7 +128,8 @@ def slice_order(positions: Sequence[Sequence[float]], image_orientation: Sequenc
 
 def slice_distances(positions: Sequence[Sequence[float]], image_orientation: Sequence[float]) -> np.ndarray:
     """Location of each slice along the slice normal in mm (same order as `positions`)."""
-    return np.asarray(positions, dtype=np.float64) @ slice_normal(image_orientation)
+    distances: np.ndarray = np.asarray(positions, dtype=np.float64) @ slice_normal(image_orientation)
+    return distances
 
 
 # --- Model input: one function turns HU into what the detector sees ---------------------------------
@@ -174,7 +178,8 @@ def fit_series_positions(raw: np.ndarray, locations_mm: np.ndarray, mm_per_unit:
         raise ValueError(f"mm_per_unit must be > 0, got {mm_per_unit}.")
     metric = np.abs(locations[0] - locations) / mm_per_unit
     offset = float(np.median(raw - metric))
-    return (offset + metric).astype(np.float32)
+    positions: np.ndarray = (offset + metric).astype(np.float32)
+    return positions
 
 
 #: Series aggregations of slice scores the detector can choose from on validation data.

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.StreamHandler[TextIO]):
     """Writes to whatever `sys.stderr` is at the time of the record (tests swap it)."""
 
-    @property  # type: ignore[override]
-    def stream(self):
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
         pass
 
 

@@ -130,7 +130,7 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
         ValueError: a required field is missing or wrong (the message names it).
     """
     path = Path(model_dir) / "model.json"
-    meta = json.loads(path.read_text())
+    meta: dict[str, Any] = json.loads(path.read_text())
     for key in ("format", "kind", "file", "input", "threshold", "segment", "version", "name"):
         if key not in meta:
             raise ValueError(f"{path}: field {key!r} missing")

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import routing
 from fastapi.routing import APIRoute
 from PIL import Image
 from sqlalchemy import select
@@ -80,8 +81,22 @@ def env(tmp_path: Path, postgres_db_url: str, redis_url: str, phantoms: dict[str
     engine.dispose()
 
 
-def example_path(route: APIRoute, env: Env) -> str:
-    """The route's path with its parameters filled with existing ids."""
+def path_operations(app: Any) -> list[tuple[str, set[str]]]:
+    """(full path, methods) of every path operation of `app`, including those of its included routers.
+
+    Since FastAPI 0.137 `app.routes` keeps an included router as one node; `iter_route_contexts`
+    walks that tree. Before, `app.routes` was already the flat list.
+    """
+    routes = routing.iter_route_contexts(app.routes) if hasattr(routing, "iter_route_contexts") else app.routes
+    return [
+        (route.path, set(route.methods))
+        for route in routes
+        if isinstance(getattr(route, "original_route", route), APIRoute)
+    ]
+
+
+def example_path(path: str, env: Env) -> str:
+    """The route `path` with its parameters filled with existing ids."""
     values = {
         "series_instance_uid": env.seeded.flagged_uid,
         "item_id": str(env.seeded.flagged_item),
@@ -89,7 +104,7 @@ def example_path(route: APIRoute, env: Env) -> str:
         "version": "1",
         "index": "0",
     }
-    return re.sub(r"{(\w+)(:\w+)?}", lambda m: values[m.group(1)], route.path)
+    return re.sub(r"{(\w+)(:\w+)?}", lambda m: values[m.group(1)], path)
 
 
 def test_healthz_answers_without_login(env: Env) -> None:
@@ -101,16 +116,16 @@ def test_every_route_but_health_and_login_refuses_anonymous_requests(env: Env) -
     open_routes = {"/healthz", "/login", "/logout"}
     checked = 0
     with env.client() as client:
-        for route in env.app.routes:
-            if not isinstance(route, APIRoute) or route.path in open_routes:
+        for path, methods in path_operations(env.app):
+            if path in open_routes:
                 continue
-            for method in route.methods:
-                response = client.request(method, example_path(route, env))
-                if route.path.startswith("/api/") or route.path == "/readyz":
-                    assert response.status_code == 401, (method, route.path)
+            for method in methods:
+                response = client.request(method, example_path(path, env))
+                if path.startswith("/api/") or path == "/readyz":
+                    assert response.status_code == 401, (method, path)
                     assert response.headers["www-authenticate"].startswith("Basic")
                 else:
-                    assert response.status_code == 303, (method, route.path)
+                    assert response.status_code == 303, (method, path)
                     assert response.headers["location"].startswith("/login?next=")
                 checked += 1
     assert checked >= 10

@@ -166,7 +166,8 @@ def run_retry(args: argparse.Namespace) -> int:
 
 def run_send(args: argparse.Namespace) -> int:
     """Record SEG_FILE for delivery and queue it, or (--now) attempt it here; exit 1 if --now failed for good."""
-    from service.pacs_export import ExportNotConfiguredError, deliver, export_receipt, record_export
+    from service.dicom_send import ExportNotConfiguredError
+    from service.pacs_export import deliver, export_receipt, record_export
 
     settings = load_settings_or_exit()
     if not args.seg_file.is_file():

@@ -535,7 +535,8 @@ def segment(
     import pydicom
 
     from service.dicom_seg import build_liver_seg
-    from service.pacs_export import ExportNotConfiguredError, record_export
+    from service.dicom_send import ExportNotConfiguredError
+    from service.pacs_export import record_export
 
     if settings.segmentation_mode == "forward":
         return forward(sessions=sessions, settings=settings, series_id=series_id)
@@ -648,7 +649,7 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
     exports retry` does not apply. A repeat after a crash sends the instances again with their
     own SOP Instance UIDs, which a DICOM node stores as the same objects.
     """
-    from service.pacs_export import Outcome, forward_destination, send_files
+    from service.dicom_send import Outcome, forward_destination, send_files
 
     with sessions() as session:
         series = _series_row(session, series_id)

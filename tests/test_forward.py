@@ -33,7 +33,7 @@ from test_pacs_export import Orthanc, orthanc
 
 from service import pipeline
 from service.db.tables import Series, SeriesEvent, SeriesState, utc_now
-from service.pacs_export import Destination, Outcome, send_files
+from service.dicom_send import Destination, Outcome, send_files
 from service.pipeline_tasks import SEGMENT_SERIES_TASK, register_pipeline_tasks
 from service.settings import Settings, get_settings, load_settings_or_exit
 

@@ -35,19 +35,21 @@ from sqlalchemy import select, update
 from service.cli import main
 from service.db.tables import Export, ExportAttempt, ExportState, utc_now
 from service.dicom_seg import build_liver_seg
-from service.pacs_export import (
+from service.dicom_send import (
     ExportNotConfiguredError,
     Outcome,
     SendResult,
     classify_association_rejection,
     classify_store_status,
+    send_seg,
+)
+from service.pacs_export import (
     deliver,
     due_exports,
     export_receipt,
     record_export,
     retry_delay_s,
     retry_export,
-    send_seg,
 )
 from service.phantom.anatomy import Label
 from service.phantom.generate import SeriesSpec, generate_series

@@ -30,8 +30,9 @@ from service.db.tables import (
     WorklistItem,
     utc_now,
 )
+from service.dicom_send import Outcome, SendResult
 from service.inference import Detector
-from service.pacs_export import Outcome, SendResult, deliver
+from service.pacs_export import deliver
 from service.pipeline import Next, RouteFacts, decide_route
 from service.segmentation import Segmentation
 from service.settings import Settings

@@ -286,7 +286,7 @@ class ExportAttempt(Base):
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     duration_s: Mapped[float] = mapped_column(Float())
     destination: Mapped[str] = mapped_column(Text)
-    # "delivered", "transient" or "permanent" (see `service.pacs_export.Outcome`).
+    # "delivered", "transient" or "permanent" (see `service.dicom_send.Outcome`).
     outcome: Mapped[str] = mapped_column(String(16))
     # DICOM Status of the C-STORE response; NULL when none came back (no association, abort, timeout).
     status: Mapped[int | None]

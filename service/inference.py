@@ -39,8 +39,11 @@ class SliceScore:
 
 
 @dataclass
-class SeriesScore:
-    """The detector's verdict on one series; `flagged` means: route to a human, do not auto-segment."""
+class DetectorVerdict:
+    """The detector's verdict on one series; `flagged` means: route to a human, do not auto-segment.
+
+    The pipeline stores it as a `service.db.tables.SeriesScore` row.
+    """
 
     series_instance_uid: str
     score: float
@@ -170,13 +173,13 @@ class Detector:
             maps.append(residual_map[:, 0])
         return np.concatenate(scores), np.concatenate(maps)
 
-    def score_series(self, series: CTSeries, *, keep_maps: bool = False) -> SeriesScore:
+    def score_series(self, series: CTSeries, *, keep_maps: bool = False) -> DetectorVerdict:
         """Score every slice of `series` and the series as a whole."""
         images, masks = imaging.preprocess_slices(series.hu, self.size, self.window)
         positions = self.positions(images, series.locations_mm)
         scores, maps = self.score_arrays(images, masks, positions)
         total = imaging.aggregate_slice_scores(scores, self.aggregation)
-        return SeriesScore(
+        return DetectorVerdict(
             series_instance_uid=series.series_instance_uid,
             score=total,
             threshold=self.threshold,

@@ -78,6 +78,8 @@ class ConvAutoencoder(nn.Module):
 class AutoencoderScorer(nn.Module):
     """(image, body mask) → normalised slice score, raw error, residual map (what `autoencoder.onnx` computes)."""
 
+    norm: torch.Tensor  # buffer [2]
+
     def __init__(self, ae: ConvAutoencoder) -> None:
         super().__init__()
         self.ae = ae
@@ -153,7 +155,7 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
         x = images[idx].float()
         loss = F.mse_loss(scorer.ae(x), x)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
         opt.step()
         step += 1
         history.append(float(loss.detach()))
@@ -228,7 +230,8 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
     }
     (args.out / "model.json").write_text(json.dumps(model, indent=1))
     log.info("autoencoder written to %s (threshold %.4g) in %.0f s", args.out, threshold, time.monotonic() - t0)
-    return args.out
+    out: Path = args.out
+    return out
 
 
 def load_scorer(model_dir: Path) -> AutoencoderScorer:

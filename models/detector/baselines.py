@@ -20,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -84,7 +85,8 @@ def hu_histograms(hu: np.ndarray, edges: Sequence[float] = HU_BIN_EDGES) -> np.n
 def position_bin(positions: np.ndarray, bins: int = POSITION_BINS) -> np.ndarray:
     """Index of the position bin of every slice (positions clamped to 0…1)."""
     p = np.clip(np.asarray(positions, np.float64), 0.0, 1.0)
-    return np.minimum((p * bins).astype(int), bins - 1)
+    index: np.ndarray = np.minimum((p * bins).astype(int), bins - 1)
+    return index
 
 
 @dataclass
@@ -152,17 +154,19 @@ class HistogramBaseline:
 
     def _distances(self, features: np.ndarray, bins: np.ndarray) -> np.ndarray:
         z = (features - self.mu[bins]) / self.sigma[bins]
-        return (z * z).mean(axis=1)
+        distances: np.ndarray = (z * z).mean(axis=1)
+        return distances
 
     def slice_scores(self, features: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Standardised distance of every slice to the normal slices at its position (≈ 0 typical)."""
         b = position_bin(positions, self.mu.shape[0])
-        return (self._distances(np.asarray(features, np.float64), b) - self.d_mu[b]) / self.d_sigma[b]
+        scores: np.ndarray = (self._distances(np.asarray(features, np.float64), b) - self.d_mu[b]) / self.d_sigma[b]
+        return scores
 
     def series_score(self, slice_scores: np.ndarray) -> float:
         return imaging.aggregate_slice_scores(slice_scores, self.aggregation)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "kind": "hu-histogram",
             "hu_bin_edges": list(HU_BIN_EDGES),

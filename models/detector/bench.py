@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,9 @@ def _rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench(model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: Sequence[int] = (16, 64)) -> dict:
+def bench(
+    model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: Sequence[int] = (16, 64)
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     meta = json.loads((model_dir / "model.json").read_text())
@@ -71,7 +74,7 @@ def bench(model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: S
         else ["CPUExecutionProvider"]
     )
     session = ort.InferenceSession(str(model_dir / "scorer.onnx"), providers=providers)
-    result: dict = {"device": str(dev), "ort_provider": session.get_providers()[0], "size": size, "rates": {}}
+    result: dict[str, Any] = {"device": str(dev), "ort_provider": session.get_providers()[0], "size": size, "rates": {}}
     if dev.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(dev)
     rng = np.random.default_rng(0)
@@ -85,7 +88,7 @@ def bench(model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: S
             with torch.inference_mode():
                 scorer(xt, pt, mt)[0].cpu()
 
-        def ort_run(feeds: dict = {"image": x, "position": p, "mask": m}) -> None:  # noqa: B006 — read only
+        def ort_run(feeds: dict[str, np.ndarray] = {"image": x, "position": p, "mask": m}) -> None:  # noqa: B006 — read only
             session.run(None, feeds)
 
         rates = {
@@ -174,7 +177,7 @@ def _max_relative(a: np.ndarray, b: np.ndarray) -> float:
 
 def engine_rates(
     scorer: Scorer, onnx_path: Path, size: int, batches: Sequence[int], seconds: float, threads: int | None
-) -> tuple[dict, dict]:
+) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]:
     """Slices/s per batch and engine, and the agreement of ORT and bf16 with torch fp32.
 
     Engines: `torch_fp32` (eager, inference_mode), `ort_fp32` (the fused ONNX graph of the same
@@ -188,8 +191,8 @@ def engine_rates(
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    rates: dict = {}
-    agreement: dict = {}
+    rates: dict[int, dict[str, float]] = {}
+    agreement: dict[int, dict[str, float]] = {}
     for b in batches:
         x = rng.uniform(-1, 1, (b, 1, size, size)).astype(np.float32)
         p = rng.uniform(0, 1, b).astype(np.float32)
@@ -199,14 +202,17 @@ def engine_rates(
 
         def torch_fp32() -> tuple[torch.Tensor, ...]:
             with torch.inference_mode():
-                return scorer(xt, pt, mt)
+                terms: tuple[torch.Tensor, ...] = scorer(xt, pt, mt)
+                return terms
 
         def torch_bf16() -> tuple[torch.Tensor, ...]:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                return scorer(xt, pt, mt)
+                terms: tuple[torch.Tensor, ...] = scorer(xt, pt, mt)
+                return terms
 
         def ort_fp32() -> list[np.ndarray]:
-            return session.run(None, feeds)
+            outputs: list[np.ndarray] = session.run(None, feeds)
+            return outputs
 
         rates[b] = {
             "torch_fp32": _rate(torch_fp32, b, seconds),
@@ -225,7 +231,7 @@ def engine_rates(
     return rates, agreement
 
 
-def series_end_to_end(model_dir: Path, slices: int, matrix: int) -> dict:
+def series_end_to_end(model_dir: Path, slices: int, matrix: int) -> dict[str, Any]:
     """Seconds to read, preprocess and score one generated `slices`-slice series with the model's ONNX
     files, exactly as `gatekeeper score` does (`service.inference.Detector`, ONNX Runtime CPU provider
     with its default threads). Generating the series is not timed."""
@@ -275,7 +281,7 @@ def bench_score(
     matrix: int,
     threads: int | None,
     matmul_n: int = 2048,
-) -> dict:
+) -> dict[str, Any]:
     """Every number of `gatekeeper bench score` (see the module docstring) as one dict."""
     import os
     import platform
@@ -296,7 +302,7 @@ def bench_score(
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    result: dict = {
+    result: dict[str, Any] = {
         "model": str(model_dir),
         "family": meta.get("family"),
         "size": size,
@@ -331,7 +337,7 @@ def bench_score(
     return result
 
 
-def format_table(r: dict) -> str:
+def format_table(r: dict[str, Any]) -> str:
     """The benchmark as Markdown: setup lines, a rate table with ratios, target lines."""
     m = r["machine"]
     peak = r["matmul_peak_gflops"]

@@ -19,6 +19,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -176,7 +177,9 @@ def load_dataset(
             loaded = list(pool.map(_load_one, work, chunksize=1))
     else:
         loaded = [_load_one(w) for w in work]
-    train, validation, skipped = [], [], []
+    train: list[SeriesData] = []
+    validation: list[SeriesData] = []
+    skipped: list[str] = []
     for g, item in zip(groups, loaded):
         if isinstance(item, str):
             log.warning("skipping %s", item)
@@ -204,7 +207,7 @@ def load_dataset(
 
 def generate_phantom_training_set(
     out: Path, *, matrix: int, jobs: int, seed: int = 0, num_slices: int | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Write the train and validation splits of `gatekeeper phantom dataset` (no test split) to `out`.
 
     For the GPU run, where only the training data is needed. `num_slices` shortens the *training*
@@ -213,9 +216,9 @@ def generate_phantom_training_set(
     flagged in the first shipped model). A spec the generator cannot plan is skipped with a
     warning instead of ending the run.
     """
-    from service.phantom.generate import DEFAULT_NOISE_SIGMA, count_slices, dataset_specs, generate_run
+    from service.phantom.generate import DEFAULT_NOISE_SIGMA, SeriesSpec, count_slices, dataset_specs, generate_run
 
-    def protocol(slices: int | None) -> list:
+    def protocol(slices: int | None) -> list[SeriesSpec]:
         return dataset_specs(seed=seed, large=False, num_slices=slices, matrix=matrix, noise_sigma=DEFAULT_NOISE_SIGMA)
 
     specs = [s for s in protocol(num_slices) if s.split == "train"]

@@ -41,6 +41,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -53,6 +54,10 @@ from models.detector.metrics import (
     roc_curve,
     threshold_at_false_flag_rate,
 )
+
+if TYPE_CHECKING:
+    from models.detector.baselines import HistogramBaseline
+    from service.inference import Detector
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ LOCALISATION_SIGMA_PX = 1.0
 LOCALISATION_DILATION_PX = 2
 
 
-def register(what: argparse._SubParsersAction) -> None:
+def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = what.add_parser(
         "detector",
         help="evaluate an exported detector and its baselines on a phantom split",
@@ -144,7 +149,9 @@ def anomaly_mask_on_grid(seg_path: Path, sop_instance_uids: tuple[str, ...], siz
     return out
 
 
-def localise(slice_scores: np.ndarray, residual_maps: np.ndarray, anomaly: np.ndarray, body: np.ndarray) -> dict | None:
+def localise(
+    slice_scores: np.ndarray, residual_maps: np.ndarray, anomaly: np.ndarray, body: np.ndarray
+) -> dict[str, Any] | None:
     """Does the top residual region of the highest-scoring affected slice hit the anomaly?
 
     `slice_scores` [k], `residual_maps`, `anomaly` and `body` [k, S, S] on the model grid. Returns
@@ -166,7 +173,7 @@ def localise(slice_scores: np.ndarray, residual_maps: np.ndarray, anomaly: np.nd
 # --- the HU-histogram baseline, fitted here -------------------------------------------------------------
 
 
-def fit_histogram_baseline(root: Path, detector, *, seed: int = 0):
+def fit_histogram_baseline(root: Path, detector: Detector, *, seed: int = 0) -> HistogramBaseline:
     """Fit `HistogramBaseline` on the normal training series under `root`; threshold on its validation ones.
 
     Slice positions come from `detector` (its position method), the aggregation is the detector's.
@@ -228,21 +235,21 @@ class Example:
     image: np.ndarray | None = None  # the localisation slice, preprocessed [S, S]
     residual: np.ndarray | None = None  # its residual map [S, S]
     anomaly: np.ndarray | None = None  # its anomaly mask on the model grid [S, S]
-    localisation: dict | None = None
+    localisation: dict[str, Any] | None = None
 
 
 @dataclass
 class Run:
     """Everything one evaluation computed; `report` is what report.json holds."""
 
-    report: dict
+    report: dict[str, Any]
     examples: list[Example] = field(default_factory=list)
 
 
-def _method_summary(rows: list[dict], name: str, threshold: float | None, n_boot: int) -> dict:
+def _method_summary(rows: list[dict[str, Any]], name: str, threshold: float | None, n_boot: int) -> dict[str, Any]:
     normal = np.array([r["scores"][name] for r in rows if r["type"] == "normal"])
     types = sorted({r["type"] for r in rows} - {"normal"})
-    out: dict = {"threshold": threshold, "per_type": {}}
+    out: dict[str, Any] = {"threshold": threshold, "per_type": {}}
     for kind in types + ["all"]:
         pos = np.array([r["scores"][name] for r in rows if r["type"] != "normal" and kind in ("all", r["type"])])
         out["per_type"][kind] = {
@@ -280,10 +287,10 @@ def _method_summary(rows: list[dict], name: str, threshold: float | None, n_boot
     return out
 
 
-def _difference(rows: list[dict], first: str, second: str, n_boot: int) -> dict:
+def _difference(rows: list[dict[str, Any]], first: str, second: str, n_boot: int) -> dict[str, Any]:
     """first − second: paired bootstrap of the series AUROC, per anomaly type and overall."""
     types = sorted({r["type"] for r in rows} - {"normal"})
-    out: dict = {}
+    out: dict[str, Any] = {}
     neg = [r for r in rows if r["type"] == "normal"]
     for kind in types + ["all"]:
         pos = [r for r in rows if r["type"] != "normal" and kind in ("all", r["type"])]
@@ -298,7 +305,7 @@ def _difference(rows: list[dict], first: str, second: str, n_boot: int) -> dict:
     return out
 
 
-def _differences(rows: list[dict], names: list[str], n_boot: int) -> dict:
+def _differences(rows: list[dict[str, Any]], names: list[str], n_boot: int) -> dict[str, Any]:
     """detector − every other method, and twin − ablation when both were scored."""
     out = {name: _difference(rows, "detector", name, n_boot) for name in names if name != "detector"}
     if "twin" in names and "ablation" in names:
@@ -306,7 +313,7 @@ def _differences(rows: list[dict], names: list[str], n_boot: int) -> dict:
     return out
 
 
-def _targets(report: dict) -> list[dict]:
+def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     main = report["methods"]["detector"]
     out = []
     for kind in TARGET_TYPES:
@@ -391,7 +398,7 @@ def evaluate(
     if ae is not None:
         aggregation["autoencoder"], thresholds["autoencoder"] = ae.aggregation, ae.threshold
 
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     examples: dict[str, Example] = {}
     t0 = time.monotonic()
     for n, e in enumerate(entries, 1):
@@ -402,7 +409,7 @@ def evaluate(
         series = dicom_series.load_series(matching[0])
         kind = e["anomaly"]["type"] if e.get("anomaly") else "normal"
         affected = sorted(e["anomaly"]["slices"]) if e.get("anomaly") else []
-        prepared: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        prepared: dict[tuple[int, imaging.Window], tuple[np.ndarray, np.ndarray]] = {}
         truth: dict[int, np.ndarray] = {}
 
         def inputs(size: int, window: imaging.Window) -> tuple[np.ndarray, np.ndarray]:
@@ -419,17 +426,18 @@ def evaluate(
             return truth[size]
 
         slice_scores: dict[str, np.ndarray] = {}
-        localisation: dict[str, dict | None] = {}
+        localisation: dict[str, dict[str, Any] | None] = {}
         example = None
         if kind not in examples:
             example = examples[kind] = Example(e["folder"], kind, np.zeros(0), affected)
         main_positions = None
+        scorers: list[tuple[str, Detector | AutoencoderBaseline, int, imaging.Window]]
         scorers = [(k, g, g.size, g.window) for k, g in gans.items()]
         if ae is not None:
             scorers.append(("autoencoder", ae, ae.size, ae.window))
         for name, scorer, size, window in scorers:
             images, masks = inputs(size, window)
-            if name == "autoencoder":
+            if isinstance(scorer, AutoencoderBaseline):  # the "autoencoder" entry
                 scores, maps = scorer.score_arrays(images, masks)
             else:
                 positions = scorer.positions(images, series.locations_mm)
@@ -437,14 +445,16 @@ def evaluate(
                     main_positions = positions
                 scores, maps = scorer.score_arrays(images, masks, positions)
             slice_scores[name] = scores
-            localisation[name] = localise(scores, maps, anomaly_on(size), masks) if affected else None
+            located = localise(scores, maps, anomaly_on(size), masks) if affected else None
+            localisation[name] = located
             if name == "detector" and example is not None:
                 example.slice_scores = scores
-                if localisation[name] is not None:
-                    t = localisation[name]["slice"]
+                if located is not None:
+                    t = located["slice"]
                     example.image, example.residual = images[t], maps[t]
-                    example.anomaly, example.localisation = anomaly_on(size)[t], localisation[name]
+                    example.anomaly, example.localisation = anomaly_on(size)[t], located
             del maps
+        assert main_positions is not None  # "detector" is always among the scorers
         slice_scores["hu_histogram"] = histogram.slice_scores(hu_histograms(series.hu), main_positions)
         rows.append(
             {
@@ -460,7 +470,7 @@ def evaluate(
             log.info("evaluated %d/%d series (%.0f s)", n, len(entries), time.monotonic() - t0)
     seconds = time.monotonic() - t0
 
-    report: dict = {
+    report: dict[str, Any] = {
         "data": str(data),
         "model": str(model),
         "split": split,
@@ -524,7 +534,7 @@ def evaluate(
 # --- report.md and plots --------------------------------------------------------------------------------
 
 
-def _ci(m: dict) -> str:
+def _ci(m: dict[str, Any]) -> str:
     lo, hi = m["auroc_ci95"]
     return f"{m['auroc']:.3f} ({lo:.3f}–{hi:.3f})"
 
@@ -533,7 +543,7 @@ def _verdict(met: bool | None) -> str:
     return {True: "**met**", False: "**missed**", None: "not evaluated"}[met]
 
 
-def report_markdown(report: dict, plots: list[str]) -> str:
+def report_markdown(report: dict[str, Any], plots: list[str]) -> str:
     """report.md: targets, comparison of methods, differences, operating points, localisation, plots."""
     methods = report["methods"]
     names = list(methods)
@@ -681,7 +691,7 @@ def report_markdown(report: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(report: dict, examples: list[Example], out: Path) -> list[str]:
+def write_plots(report: dict[str, Any], examples: list[Example], out: Path) -> list[str]:
     """roc.png, profiles.png, heatmaps.png in `out`; returns the file names written."""
     from matplotlib.figure import Figure
 
@@ -729,17 +739,19 @@ def write_plots(report: dict, examples: list[Example], out: Path) -> list[str]:
     if located:
         fig = Figure(figsize=(5.2, 2.6 * len(located)), layout="constrained")
         for i, ex in enumerate(located):
-            r, c = ex.localisation["argmax"]
+            loc, image, residual = ex.localisation, ex.image, ex.residual
+            assert loc is not None and image is not None and residual is not None  # `evaluate` sets them together
+            r, c = loc["argmax"]
             ax = fig.add_subplot(len(located), 2, 2 * i + 1)
-            ax.imshow(ex.image, cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(image, cmap="gray", vmin=-1, vmax=1)
             ax.contour(ex.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
-            ax.set_title(f"{ex.type}, slice {ex.localisation['slice']}", fontsize=8)
+            ax.set_title(f"{ex.type}, slice {loc['slice']}", fontsize=8)
             ax.axis("off")
             ax = fig.add_subplot(len(located), 2, 2 * i + 2)
-            ax.imshow(ndimage.gaussian_filter(ex.residual.astype(np.float64), LOCALISATION_SIGMA_PX), cmap="hot")
+            ax.imshow(ndimage.gaussian_filter(residual.astype(np.float64), LOCALISATION_SIGMA_PX), cmap="hot")
             ax.contour(ex.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
             ax.plot([c], [r], marker="x", color="lime", ms=8, mew=2)
-            ax.set_title("residual: " + ("hit" if ex.localisation["hit"] else "miss"), fontsize=8)
+            ax.set_title("residual: " + ("hit" if loc["hit"] else "miss"), fontsize=8)
             ax.axis("off")
         fig.savefig(out / "heatmaps.png", dpi=110)
         written.append("heatmaps.png")

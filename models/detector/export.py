@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.detector.networks import Scorer
+from models.detector.networks import DCDiscriminator, ResDiscriminator, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ OPSET = 17
 
 
 class _DiscriminatorWithFeatures(nn.Module):
-    def __init__(self, D: nn.Module) -> None:
+    def __init__(self, D: ResDiscriminator | DCDiscriminator) -> None:
         super().__init__()
         self.D = D
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 from scipy.stats import rankdata
 
 
@@ -57,7 +58,7 @@ def bootstrap_ci(
 
 
 def paired_bootstrap_difference(
-    neg_a: np.ndarray, pos_a: np.ndarray, neg_b: np.ndarray, pos_b: np.ndarray, n: int, seed: int = 0
+    neg_a: npt.ArrayLike, pos_a: npt.ArrayLike, neg_b: npt.ArrayLike, pos_b: npt.ArrayLike, n: int, seed: int = 0
 ) -> tuple[float, list[float]]:
     """AUROC(a) − AUROC(b) on the same series and its paired 95 % bootstrap interval.
 

@@ -93,6 +93,8 @@ class PositionEmbedding(nn.Module):
     input is ignored, so both variants share one interface.
     """
 
+    freqs: torch.Tensor  # buffer [frequencies]
+
     def __init__(self, dim: int, *, frequencies: int = 6, conditioned: bool = True) -> None:
         super().__init__()
         self.register_buffer("freqs", (2.0 ** torch.arange(frequencies, dtype=torch.float32)) * math.pi)
@@ -105,7 +107,7 @@ class PositionEmbedding(nn.Module):
             p = p * 0.0
         angles = p * self.freqs[None, :]
         feats = torch.cat([p, torch.sin(angles), torch.cos(angles)], dim=1)
-        out = self.linear(feats)
+        out: torch.Tensor = self.linear(feats)
         return out if self.conditioned else out * 0.0
 
 
@@ -127,7 +129,8 @@ class MappingNetwork(nn.Module):
 
     def forward(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         e = self.embed(pos)
-        return self.net(torch.cat([_pixel_norm(z), _pixel_norm(e) if self.embed.conditioned else e], dim=1))
+        w: torch.Tensor = self.net(torch.cat([_pixel_norm(z), _pixel_norm(e) if self.embed.conditioned else e], dim=1))
+        return w
 
 
 class ModulatedConv2d(nn.Module):
@@ -168,6 +171,8 @@ class ModulatedConv2d(nn.Module):
 class NoiseInjection(nn.Module):
     """Per-pixel noise scaled by a learned strength; `mode` random (training), const (scoring), none."""
 
+    const_noise: torch.Tensor  # buffer [1, 1, resolution, resolution]
+
     def __init__(self, resolution: int) -> None:
         super().__init__()
         self.strength = nn.Parameter(torch.zeros(()))
@@ -204,7 +209,7 @@ class ToImage(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 1, 1, 1))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-        out = self.conv(x, w) + self.bias
+        out: torch.Tensor = self.conv(x, w) + self.bias
         if skip is not None:
             out = out + F.interpolate(skip, scale_factor=2.0, mode="bilinear", align_corners=False)
         return out
@@ -239,7 +244,7 @@ class StyleGenerator(nn.Module):
     def synthesis(self, w: torch.Tensor) -> torch.Tensor:
         x = self.const.expand(w.shape[0], -1, -1, -1)
         x = self.conv4(x, w, self.noise_mode)
-        img = self.img4(x, w, None)
+        img: torch.Tensor = self.img4(x, w, None)
         for up, conv, to_img in zip(self.ups, self.convs, self.imgs):
             x = conv(up(x, w, self.noise_mode), w, self.noise_mode)
             img = to_img(x, w, img)
@@ -257,7 +262,8 @@ class ResBlock(nn.Module):
         self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.conv2(self.conv1(x)) + self.skip(F.avg_pool2d(x, 2))) / SQRT2
+        out: torch.Tensor = (self.conv2(self.conv1(x)) + self.skip(F.avg_pool2d(x, 2))) / SQRT2
+        return out
 
 
 class _ProjectionHead(nn.Module):
@@ -284,7 +290,8 @@ class _ProjectionHead(nn.Module):
     def forward(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         x = self._stddev(feats) if self.mbstd else feats
         h = self.fc(self.conv(x).flatten(1))
-        return self.out(h).squeeze(1) + (self.embed(pos) * h).sum(dim=1)
+        logit: torch.Tensor = self.out(h).squeeze(1) + (self.embed(pos) * h).sum(dim=1)
+        return logit
 
 
 class ResDiscriminator(nn.Module):
@@ -305,11 +312,13 @@ class ResDiscriminator(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The 4×4 feature map before minibatch-stddev, flattened [N, C·16]."""
-        return self.blocks(self.from_image(x)).flatten(1)
+        f: torch.Tensor = self.blocks(self.from_image(x))
+        return f.flatten(1)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         f = self.blocks(self.from_image(x))
-        return self.head(f, pos)
+        logit: torch.Tensor = self.head(f, pos)
+        return logit
 
 
 # --- Compact conditioned DCGAN ------------------------------------------------------------------------
@@ -345,7 +354,8 @@ class DCGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         x = self.fc(torch.cat([z, self.embed(pos)], dim=1))
-        return self.net(x.reshape(-1, self.c4, 4, 4))
+        img: torch.Tensor = self.net(x.reshape(-1, self.c4, 4, 4))
+        return img
 
 
 class DCDiscriminator(nn.Module):
@@ -363,10 +373,12 @@ class DCDiscriminator(nn.Module):
         self.head = _ProjectionHead(ch[4], mbstd=False, conditioned=conditioned)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).flatten(1)
+        f: torch.Tensor = self.body(x)
+        return f.flatten(1)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x), pos)
+        logit: torch.Tensor = self.head(self.body(x), pos)
+        return logit
 
 
 # --- Encoder and body-part regression -----------------------------------------------------------------
@@ -387,7 +399,8 @@ class Encoder(nn.Module):
         self.head = nn.Sequential(nn.Linear(c_in * 16 + 32, 128), nn.LeakyReLU(0.2), nn.Linear(128, z_dim))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.body(x).flatten(1), self.embed(pos)], dim=1))
+        z: torch.Tensor = self.head(torch.cat([self.body(x).flatten(1), self.embed(pos)], dim=1))
+        return z
 
 
 class BodyPartRegressor(nn.Module):
@@ -415,14 +428,15 @@ class BodyPartRegressor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool > 1:
             x = F.avg_pool2d(x, self.pool)
-        return self.out(self.body(x).mean(dim=(2, 3))).squeeze(1)
+        raw: torch.Tensor = self.out(self.body(x).mean(dim=(2, 3)))
+        return raw.squeeze(1)
 
 
 @dataclass
 class Networks:
-    G: nn.Module
-    D: nn.Module
-    E: nn.Module
+    G: StyleGenerator | DCGenerator
+    D: ResDiscriminator | DCDiscriminator
+    E: Encoder
 
 
 def build_networks(family: str, size: int, *, z_dim: int = 128, conditioned: bool = True) -> Networks:
@@ -459,7 +473,18 @@ class Scorer(nn.Module):
     The residual map is |x − G(E(x))| inside the mask.
     """
 
-    def __init__(self, G: nn.Module, E: nn.Module, D: nn.Module, *, kappa: float = 1.0, grid_size: int = 2) -> None:
+    norm_grid: torch.Tensor  # buffer [grid_size], uniform positions
+    norm_table: torch.Tensor  # buffer [4, grid_size]: μ_r, σ_r, μ_f, σ_f at each grid position
+
+    def __init__(
+        self,
+        G: StyleGenerator | DCGenerator,
+        E: Encoder,
+        D: ResDiscriminator | DCDiscriminator,
+        *,
+        kappa: float = 1.0,
+        grid_size: int = 2,
+    ) -> None:
         super().__init__()
         self.G, self.E, self.D = G, E, D
         self.kappa = float(kappa)

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ class Trainer:
         self.rng = torch.Generator(device="cpu").manual_seed(args.seed)
 
     # --- checkpoint -----------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         opt = {"G": self.opt_G.state_dict(), "D": self.opt_D.state_dict(), "E": self.opt_E.state_dict()}
         if self.opt_P is not None:
             opt["P"] = self.opt_P.state_dict()
@@ -144,7 +145,7 @@ class Trainer:
         torch.save(self.state(), tmp)
         tmp.replace(path)
 
-    def load(self, state: dict) -> None:
+    def load(self, state: dict[str, Any]) -> None:
         for name in ("G", "D", "G_ema", "E"):
             getattr(self, name).load_state_dict(state[name])
         if self.P is not None and state.get("P") is not None:
@@ -164,10 +165,11 @@ class Trainer:
 
     # --- helpers --------------------------------------------------------------------------------------
     def _budget(self, phase: str) -> float:
-        return self.args.minutes * 60.0 * PHASE_SHARE[phase]
+        return float(self.args.minutes * 60.0 * PHASE_SHARE[phase])
 
     def _max_steps(self, phase: str) -> int | None:
-        return getattr(self.args, f"{phase}_steps")
+        cap: int | None = getattr(self.args, f"{phase}_steps")
+        return cap
 
     def _running(self, phase: str) -> bool:
         cap = self._max_steps(phase)
@@ -175,7 +177,7 @@ class Trainer:
             return self.steps[phase] < cap
         return self.clock.spent() < self._budget(phase)
 
-    def _bar(self, phase: str):
+    def _bar(self, phase: str) -> Any:  # a tqdm bar (tqdm ships no type information)
         from tqdm import tqdm
 
         return tqdm(
@@ -243,7 +245,7 @@ class Trainer:
             order, distance = losses.bpr_losses(scores, torch.from_numpy(np.stack(metric)).float().to(self.device))
             loss = 0.1 * order + distance
             self.opt_P.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             self.opt_P.step()
             self.steps["position"] += 1
             self.history["position"].append([self.steps["position"], loss.item()])
@@ -291,7 +293,7 @@ class Trainer:
                 fake = self.G(torch.randn(B, zdim, device=self.device), p)
             d_loss = losses.d_logistic_loss(self.D(losses.diff_augment(real), p), self.D(losses.diff_augment(fake), p))
             self.opt_D.zero_grad(set_to_none=True)
-            d_loss.backward()
+            d_loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             self.opt_D.step()
             r1 = torch.zeros(())
             if self.steps["gan"] % self.r1_every == 0:
@@ -310,7 +312,7 @@ class Trainer:
             for q in self.D.parameters():
                 q.requires_grad_(True)
             self.opt_G.zero_grad(set_to_none=True)
-            g_loss.backward()
+            g_loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             self.opt_G.step()
             self.steps["gan"] += 1
             self._ema(self.steps["gan"] * B)
@@ -346,7 +348,7 @@ class Trainer:
             recon = G(self.E(x, p), p)
             loss = losses.izif_loss(x, recon, D.features(x), D.features(recon), self.args.kappa)
             self.opt_E.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             self.opt_E.step()
             self.steps["encoder"] += 1
             if self.steps["encoder"] % 5 == 1:
@@ -383,13 +385,13 @@ class Trainer:
         return Scorer(G, E, D, kappa=self.args.kappa).to(self.device)
 
 
-def _position_quality(trainer: Trainer, series: list[SeriesData]) -> dict:
+def _position_quality(trainer: Trainer, series: list[SeriesData]) -> dict[str, dict[str, float]]:
     """How well each position method tracks the phantom's true body-axis position (validation only)."""
-    truth = [s.true_positions for s in series]
-    if any(t is None for t in truth):
+    truth = [s.true_positions for s in series if s.true_positions is not None]
+    if len(truth) < len(series):
         return {}
     t = np.concatenate(truth)
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     methods = {"naive": [s.naive_positions() for s in series]}
     if trainer.P is not None:
         methods["bpr"] = [trainer.positions(s) for s in series]
@@ -401,7 +403,7 @@ def _position_quality(trainer: Trainer, series: list[SeriesData]) -> dict:
     return out
 
 
-def _versions() -> dict:
+def _versions() -> dict[str, str]:
     import numpy
     import scipy
 
@@ -420,7 +422,7 @@ def _versions() -> dict:
     return v
 
 
-def _curve_summary(history: list[list[float]], col: int = 1) -> dict:
+def _curve_summary(history: list[list[float]], col: int = 1) -> dict[str, float]:
     if not history:
         return {}
     vals = np.array([h[col] for h in history])
@@ -559,7 +561,8 @@ def _train(args: argparse.Namespace) -> Path:
     }
     (args.out / "model.json").write_text(json.dumps(model, indent=1))
     log.info("model written to %s in %.0f s", args.out, time.monotonic() - t0)
-    return args.out
+    out: Path = args.out
+    return out
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -110,7 +110,9 @@ def load_dataset(
             loaded = list(pool.map(_load_one, work, chunksize=1))
     else:
         loaded = [_load_one(w) for w in work]
-    train, validation, skipped = [], [], []
+    train: list[SegSeries] = []
+    validation: list[SegSeries] = []
+    skipped: list[str] = []
     for g, item in zip(cts, loaded):
         if isinstance(item, str):
             log.warning("skipping %s", item)

@@ -28,12 +28,20 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.detector.metrics import auprc, auroc
+
+if TYPE_CHECKING:
+    from models.segmenter.contours import LiverContour
+    from service.dicom_series import SeriesFiles
+    from service.inference import Detector
+    from service.segmentation import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ TARGET_RECALL = 0.95
 SCORES = ("gate", "entropy", "mahalanobis", "combined")
 
 
-def register(what: argparse._SubParsersAction) -> None:
+def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = what.add_parser(
         "gate",
         help="how well the gate predicts the segmenter's failures",
@@ -97,7 +105,7 @@ def aurc(scores: np.ndarray, risk: np.ndarray) -> float:
     return float(np.mean(np.cumsum(r) / np.arange(1, r.size + 1)))
 
 
-def review_outcome(scores: np.ndarray, failed: np.ndarray, rate: float) -> dict:
+def review_outcome(scores: np.ndarray, failed: np.ndarray, rate: float) -> dict[str, float]:
     """Review the ⌈rate·n⌉ highest-scoring series: recall of failures and failure rate in the rest."""
     n = scores.size
     k = int(np.ceil(rate * n - 1e-9))
@@ -117,13 +125,13 @@ def review_outcome(scores: np.ndarray, failed: np.ndarray, rate: float) -> dict:
     }
 
 
-def _boot(fn, n_items: int, n: int, seed: int = 0) -> list[float]:
+def _boot(fn: Callable[[np.ndarray], float], n_items: int, n: int, seed: int = 0) -> list[float]:
     rng = np.random.default_rng(seed)
     vals = [fn(rng.integers(0, n_items, n_items)) for _ in range(n)]
     return [round(float(v), 4) for v in np.nanpercentile(vals, [2.5, 97.5])]
 
 
-def score_summary(scores: np.ndarray, dice: np.ndarray, cut: float, n_boot: int) -> dict:
+def score_summary(scores: np.ndarray, dice: np.ndarray, cut: float, n_boot: int) -> dict[str, Any]:
     failed = dice < cut
     risk = 1.0 - dice
 
@@ -168,7 +176,8 @@ class Mahalanobis:
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         d = features - self.mean
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
+        distance: np.ndarray = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
+        return distance
 
 
 def _liver_slices(mask: np.ndarray) -> np.ndarray:
@@ -176,7 +185,9 @@ def _liver_slices(mask: np.ndarray) -> np.ndarray:
     return idx if idx.size else np.arange(mask.shape[0])
 
 
-def _contoured_series(root: Path, splits: set[str] | None) -> tuple[list, dict, dict]:
+def _contoured_series(
+    root: Path, splits: set[str] | None
+) -> tuple[list[SeriesFiles], dict[str, LiverContour], dict[str, dict[str, Any]]]:
     """(CT SeriesFiles with a liver contour, contours by UID, manifest entry by UID) under `root`."""
     from models.detector.data import cpu_count, scan_parallel
     from models.segmenter.contours import find_liver_contours
@@ -194,13 +205,13 @@ def _contoured_series(root: Path, splits: set[str] | None) -> tuple[list, dict, 
     return sorted(cts, key=lambda g: str(g.folder)), contours, entries
 
 
-def _anomaly(entry: dict | None) -> str:
+def _anomaly(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "unknown"
     return (entry.get("anomaly") or {}).get("type") or "normal"
 
 
-def fit_reference(train_root: Path, segmenter, detector) -> dict:
+def fit_reference(train_root: Path, segmenter: Segmenter, detector: Detector) -> dict[str, Any]:
     """Mahalanobis model from the training split's liver slices; z-score parameters from the validation split."""
     from service import dicom_series
 
@@ -213,14 +224,15 @@ def fit_reference(train_root: Path, segmenter, detector) -> dict:
         seg = segmenter.segment(series)
         if seg.features is None:
             raise ValueError("the segmenter's ONNX graph has no 'features' output; the Mahalanobis baseline needs it")
+        liver_features = seg.features[_liver_slices(seg.mask)]
         split = entries[g.series_instance_uid]["split"]
         if split == "train":
-            train_feats.append(seg.features[_liver_slices(seg.mask)])
+            train_feats.append(liver_features)
         else:
-            val.append((series, seg))
+            val.append((series, liver_features))
     maha = Mahalanobis(np.concatenate(train_feats))
     val_gate = np.array([detector.score_series(s).score for s, _ in val])
-    val_maha = np.array([float(maha.distance(seg.features[_liver_slices(seg.mask)]).mean()) for _, seg in val])
+    val_maha = np.array([float(maha.distance(f).mean()) for _, f in val])
     log.info(
         "references: %d training series (%d liver slices) for Mahalanobis, %d validation series for z-scores",
         len(train_feats),
@@ -236,7 +248,9 @@ def fit_reference(train_root: Path, segmenter, detector) -> dict:
     }
 
 
-def score_series(root: Path, splits: set[str] | None, segmenter, detector, reference: dict) -> list[SeriesResult]:
+def score_series(
+    root: Path, splits: set[str] | None, segmenter: Segmenter, detector: Detector, reference: dict[str, Any]
+) -> list[SeriesResult]:
     from service import dicom_series
     from service.segmentation import dice
 
@@ -256,6 +270,7 @@ def score_series(root: Path, splits: set[str] | None, segmenter, detector, refer
         truth = contours[g.series_instance_uid].volume_for(series)
         seg = segmenter.segment(series)
         gate = detector.score_series(series)
+        assert seg.features is not None  # fit_reference checked that this segmenter has a features output
         maha = float(reference["mahalanobis"].distance(seg.features[_liver_slices(seg.mask)]).mean())
         (mg, sg), (mm, sm) = reference["z"]["gate"], reference["z"]["mahalanobis"]
         results.append(
@@ -281,14 +296,23 @@ def score_series(root: Path, splits: set[str] | None, segmenter, detector, refer
 # --- report --------------------------------------------------------------------------------------------
 
 
-def build_report(results: list[SeriesResult], n_boot: int, meta: dict) -> dict:
+def build_report(results: list[SeriesResult], n_boot: int, meta: dict[str, Any]) -> dict[str, Any]:
     dice = np.array([r.dice for r in results])
     types = sorted({r.anomaly for r in results})
-    report: dict = {"meta": meta, "series": len(results), "dice": {"all": _dice_stats(dice)}, "failure_definitions": {}}
+    report: dict[str, Any] = {
+        "meta": meta,
+        "series": len(results),
+        "dice": {"all": _dice_stats(dice)},
+        "failure_definitions": {},
+    }
     for t in types:
         report["dice"][t] = _dice_stats(np.array([r.dice for r in results if r.anomaly == t]))
     for cut in (FAILURE_DICE, SECONDARY_FAILURE_DICE):
-        block = {"oracle_aurc": optimal_aurc(1 - dice), "random_aurc": float(np.mean(1 - dice)), "scores": {}}
+        block: dict[str, Any] = {
+            "oracle_aurc": optimal_aurc(1 - dice),
+            "random_aurc": float(np.mean(1 - dice)),
+            "scores": {},
+        }
         for name in SCORES:
             s = np.array([getattr(r, name) for r in results])
             block["scores"][name] = score_summary(s, dice, cut, n_boot if cut == FAILURE_DICE else 0)
@@ -328,7 +352,7 @@ def build_report(results: list[SeriesResult], n_boot: int, meta: dict) -> dict:
     return report
 
 
-def _dice_stats(d: np.ndarray) -> dict:
+def _dice_stats(d: np.ndarray) -> dict[str, float]:
     if d.size == 0:
         return {"series": 0}
     return {
@@ -345,7 +369,7 @@ def _f(v: float, nd: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{nd}f}"
 
 
-def report_markdown(report: dict, plots: list[str]) -> str:
+def report_markdown(report: dict[str, Any], plots: list[str]) -> str:
     m = report["meta"]
     lines = [
         f"# Gate evaluation: does the gate catch the segmenter's failures? ({m['data']})",
@@ -422,7 +446,7 @@ def report_markdown(report: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plots(results: list[SeriesResult], report: dict, out: Path) -> list[str]:
+def write_plots(results: list[SeriesResult], report: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,10 +137,10 @@ def write_model_json(
     args: argparse.Namespace,
     spec: SegmenterInput,
     data: SegDataset,
-    metrics: dict,
+    metrics: dict[str, Any],
     parity: float,
     data_hash: str,
-) -> dict:
+) -> dict[str, Any]:
     meta = {
         "format": 1,
         "kind": KIND,
@@ -190,13 +191,14 @@ def write_model_json(
 def _data_command(root: Path) -> str | None:
     """The command that made the training data, when it is a phantom run (its manifest says)."""
     try:
-        return json.loads((root / "manifest.json").read_text()).get("command")
+        command: str | None = json.loads((root / "manifest.json").read_text()).get("command")
+        return command
     except (OSError, ValueError):
         return None
 
 
 def net_feature_dim(args: argparse.Namespace) -> int:
-    return args.base * 16
+    return int(args.base) * 16
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -227,7 +229,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
     net = UNet(in_channels=spec.channels, base=args.base).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    step, best, best_state, history = 0, -1.0, None, []
+    step, best = 0, -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = []
     ckpt_path = args.out / "checkpoint.pt"
     if args.resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -286,7 +290,7 @@ def run_cli(args: argparse.Namespace) -> int:
         x, y = augment(x, y, gen)
         loss = loss_fn(net(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
         opt.step()
         step += 1
         bar.update(1)
@@ -300,6 +304,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if not history or history[-1]["step"] != step:
         check()
     save()
+    assert best_state is not None  # check() has run, and any Dice (>= 0) beats the initial best of -1
     net.load_state_dict(best_state)
     scores = validate(net, data.validation, spec.context_slices, device)
     metrics = {

@@ -3,6 +3,11 @@
 Each subcommand lives in the module that does the work and is registered here with a
 `register(subparsers)` function, so `gatekeeper --help` lists everything in one place.
 Bad input ends with a one-line message on stderr and exit code 2, never a traceback.
+
+The training, evaluation and benchmark commands of the networks live under `models/`, which
+`service/` never imports. They come in as plugins: each entry point of the group
+`gatekeeper.commands` (pyproject.toml) names a function that takes the command groups
+`train`, `evaluate` and `bench` made here and adds its subcommands to them.
 """
 
 from __future__ import annotations
@@ -11,15 +16,30 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from importlib.metadata import entry_points
+from typing import NoReturn, cast
+
+from service.errors import DatabaseNotReady, UsageError
+
+__all__ = ["EXIT_USAGE", "PLUGIN_GROUP", "UsageError", "build_parser", "main"]
 
 log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
+#: Entry-point group of the functions that add commands from outside `service/` (see the module docstring).
+PLUGIN_GROUP = "gatekeeper.commands"
 
-
-class UsageError(Exception):
-    """The user asked for something impossible; the message is shown as is and the exit code is 2."""
+# Command groups that plugins add their subcommands to: name → (help, description).
+COMMAND_GROUPS = {
+    "train": ("train a model (needs the 'train' extra: torch)", "Train, calibrate and export a model."),
+    "evaluate": (
+        "evaluate a model on a labelled phantom split",
+        "Evaluate an exported model (ONNX Runtime) on a phantom test split.",
+    ),
+    "bench": ("benchmarks (needs the 'train' extra: torch)", "Measure speed on this machine."),
+}
+# The placeholder each group shows for its subcommand in usage lines and errors.
+_GROUP_METAVARS = {"train": "MODEL", "evaluate": "MODEL", "bench": "WHAT"}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -29,10 +49,31 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _add_group(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    help_text, description = COMMAND_GROUPS[name]
+    parser = subparsers.add_parser(name, help=help_text, description=description)
+    return parser.add_subparsers(dest="what", metavar=_GROUP_METAVARS[name], required=True)
+
+
+def register_plugins(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]) -> None:
+    """Call every `gatekeeper.commands` entry point, in name order, with the command groups.
+
+    A plugin that cannot be loaded (a broken install) is logged and skipped, so that the
+    production commands still run; its commands are then missing from `gatekeeper --help`.
+    """
+    for entry_point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            register = entry_point.load()
+        except ImportError as exc:
+            log.warning("commands of plugin %r (%s) not available: %s", entry_point.name, entry_point.value, exc)
+            continue
+        register(groups)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gatekeeper --help` stays fast and one broken module names itself.
-    from models.detector import cli as detector_cli  # torch is imported only when `train` runs
-    from models.segmenter import cli as segmenter_cli
     from service import db_cli, demo, exports_cli, ingest_cli, score_cli, segment_cli, serve
     from service.phantom import cli as phantom_cli
     from service.web import cli as web_cli
@@ -42,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="CT Gatekeeper: anomaly gate in front of CT auto-segmentation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # The subcommands' parsers are _ArgumentParser too (argparse uses the parent's class); typed as
+    # plain ArgumentParser, which is all the register functions rely on.
+    subparsers = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", metavar="COMMAND", required=True),
+    )
     demo.register(subparsers)
     phantom_cli.register(subparsers)
     db_cli.register(subparsers)
@@ -50,13 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(subparsers)
     exports_cli.register(subparsers)
     score_cli.register(subparsers)
-    train = detector_cli.register(subparsers)
-    evaluate = detector_cli.register_evaluate(subparsers)
-    segmenter_cli.register_train(train)
-    segmenter_cli.register_evaluate(evaluate)
+    groups = {"train": _add_group(subparsers, "train"), "evaluate": _add_group(subparsers, "evaluate")}
     segment_cli.register(subparsers)
-    detector_cli.register_bench(subparsers)
+    groups["bench"] = _add_group(subparsers, "bench")
     web_cli.register(subparsers)
+    register_plugins(groups)
     return parser
 
 
@@ -69,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
+    except DatabaseNotReady as exc:
+        print(f"gatekeeper: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as exc:
         print(f"gatekeeper {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -78,7 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # Run through the imported module so `python -m service.cli` shares one UsageError class.
-    from service.cli import main as _main
-
-    sys.exit(_main())
+    # `python -m service.cli` (how `gatekeeper serve` starts its children): UsageError comes from
+    # service.errors, so this module run as __main__ catches the very class the commands raise.
+    sys.exit(main())

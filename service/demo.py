@@ -29,6 +29,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from service.errors import UsageError
+
 # (folder label, phantom anomaly or None, what the gatekeeper should do with it)
 DEMO_SERIES = (
     ("normal", None, "auto"),
@@ -56,8 +58,6 @@ def free_port() -> int:
 
 
 def _tool(name: str, *fallbacks: str) -> str:
-    from service.cli import UsageError
-
     found = shutil.which(name) or next((f for f in fallbacks if Path(f).exists()), None)
     if not found:
         raise UsageError(f"{name} is not installed (make system-deps installs DCMTK and Orthanc)")
@@ -73,8 +73,6 @@ def _rest(port: int, path: str, body: bytes | None = None) -> Any:
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    from service.cli import UsageError
-
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -96,7 +94,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.cli import UsageError
     from service.phantom.cli import prepare_output
     from service.phantom.generate import SeriesSpec, generate_run
     from service.settings import Settings, settings_environment

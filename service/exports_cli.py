@@ -24,8 +24,8 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.cli import UsageError
 from service.db.tables import ExportState
+from service.errors import UsageError
 from service.settings import Settings, load_settings_or_exit
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from service.cli import UsageError
+from service.errors import UsageError
 from service.settings import Settings, load_settings_or_exit
 
 log = logging.getLogger(__name__)

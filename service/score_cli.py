@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 
 from service import dicom_series
+from service.errors import UsageError
+from service.model_paths import DEFAULT_DETECTOR_DIR
 
 log = logging.getLogger(__name__)
 
-#: The detector shipped with the code (trained on `gatekeeper phantom dataset`; see its model.json).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "detector" / "default"
+#: The shipped detector (`service.model_paths`), under the name the tests and scripts use.
+DEFAULT_MODEL_DIR = DEFAULT_DETECTOR_DIR
 EXIT_BAD_SERIES = 1
 
 
@@ -34,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         type=Path,
-        default=DEFAULT_MODEL_DIR,
-        help=f"model folder with model.json and the ONNX files (default {DEFAULT_MODEL_DIR})",
+        default=DEFAULT_DETECTOR_DIR,
+        help=f"model folder with model.json and the ONNX files (default {DEFAULT_DETECTOR_DIR})",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=run)
@@ -70,7 +72,6 @@ def score_folders(detector, folders: list[Path]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.cli import UsageError
     from service.inference import Detector
 
     try:

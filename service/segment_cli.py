@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 
 from service import dicom_series
+from service.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.cli import UsageError
     from service.dicom_seg import build_liver_seg
     from service.segmentation import DEFAULT_MODEL_DIR, Segmenter
 

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-from service.cli import UsageError
+from service.errors import UsageError
 from service.settings import Settings, load_settings_or_exit, settings_environment
 
 log = logging.getLogger(__name__)

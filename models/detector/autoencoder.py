@@ -38,6 +38,7 @@ from models.detector.data import SeriesData, cpu_count, load_dataset
 from models.detector.export import OPSET, export_graph
 from models.detector.metrics import threshold_at_false_flag_rate
 from service import imaging
+from service.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,6 @@ def load_scorer(model_dir: Path) -> AutoencoderScorer:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Entry point for `gatekeeper train autoencoder`."""
-    from service.cli import UsageError
-
     try:
         train_autoencoder(args)
     except ValueError as exc:

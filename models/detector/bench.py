@@ -28,26 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.detector.export import export_graph, load_scorer
 from models.detector.networks import Scorer, build_networks
+from service.errors import UsageError
+from service.model_paths import DEFAULT_DETECTOR_DIR
 
 log = logging.getLogger(__name__)
-
-
-def load_scorer(model_dir: Path, device: torch.device) -> Scorer:
-    """The torch Scorer of an exported model, rebuilt from its weights.pt."""
-    weights = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=False)
-    a = weights["args"]
-    nets = build_networks(a["family"], int(a["size"]), conditioned=not a["unconditioned"])
-    nets.G.load_state_dict(weights["G_ema"])
-    nets.E.load_state_dict(weights["E"])
-    nets.D.load_state_dict(weights["D"])
-    nets.G.noise_mode = "const"
-    scorer = Scorer(nets.G, nets.E, nets.D, kappa=float(a["kappa"]))
-    if "norm_grid" in weights:
-        scorer.set_position_normalisation(weights["norm_grid"].tolist(), weights["norm_table"].tolist())
-    else:  # weights.pt of the first format: global normalisation only
-        scorer.set_normalisation(*[float(v) for v in weights["norm"]])
-    return scorer.eval().to(device)
 
 
 def _rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
@@ -289,8 +275,6 @@ def bench_score(
 
     import onnxruntime as ort
 
-    from models.detector.export import export_graph
-
     if threads:
         torch.set_num_threads(threads)
     meta = json.loads((model_dir / "model.json").read_text())
@@ -406,10 +390,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Entry point of `gatekeeper bench score`."""
-    from service.cli import UsageError
-    from service.score_cli import DEFAULT_MODEL_DIR
-
-    model_dir = args.model or DEFAULT_MODEL_DIR
+    model_dir = args.model or DEFAULT_DETECTOR_DIR
     if not (model_dir / "model.json").is_file():
         raise UsageError(f"no model.json in {model_dir}")
     try:

@@ -1,19 +1,25 @@
 """Registration of `gatekeeper train detector|autoencoder`, `gatekeeper evaluate detector` and
-`gatekeeper bench score` (no torch import until a command runs)."""
+`gatekeeper bench score` (no torch import until a command runs).
+
+`register_commands` is the entry point of the group `gatekeeper.commands` (pyproject.toml) that the
+`gatekeeper` command (`service.cli`) calls with its command groups.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add `train detector|autoencoder`; return the `train` subcommands so other models can add theirs."""
-    p = subparsers.add_parser(
-        "train",
-        help="train a model (needs the 'train' extra: torch)",
-        description="Train, calibrate and export a model.",
-    )
-    what = p.add_subparsers(dest="what", metavar="MODEL", required=True)
+def register_commands(groups: Mapping[str, argparse._SubParsersAction[argparse.ArgumentParser]]) -> None:
+    """Add the detector's subcommands to the `train`, `evaluate` and `bench` groups of `gatekeeper`."""
+    register_train(groups["train"])
+    register_evaluate(groups["evaluate"])
+    register_bench(groups["bench"])
+
+
+def register_train(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `train detector` and `train autoencoder`."""
     d = what.add_parser(
         "detector",
         help="the slice-position-conditioned GAN anomaly detector",
@@ -33,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     )
     add_autoencoder_arguments(a)
     a.set_defaults(func=_run_autoencoder)
-    return what
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -48,25 +53,15 @@ def _run_autoencoder(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
-def register_evaluate(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add `evaluate detector`; return the `evaluate` subcommands so other models can add theirs."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="evaluate a model on a labelled phantom split",
-        description="Evaluate an exported model (ONNX Runtime) on a phantom test split.",
-    )
-    what = p.add_subparsers(dest="what", metavar="MODEL", required=True)
+def register_evaluate(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `evaluate detector`."""
     from models.detector.evaluate import register
 
     register(what)
-    return what
 
 
-def register_bench(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "bench", help="benchmarks (needs the 'train' extra: torch)", description="Measure speed on this machine."
-    )
-    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+def register_bench(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `bench score`."""
     s = what.add_parser(
         "score",
         help="detector scoring speed: ONNX Runtime vs PyTorch eager, 300-slice series",

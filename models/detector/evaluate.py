@@ -54,6 +54,7 @@ from models.detector.metrics import (
     roc_curve,
     threshold_at_false_flag_rate,
 )
+from service.errors import UsageError
 
 if TYPE_CHECKING:
     from models.detector.baselines import HistogramBaseline
@@ -778,8 +779,6 @@ def write_report(run: Run, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.cli import UsageError
-
     if args.bootstrap < 10:
         raise UsageError(f"--bootstrap must be >= 10, got {args.bootstrap}")
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.detector.networks import DCDiscriminator, ResDiscriminator, Scorer
+from models.detector.networks import BodyPartRegressor, DCDiscriminator, ResDiscriminator, Scorer, build_networks
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,28 @@ def export_onnx(scorer: Scorer, position_net: nn.Module | None, size: int, z_dim
     return paths
 
 
+def load_scorer(model_dir: Path, device: torch.device) -> Scorer:
+    """The torch Scorer of an exported model, rebuilt from its weights.pt."""
+    weights = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=False)
+    a = weights["args"]
+    nets = build_networks(a["family"], int(a["size"]), conditioned=not a["unconditioned"])
+    nets.G.load_state_dict(weights["G_ema"])
+    nets.E.load_state_dict(weights["E"])
+    nets.D.load_state_dict(weights["D"])
+    nets.G.noise_mode = "const"
+    scorer = Scorer(nets.G, nets.E, nets.D, kappa=float(a["kappa"]))
+    if "norm_grid" in weights:
+        scorer.set_position_normalisation(weights["norm_grid"].tolist(), weights["norm_table"].tolist())
+    else:  # weights.pt of the first format: global normalisation only
+        scorer.set_normalisation(*[float(v) for v in weights["norm"]])
+    return scorer.eval().to(device)
+
+
 def reexport(model_dir: Path) -> list[Path]:
     """Write every ONNX file of a model folder again from its `weights.pt` (e.g. after a run that
     brought back only the scorer). The graphs are those `train` exports; `model.json` is unchanged.
     """
     import json
-
-    from models.detector.bench import load_scorer
-    from models.detector.networks import BodyPartRegressor
 
     meta = json.loads((model_dir / "model.json").read_text())
     scorer = load_scorer(model_dir, torch.device("cpu"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.detector.bench import load_scorer
+from models.detector.export import load_scorer
 
 
 def render(model_dir: Path, out: Path, data: Path | None = None, columns: int = 8, seed: int = 0) -> Path:

@@ -38,6 +38,7 @@ from models.detector.data import Dataset, SeriesData, cpu_count, load_dataset
 from models.detector.export import OPSET, export_onnx
 from models.detector.networks import BodyPartRegressor, Scorer, build_networks
 from service import imaging
+from service.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -567,8 +568,6 @@ def _train(args: argparse.Namespace) -> Path:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Entry point for `gatekeeper train detector` (argparse namespace from `add_arguments`)."""
-    from service.cli import UsageError
-
     try:
         train_detector(args)
     except ValueError as exc:

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.detector.metrics import auprc, auroc
+from service.errors import UsageError
+from service.model_paths import DEFAULT_DETECTOR_DIR
 
 if TYPE_CHECKING:
     from models.segmenter.contours import LiverContour
@@ -506,9 +508,7 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from service.cli import UsageError
     from service.inference import Detector
-    from service.score_cli import DEFAULT_MODEL_DIR as DEFAULT_DETECTOR
     from service.segmentation import DEFAULT_MODEL_DIR as DEFAULT_SEGMENTER
     from service.segmentation import Segmenter
 
@@ -517,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
     splits = set(args.split.split(",")) if args.split else {"test", "test_large"}
     train_root = args.train_data or args.data
     args.out.mkdir(parents=True, exist_ok=True)
-    seg_dir, det_dir = args.segmenter or DEFAULT_SEGMENTER, args.detector or DEFAULT_DETECTOR
+    seg_dir, det_dir = args.segmenter or DEFAULT_SEGMENTER, args.detector or DEFAULT_DETECTOR_DIR
     try:
         segmenter, detector = Segmenter(seg_dir), Detector(det_dir)
     except (FileNotFoundError, ValueError, KeyError) as exc:

@@ -32,6 +32,7 @@ from models.detector.data import cpu_count
 from models.segmenter.data import SegDataset, SegSeries, load_dataset
 from models.segmenter.network import SegmenterExport, UNet
 from service import imaging
+from service.errors import UsageError
 from service.segmentation import KIND, SegmenterInput, context_stack, dice, file_version, largest_component
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,6 @@ def net_feature_dim(args: argparse.Namespace) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from service.cli import UsageError
-
     if args.size % 16 or args.size < 32:
         raise UsageError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
     if not args.data.is_dir():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.errors import UsageError
 from service.phantom.anomalies import ANOMALY_TYPES
 from service.phantom.generate import (
     DEFAULT_NOISE_SIGMA,
@@ -65,8 +66,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from service.cli import UsageError
-
     if args.slices is not None and args.slices < 1:
         raise UsageError(f"--slices must be >= 1, got {args.slices}")
     if args.series < 1:
@@ -97,8 +96,6 @@ def prepare_output(out: Path, force: bool) -> None:
         UsageError: `out` is a file, or a non-empty folder without --force, or a non-empty folder
             that is not a phantom run (no manifest.json) — never deleted, even with --force.
     """
-    from service.cli import UsageError
-
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -113,8 +110,6 @@ def prepare_output(out: Path, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.cli import UsageError
-
     _check_args(args)
     anomaly = None if args.anomaly == "none" else args.anomaly
     try:

@@ -1,0 +1,8 @@
+"""Where the models shipped with the code lie, for the commands' defaults (a leaf: imports nothing of ours)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The detector shipped with the code (trained on `gatekeeper phantom dataset`; see its model.json).
+DEFAULT_DETECTOR_DIR = Path(__file__).resolve().parent.parent / "models" / "detector" / "default"

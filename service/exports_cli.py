@@ -9,6 +9,7 @@
 
 The PACS is set by `GATEKEEPER_PACS_AE_TITLE`, `GATEKEEPER_PACS_HOST` and `GATEKEEPER_PACS_PORT`;
 queued deliveries are made by `gatekeeper worker`. Nothing printed here contains patient data.
+A database that does not answer or is not migrated ends each command with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydicom.errors import InvalidDicomError
-from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.schema import open_database
 from service.db.tables import ExportState
 from service.errors import UsageError
 from service.settings import Settings, load_settings_or_exit
@@ -61,17 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     send.set_defaults(func=run_send)
 
 
-@contextmanager
-def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    from service.db.session import make_engine, make_session_factory
-
-    engine = make_engine(settings.database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-
-
 def _publisher(settings: Settings) -> Any:
     from service.export_tasks import ExportPublisher
     from service.ingest.queue import make_celery_app
@@ -94,7 +82,7 @@ def run_list(args: argparse.Namespace) -> int:
     from service.pacs_export import list_exports
 
     settings = load_settings_or_exit()
-    with _database(settings) as sessions:
+    with open_database(settings) as sessions:
         rows = list_exports(sessions=sessions, state=ExportState(args.state) if args.state else None)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -117,7 +105,7 @@ def run_show(args: argparse.Namespace) -> int:
     from service.pacs_export import export_receipt
 
     settings = load_settings_or_exit()
-    with _database(settings) as sessions:
+    with open_database(settings) as sessions:
         try:
             receipt = export_receipt(sessions=sessions, export_id=args.export_id)
         except LookupError:
@@ -150,7 +138,7 @@ def run_retry(args: argparse.Namespace) -> int:
     from service.pacs_export import retry_export
 
     settings = load_settings_or_exit()
-    with _database(settings) as sessions:
+    with open_database(settings) as sessions:
         try:
             changed = retry_export(sessions=sessions, export_id=args.export_id)
         except LookupError:
@@ -172,7 +160,7 @@ def run_send(args: argparse.Namespace) -> int:
     settings = load_settings_or_exit()
     if not args.seg_file.is_file():
         raise UsageError(f"no such file: {args.seg_file}")
-    with _database(settings) as sessions:
+    with open_database(settings) as sessions:
         try:
             export_id, created = record_export(sessions=sessions, settings=settings, path=args.seg_file)
         except ExportNotConfiguredError as exc:

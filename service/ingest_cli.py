@@ -106,6 +106,7 @@ def listen_settings(args: argparse.Namespace) -> Settings:
 
 def run_listen(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; stores in flight finish before the process ends."""
+    from service.db.schema import check_database
     from service.ingest.listener import Listener
 
     settings = listen_settings(args)
@@ -116,6 +117,7 @@ def run_listen(args: argparse.Namespace) -> int:
         raise UsageError(f"--processes must be >= 1, got {args.processes}")
     if args.processes > 1 and settings.database_url.startswith("sqlite"):
         raise UsageError("--processes > 1 needs PostgreSQL (GATEKEEPER_DATABASE_URL); SQLite has one writer")
+    check_database(settings)  # one line and exit 2 if not migrated or not reachable, before any child starts
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -177,42 +179,42 @@ def _start_extra_listeners(settings: Settings, count: int) -> list[Any]:
 
 
 def series_rows(settings: Settings) -> list[dict[str, Any]]:
-    """Every series version, newest first, with state and counts (no patient data)."""
-    from service.db.session import make_engine, make_session_factory
+    """Every series version, newest first, with state and counts (no patient data).
+
+    Raises:
+        DatabaseNotReady: the database does not answer or is not migrated (`service.db.schema`).
+    """
+    from service.db.schema import open_database
     from service.db.tables import QuarantinedInstance, Series
 
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            quarantined = dict(
-                session.execute(
-                    select(QuarantinedInstance.series_id, func.count()).group_by(QuarantinedInstance.series_id)
-                ).all()
+    with open_database(settings) as sessions, sessions() as session:
+        quarantined = dict(
+            session.execute(
+                select(QuarantinedInstance.series_id, func.count()).group_by(QuarantinedInstance.series_id)
+            ).all()
+        )
+        rows = []
+        for series in session.scalars(select(Series).order_by(Series.id.desc())):
+            rows.append(
+                {
+                    "id": series.id,
+                    "series_instance_uid": series.series_instance_uid,
+                    "version": series.version,
+                    "state": series.state,
+                    "superseded": series.superseded,
+                    "modality": series.modality,
+                    "calling_ae_title": series.calling_ae_title,
+                    "num_instances": series.num_instances,
+                    "num_duplicates": series.num_duplicates,
+                    "num_quarantined": quarantined.get(series.id, 0),
+                    "queue_attempts": series.queue_attempts,
+                    "geometry_findings": series.geometry_findings,
+                    "first_received_at": series.first_received_at.isoformat(),
+                    "last_received_at": series.last_received_at.isoformat(),
+                    "completed_at": series.completed_at.isoformat() if series.completed_at else None,
+                }
             )
-            rows = []
-            for series in session.scalars(select(Series).order_by(Series.id.desc())):
-                rows.append(
-                    {
-                        "id": series.id,
-                        "series_instance_uid": series.series_instance_uid,
-                        "version": series.version,
-                        "state": series.state,
-                        "superseded": series.superseded,
-                        "modality": series.modality,
-                        "calling_ae_title": series.calling_ae_title,
-                        "num_instances": series.num_instances,
-                        "num_duplicates": series.num_duplicates,
-                        "num_quarantined": quarantined.get(series.id, 0),
-                        "queue_attempts": series.queue_attempts,
-                        "geometry_findings": series.geometry_findings,
-                        "first_received_at": series.first_received_at.isoformat(),
-                        "last_received_at": series.last_received_at.isoformat(),
-                        "completed_at": series.completed_at.isoformat() if series.completed_at else None,
-                    }
-                )
-            return rows
-    finally:
-        engine.dispose()
+        return rows
 
 
 def run_series(args: argparse.Namespace) -> int:
@@ -246,16 +248,15 @@ def run_series(args: argparse.Namespace) -> int:
 
 
 def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) -> int:
-    from service.db.session import make_engine, make_session_factory
+    from service.db.schema import open_database
     from service.ingest.assembly import force_complete
     from service.ingest.queue import CeleryPublisher, make_celery_app, queue_due_series
     from service.ingest.storage import InstanceStore
 
-    engine = make_engine(settings.database_url)
-    try:
+    with open_database(settings) as sessions:
         store = InstanceStore(
             storage_dir=settings.storage_dir,
-            sessions=make_session_factory(engine),
+            sessions=sessions,
             min_free_disk_bytes=0,
             max_disk_used_fraction=1.0,
         )
@@ -267,8 +268,6 @@ def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) ->
             queued = queue_due_series(
                 sessions=store.sessions, publisher=publisher, resend_after_s=settings.queue_resend_after_s
             )
-    finally:
-        engine.dispose()
     result = {
         "series_instance_uid": series_instance_uid,
         "completed_series_id": series_id,
@@ -288,7 +287,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     Models are loaded once per process, on the first task that needs them.
     """
-    from service.db.session import make_engine, make_session_factory
+    from service.db.schema import require_database
     from service.ingest.queue import make_celery_app
     from service.pipeline_tasks import queue_names, register_pipeline_tasks
 
@@ -298,8 +297,7 @@ def run_worker(args: argparse.Namespace) -> int:
         queues = queue_names(settings, logical)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    engine = make_engine(settings.database_url)
-    sessions = make_session_factory(engine)
+    sessions = require_database(settings)
     app = make_celery_app(settings)
     register_pipeline_tasks(app, settings=settings, sessions=sessions)
     log.info("worker on queues %s", ", ".join(f"{n} ({q})" for n, q in zip(logical, queues, strict=True)))

@@ -7,7 +7,8 @@ Each part runs as its own child process with exactly the commands production run
 With no configuration the database is SQLite and the Celery broker kombu's SQLAlchemy transport on
 SQLite (`sqla+sqlite://`), both under `storage_dir`, so nothing else needs to run; the database is
 migrated on start. With `GATEKEEPER_DATABASE_URL` and `GATEKEEPER_BROKER_URL` pointing at
-PostgreSQL and Redis it is the production setup (migrate those with `gatekeeper db upgrade`).
+PostgreSQL and Redis it is the production setup (migrate those with `gatekeeper db upgrade`; serve
+refuses to start, in one line, while that database does not answer or is not migrated).
 
 Without allow-lists, and only while the listener binds a loopback address, serve accepts any
 calling AE title from the loopback network (a single-machine trial); anything else must be
@@ -28,7 +29,11 @@ import threading
 import time
 from typing import Any
 
-from service.errors import UsageError
+from alembic import command as alembic_command
+from alembic.util.exc import CommandError
+
+from service.db.schema import alembic_config, check_database, masked_url
+from service.errors import DatabaseNotReady, UsageError
 from service.settings import Settings, load_settings_or_exit, settings_environment
 
 log = logging.getLogger(__name__)
@@ -108,15 +113,18 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def migrate_sqlite(settings: Settings) -> None:
-    """Bring an SQLite database to the newest schema (`gatekeeper db upgrade`); others are migrated by ops."""
+    """Bring an SQLite database to the newest schema (`gatekeeper db upgrade`); others are migrated by ops.
+
+    Raises:
+        DatabaseNotReady: Alembic cannot migrate it (e.g. it is at a revision this release does not know).
+    """
     if not settings.database_url.startswith("sqlite"):
         return
-    from alembic import command
-
-    from service.db_cli import alembic_config
-
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(settings.database_url), "head")
+    try:
+        alembic_command.upgrade(alembic_config(settings.database_url), "head")
+    except CommandError as exc:
+        raise DatabaseNotReady(f"cannot migrate the database at {masked_url(settings.database_url)}: {exc}") from None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -158,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     """Start the children, wait for a signal or for one of them to end, stop them all."""
     settings = serve_settings(args)
     migrate_sqlite(settings)
+    # PostgreSQL is migrated by ops: one line now rather than every child failing on its first query.
+    check_database(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")} | settings_environment(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

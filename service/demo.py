@@ -246,7 +246,7 @@ def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, An
 
     from service.db.session import make_engine, make_session_factory
     from service.db.tables import Export, Series, SeriesScore
-    from service.pipeline import FINAL_STATES
+    from service.lifecycle import FINAL_STATES
 
     engine = make_engine(settings.database_url)
     try:

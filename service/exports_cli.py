@@ -60,17 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     send.set_defaults(func=run_send)
 
 
-def _publisher(settings: Settings) -> Any:
-    from service.export_tasks import ExportPublisher
-    from service.ingest.queue import make_celery_app
-
-    return ExportPublisher(make_celery_app(settings), settings.export_queue)
-
-
 def _queue(settings: Settings, export_id: int, countdown_s: float = 0.0) -> bool:
     """Publish export `export_id`; False (with a warning) when the broker does not take it."""
     try:
-        _publisher(settings).publish(export_id=export_id, countdown_s=countdown_s)
+        from service.celery_app import CeleryPublisher, Next, make_celery_app
+
+        CeleryPublisher(make_celery_app(settings), settings).publish(Next("export", export_id), countdown_s=countdown_s)
     except Exception as exc:  # the broker is down: the export stays pending for a later retry or sweep
         log.warning("could not queue export %s (%s: %s); it stays pending", export_id, type(exc).__name__, exc)
         return False

@@ -18,12 +18,16 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.tables import Series
 from service.errors import UsageError
+from service.lifecycle import SeriesState
 from service.settings import Settings, load_settings_or_exit
 
 log = logging.getLogger(__name__)
@@ -108,6 +112,7 @@ def run_listen(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; stores in flight finish before the process ends."""
     from service.db.schema import check_database
     from service.ingest.listener import Listener
+    from service.pipeline_tasks import listener_jobs
 
     settings = listen_settings(args)
     if not args.verbose:
@@ -123,7 +128,8 @@ def run_listen(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     children = _start_extra_listeners(settings, args.processes - 1)
     try:
-        listener = Listener.start(settings, reuse_port=args.processes > 1)
+        publisher, sweepers = listener_jobs(settings)
+        listener = Listener.start(settings, publisher=publisher, sweepers=sweepers, reuse_port=args.processes > 1)
     except OSError as exc:
         raise UsageError(f"cannot listen on {settings.bind_address}:{settings.port}: {exc}") from exc
     try:
@@ -248,9 +254,10 @@ def run_series(args: argparse.Namespace) -> int:
 
 
 def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) -> int:
+    from service.celery_app import CeleryPublisher, make_celery_app
     from service.db.schema import open_database
     from service.ingest.assembly import force_complete
-    from service.ingest.queue import CeleryPublisher, make_celery_app, queue_due_series
+    from service.ingest.queue import queue_due_series
     from service.ingest.storage import InstanceStore
 
     with open_database(settings) as sessions:
@@ -261,17 +268,19 @@ def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) ->
             max_disk_used_fraction=1.0,
         )
         series_id = force_complete(store=store, series_instance_uid=series_instance_uid)
-        queued: list[int] = []
+        queued = False
         if series_id is not None:
-            # Queue now if the broker answers; otherwise the listener's sweeper will.
-            publisher = CeleryPublisher(make_celery_app(settings), settings.pipeline_queue)
-            queued = queue_due_series(
+            # Queue now if the broker answers; otherwise the listener's sweeper will. A running
+            # listener may queue it first: then wait for the outcome of its publication.
+            publisher = CeleryPublisher(make_celery_app(settings), settings)
+            published = queue_due_series(
                 sessions=store.sessions, publisher=publisher, resend_after_s=settings.queue_resend_after_s
             )
+            queued = series_id in published or _queued_by_another(store.sessions, series_id)
     result = {
         "series_instance_uid": series_instance_uid,
         "completed_series_id": series_id,
-        "queued": series_id in queued,
+        "queued": queued,
     }
     if as_json:
         print(json.dumps(result))
@@ -282,14 +291,33 @@ def _complete(settings: Settings, series_instance_uid: str, *, as_json: bool) ->
     return 0 if series_id is not None else 1
 
 
+def _queued_by_another(sessions: sessionmaker[Session], series_id: int, timeout_s: float = 60.0) -> bool:
+    """Whether another process (a running listener) handed series version `series_id` to the pipeline.
+
+    Its claim (`queue_attempts` > 0 while still `complete`) means it is publishing right now: wait
+    for the outcome — `queued` or later, or the claim given back when the broker refused.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with sessions() as session:
+            state, attempts = session.execute(
+                select(Series.state, Series.queue_attempts).where(Series.id == series_id)
+            ).one()
+        if state != SeriesState.COMPLETE:
+            return True
+        if attempts == 0 or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker, one task at a time (late acks, prefetch 1), on the chosen queues until stopped.
 
     Models are loaded once per process, on the first task that needs them.
     """
+    from service.celery_app import make_celery_app, queue_names
     from service.db.schema import require_database
-    from service.ingest.queue import make_celery_app
-    from service.pipeline_tasks import queue_names, register_pipeline_tasks
+    from service.pipeline_tasks import register_pipeline_tasks
 
     settings = load_settings_or_exit()
     logical = [name.strip() for name in args.queues.split(",") if name.strip()]

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.tables import Export, ExportAttempt, ExportState, utc_now
 from service.dicom_send import Outcome, SendResult, pacs_destination, send_seg
+from service.lifecycle import SeriesState, transition
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def _record_attempt(
 def retry_export(*, sessions: sessionmaker[Session], export_id: int) -> bool:
     """Put a failed (or stuck pending) export back to pending, due now, as a new round; False if delivered.
 
-    The caller publishes the export id afterwards. The retry deadline counts from now; earlier
+    Its series version goes back from `export_failed` to `exporting` through the lifecycle (a
+    series already `exporting` stays so). The caller publishes the export id afterwards. The retry deadline counts from now; earlier
     attempts stay in the receipt.
 
     Raises:
@@ -272,6 +274,14 @@ def retry_export(*, sessions: sessionmaker[Session], export_id: int) -> bool:
         export.state = ExportState.PENDING.value
         export.pending_since = now
         export.next_attempt_at = now
+        transition(
+            session=session,
+            series_id=export.series_id,
+            source=SeriesState.EXPORT_FAILED,
+            target=SeriesState.EXPORTING,
+            event="export_retried",
+            detail={"export_id": export_id},
+        )
     log.info("export %s put back to pending by an operator", export_id)
     return True
 

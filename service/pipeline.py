@@ -22,9 +22,10 @@ The route is decided by `ROUTING_RULES`, a table: the first rule whose condition
 series' `RouteFacts` sends it to the worklist with that reason; when none holds it goes to
 auto-segmentation. Changing the route is a change of that table.
 
-Every state change goes through `transition`, which checks `ALLOWED_TRANSITIONS`, changes the row
-only if it is still in the expected state (so two workers never both move it), sets
-`state_changed_at` and writes a `SeriesEvent`. The database is the truth: a message may be lost or
+Every state change goes through `service.lifecycle.transition` (the lifecycle's one owner), which
+checks the declared transitions, changes the row only if it is still in the expected state (so two
+workers never both move it), sets `state_changed_at` and writes a `SeriesEvent`. What to queue
+next is a `service.celery_app.Next`; the tasks publish it after the stage's commit. The database is the truth: a message may be lost or
 delivered twice, a worker may die mid-stage; `sweep` (run by the listener's assembler thread every
 `pipeline_sweep_interval_s`) queues a stage again when its series has stayed in it longer than
 `pipeline_stuck_after_s`, and `SeriesScore`'s unique (series, model version) and the SEG's
@@ -42,7 +43,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import func, select, update
@@ -50,6 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import dicom_series, imaging
+from service.celery_app import DONE, Next, Publisher
 from service.db.tables import (
     Export,
     ExportState,
@@ -59,11 +61,11 @@ from service.db.tables import (
     Series,
     SeriesEvent,
     SeriesScore,
-    SeriesState,
     WorklistItem,
     WorklistStatus,
     utc_now,
 )
+from service.lifecycle import WORKING_STATES, SeriesState, transition
 from service.settings import Settings
 
 if TYPE_CHECKING:  # the heavy objects come in as arguments, built once per worker process
@@ -73,68 +75,6 @@ if TYPE_CHECKING:  # the heavy objects come in as arguments, built once per work
 log = logging.getLogger(__name__)
 
 S = SeriesState
-
-# --- the state machine -----------------------------------------------------------------------------
-
-#: Which state may follow which. Anything else is a programming error (`TransitionError`).
-ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
-    S.QUEUED: frozenset({S.SCORING}),
-    S.SCORING: frozenset({S.SCORED, S.WORKLISTED}),  # worklisted: unreadable, or stuck too often
-    S.SCORED: frozenset({S.SEGMENTING, S.WORKLISTED}),
-    # delivered / export_failed straight from segmenting: forward mode, or no PACS configured
-    S.SEGMENTING: frozenset({S.EXPORTING, S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED}),
-    S.EXPORTING: frozenset({S.DELIVERED, S.EXPORT_FAILED}),
-    S.EXPORT_FAILED: frozenset({S.EXPORTING, S.DELIVERED}),  # an operator's `exports retry`
-    S.WORKLISTED: frozenset({S.CLAIMED}),
-    S.CLAIMED: frozenset({S.WORKLISTED, S.DONE}),  # release, or mark done
-}
-
-#: States in which the pipeline still owes the series some work (the sweeper watches them).
-WORKING_STATES = (S.SCORING, S.SCORED, S.SEGMENTING)
-#: States a series ends its automatic journey in.
-FINAL_STATES = (S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED, S.CLAIMED, S.DONE)
-
-
-class TransitionError(ValueError):
-    """A state change that `ALLOWED_TRANSITIONS` does not allow, e.g. 'delivered -> scoring'."""
-
-
-def transition(
-    *,
-    session: Session,
-    series_id: int,
-    source: SeriesState | Iterable[SeriesState],
-    target: SeriesState,
-    event: str | None = None,
-    detail: dict[str, Any] | None = None,
-    values: dict[str, Any] | None = None,
-) -> bool:
-    """Move series version `series_id` from `source` to `target` in `session`'s transaction.
-
-    The row changes only if it is (still) in one of the `source` states and not superseded;
-    `state_changed_at` is set and a `SeriesEvent` of kind `event` (default: the target state's
-    name) with `detail` (no patient data) is added. `values` are further columns to set with it.
-    Returns False, changing nothing, when the series was not in a source state: another worker
-    moved it first, or the message is a duplicate.
-
-    Raises:
-        TransitionError: a source → target pair that `ALLOWED_TRANSITIONS` does not allow.
-    """
-    sources = (source,) if isinstance(source, SeriesState) else tuple(source)
-    for state in sources:
-        if target not in ALLOWED_TRANSITIONS.get(state, frozenset()):
-            raise TransitionError(f"series state change {state.value} -> {target.value} is not allowed")
-    now = utc_now()
-    changed = session.execute(
-        update(Series)
-        .where(Series.id == series_id, Series.state.in_([s.value for s in sources]), Series.superseded.is_(False))
-        .values(state=target.value, state_changed_at=now, **(values or {}))
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if changed:
-        session.add(SeriesEvent(series_id=series_id, kind=event or target.value, detail=detail or {}, created_at=now))
-    return bool(changed)
-
 
 # --- routing, as data -------------------------------------------------------------------------------
 
@@ -200,17 +140,6 @@ def decide_route(facts: RouteFacts) -> tuple[Route, RouteReason | None]:
 
 
 # --- what the stages read and write -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Next:
-    """What a stage asks its task to queue after the commit: a stage name and an id, or nothing."""
-
-    stage: str | None = None  # "score", "segment" or "export"
-    id: int | None = None  # the series id (score, segment) or the export id (export)
-
-
-DONE = Next()
 
 
 def _series_row(session: Session, series_id: int) -> Series | None:
@@ -332,12 +261,17 @@ def _to_worklist(
 def start(*, sessions: sessionmaker[Session], series_id: int, worker: str) -> Next:
     """Stage *start*: a worker took series version `series_id` from the ingest queue.
 
-    Input: state `queued`. Output: state `scoring`, and the score stage to queue. A duplicate
+    Input: state `queued` (or `complete`). Output: state `scoring`, and the score stage to queue. A duplicate
     message (any other state, or superseded) changes nothing and queues nothing.
     """
     with sessions.begin() as session:
+        # From `complete` too: the worker took the message before the publisher recorded it (`ingest.queue`).
         moved = transition(
-            session=session, series_id=series_id, source=S.QUEUED, target=S.SCORING, detail={"worker": worker}
+            session=session,
+            series_id=series_id,
+            source=(S.COMPLETE, S.QUEUED),
+            target=S.SCORING,
+            detail={"worker": worker},
         )
     if not moved:
         log.info("series id %s is not queued (duplicate message or superseded); nothing to do", series_id)
@@ -745,13 +679,6 @@ def export_settled(*, sessions: sessionmaker[Session], export_id: int) -> None:
 # --- the sweeper ------------------------------------------------------------------------------------
 
 
-class StagePublisher(Protocol):
-    """Queues one pipeline stage for one id (after the caller's commit)."""
-
-    def publish(self, nxt: Next) -> None:
-        """Raises any exception when the broker could not take the message."""
-
-
 #: The stage a stuck series is queued to again, by state.
 STAGE_OF_STATE = {S.SCORING: "score", S.SCORED: "score", S.SEGMENTING: "segment"}
 
@@ -767,7 +694,7 @@ class SweepReport:
 
 
 def sweep(
-    *, sessions: sessionmaker[Session], settings: Settings, publisher: StagePublisher, now: dt.datetime | None = None
+    *, sessions: sessionmaker[Session], settings: Settings, publisher: Publisher, now: dt.datetime | None = None
 ) -> SweepReport:
     """One round of the pipeline's sweeper.
 

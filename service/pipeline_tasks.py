@@ -1,21 +1,13 @@
-"""The Celery side of the pipeline: one task per stage of `service.pipeline`, the publisher, the sweeper.
+"""The Celery tasks: one per stage of `service.pipeline`, registered on a worker's app; and the sweeper.
 
-Tasks (names readable in Flower; the only argument is an internal id, never patient data):
-
-- `gatekeeper.pipeline.process_series` (series id), on `pipeline_queue` — stage *start*; the
-  listener's ingest publishes it for every completed series version.
-- `gatekeeper.pipeline.score_series` (series id), on `score_queue` (GPU workers) — stages *score*
-  and *route*.
-- `gatekeeper.pipeline.segment_series` (series id), on `segment_queue` — stage *segment* (in
-  forward mode: the series is sent to the external segmentation node, and no segmenter loaded).
-- `gatekeeper.export.deliver_seg` (export id), on `export_queue` — stage *export*
-  (`service.export_tasks`).
-
-The app is configured for long tasks (`service.ingest.queue.make_celery_app`: late acks,
-prefetch 1, JSON only, no result backend). Each task re-checks the series state in the database
-before working, so a duplicate or late message does nothing; the next stage is queued only after
-the stage's transaction committed. A worker process loads the detector and the segmenter once,
-on the first task that needs each (`Models`).
+Task and queue names, the app and the publisher live in `service.celery_app`; the stages themselves
+(what each reads and writes) in `service.pipeline`. Each task's only argument is an internal id,
+never patient data. Each task re-checks the series state in the database before working, so a
+duplicate or late message does nothing; the next stage is queued only after the stage's
+transaction committed. A worker process loads the detector and the segmenter once, on the first
+task that needs each (`Models`). Transient export failures are retried by Celery with the
+countdown that `service.pacs_export.deliver` computes (exponential backoff); permanent ones end
+the chain.
 """
 
 from __future__ import annotations
@@ -28,11 +20,24 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import pipeline
-from service.export_tasks import DELIVER_SEG_TASK, register_export_task
-from service.ingest.queue import PROCESS_SERIES_TASK
+from service.celery_app import (
+    DELIVER_SEG_TASK,
+    PROCESS_SERIES_TASK,
+    SCORE_SERIES_TASK,
+    SEGMENT_SERIES_TASK,
+    CeleryPublisher,
+    Next,
+    Publisher,
+    make_celery_app,
+)
+from service.db.session import make_engine, make_session_factory
+from service.db.tables import ExportState
+from service.dicom_send import ExportNotConfiguredError
+from service.pacs_export import deliver
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,48 +45,6 @@ if TYPE_CHECKING:
     from service.segmentation import Segmenter
 
 log = logging.getLogger(__name__)
-
-SCORE_SERIES_TASK = "gatekeeper.pipeline.score_series"
-SEGMENT_SERIES_TASK = "gatekeeper.pipeline.segment_series"
-
-#: The logical queue names of `gatekeeper worker --queues`, and the setting that names each queue.
-QUEUE_SETTINGS = {
-    "default": "pipeline_queue",
-    "score": "score_queue",
-    "segment": "segment_queue",
-    "export": "export_queue",
-}
-
-
-def queue_names(settings: Settings, logical: list[str]) -> list[str]:
-    """The broker queue names for logical names such as ["score", "export"].
-
-    Raises:
-        ValueError: a name is not one of `QUEUE_SETTINGS`.
-    """
-    unknown = [name for name in logical if name not in QUEUE_SETTINGS]
-    if unknown:
-        raise ValueError(f"unknown queue {unknown[0]!r}; expected some of {', '.join(QUEUE_SETTINGS)}")
-    return [getattr(settings, QUEUE_SETTINGS[name]) for name in logical]
-
-
-class CeleryStagePublisher:
-    """Queues pipeline stages (`pipeline.Next`) as Celery messages; built once per process."""
-
-    def __init__(self, app: Celery, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-
-    def publish(self, nxt: pipeline.Next) -> None:
-        """Send the message for `nxt` (nothing for `pipeline.DONE`); raises when the broker refuses it."""
-        if nxt.stage is None or nxt.id is None:
-            return
-        task, queue = {
-            "score": (SCORE_SERIES_TASK, self.settings.score_queue),
-            "segment": (SEGMENT_SERIES_TASK, self.settings.segment_queue),
-            "export": (DELIVER_SEG_TASK, self.settings.export_queue),
-        }[nxt.stage]
-        self.app.send_task(task, args=[int(nxt.id)], queue=queue, retry=False)
 
 
 class Models:
@@ -117,10 +80,10 @@ def register_pipeline_tasks(
 ) -> None:
     """Register every pipeline task (and the export task) on a worker's Celery app."""
     models = models or Models(settings)
-    publisher = CeleryStagePublisher(app, settings)
+    publisher = CeleryPublisher(app, settings)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def then(nxt: pipeline.Next) -> None:
+    def then(nxt: Next) -> None:
         # After the stage's commit. If the broker refuses, the sweeper finds the series stuck and re-queues it.
         try:
             publisher.publish(nxt)
@@ -141,21 +104,39 @@ def register_pipeline_tasks(
         segmenter = models.segmenter() if settings.segmentation_mode == "internal" else None
         then(pipeline.segment(sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter))
 
-    register_export_task(
-        app,
-        settings=settings,
-        sessions=sessions,
-        on_settled=lambda export_id: pipeline.export_settled(sessions=sessions, export_id=export_id),
-    )
+    @app.task(name=DELIVER_SEG_TASK, bind=True, ignore_result=True, max_retries=None, acks_late=True)
+    def deliver_seg(self: Any, export_id: int) -> None:
+        try:
+            delivery = deliver(sessions=sessions, settings=settings, export_id=int(export_id))
+        except ExportNotConfiguredError as exc:
+            # Nothing can be sent until someone configures the PACS; the export stays pending.
+            log.error("export %s not sent: %s; retrying in %.0f s", export_id, exc, settings.export_retry_max_s)
+            raise self.retry(countdown=settings.export_retry_max_s, queue=settings.export_queue) from None
+        except OperationalError:
+            log.warning(
+                "export %s: database unreachable; retrying in %.0f s",
+                export_id,
+                settings.export_retry_initial_s,
+                exc_info=True,
+            )
+            raise self.retry(countdown=settings.export_retry_initial_s, queue=settings.export_queue) from None
+        except LookupError:
+            log.error("export %s does not exist; message dropped", export_id)
+            return
+        if delivery.retry_after_s is not None:
+            raise self.retry(countdown=delivery.retry_after_s, queue=settings.export_queue)
+        if delivery.state in (ExportState.DELIVERED, ExportState.FAILED):
+            # The pipeline moves the series after its export settled.
+            pipeline.export_settled(sessions=sessions, export_id=int(export_id))
 
 
 class PipelineSweeper:
     """Runs `pipeline.sweep` at most every `pipeline_sweep_interval_s`; called by the listener's assembler."""
 
-    def __init__(self, *, app: Celery, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, *, publisher: Publisher, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.publisher = CeleryStagePublisher(app, settings)
+        self.publisher = publisher
         self._last = float("-inf")
 
     def __call__(self, now: Any = None) -> pipeline.SweepReport | None:
@@ -163,3 +144,13 @@ class PipelineSweeper:
             return None
         self._last = time.monotonic()
         return pipeline.sweep(sessions=self.sessions, settings=self.settings, publisher=self.publisher, now=now)
+
+
+def listener_jobs(settings: Settings) -> tuple[CeleryPublisher, list[PipelineSweeper]]:
+    """What `gatekeeper listen` hands its listener's assembler: the publisher and the pipeline's sweeper.
+
+    Built once per listener process, with a database engine of their own.
+    """
+    publisher = CeleryPublisher(make_celery_app(settings), settings)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    return publisher, [PipelineSweeper(publisher=publisher, settings=settings, sessions=sessions)]

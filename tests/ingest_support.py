@@ -17,6 +17,7 @@ from service import db_cli
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Instance, Series, SeriesEvent
 from service.ingest.listener import Listener
+from service.pipeline_tasks import listener_jobs
 from service.settings import Settings
 
 AE_TITLE = "GATEKEEPER"
@@ -88,6 +89,9 @@ def make_settings(storage_dir: Path, database_url: str, redis_url: str, **overri
 
 @contextmanager
 def running_listener(settings: Settings, **kwargs: Any) -> Iterator[Listener]:
+    if kwargs.get("run_assembler", True) and "publisher" not in kwargs:
+        # What `gatekeeper listen` hands its listener: the Celery publisher and the pipeline's sweeper.
+        kwargs["publisher"], kwargs["sweepers"] = listener_jobs(settings)
     listener = Listener.start(settings, **kwargs)
     try:
         yield listener

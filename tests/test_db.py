@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from service.db.session import make_engine, make_session_factory, normalize_database_url
-from service.db.tables import Base, Instance, Series, SeriesState
+from service.db.tables import Base, Instance, Series
+from service.lifecycle import SeriesState
 
 
 @pytest.fixture
@@ -29,6 +30,7 @@ def make_series(received_at: dt.datetime) -> Series:
         study_instance_uid="1.2.3",
         modality="CT",
         calling_ae_title="CT1",
+        state="receiving",
         first_received_at=received_at,
         last_received_at=received_at,
     )

@@ -36,7 +36,8 @@ from ingest_support import (
 from sqlalchemy import func, select
 from test_pacs_export import orthanc
 
-from service.db.tables import Export, SeriesEvent, SeriesScore, SeriesState, WorklistItem
+from service.db.tables import Export, SeriesEvent, SeriesScore, WorklistItem
+from service.lifecycle import SeriesState
 from service.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -32,9 +32,11 @@ from sqlalchemy import select, update
 from test_pacs_export import Orthanc, orthanc
 
 from service import pipeline
-from service.db.tables import Series, SeriesEvent, SeriesState, utc_now
+from service.celery_app import SEGMENT_SERIES_TASK
+from service.db.tables import Series, SeriesEvent, utc_now
 from service.dicom_send import Destination, Outcome, send_files
-from service.pipeline_tasks import SEGMENT_SERIES_TASK, register_pipeline_tasks
+from service.lifecycle import SeriesState
+from service.pipeline_tasks import register_pipeline_tasks
 from service.settings import Settings, get_settings, load_settings_or_exit
 
 FORWARD_DETAIL_KEYS = {"destination", "instances", "duration_s", "reason"}
@@ -46,7 +48,7 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.messages: list[Any] = []
 
-    def publish(self, nxt: Any) -> None:
+    def publish(self, nxt: Any, **options: Any) -> None:
         self.messages.append(nxt)
 
 

@@ -21,8 +21,8 @@ from ingest_support import (
 )
 from pydantic import ValidationError
 
-from service.db.tables import SeriesState
 from service.ingest.listener import AccessPolicy
+from service.lifecycle import SeriesState
 from service.settings import Settings
 
 

@@ -31,7 +31,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from service import ingest_cli
-from service.db.tables import QuarantinedInstance, SeriesState
+from service.db.tables import QuarantinedInstance
+from service.lifecycle import SeriesState
 from service.settings import get_settings
 
 pytestmark = pytest.mark.integration
@@ -434,7 +435,8 @@ def make_rt_structure_set(ct_path: Path, out: Path) -> None:
 def test_series_stays_complete_while_broker_is_down_and_is_queued_when_it_returns(
     tmp_path: Path, db_url: str, redis_url: str, db: Db, series_a: Path
 ) -> None:
-    from service.ingest.queue import CeleryPublisher, make_celery_app, queue_due_series
+    from service.celery_app import CeleryPublisher, make_celery_app
+    from service.ingest.queue import queue_due_series
 
     # A broker URL where nothing listens: publishing fails for real.
     down = make_settings(tmp_path / "var", db_url, f"redis://127.0.0.1:{free_port()}/0")
@@ -446,7 +448,7 @@ def test_series_stays_complete_while_broker_is_down_and_is_queued_when_it_return
     assert (series.state, series.queue_attempts) == (SeriesState.COMPLETE, 0)
     assert "queued" not in db.event_kinds(series.id)
     up = make_settings(tmp_path / "var", db_url, redis_url)
-    publisher = CeleryPublisher(make_celery_app(up), up.pipeline_queue)
+    publisher = CeleryPublisher(make_celery_app(up), up)
     assert queue_due_series(sessions=Db(db_url).sessions, publisher=publisher, resend_after_s=300) == [series.id]
     [series] = stored_series(db, series_a)
     assert (series.state, series.queue_attempts) == (SeriesState.QUEUED, 1)

@@ -33,8 +33,8 @@ from ingest_support import (
 )
 from pydicom import dcmread
 
-from service.db.tables import SeriesState
-from service.ingest.queue import CeleryPublisher, make_celery_app
+from service.celery_app import CeleryPublisher, Next, make_celery_app
+from service.lifecycle import SeriesState
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -133,7 +133,7 @@ def test_worker_takes_the_series_and_sweeper_resends_a_lost_message(
             wait_for(lambda: db.series()[0].state == SeriesState.SCORING, timeout=60)
             wait_for(lambda: broker.llen(settings.score_queue) == 1)
             # A redelivered message changes nothing (the task is idempotent).
-            CeleryPublisher(make_celery_app(settings), settings.pipeline_queue).publish(series_id=series.id, attempt=9)
+            CeleryPublisher(make_celery_app(settings), settings).publish(Next("start", series.id), attempt=9)
             wait_for(lambda: broker.llen(settings.pipeline_queue) == 0, timeout=30)
             time.sleep(1.0)
         finally:

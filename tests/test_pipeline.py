@@ -19,19 +19,10 @@ from ingest_support import Db, ct_files, make_settings, running_listener, stores
 from sqlalchemy import select, update
 
 from service import pipeline
-from service.db.tables import (
-    Export,
-    ExportState,
-    RouteReason,
-    Series,
-    SeriesEvent,
-    SeriesScore,
-    SeriesState,
-    WorklistItem,
-    utc_now,
-)
+from service.db.tables import Export, ExportState, RouteReason, Series, SeriesEvent, SeriesScore, WorklistItem, utc_now
 from service.dicom_send import Outcome, SendResult
 from service.inference import Detector
+from service.lifecycle import SeriesState
 from service.pacs_export import deliver
 from service.pipeline import Next, RouteFacts, decide_route
 from service.segmentation import Segmentation
@@ -168,12 +159,6 @@ def series_row(db: Db, series_id: int) -> Series:
 def test_routing_rules_pick_the_first_reason_that_applies(facts: RouteFacts, expected: tuple) -> None:
     route, reason = decide_route(facts)
     assert (route.value, reason.value if reason else None) == expected
-
-
-def test_a_transition_the_state_machine_does_not_allow_is_refused(env: tuple[Settings, Db]) -> None:
-    _, db = env
-    with db.sessions() as session, pytest.raises(pipeline.TransitionError, match="delivered -> scoring"):
-        pipeline.transition(session=session, series_id=1, source=SeriesState.DELIVERED, target=SeriesState.SCORING)
 
 
 # --- the stages ---------------------------------------------------------------------------------------

@@ -19,17 +19,8 @@ from conftest import free_port
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import (
-    Instance,
-    Route,
-    RouteReason,
-    Series,
-    SeriesScore,
-    SeriesState,
-    User,
-    UserRole,
-    WorklistItem,
-)
+from service.db.tables import Instance, Route, RouteReason, Series, SeriesScore, User, UserRole, WorklistItem
+from service.lifecycle import SeriesState
 from service.phantom.generate import SeriesSpec, generate_series
 from service.web import security
 

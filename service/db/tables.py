@@ -76,26 +76,6 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC)
 
 
-class SeriesState(StrEnum):
-    """Where a series version is in its life; stored as a string, later stages add values."""
-
-    RECEIVING = "receiving"  # instances are arriving; the quiet period has not passed
-    COMPLETE = "complete"  # the quiet period passed; the series is not yet handed on
-    QUEUED = "queued"  # handed to the pipeline; no worker has confirmed it yet
-    ACCEPTED = "accepted"  # a pipeline worker confirmed it has taken the series (before the pipeline existed)
-    STORED = "stored"  # complete, but not an image series for the pipeline (SEG, RT Structure Set)
-    # The pipeline (service/pipeline.py): score → route → auto-segmentation or worklist.
-    SCORING = "scoring"  # a score worker is running the detector on it
-    SCORED = "scored"  # scores stored (`SeriesScore`); the route is being decided
-    SEGMENTING = "segmenting"  # routed to auto-segmentation; a worker is running the segmenter
-    EXPORTING = "exporting"  # the SEG is written and being delivered to the PACS (`Export`)
-    DELIVERED = "delivered"  # the PACS accepted the SEG
-    EXPORT_FAILED = "export_failed"  # delivery failed permanently; an operator may retry the export
-    WORKLISTED = "worklisted"  # on the manual-contouring worklist (`WorklistItem`)
-    CLAIMED = "claimed"  # a dosimetrist has claimed the worklist item
-    DONE = "done"  # the dosimetrist marked the item done
-
-
 class Route(StrEnum):
     """Where the pipeline sent a series version."""
 
@@ -144,8 +124,8 @@ class Series(Base):
     modality: Mapped[str] = mapped_column(String(16))
     # AE title of the sender of the first instance of this version.
     calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
-    # A `SeriesState` value.
-    state: Mapped[str] = mapped_column(String(32), default=SeriesState.RECEIVING.value)
+    # `service.lifecycle.SeriesState`; changed only by `service.lifecycle.transition`.
+    state: Mapped[str] = mapped_column(String(32))
     num_instances: Mapped[int] = mapped_column(default=0)
     first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

@@ -19,10 +19,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.tables import Instance, Series, SeriesEvent, SeriesState, utc_now
+from service.db.tables import Instance, Series, SeriesEvent, utc_now
 from service.ingest.checks import IMAGE_SOP_CLASSES
 from service.ingest.geometry import check_geometry, planes_from_files
 from service.ingest.storage import InstanceStore
+from service.lifecycle import SeriesState, transition
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,22 +79,22 @@ def complete_series(
         if is_image_series:
             image_paths = [p for p, c in zip(paths, sop_classes, strict=True) if c in IMAGE_SOP_CLASSES]
             findings = [f.as_dict() for f in check_geometry(planes_from_files(image_paths))]
-        now = utc_now()
-        series.state = (SeriesState.COMPLETE if is_image_series else SeriesState.STORED).value
-        series.completed_at = now
-        series.geometry_findings = findings if is_image_series else None
-        session.add(
-            SeriesEvent(
-                series_id=series_id,
-                kind="completed",
-                detail={
-                    "reason": reason,
-                    "num_instances": series.num_instances,
-                    "first_received_at": series.first_received_at.isoformat(),
-                    "last_received_at": series.last_received_at.isoformat(),
-                },
-            )
+        moved = transition(
+            session=session,
+            series_id=series_id,
+            source=SeriesState.RECEIVING,
+            target=SeriesState.COMPLETE if is_image_series else SeriesState.STORED,
+            event="completed",
+            detail={
+                "reason": reason,
+                "num_instances": series.num_instances,
+                "first_received_at": series.first_received_at.isoformat(),
+                "last_received_at": series.last_received_at.isoformat(),
+            },
+            values={"completed_at": utc_now(), "geometry_findings": findings if is_image_series else None},
         )
+        if not moved:  # superseded meanwhile (cannot happen under the lock, but never complete twice)
+            return False
         if is_image_series:
             session.add(SeriesEvent(series_id=series_id, kind="geometry_checked", detail={"findings": findings}))
     log.info(

@@ -41,6 +41,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.celery_app import Publisher
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import utc_now
 from service.ingest.assembly import complete_due_series
@@ -52,7 +53,7 @@ from service.ingest.checks import (
     RefusedInstance,
     check_instance,
 )
-from service.ingest.queue import CeleryPublisher, Publisher, make_celery_app, queue_due_series
+from service.ingest.queue import queue_due_series
 from service.ingest.storage import DiskReserveReached, InstanceStore, StoreOutcome, part10_file
 from service.settings import IPNetwork, Settings
 
@@ -340,15 +341,22 @@ class Listener:
         settings: Settings,
         *,
         publisher: Publisher | None = None,
+        sweepers: Sequence[Callable[[dt.datetime | None], object]] = (),
         run_assembler: bool = True,
         reuse_port: bool = False,
     ) -> Listener:
         """Open the port(s) and start serving in background threads.
 
+        With `run_assembler`, a background thread completes quiet series, queues complete ones with
+        `publisher` and runs each of `sweepers` every round (the command that starts the listener
+        builds them: `service.pipeline_tasks.listener_jobs`); without it, the DICOM server only.
+
         Raises:
-            ValueError: the access allow-lists are empty (fail closed).
+            ValueError: the access allow-lists are empty (fail closed), or an assembler without a publisher.
             OSError: a port cannot be bound, or a TLS file cannot be read.
         """
+        if run_assembler and publisher is None:
+            raise ValueError("publisher: the assembler needs a publisher to queue complete series; got None")
         access = AccessPolicy(frozenset(settings.allowed_ae_titles), tuple(settings.allowed_networks))
         if settings.database_url.startswith("sqlite"):
             engine = make_engine(settings.database_url)
@@ -396,13 +404,7 @@ class Listener:
             listener.stop()
             raise
         if run_assembler:
-            sweepers = []
-            if publisher is None:
-                from service.pipeline_tasks import PipelineSweeper
-
-                app = make_celery_app(settings)
-                publisher = CeleryPublisher(app, settings.pipeline_queue)
-                sweepers.append(PipelineSweeper(app=app, settings=settings, sessions=store.sessions))
+            assert publisher is not None  # checked above
             listener.assembler = Assembler(store=store, settings=settings, publisher=publisher, sweepers=sweepers)
             listener.assembler.start()
         return listener

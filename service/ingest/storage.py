@@ -34,8 +34,9 @@ from sqlalchemy import insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import Instance, QuarantinedInstance, Series, SeriesEvent, SeriesState, utc_now
+from service.db.tables import Instance, QuarantinedInstance, Series, SeriesEvent, utc_now
 from service.ingest.checks import CheckedInstance
+from service.lifecycle import INITIAL_STATE, SeriesState
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class InstanceStore:
                     frame_of_reference_uid=instance.frame_of_reference_uid,
                     modality=instance.modality,
                     calling_ae_title=calling_ae_title,
-                    state=SeriesState.RECEIVING.value,
+                    state=INITIAL_STATE.value,
                     num_instances=0,
                     num_duplicates=0,
                     queue_attempts=0,
@@ -403,7 +404,7 @@ class InstanceStore:
             frame_of_reference_uid=previous.frame_of_reference_uid,
             modality=previous.modality,
             calling_ae_title=calling_ae_title,
-            state=SeriesState.RECEIVING.value,
+            state=INITIAL_STATE.value,
             num_instances=previous.num_instances,
             num_duplicates=0,
             queue_attempts=0,

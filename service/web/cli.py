@@ -212,7 +212,7 @@ def run_flower(args: argparse.Namespace) -> int:
     from flower.options import options
     from flower.urls import settings as flower_settings
 
-    from service.ingest.queue import make_celery_app
+    from service.celery_app import make_celery_app
 
     options.address = args.host or settings.flower_bind_address
     options.port = args.port or settings.flower_port

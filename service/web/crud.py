@@ -8,10 +8,10 @@ beyond what the user may see anyway.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -19,15 +19,14 @@ from sqlalchemy.orm import Session
 from service.db.tables import (
     Instance,
     Series,
-    SeriesEvent,
     SeriesScore,
-    SeriesState,
     User,
     UserRole,
     WorklistItem,
     WorklistStatus,
     utc_now,
 )
+from service.lifecycle import SeriesState, transition
 from service.web import security
 
 log = logging.getLogger(__name__)
@@ -203,14 +202,16 @@ def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         .values(status=WorklistStatus.CLAIMED.value, claimed_by=user_id, claimed_at=now)
     ).rowcount
     if claimed:
-        _series_moves(
+        if not _series_moves(
             session=session,
             item_id=item_id,
-            state=SeriesState.CLAIMED,
+            source=SeriesState.WORKLISTED,
+            target=SeriesState.CLAIMED,
             kind="worklist_claimed",
             user_id=user_id,
-            now=now,
-        )
+        ):
+            session.rollback()
+            raise Conflict(f"cannot claim worklist item {item_id}: its series version was superseded or moved on")
         session.commit()
         log.info("worklist item %s claimed by user %s", item_id, user_id)
         return get_worklist_row(session=session, item_id=item_id)
@@ -234,7 +235,7 @@ def release_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow
         user_id=user_id,
         action="release",
         values={"status": WorklistStatus.OPEN.value, "claimed_by": None, "claimed_at": None},
-        state=SeriesState.WORKLISTED,
+        target=SeriesState.WORKLISTED,
         kind="worklist_released",
     )
 
@@ -252,13 +253,20 @@ def finish_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         user_id=user_id,
         action="mark done",
         values={"status": WorklistStatus.DONE.value, "done_at": utc_now()},
-        state=SeriesState.DONE,
+        target=SeriesState.DONE,
         kind="worklist_done",
     )
 
 
 def _finish_claim(
-    *, session: Session, item_id: int, user_id: int, action: str, values: dict, state: SeriesState, kind: str
+    *,
+    session: Session,
+    item_id: int,
+    user_id: int,
+    action: str,
+    values: dict[str, Any],
+    target: SeriesState,
+    kind: str,
 ) -> WorklistRow:
     user = session.get(User, user_id)
     if user is None:
@@ -280,7 +288,11 @@ def _finish_claim(
     if not changed:
         session.rollback()
         raise Conflict(_why_not(get_worklist_row(session=session, item_id=item_id), action))
-    _series_moves(session=session, item_id=item_id, state=state, kind=kind, user_id=user_id, now=utc_now())
+    if not _series_moves(
+        session=session, item_id=item_id, source=SeriesState.CLAIMED, target=target, kind=kind, user_id=user_id
+    ):
+        session.rollback()
+        raise Conflict(f"cannot {action} worklist item {item_id}: its series version was superseded or moved on")
     session.commit()
     log.info("worklist item %s: %s by user %s", item_id, kind, user_id)
     return get_worklist_row(session=session, item_id=item_id)
@@ -301,15 +313,23 @@ def _why_not(row: WorklistRow, action: str) -> str:
 
 
 def _series_moves(
-    *, session: Session, item_id: int, state: SeriesState, kind: str, user_id: int, now: dt.datetime
-) -> None:
-    """Move the item's series version to `state` and record the event in its trail."""
+    *, session: Session, item_id: int, source: SeriesState, target: SeriesState, kind: str, user_id: int
+) -> bool:
+    """Move the item's series version `source` → `target` through the lifecycle, with event `kind`.
+
+    False, changing nothing, when the series version is not in `source` or was superseded by a
+    later version (a dosimetrist must not contour an outdated version).
+    """
     series_id = session.scalar(select(WorklistItem.series_id).where(WorklistItem.id == item_id))
-    session.execute(update(Series).where(Series.id == series_id).values(state=state.value, state_changed_at=now))
-    session.add(
-        SeriesEvent(
-            series_id=series_id, kind=kind, detail={"worklist_item_id": item_id, "user_id": user_id}, created_at=now
-        )
+    if series_id is None:
+        return False
+    return transition(
+        session=session,
+        series_id=series_id,
+        source=source,
+        target=target,
+        event=kind,
+        detail={"worklist_item_id": item_id, "user_id": user_id},
     )
 
 

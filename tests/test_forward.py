@@ -89,7 +89,9 @@ def forward_settings(tmp_path: Path, url: str, *, port: int, ae_title: str = "OR
         forward_host="127.0.0.1",
         forward_port=port,
         forward_ae_title=ae_title,
-        export_timeout_s=5,
+        # Sized for a loaded 2-core machine: Orthanc's answer (even a rejection) can take seconds
+        # there. No test here waits for this timeout to expire (a dead port is refused at once).
+        export_timeout_s=60,
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +71,9 @@ def module_name(root: Path, path: Path) -> str:
     return ".".join(parts)
 
 
-def _imported_modules(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, modules: dict[str, Path]) -> list[str]:
+def _imported_modules(
+    node: ast.Import | ast.ImportFrom, module: str, is_package: bool, modules: dict[str, Path]
+) -> list[str]:
     """The scanned modules one import statement loads, each once.
 
     `import a.b` → a.b; `from a import b` → a.b when that is a module, else a (b is a name in a);

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
+from service.db.session import rows_changed
 from service.db.tables import Series, SeriesEvent, utc_now
 
 log = logging.getLogger(__name__)
@@ -133,17 +134,19 @@ def transition(
     """
     sources = check_transition(source, target)
     now = utc_now()
-    changed = session.execute(
-        update(Series)
-        .where(
-            Series.id == series_id,
-            Series.state.in_([s.value for s in sources]),
-            Series.superseded.is_(False),
-            *where,
+    changed = rows_changed(
+        session.execute(
+            update(Series)
+            .where(
+                Series.id == series_id,
+                Series.state.in_([s.value for s in sources]),
+                Series.superseded.is_(False),
+                *where,
+            )
+            .values(state=target.value, state_changed_at=now, **(values or {}))
+            .execution_options(synchronize_session=False)
         )
-        .values(state=target.value, state_changed_at=now, **(values or {}))
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    )
     if changed:
         session.add(SeriesEvent(series_id=series_id, kind=event or target.value, detail=detail or {}, created_at=now))
         log.debug("series id %s: %s -> %s", series_id, "/".join(s.value for s in sources), target.value)

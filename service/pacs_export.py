@@ -28,6 +28,7 @@ import pydicom
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.session import rows_changed
 from service.db.tables import Export, ExportAttempt, ExportState, utc_now
 from service.dicom_send import Outcome, SendResult, pacs_destination, send_seg
 from service.lifecycle import SeriesState, transition
@@ -154,17 +155,19 @@ def deliver(
                 "" if state != ExportState.PENDING else " and not due (another attempt owns it)",
             )
             return Delivery(export_id=export_id, state=state, attempted=False, retry_after_s=None, result=None)
-        claimed = session.execute(
-            update(Export)
-            .where(
-                Export.id == export_id,
-                Export.state == ExportState.PENDING.value,
-                Export.attempts == attempts,
-                Export.next_attempt_at == export.next_attempt_at,
+        claimed = rows_changed(
+            session.execute(
+                update(Export)
+                .where(
+                    Export.id == export_id,
+                    Export.state == ExportState.PENDING.value,
+                    Export.attempts == attempts,
+                    Export.next_attempt_at == export.next_attempt_at,
+                )
+                .values(next_attempt_at=now + dt.timedelta(seconds=claim_seconds(settings)))
+                .execution_options(synchronize_session=False)
             )
-            .values(next_attempt_at=now + dt.timedelta(seconds=claim_seconds(settings)))
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        )
         path = Path(export.path)
         pending_since = export.pending_since
     if not claimed:
@@ -274,14 +277,15 @@ def retry_export(*, sessions: sessionmaker[Session], export_id: int) -> bool:
         export.state = ExportState.PENDING.value
         export.pending_since = now
         export.next_attempt_at = now
-        transition(
-            session=session,
-            series_id=export.series_id,
-            source=SeriesState.EXPORT_FAILED,
-            target=SeriesState.EXPORTING,
-            event="export_retried",
-            detail={"export_id": export_id},
-        )
+        if export.series_id is not None:
+            transition(
+                session=session,
+                series_id=export.series_id,
+                source=SeriesState.EXPORT_FAILED,
+                target=SeriesState.EXPORTING,
+                event="export_retried",
+                detail={"export_id": export_id},
+            )
     log.info("export %s put back to pending by an operator", export_id)
     return True
 

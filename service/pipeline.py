@@ -42,6 +42,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import dicom_series, imaging
 from service.celery_app import DONE, Next, Publisher
+from service.db.session import rows_changed
 from service.db.tables import (
     Export,
     ExportState,
@@ -216,7 +218,7 @@ def save_top_residual_maps(
         if residual_maps is not None:
             small = imaging.resize(np.asarray(residual_maps[i], np.float32), (size, size)).astype(np.float16)
             path = folder / f"residual_{i:04d}.npy"
-            _atomic_write(path, lambda tmp, data=small: _save_npy(tmp, data))
+            _atomic_write(path, partial(_save_npy, array=small))
             relative = _relative(path, settings.storage_dir)
         top.append(
             {
@@ -659,6 +661,7 @@ def export_settled(*, sessions: sessionmaker[Session], export_id: int) -> None:
         export = session.get(Export, export_id)
         if export is None or export.series_id is None:
             return
+        sources: tuple[SeriesState, ...]
         if export.state == ExportState.DELIVERED.value:
             target, sources = S.DELIVERED, (S.EXPORTING, S.EXPORT_FAILED)
         elif export.state == ExportState.FAILED.value:
@@ -738,12 +741,14 @@ def sweep(
         kind = f"requeued_{state.value}"
         with sessions.begin() as session:
             # Claim: only the sweeper that moves state_changed_at first re-queues (two listeners at once).
-            claimed = session.execute(
-                update(Series)
-                .where(Series.id == series_id, Series.state == state.value, Series.state_changed_at == changed_at)
-                .values(state_changed_at=now)
-                .execution_options(synchronize_session=False)
-            ).rowcount
+            claimed = rows_changed(
+                session.execute(
+                    update(Series)
+                    .where(Series.id == series_id, Series.state == state.value, Series.state_changed_at == changed_at)
+                    .values(state_changed_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+            )
             if not claimed:
                 continue
             attempts = (

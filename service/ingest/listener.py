@@ -23,6 +23,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -36,8 +37,9 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import time
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -110,7 +112,9 @@ class AccessPolicy:
 def handle_requested(event: Event, access: AccessPolicy) -> None:
     """EVT_REQUESTED: reject the association with a DICOM A-ASSOCIATE-RJ if the sender is unknown."""
     assoc = event.assoc
-    calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+    primitive = assoc.requestor.primitive
+    assert primitive is not None  # EVT_REQUESTED fires for a received A-ASSOCIATE-RQ
+    calling = str(primitive.calling_ae_title).strip()
     address = str(assoc.requestor.address)
     reason = access.refusal(calling, address)
     if reason is None:
@@ -126,6 +130,7 @@ def handle_requested(event: Event, access: AccessPolicy) -> None:
 def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
     """EVT_C_STORE: check, store durably, index; answer success only once all of that is done."""
     request = event.request
+    assert isinstance(request, C_STORE)  # bound to EVT_C_STORE only
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
     calling = str(event.assoc.requestor.ae_title).strip()
     try:
@@ -211,10 +216,12 @@ class _Server(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         if self.reuse_port:
+            assert self.socket is not None  # created in __init__ before bind
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None  # bound and listening
         client_socket, address = self.socket.accept()
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if _HAS_QUICKACK:
@@ -378,7 +385,10 @@ class Listener:
         )
         listener = cls(settings=settings, store=store)
         ae = make_ae(settings)
-        handlers = [(evt.EVT_REQUESTED, handle_requested, [access]), (evt.EVT_C_STORE, handle_store, [store])]
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, handle_requested, [access]),
+            (evt.EVT_C_STORE, handle_store, [store]),
+        ]
         server_class = _ReusePortServer if reuse_port else _Server
         try:
             addresses: list[tuple[int, ssl.SSLContext | None]] = [(settings.port, None)]

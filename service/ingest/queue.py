@@ -20,6 +20,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.celery_app import Next, Publisher
+from service.db.session import rows_changed
 from service.db.tables import Series, utc_now
 from service.lifecycle import SeriesState, transition
 
@@ -61,11 +62,13 @@ def queue_due_series(
         # Claim first (committed), publish after: two processes sweeping at once never both send.
         # The claim is the attempt counter; the state moves once the broker took the message.
         with sessions.begin() as session:
-            claimed = session.execute(
-                update(Series)
-                .where(Series.id == series_id, Series.state == state, Series.queue_attempts == attempts)
-                .values(queue_attempts=attempts + 1, queued_at=utc_now())
-            ).rowcount
+            claimed = rows_changed(
+                session.execute(
+                    update(Series)
+                    .where(Series.id == series_id, Series.state == state, Series.queue_attempts == attempts)
+                    .values(queue_attempts=attempts + 1, queued_at=utc_now())
+                )
+            )
         if not claimed:
             continue  # another process queued it meanwhile
         try:

@@ -17,6 +17,7 @@ storage and database), `orthanc/`, and the logs of the processes it ran.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import shutil
 import signal
@@ -42,7 +43,7 @@ CALLING_AE = "DEMO_SCANNER"
 WAIT_TIMEOUT_S = 480.0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("demo", help="run the demo on a synthetic study (what `make demo` runs)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="where the demo writes (default out/demo)")
     p.add_argument("--slices", type=int, default=48, help="slices per series (default 48)")
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         web_port=web_port,
         quiet_period_s=3.0,
         allowed_ae_titles=[CALLING_AE],
-        allowed_networks=["127.0.0.0/8"],
+        allowed_networks=[ipaddress.ip_network("127.0.0.0/8")],
         pacs_host="127.0.0.1",
         pacs_port=orthanc_dicom,
         pacs_ae_title="ORTHANC",
@@ -277,7 +278,7 @@ def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, An
         engine.dispose()
 
 
-def _report(rows: dict[str, dict[str, Any]], manifest: dict, *, orthanc_http: int, web_port: int) -> bool:
+def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthanc_http: int, web_port: int) -> bool:
     """Print one line per series; True when each went where `DEMO_SERIES` expects."""
     ok = True
     for (label, _, expected), entry in zip(DEMO_SERIES, manifest["series"], strict=True):

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -52,7 +53,7 @@ class DetectorVerdict:
     slices: list[SliceScore]
     residual_maps: np.ndarray | None = field(default=None, repr=False)  # [k, S, S] |x − G(E(x))| in the body
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "series_instance_uid": self.series_instance_uid,
             "score": round(self.score, 6),
@@ -73,7 +74,7 @@ def choose_providers(prefer_cuda: bool = True) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def read_model_json(model_dir: Path) -> dict:
+def read_model_json(model_dir: Path) -> dict[str, Any]:
     """The model description, checked.
 
     Raises:
@@ -81,7 +82,7 @@ def read_model_json(model_dir: Path) -> dict:
         ValueError: a required field is missing or the format is not supported (message names it).
     """
     path = Path(model_dir) / "model.json"
-    meta = json.loads(path.read_text())
+    meta: dict[str, Any] = json.loads(path.read_text())
     for key in _REQUIRED:
         if key not in meta:
             raise ValueError(f"{path}: field {key!r} missing")

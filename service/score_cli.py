@@ -13,10 +13,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from service import dicom_series
 from service.errors import UsageError
 from service.model_paths import DEFAULT_DETECTOR_DIR
+
+if TYPE_CHECKING:  # onnxruntime is imported only when `score` runs
+    from service.inference import Detector
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ DEFAULT_MODEL_DIR = DEFAULT_DETECTOR_DIR
 EXIT_BAD_SERIES = 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "score",
         help="score DICOM CT series with the anomaly detector",
@@ -43,9 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def score_folders(detector, folders: list[Path]) -> list[dict]:
+def score_folders(detector: Detector, folders: list[Path]) -> list[dict[str, Any]]:
     """One result dict per series found (or per folder that yields none); errors are entries, not raises."""
-    results: list[dict] = []
+    results: list[dict[str, Any]] = []
     for folder in folders:
         try:
             groups = dicom_series.scan_tree(folder)
@@ -57,7 +61,7 @@ def score_folders(detector, folders: list[Path]) -> list[dict]:
             continue
         ct = dicom_series.ct_series_in(groups)
         for group in ct or groups[:1]:  # no CT at all: report why the first series is unusable
-            entry: dict = {"folder": str(folder), "series_instance_uid": group.series_instance_uid}
+            entry: dict[str, Any] = {"folder": str(folder), "series_instance_uid": group.series_instance_uid}
             try:
                 series = dicom_series.load_series(group)
                 entry.update(detector.score_series(series).as_dict())

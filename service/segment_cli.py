@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 EXIT_NO_LIVER = 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "segment",
         help="segment the liver in one CT series and write a DICOM-SEG",

@@ -16,17 +16,19 @@ import argparse
 import getpass
 import logging
 import sys
+from collections.abc import Callable
 
 from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.cli import UsageError
+from service.errors import UsageError
 from service.db.tables import UserRole
 from service.settings import Settings, load_settings_or_exit
 
 log = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `users`, `web` and `flower` to the top-level parser."""
     users = subparsers.add_parser("users", help="add, list and disable the users of the worklist")
     commands = users.add_subparsers(dest="users_command", metavar="USERS_COMMAND", required=True)
@@ -95,13 +97,13 @@ def read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def _sessions(settings: Settings):  # noqa: ANN202 — sessionmaker[Session]
+def _sessions(settings: Settings) -> sessionmaker[Session]:
     from service.db.session import make_engine, make_session_factory
 
     return make_session_factory(make_engine(settings.database_url))
 
 
-def _database_errors(func):  # noqa: ANN001, ANN202
+def _database_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn "no such table" into a usage error that says to migrate."""
 
     def wrapper(args: argparse.Namespace) -> int:

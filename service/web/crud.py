@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Result, select, update
 from sqlalchemy.orm import Session
 
 from service.db.tables import (
@@ -188,6 +188,13 @@ def get_worklist_row(*, session: Session, item_id: int) -> WorklistRow:
     )
 
 
+def _rowcount(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE; `Session.execute` gives a CursorResult for DML but is typed as Result."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"expected a CursorResult from an UPDATE, got {type(result).__name__}")
+    return result.rowcount
+
+
 def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
     """Lock an open worklist item for user `user_id`; claiming one's own claimed item again is a no-op.
 
@@ -196,11 +203,13 @@ def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         Conflict: the item is claimed by another user, or done.
     """
     now = utc_now()
-    claimed = session.execute(
-        update(WorklistItem)
-        .where(WorklistItem.id == item_id, WorklistItem.status == WorklistStatus.OPEN.value)
-        .values(status=WorklistStatus.CLAIMED.value, claimed_by=user_id, claimed_at=now)
-    ).rowcount
+    claimed = _rowcount(
+        session.execute(
+            update(WorklistItem)
+            .where(WorklistItem.id == item_id, WorklistItem.status == WorklistStatus.OPEN.value)
+            .values(status=WorklistStatus.CLAIMED.value, claimed_by=user_id, claimed_at=now)
+        )
+    )
     if claimed:
         if not _series_moves(
             session=session,
@@ -276,15 +285,17 @@ def _finish_claim(
     if row.item.status != WorklistStatus.CLAIMED or not allowed:
         raise Conflict(_why_not(row, action))
     # The claimer in the WHERE clause makes this safe against a release/claim racing it.
-    changed = session.execute(
-        update(WorklistItem)
-        .where(
-            WorklistItem.id == item_id,
-            WorklistItem.status == WorklistStatus.CLAIMED.value,
-            WorklistItem.claimed_by == row.item.claimed_by,
+    changed = _rowcount(
+        session.execute(
+            update(WorklistItem)
+            .where(
+                WorklistItem.id == item_id,
+                WorklistItem.status == WorklistStatus.CLAIMED.value,
+                WorklistItem.claimed_by == row.item.claimed_by,
+            )
+            .values(**values)
         )
-        .values(**values)
-    ).rowcount
+    )
     if not changed:
         session.rollback()
         raise Conflict(_why_not(get_worklist_row(session=session, item_id=item_id), action))

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from kombu import Connection
+from kombu.connection import Connection
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,7 +35,8 @@ def check_database(sessions: sessionmaker[Session]) -> CheckResult:
             session.execute(text("SELECT 1 FROM worklist_item WHERE 1 = 0"))
     except SQLAlchemyError as exc:
         log.warning("readiness: database check failed: %s", type(exc).__name__)
-        reason = str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0]
+        orig = getattr(exc, "orig", None)  # set on DBAPIError, the usual case
+        reason = str(orig if orig is not None else exc).splitlines()[0]
         return CheckResult(name="database", status="failed", reason=reason)
     return CheckResult(name="database", status="ok")
 
@@ -44,7 +45,10 @@ def check_broker(broker_url: str) -> CheckResult:
     """ok when the Celery broker accepts a connection within BROKER_TIMEOUT_S seconds."""
     options = {"socket_connect_timeout": BROKER_TIMEOUT_S, "socket_timeout": BROKER_TIMEOUT_S}
     try:
-        with Connection(broker_url, connect_timeout=BROKER_TIMEOUT_S, transport_options=options) as connection:
+        # kombu's Connection.__init__ is unannotated
+        with Connection(  # type: ignore[no-untyped-call]
+            broker_url, connect_timeout=BROKER_TIMEOUT_S, transport_options=options
+        ) as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=BROKER_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 — any transport's error means "not reachable"; reported, not hidden
         log.warning("readiness: broker check failed: %s", type(exc).__name__)

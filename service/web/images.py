@@ -51,7 +51,8 @@ def colour_ramp(values: np.ndarray) -> np.ndarray:
     positions = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
     low = np.floor(positions).astype(np.int64).clip(0, len(_RAMP) - 2)
     frac = (positions - low)[..., None]
-    return _RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac
+    rgb: np.ndarray = _RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac
+    return rgb
 
 
 def read_windowed_slice(path: Path, window: Window = ABDOMEN_WINDOW) -> np.ndarray:

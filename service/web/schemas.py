@@ -7,6 +7,7 @@ score is above `threshold`. Slice indexes count in volume order, head → feet, 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -214,7 +215,7 @@ def sort_entries(entries: list[WorklistEntry], *, key: str, descending: bool) ->
     Raises:
         ValueError: `key` is not one of SORT_KEYS.
     """
-    getters = {
+    getters: dict[str, Callable[[WorklistEntry], Any]] = {
         "age": lambda e: e.age_s,
         "patient": lambda e: (e.patient_name or "").casefold() or None,
         "study_date": lambda e: e.study_date,

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import UsageError
 from service.db.tables import UserRole
+from service.errors import UsageError
 from service.settings import Settings, load_settings_or_exit
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import CursorResult, Result, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from service.db.session import rows_changed
 from service.db.tables import (
     Instance,
     Series,
@@ -188,13 +189,6 @@ def get_worklist_row(*, session: Session, item_id: int) -> WorklistRow:
     )
 
 
-def _rowcount(result: Result[Any]) -> int:
-    """Rows matched by an UPDATE; `Session.execute` gives a CursorResult for DML but is typed as Result."""
-    if not isinstance(result, CursorResult):
-        raise TypeError(f"expected a CursorResult from an UPDATE, got {type(result).__name__}")
-    return result.rowcount
-
-
 def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
     """Lock an open worklist item for user `user_id`; claiming one's own claimed item again is a no-op.
 
@@ -203,7 +197,7 @@ def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         Conflict: the item is claimed by another user, or done.
     """
     now = utc_now()
-    claimed = _rowcount(
+    claimed = rows_changed(
         session.execute(
             update(WorklistItem)
             .where(WorklistItem.id == item_id, WorklistItem.status == WorklistStatus.OPEN.value)
@@ -285,7 +279,7 @@ def _finish_claim(
     if row.item.status != WorklistStatus.CLAIMED or not allowed:
         raise Conflict(_why_not(row, action))
     # The claimer in the WHERE clause makes this safe against a release/claim racing it.
-    changed = _rowcount(
+    changed = rows_changed(
         session.execute(
             update(WorklistItem)
             .where(

@@ -70,6 +70,8 @@ def test_upgrade_head_on_empty_database_matches_tables(empty_database_url: str) 
         "series_score",
         "app_user",
         "worklist_item",
+        "contour_feedback",
+        "audit_event",
     }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     Date,
     DateTime,
     Dialect,
@@ -101,6 +102,25 @@ class WorklistStatus(StrEnum):
 class UserRole(StrEnum):
     DOSIMETRIST = "dosimetrist"
     ADMIN = "admin"
+
+
+class FeedbackVerdict(StrEnum):
+    """A dosimetrist's answer to "is the auto contour of this series acceptable?" (`ContourFeedback.verdict`)."""
+
+    YES = "yes"  # the auto contour would have been acceptable: the gate need not have stopped it
+    NO = "no"  # it would have failed: the series had to be contoured by hand
+    NOT_APPLICABLE = "not_applicable"  # no judgement possible (no liver in view, wrong series …)
+
+
+class AuditAction(StrEnum):
+    """What a person did in the worklist app (`AuditEvent.action`)."""
+
+    CLAIM = "claim"
+    RELEASE = "release"
+    DONE = "done"
+    ASSIGN = "assign"
+    UNASSIGN = "unassign"
+    FEEDBACK = "feedback"
 
 
 class Base(DeclarativeBase):
@@ -332,3 +352,51 @@ class WorklistItem(Base):
     claimed_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id", ondelete="SET NULL"))
     claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # The user an admin assigned the item to (only they or an admin may claim it), and when.
+    assigned_to: Mapped[int | None] = mapped_column(ForeignKey("app_user.id", ondelete="SET NULL"))
+    assigned_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+MAX_FEEDBACK_NOTE_LENGTH = 2000
+
+
+class ContourFeedback(Base):
+    """A dosimetrist's verdict on whether the auto contour of a series version would have been acceptable.
+
+    A label, not a lifecycle step: recording it never changes the series' state. Every verdict is
+    kept (who, when); the newest one of a series version is its label (`service.feedback`). The
+    note is free text written by the dosimetrist and may hold anything they typed: never logged.
+    """
+
+    __tablename__ = "contour_feedback"
+    __table_args__ = (CheckConstraint("verdict IN ('yes', 'no', 'not_applicable')", name="verdict"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    # The worklist item it was recorded on; NULL for a series that was not on the worklist.
+    worklist_item_id: Mapped[int | None] = mapped_column(ForeignKey("worklist_item.id", ondelete="SET NULL"))
+    # Users are disabled, never deleted, so the author stays known.
+    user_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
+    # A `FeedbackVerdict` value.
+    verdict: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(String(MAX_FEEDBACK_NOTE_LENGTH))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+class AuditEvent(Base):
+    """One action of a person in the worklist app (who, what, when), for the admins' audit page.
+
+    `detail` holds ids, states and verdicts only: no patient data and no feedback note.
+    """
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id", ondelete="SET NULL"))
+    # An `AuditAction` value.
+    action: Mapped[str] = mapped_column(String(32))
+    worklist_item_id: Mapped[int | None] = mapped_column(ForeignKey("worklist_item.id", ondelete="SET NULL"))
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="SET NULL"))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)

@@ -161,6 +161,12 @@ class Settings(BaseSettings):
     export_retry_deadline_s: float = Field(default=48 * 3600.0, gt=0)
     # Celery queue of SEG deliveries to the PACS.
     export_queue: str = Field(default="gatekeeper.export", min_length=1)
+    # What the auto route delivers to the PACS for each segmented series: "seg" the DICOM-SEG,
+    # "rtstruct" an RT Structure Set (the liver as closed planar contours, for treatment planning
+    # systems), "both" the two objects, each an export of its own.
+    export_format: Literal["seg", "rtstruct", "both"] = "seg"
+    # ROIName of the liver in that RT Structure Set: 1 to 64 characters (DICOM LO), no backslash.
+    rtstruct_roi_name: str = "Liver"
 
     # --- The pipeline (service/pipeline.py): score -> route -> segment -> SEG -> export, or worklist.
     # Celery queues of the detector (GPU workers) and of the segmenter; `pipeline_queue` is the light
@@ -209,6 +215,8 @@ class Settings(BaseSettings):
     # whenever the worklist is served through TLS).
     web_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     web_cookie_secure: bool = False
+    # Hours on the worklist after which an open or claimed item is shown in the warning colour.
+    worklist_age_warning_h: float = Field(default=24.0, gt=0)
     # Flower, the Celery monitor (`gatekeeper flower`): IP address, TCP port and its HTTP basic-auth
     # account. `gatekeeper flower` refuses to start while the user or the password is empty.
     flower_bind_address: str = "127.0.0.1"
@@ -326,6 +334,22 @@ class Settings(BaseSettings):
                 f"{self.export_retry_initial_s}"
             )
         return self
+
+    @field_validator("export_format", mode="before")
+    @classmethod
+    def _lower_export_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("rtstruct_roi_name")
+    @classmethod
+    def _check_roi_name(cls, value: str) -> str:
+        """An ROIName is a DICOM LO value: 1 to 64 characters, not blank, no backslash or control character."""
+        value = value.strip()
+        if not 1 <= len(value) <= 64:
+            raise ValueError(f"ROI name {value!r} has {len(value)} characters; expected 1 to 64")
+        if "\\" in value or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError(f"ROI name {value!r} contains a backslash or a control character")
+        return value
 
     def export_calling_ae_title(self) -> str:
         """Our calling AE title towards the PACS: `export_ae_title`, or `ae_title` when that is empty."""

@@ -1,6 +1,6 @@
 """The liver RT Structure Set: contours of a 2-D mask, valid per dciodvfy, rasterised back by rt-utils
-(Dice against the mask it came from), references, deterministic UIDs, strict inputs; and the settings
-that choose it."""
+(Dice against the mask it came from), references, deterministic UIDs, strict inputs; `gatekeeper
+segment --format rtstruct`; and the settings that choose it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from test_dicom_seg import dciodvfy_errors
 
+from service.cli import main as gatekeeper
 from service.dicom_rtstruct import (
     SERIES_DESCRIPTION,
     build_liver_rtstruct,
@@ -271,3 +272,44 @@ def test_export_format_defaults_to_seg_and_takes_rtstruct_or_both() -> None:
 def test_bad_export_settings_refuse_to_load(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=field):
         Settings(**{field: value})
+
+
+# --- gatekeeper segment --format rtstruct -------------------------------------------------------------
+
+
+def test_segment_command_writes_an_rtstruct_with_one_liver_roi(tmp_path: Path) -> None:
+    from service.phantom.generate import generate_run
+    from service.phantom.truth import load_manifest, load_series
+
+    run = tmp_path / "run"
+    generate_run(
+        [SeriesSpec(folder="one", patient_seed=777, series_seed=1777, num_slices=20, matrix=128)], run, progress=False
+    )
+    out = tmp_path / "liver.rtstruct.dcm"
+    assert gatekeeper(["segment", str(run / "one"), "--out", str(out), "--format", "rtstruct"]) == 0
+    assert dciodvfy_errors(out) == []
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "RTSTRUCT"
+    [roi] = ds.StructureSetROISequence
+    assert "liver" in roi.ROIName.lower()
+    entry = load_manifest(run)["series"][0]
+    truth = load_series(run, entry)
+    ct_folder = tmp_path / "ct"
+    ct_folder.mkdir()
+    for name in entry["files"]:  # the CT only: rt-utils reads every file with pixels as the series
+        (ct_folder / name).write_bytes((run / "one" / name).read_bytes())
+    by_uid = rasterise_with_rt_utils(ct_folder, out, roi.ROIName)
+    got = np.stack([by_uid[uid] for uid in truth.sop_instance_uids])
+    score = dice(got, truth.labels == Label.LIVER)
+    print(f"segment --format rtstruct: Dice vs the phantom's liver {score:.3f}")
+    assert score > 0.9  # the segmenter's own accuracy, not the contours'
+
+
+def test_segment_command_with_an_unknown_format_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        gatekeeper(["segment", str(tmp_path), "--out", str(tmp_path / "x.dcm"), "--format", "nifti"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'nifti'" in err[0], err

@@ -1,23 +1,31 @@
-"""Small keyword-only data functions behind the worklist: users, worklist items, series for review.
+"""Small keyword-only data functions behind the worklist: users, worklist items, series for review,
+contour feedback and the audit trail.
 
-Each function takes the ORM `session` and commits what it changes. Domain failures raise
-`NotFound` (no such row: HTTP 404) or `Conflict` (the row is in a state that forbids the action:
-HTTP 409); their messages are shown to the user as they are, so they never hold patient data
+Each function takes the ORM `session` and commits what it changes; every action of a person
+(claim, release, done, assign, feedback) writes an `AuditEvent` in the same transaction. Domain
+failures raise `NotFound` (no such row: HTTP 404), `Forbidden` (the user's role does not allow the
+action: HTTP 403) or `Conflict` (the row is in a state that forbids the action: HTTP 409); their messages are shown to the user as they are, so they never hold patient data
 beyond what the user may see anyway.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from service.db.session import rows_changed
 from service.db.tables import (
+    MAX_FEEDBACK_NOTE_LENGTH,
+    AuditAction,
+    AuditEvent,
+    ContourFeedback,
+    FeedbackVerdict,
     Instance,
     Series,
     SeriesScore,
@@ -41,6 +49,10 @@ class NotFound(LookupError):
 
 class Conflict(Exception):
     """The action is not possible in the current state (e.g. the item is claimed by someone else)."""
+
+
+class Forbidden(PermissionError):
+    """The user's role does not allow the action (e.g. a dosimetrist assigning an item, reading the audit)."""
 
 
 # --- users -----------------------------------------------------------------------------------------
@@ -126,28 +138,49 @@ class WorklistRow:
     """One worklist item with what the list shows about it.
 
     `score` is the latest detector result of the series version (None when the series was never
-    scored, e.g. unreadable); `claimed_by` is the claimer's user name.
+    scored, e.g. unreadable); `claimed_by` and `assigned_to` are user names.
     """
 
     item: WorklistItem
     series: Series
     score: SeriesScore | None
     claimed_by: str | None
+    assigned_to: str | None = None
 
 
-def list_worklist(*, session: Session, statuses: Collection[str]) -> list[WorklistRow]:
-    """The worklist items whose status is in `statuses`, oldest first (sorting for display is the caller's)."""
-    rows = session.execute(
-        select(WorklistItem, Series, User.name)
+def _worklist_query() -> Select[WorklistItem, Series, str, str]:
+    """SELECT worklist item, series, claimer's name, assignee's name."""
+    claimer, assignee = aliased(User), aliased(User)
+    return (
+        select(WorklistItem, Series, claimer.name, assignee.name)
         .join(Series, Series.id == WorklistItem.series_id)
-        .outerjoin(User, User.id == WorklistItem.claimed_by)
-        .where(WorklistItem.status.in_(list(statuses)))
-        .order_by(WorklistItem.created_at, WorklistItem.id)
-    ).all()
-    scores = latest_scores(session=session, series_ids=[series.id for _, series, _ in rows])
+        .outerjoin(claimer, claimer.id == WorklistItem.claimed_by)
+        .outerjoin(assignee, assignee.id == WorklistItem.assigned_to)
+    )
+
+
+def list_worklist(
+    *,
+    session: Session,
+    statuses: Collection[str],
+    reasons: Collection[str] | None = None,
+    created_before: dt.datetime | None = None,
+) -> list[WorklistRow]:
+    """The worklist items whose status is in `statuses`, oldest first (sorting for display is the caller's).
+
+    `reasons`: only items with one of these `RouteReason` values (None: any); `created_before`: only
+    items that came onto the worklist before this time (the age filter).
+    """
+    query = _worklist_query().where(WorklistItem.status.in_(list(statuses)))
+    if reasons is not None:
+        query = query.where(WorklistItem.reason.in_(list(reasons)))
+    if created_before is not None:
+        query = query.where(WorklistItem.created_at < created_before)
+    rows = session.execute(query.order_by(WorklistItem.created_at, WorklistItem.id)).all()
+    scores = latest_scores(session=session, series_ids=[row[1].id for row in rows])
     return [
-        WorklistRow(item=item, series=series, score=scores.get(series.id), claimed_by=name)
-        for item, series, name in rows
+        WorklistRow(item=item, series=series, score=scores.get(series.id), claimed_by=claimer, assigned_to=assignee)
+        for item, series, claimer, assignee in rows
     ]
 
 
@@ -172,35 +205,47 @@ def get_worklist_row(*, session: Session, item_id: int) -> WorklistRow:
         NotFound: no worklist item has this id.
     """
     row = session.execute(
-        select(WorklistItem, Series, User.name)
-        .join(Series, Series.id == WorklistItem.series_id)
-        .outerjoin(User, User.id == WorklistItem.claimed_by)
+        _worklist_query()
         .where(WorklistItem.id == item_id)
         .execution_options(populate_existing=True)  # fresh after an UPDATE statement
     ).first()
     if row is None:
         raise NotFound(f"no worklist item {item_id}")
-    item, series, name = row
+    item, series, claimer, assignee = row
     return WorklistRow(
         item=item,
         series=series,
         score=latest_scores(session=session, series_ids=[series.id]).get(series.id),
-        claimed_by=name,
+        claimed_by=claimer,
+        assigned_to=assignee,
     )
 
 
 def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
     """Lock an open worklist item for user `user_id`; claiming one's own claimed item again is a no-op.
 
+    An item an admin assigned to someone may be claimed by that person or by an admin only;
+    the others see whom it is assigned to.
+
     Raises:
-        NotFound: no such item.
-        Conflict: the item is claimed by another user, or done.
+        NotFound: no such item, or no such user.
+        Conflict: the item is claimed by another user, assigned to another user (and `user_id` is
+            no admin), or done.
     """
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user {user_id}")
     now = utc_now()
+    conditions: list[ColumnElement[bool]] = [
+        WorklistItem.id == item_id,
+        WorklistItem.status == WorklistStatus.OPEN.value,
+    ]
+    if user.role != UserRole.ADMIN:
+        conditions.append(or_(WorklistItem.assigned_to.is_(None), WorklistItem.assigned_to == user_id))
     claimed = rows_changed(
         session.execute(
             update(WorklistItem)
-            .where(WorklistItem.id == item_id, WorklistItem.status == WorklistStatus.OPEN.value)
+            .where(*conditions)
             .values(status=WorklistStatus.CLAIMED.value, claimed_by=user_id, claimed_at=now)
         )
     )
@@ -215,6 +260,7 @@ def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         ):
             session.rollback()
             raise Conflict(f"cannot claim worklist item {item_id}: its series version was superseded or moved on")
+        _audit(session=session, user_id=user_id, action=AuditAction.CLAIM, item_id=item_id)
         session.commit()
         log.info("worklist item %s claimed by user %s", item_id, user_id)
         return get_worklist_row(session=session, item_id=item_id)
@@ -240,6 +286,7 @@ def release_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow
         values={"status": WorklistStatus.OPEN.value, "claimed_by": None, "claimed_at": None},
         target=SeriesState.WORKLISTED,
         kind="worklist_released",
+        audit_action=AuditAction.RELEASE,
     )
 
 
@@ -258,6 +305,7 @@ def finish_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
         values={"status": WorklistStatus.DONE.value, "done_at": utc_now()},
         target=SeriesState.DONE,
         kind="worklist_done",
+        audit_action=AuditAction.DONE,
     )
 
 
@@ -270,6 +318,7 @@ def _finish_claim(
     values: dict[str, Any],
     target: SeriesState,
     kind: str,
+    audit_action: AuditAction,
 ) -> WorklistRow:
     user = session.get(User, user_id)
     if user is None:
@@ -298,6 +347,8 @@ def _finish_claim(
     ):
         session.rollback()
         raise Conflict(f"cannot {action} worklist item {item_id}: its series version was superseded or moved on")
+    detail = {"claimed_by": row.item.claimed_by} if row.item.claimed_by != user_id else {}
+    _audit(session=session, user_id=user_id, action=audit_action, item_id=item_id, detail=detail)
     session.commit()
     log.info("worklist item %s: %s by user %s", item_id, kind, user_id)
     return get_worklist_row(session=session, item_id=item_id)
@@ -308,6 +359,8 @@ def _why_not(row: WorklistRow, action: str) -> str:
     item = row.item
     if item.status == WorklistStatus.DONE:
         return f"cannot {action} worklist item {item.id}: it is done"
+    if item.status == WorklistStatus.OPEN and action == "claim" and row.assigned_to:
+        return f"cannot claim worklist item {item.id}: it is assigned to {row.assigned_to}; only they or an admin may"
     if item.status == WorklistStatus.OPEN:
         return f"cannot {action} worklist item {item.id}: it is not claimed (claim it first)"
     since = item.claimed_at.isoformat(timespec="minutes") if item.claimed_at else "?"
@@ -343,12 +396,14 @@ def _series_moves(
 
 @dataclass(frozen=True)
 class SeriesReview:
-    """A series version with what a reviewer needs: its latest score, worklist row and newest version number."""
+    """A series version with what a reviewer needs: its latest score, worklist row, newest version number
+    and the contour feedback recorded on it (newest first)."""
 
     series: Series
     score: SeriesScore | None
     worklist: WorklistRow | None
     latest_version: int
+    feedback: list[FeedbackRow]
 
 
 def get_series_review(*, session: Session, series_instance_uid: str, version: int | None = None) -> SeriesReview:
@@ -375,7 +430,13 @@ def get_series_review(*, session: Session, series_instance_uid: str, version: in
     score = latest_scores(session=session, series_ids=[series.id]).get(series.id)
     item_id = session.scalar(select(WorklistItem.id).where(WorklistItem.series_id == series.id))
     worklist = get_worklist_row(session=session, item_id=item_id) if item_id is not None else None
-    return SeriesReview(series=series, score=score, worklist=worklist, latest_version=versions[-1].version)
+    return SeriesReview(
+        series=series,
+        score=score,
+        worklist=worklist,
+        latest_version=versions[-1].version,
+        feedback=list_series_feedback(session=session, series_id=series.id),
+    )
 
 
 @dataclass(frozen=True)
@@ -410,3 +471,179 @@ def get_slice_source(*, session: Session, series_id: int, index: int) -> SliceSo
         raise NotFound(f"slice {index} of series version {series_id}: its instance is not stored")
     top = next((t for t in score.top_slices if t.get("index") == index), None)
     return SliceSource(instance_path=path, residual_map_path=(top or {}).get("residual_map"))
+
+
+# --- assignment ------------------------------------------------------------------------------------
+
+
+def assign_item(*, session: Session, item_id: int, admin_id: int, assignee_name: str | None) -> WorklistRow:
+    """Assign an open or claimed worklist item to the user `assignee_name` (None: take the assignment away).
+
+    Assignment is an attribute of the item, not a lifecycle step: the series' state and an existing
+    claim stay as they are. While an item is assigned, only the assignee or an admin may claim it.
+
+    Raises:
+        NotFound: no such item, admin or assignee.
+        Forbidden: `admin_id` is not an admin.
+        Conflict: the item is done, or the assignee is disabled.
+    """
+    admin = session.get(User, admin_id)
+    if admin is None:
+        raise NotFound(f"no user {admin_id}")
+    if admin.role != UserRole.ADMIN:
+        raise Forbidden("only an admin may assign worklist items")
+    row = get_worklist_row(session=session, item_id=item_id)
+    if row.item.status == WorklistStatus.DONE:
+        raise Conflict(f"cannot assign worklist item {item_id}: it is done")
+    assignee: User | None = None
+    if assignee_name is not None:
+        assignee = session.scalar(select(User).where(User.name == assignee_name))
+        if assignee is None:
+            raise NotFound(f"no user named {assignee_name!r}")
+        if not assignee.active:
+            raise Conflict(f"cannot assign worklist item {item_id} to {assignee_name}: the user is disabled")
+    previous = row.item.assigned_to
+    row.item.assigned_to = assignee.id if assignee else None
+    row.item.assigned_at = utc_now() if assignee else None
+    _audit(
+        session=session,
+        user_id=admin_id,
+        action=AuditAction.ASSIGN if assignee else AuditAction.UNASSIGN,
+        item_id=item_id,
+        detail={"assigned_to": assignee.id if assignee else None, "previous": previous},
+    )
+    session.commit()
+    log.info("worklist item %s assigned to user %s by user %s", item_id, row.item.assigned_to, admin_id)
+    return get_worklist_row(session=session, item_id=item_id)
+
+
+# --- contour feedback ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One recorded verdict with its author's name."""
+
+    feedback: ContourFeedback
+    user_name: str
+
+
+def record_feedback(
+    *, session: Session, series_id: int, user_id: int, verdict: str, note: str | None = None
+) -> FeedbackRow:
+    """Record user `user_id`'s verdict on the auto contour of series version `series_id`, with an optional note.
+
+    A label for the gate's evaluation, not a lifecycle step: the series' state does not change.
+    Feedback is taken on a series version the pipeline routed (to the worklist, or to
+    auto-segmentation for a shadow review); each call adds a row, the newest one counts.
+
+    Raises:
+        NotFound: no such series version or user.
+        ValueError: `verdict` is not a `FeedbackVerdict` value; the note is longer than
+            `MAX_FEEDBACK_NOTE_LENGTH` characters.
+        Conflict: the series version was not routed yet (nothing to judge).
+    """
+    if verdict not in {v.value for v in FeedbackVerdict}:
+        raise ValueError(f"verdict {verdict!r}: expected one of {', '.join(v.value for v in FeedbackVerdict)}")
+    note = (note or "").strip() or None
+    if note is not None and len(note) > MAX_FEEDBACK_NOTE_LENGTH:
+        raise ValueError(f"note: {len(note)} characters; expected at most {MAX_FEEDBACK_NOTE_LENGTH}")
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user {user_id}")
+    series = session.get(Series, series_id)
+    if series is None:
+        raise NotFound(f"no series version {series_id}")
+    item_id = session.scalar(select(WorklistItem.id).where(WorklistItem.series_id == series_id))
+    if item_id is None and series.route is None:
+        raise Conflict(
+            f"cannot record feedback on series version {series_id}: the pipeline has not routed it yet (state {series.state})"
+        )
+    feedback = ContourFeedback(
+        series_id=series_id, worklist_item_id=item_id, user_id=user_id, verdict=verdict, note=note
+    )
+    session.add(feedback)
+    _audit(
+        session=session,
+        user_id=user_id,
+        action=AuditAction.FEEDBACK,
+        item_id=item_id,
+        series_id=series_id,
+        detail={"verdict": verdict, "note": note is not None},
+    )
+    session.commit()
+    log.info("feedback %s on series version %s by user %s", verdict, series_id, user_id)
+    return FeedbackRow(feedback=feedback, user_name=user.name)
+
+
+def list_series_feedback(*, session: Session, series_id: int) -> list[FeedbackRow]:
+    """Every verdict recorded on series version `series_id`, newest first."""
+    rows = session.execute(
+        select(ContourFeedback, User.name)
+        .join(User, User.id == ContourFeedback.user_id)
+        .where(ContourFeedback.series_id == series_id)
+        .order_by(ContourFeedback.created_at.desc(), ContourFeedback.id.desc())
+    ).all()
+    return [FeedbackRow(feedback=feedback, user_name=name) for feedback, name in rows]
+
+
+# --- the audit trail -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit line: the event, the acting user's name, and the series it concerns (UID and version)."""
+
+    event: AuditEvent
+    user_name: str | None
+    series_instance_uid: str | None
+    series_version: int | None
+
+
+def _audit(
+    *,
+    session: Session,
+    user_id: int,
+    action: AuditAction,
+    item_id: int | None = None,
+    series_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add the audit line of one action to the session (committed with the action itself)."""
+    if series_id is None and item_id is not None:
+        series_id = session.scalar(select(WorklistItem.series_id).where(WorklistItem.id == item_id))
+    session.add(
+        AuditEvent(
+            user_id=user_id,
+            action=action.value,
+            worklist_item_id=item_id,
+            series_id=series_id,
+            detail=detail or {},
+            created_at=utc_now(),
+        )
+    )
+
+
+def list_audit(*, session: Session, viewer_id: int, limit: int = 500) -> list[AuditRow]:
+    """The newest `limit` audit lines, newest first, for an admin.
+
+    Raises:
+        NotFound: no user `viewer_id`.
+        Forbidden: the viewer is not an admin.
+    """
+    viewer = session.get(User, viewer_id)
+    if viewer is None:
+        raise NotFound(f"no user {viewer_id}")
+    if viewer.role != UserRole.ADMIN:
+        raise Forbidden("only an admin may read the audit trail")
+    rows = session.execute(
+        select(AuditEvent, User.name, Series.series_instance_uid, Series.version)
+        .outerjoin(User, User.id == AuditEvent.user_id)
+        .outerjoin(Series, Series.id == AuditEvent.series_id)
+        .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
+        .limit(limit)
+    ).all()
+    return [
+        AuditRow(event=event, user_name=name, series_instance_uid=uid, series_version=version)
+        for event, name, uid, version in rows
+    ]

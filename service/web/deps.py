@@ -5,7 +5,8 @@ Everything a request needs was built once by `service.web.app.create_app` and li
 `templates` and `readiness_checks`. The dependencies below hand them to the routes.
 
 Errors answer with a reason: `NotAuthenticated` is a 401 with a basic-auth challenge (API,
-`/readyz`) or a redirect to the login page; `BadRequest` 400; `CrossSiteRequest` 403;
+`/readyz`) or a redirect to the login page; `BadRequest` 400; `CrossSiteRequest` and
+`crud.Forbidden` (the user's role does not allow it) 403;
 `crud.NotFound` and `ImageUnavailable` 404; `crud.Conflict` 409. JSON for the API and `/readyz`,
 the error page otherwise.
 """
@@ -14,6 +15,7 @@ the error page otherwise.
 # at run time.
 import base64
 import binascii
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from service.db.tables import User, WorklistStatus, utc_now
+from service.db.tables import RouteReason, User, WorklistStatus, utc_now
 from service.settings import Settings
 from service.web import crud, security
 from service.web.health import Check
@@ -38,6 +40,7 @@ WEB_DIR = Path(__file__).resolve().parent
 SESSION_COOKIE = "gatekeeper_session"
 ACTIVE_STATUSES = (WorklistStatus.OPEN.value, WorklistStatus.CLAIMED.value)
 ALL_STATUSES = tuple(s.value for s in WorklistStatus)
+ALL_REASONS = tuple(r.value for r in RouteReason)
 BASIC_REALM = 'Basic realm="CT Gatekeeper", charset="UTF-8"'
 
 
@@ -161,6 +164,11 @@ def cross_site(request: Request, exc: Exception) -> Response:
     return error_response(request, 403, str(exc))
 
 
+def forbidden(request: Request, exc: Exception) -> Response:
+    """403 for `crud.Forbidden`: the user's role does not allow the action."""
+    return error_response(request, 403, str(exc))
+
+
 #: Exception type → handler, in the order create_app registers them.
 ERROR_HANDLERS = (
     (NotAuthenticated, not_authenticated),
@@ -169,6 +177,7 @@ ERROR_HANDLERS = (
     (crud.Conflict, conflict),
     (BadRequest, bad_request),
     (CrossSiteRequest, cross_site),
+    (crud.Forbidden, forbidden),
 )
 
 
@@ -189,11 +198,24 @@ def apply_action(session: Session, *, item_id: int, action: str, user: User) -> 
     return ACTIONS[action](session=session, item_id=item_id, user_id=user.id)
 
 
-def worklist_entries(session: Session, *, sort: str, order: str, status: str) -> list[WorklistEntry]:
-    """The worklist as shown: filtered by `status`, sorted by `sort` in `order` (asc|desc).
+def worklist_entries(
+    session: Session,
+    *,
+    sort: str,
+    order: str,
+    status: str,
+    reason: str = "",
+    older_than_h: float | None = None,
+    user: User | None = None,
+) -> list[WorklistEntry]:
+    """The worklist as shown: filtered by `status`, `reason` and age, sorted by `sort` in `order` (asc|desc).
+
+    `reason`: empty for any, else a comma-separated list of `RouteReason` values; `older_than_h`:
+    only items on the worklist for more than this many hours. With `user`, the items they claimed
+    or were assigned come first (each group in the requested order).
 
     Raises:
-        BadRequest: an unknown sort key, order or status.
+        BadRequest: an unknown sort key, order, status or reason, or a negative age.
     """
     if order not in ("asc", "desc"):
         raise BadRequest(f"order {order!r}: expected asc or desc")
@@ -206,12 +228,31 @@ def worklist_entries(session: Session, *, sort: str, order: str, status: str) ->
         unknown = [s for s in statuses if s not in ALL_STATUSES]
         if unknown or not statuses:
             raise BadRequest(f"status {status!r}: expected active, all, or a list of {', '.join(ALL_STATUSES)}")
+    reasons = tuple(r.strip() for r in reason.split(",") if r.strip())
+    if any(r not in ALL_REASONS for r in reasons):
+        raise BadRequest(f"reason {reason!r}: expected empty (any) or a list of {', '.join(ALL_REASONS)}")
+    if older_than_h is not None and not older_than_h >= 0:
+        raise BadRequest(f"older_than_h {older_than_h!r}: expected a number of hours, 0 or more")
     now = utc_now()
-    entries = [WorklistEntry.from_row(row, now=now) for row in crud.list_worklist(session=session, statuses=statuses)]
+    rows = crud.list_worklist(
+        session=session,
+        statuses=statuses,
+        reasons=reasons or None,
+        created_before=now - dt.timedelta(hours=older_than_h) if older_than_h is not None else None,
+    )
+    entries = [WorklistEntry.from_row(row, now=now) for row in rows]
     try:
-        return sort_entries(entries, key=sort, descending=order == "desc")
+        entries = sort_entries(entries, key=sort, descending=order == "desc")
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
+    if user is None:
+        return entries
+    mine: list[WorklistEntry] = []
+    others: list[WorklistEntry] = []
+    for entry in entries:
+        is_mine = user.name in (entry.claimed_by, entry.assigned_to) and entry.status != WorklistStatus.DONE
+        (mine if is_mine else others).append(entry)
+    return mine + others
 
 
 def series_detail(session: Session, series_instance_uid: str, version: int | None) -> SeriesDetail:

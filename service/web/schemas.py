@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from service.db.tables import SeriesScore, User
-from service.web.crud import SeriesReview, WorklistRow
+from service.db.tables import MAX_FEEDBACK_NOTE_LENGTH, SeriesScore, User
+from service.web.crud import AuditRow, FeedbackRow, SeriesReview, WorklistRow
 
 SORT_KEYS = ("age", "patient", "study_date", "description", "reason", "score", "status")
 
@@ -49,6 +49,8 @@ class WorklistEntry(BaseModel):
     claimed_by: str | None
     claimed_at: dt.datetime | None
     done_at: dt.datetime | None
+    assigned_to: str | None  # the user an admin assigned it to: only they or an admin may claim it
+    assigned_at: dt.datetime | None
     url: str  # the series page
 
     @classmethod
@@ -75,6 +77,8 @@ class WorklistEntry(BaseModel):
             claimed_by=row.claimed_by,
             claimed_at=item.claimed_at,
             done_at=item.done_at,
+            assigned_to=row.assigned_to,
+            assigned_at=item.assigned_at,
             url=series_url(series.series_instance_uid, series.version),
         )
 
@@ -121,6 +125,8 @@ class SeriesDetail(BaseModel):
     slices: list[SliceScoreOut]
     top_slices: list[TopSlice]
     worklist: WorklistEntry | None
+    feedback: list[FeedbackOut]  # newest first
+    feedback_allowed: bool  # routed (worklist or auto): a verdict on the auto contour can be recorded
 
     @classmethod
     def from_review(cls, review: SeriesReview, *, now: dt.datetime) -> SeriesDetail:
@@ -166,6 +172,78 @@ class SeriesDetail(BaseModel):
                 for t in (score.top_slices if score else [])
             ],
             worklist=WorklistEntry.from_row(review.worklist, now=now) if review.worklist else None,
+            feedback=[FeedbackOut.from_row(f, series_instance_uid=uid, version=version) for f in review.feedback],
+            feedback_allowed=series.route is not None or review.worklist is not None,
+        )
+
+
+FeedbackVerdictIn = Literal["yes", "no", "not_applicable"]
+
+
+class FeedbackIn(BaseModel):
+    """A dosimetrist's verdict: would the auto contour of this series have been acceptable?"""
+
+    verdict: FeedbackVerdictIn
+    note: str | None = Field(default=None, max_length=MAX_FEEDBACK_NOTE_LENGTH)
+
+
+class FeedbackOut(BaseModel):
+    """One recorded verdict: who, when, what (`no`: the auto contour would have failed)."""
+
+    id: int
+    series_instance_uid: str
+    series_version: int
+    worklist_item_id: int | None
+    verdict: str  # yes | no | not_applicable
+    note: str | None
+    user: str
+    created_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: FeedbackRow, *, series_instance_uid: str, version: int) -> FeedbackOut:
+        f = row.feedback
+        return cls(
+            id=f.id,
+            series_instance_uid=series_instance_uid,
+            series_version=version,
+            worklist_item_id=f.worklist_item_id,
+            verdict=f.verdict,
+            note=f.note,
+            user=row.user_name,
+            created_at=f.created_at,
+        )
+
+
+class AssignIn(BaseModel):
+    """Whom to assign a worklist item to: a user name, or null to take the assignment away."""
+
+    assignee: str | None
+
+
+class AuditEntry(BaseModel):
+    """One line of the audit trail: who did what, when, on which worklist item and series version."""
+
+    id: int
+    created_at: dt.datetime
+    user: str | None
+    action: str  # claim | release | done | assign | unassign | feedback
+    worklist_item_id: int | None
+    series_instance_uid: str | None
+    series_version: int | None
+    detail: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: AuditRow) -> AuditEntry:
+        e = row.event
+        return cls(
+            id=e.id,
+            created_at=e.created_at,
+            user=row.user_name,
+            action=e.action,
+            worklist_item_id=e.worklist_item_id,
+            series_instance_uid=row.series_instance_uid,
+            series_version=row.series_version,
+            detail=e.detail or {},
         )
 
 

@@ -1,17 +1,22 @@
-"""The HTML pages: login and logout, the worklist, a series with its score plot, slice images, worklist forms."""
+"""The HTML pages: login and logout, the worklist (filters, assignment), a series with its score plot, slice
+images and contour feedback, worklist forms, the admins' audit trail."""
 
 # No `from __future__ import annotations`: FastAPI reads the dependency types at run time.
 import logging
 from typing import Annotated
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from service.db.tables import MAX_FEEDBACK_NOTE_LENGTH, UserRole
 from service.web import crud
 from service.web.deps import (
+    ALL_REASONS,
     DB,
     SESSION_COOKIE,
     AppSettings,
+    BadRequest,
     CurrentUser,
     Signer,
     Templates,
@@ -22,7 +27,7 @@ from service.web.deps import (
     worklist_entries,
 )
 from service.web.images import render_slice_png, resolve_stored, slice_score_svg
-from service.web.schemas import SORT_KEYS
+from service.web.schemas import SORT_KEYS, AuditEntry, FeedbackVerdictIn
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +100,51 @@ def worklist_page(
     request: Request,
     user: CurrentUser,
     session: DB,
+    settings: AppSettings,
     templates: Templates,
     sort: str = "age",
     order: str = "desc",
     status: str = "active",
+    reason: str = "",
+    older_than_h: str = "",
 ) -> Response:
-    entries = worklist_entries(session, sort=sort, order=order, status=status)
+    """The worklist; the filter form sends `status`, `reason` and `older_than_h` (empty: no age filter)."""
+    try:
+        min_age_h = float(older_than_h) if older_than_h.strip() else None
+    except ValueError:
+        raise BadRequest(f"older_than_h {older_than_h!r}: expected a number of hours") from None
+    entries = worklist_entries(
+        session, sort=sort, order=order, status=status, reason=reason, older_than_h=min_age_h, user=user
+    )
+    # What the sort and filter links keep of the current view.
+    filters = urlencode({"status": status, "reason": reason, "older_than_h": older_than_h})
+    assignees = [u.name for u in crud.list_users(session=session) if u.active] if user.role == UserRole.ADMIN else []
     return templates.TemplateResponse(
         request,
         "worklist.html",
-        {"user": user, "entries": entries, "sort": sort, "order": order, "status": status, "sort_keys": SORT_KEYS},
+        {
+            "user": user,
+            "entries": entries,
+            "sort": sort,
+            "order": order,
+            "status": status,
+            "reason": reason,
+            "older_than_h": older_than_h,
+            "filters": filters,
+            "reasons": ALL_REASONS,
+            "sort_keys": SORT_KEYS,
+            "age_warning_s": settings.worklist_age_warning_h * 3600.0,
+            "age_warning_h": settings.worklist_age_warning_h,
+            "assignees": assignees,
+        },
     )
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, user: CurrentUser, session: DB, templates: Templates) -> Response:
+    """Who did what when in the worklist app (admins only: 403 otherwise)."""
+    entries = [AuditEntry.from_row(row) for row in crud.list_audit(session=session, viewer_id=user.id)]
+    return templates.TemplateResponse(request, "audit.html", {"user": user, "entries": entries})
 
 
 @router.get("/series/{series_instance_uid}", response_class=HTMLResponse)
@@ -141,6 +180,36 @@ def slice_image(
     residual = resolve_stored(settings.storage_dir, source.residual_map_path) if source.residual_map_path else None
     png = render_slice_png(dicom_path=dicom_path, residual_path=residual)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.post("/worklist/{item_id}/assign")
+def worklist_assign_form(
+    item_id: int,
+    user: CurrentUser,
+    session: DB,
+    assignee: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/worklist",
+    _: None = Depends(same_origin),
+) -> Response:
+    """Assign the item to `assignee` (empty: take the assignment away); admins only (403 otherwise)."""
+    crud.assign_item(session=session, item_id=item_id, admin_id=user.id, assignee_name=assignee.strip() or None)
+    return RedirectResponse(safe_next(next), status_code=303)
+
+
+@router.post("/series/{series_instance_uid}/feedback")
+def series_feedback_form(
+    series_instance_uid: str,
+    user: CurrentUser,
+    session: DB,
+    verdict: Annotated[FeedbackVerdictIn, Form()],
+    version: Annotated[int, Form(ge=1)],
+    note: Annotated[str, Form(max_length=MAX_FEEDBACK_NOTE_LENGTH)] = "",
+    _: None = Depends(same_origin),
+) -> Response:
+    """Record the user's verdict on the auto contour of this series version; back to the series page."""
+    review = crud.get_series_review(session=session, series_instance_uid=series_instance_uid, version=version)
+    crud.record_feedback(session=session, series_id=review.series.id, user_id=user.id, verdict=verdict, note=note)
+    return RedirectResponse(f"/series/{quote(series_instance_uid)}?version={version}#feedback", status_code=303)
 
 
 @router.post("/worklist/{item_id}/{action}")

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 from test_web import Env, make_settings
-from web_support import ANOMALY, NUM_SLICES, THRESHOLD, seed_database, serve, write_phantom
+from web_support import ANOMALY, NUM_SLICES, PASSWORDS, THRESHOLD, seed_database, serve, write_phantom
 
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, Series
@@ -33,6 +33,8 @@ from service.web.routes.viewer import NO_CONTOUR, SLICE_CACHE
 
 pytestmark = pytest.mark.integration
 
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TOP_SLICES = [5, 6, 7]
 LIVER_FROM = 3  # the written liver SEG has no liver on slices 0–2  # the seeded flagged series' three highest scores (slices 5–8 are above the threshold)
 
@@ -264,3 +266,124 @@ def test_score_plot_points_carry_their_slice_index() -> None:
     for i in range(5):
         assert f'data-index="{i}"' in svg
     assert 'data-first="0"' in svg and 'data-last="4"' in svg and "data-x0=" in svg and "data-x1=" in svg
+
+
+# --- one real-browser journey -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_dosimetrist_scrolls_windows_and_toggles_overlays_in_the_slice_viewer(env: Env) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    assert CHROMIUM.exists(), "Debian's chromium is missing: apt-get install chromium (make system-deps)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(f"{env.url}/login?next=/series/{env.seeded.flagged_uid}")
+            page.fill("input[name=name]", "alice")
+            page.fill("input[name=password]", PASSWORDS["alice"])
+            page.click("button[type=submit]")
+            viewer = page.locator("#viewer")
+            expect(viewer).to_have_attribute("data-ready", "true")
+            index = page.locator("#viewer-index")
+            slice_img = page.locator("#viewer img.viewer-slice")
+            expect(index).to_have_text("6")  # opens on the highest-scoring slice
+            wait_for_slice(page, 6)
+
+            # Scroll: the wheel and the arrow keys move one slice; the slider jumps.
+            page.locator("#viewer .viewer-stage").hover()
+            page.mouse.wheel(0, 120)
+            expect(index).to_have_text("7")
+            wait_for_slice(page, 7)
+            page.mouse.wheel(0, -120)
+            page.mouse.wheel(0, -120)
+            expect(index).to_have_text("5")
+            page.locator("#viewer .viewer-stage").focus()
+            page.keyboard.press("ArrowDown")
+            expect(index).to_have_text("6")
+            page.keyboard.press("ArrowUp")
+            page.keyboard.press("ArrowUp")
+            expect(index).to_have_text("4")
+            page.locator("#viewer-slider").fill("9")
+            expect(index).to_have_text("9")
+            wait_for_slice(page, 9)
+
+            # Presets change the window of the image (and the free W/L fields).
+            for name, level, width in (("bone", 400, 1800), ("lung", -600, 1500), ("liver", 70, 150)):
+                page.locator(f"#viewer button[data-preset={name}]").click()
+                expect(slice_img).to_have_attribute("src", f"{url_of(env, 9)}?wl={level}&ww={width}")
+                expect(page.locator("#viewer-ww")).to_have_value(str(width))
+                wait_for_slice(page, 9)
+            page.locator("#viewer-wl").fill("100")
+            page.locator("#viewer-ww").fill("700")
+            page.locator("#viewer-ww").press("Enter")
+            expect(slice_img).to_have_attribute("src", f"{url_of(env, 9)}?wl=100&ww=700")
+            page.locator("#viewer button[data-preset=abdomen]").click()
+
+            # The score plot: a click on a point jumps to that slice.
+            page.locator("svg.score-plot circle.point[data-index='6']").click(force=True)
+            expect(index).to_have_text("6")
+            wait_for_slice(page, 6)
+
+            # Overlays: each toggles its own layer on and off.
+            residual = page.locator("#viewer img.viewer-residual")
+            contour = page.locator("#viewer img.viewer-contour")
+            expect(residual).to_be_hidden()
+            page.locator("#viewer-overlay-residual").check()
+            expect(residual).to_be_visible()
+            expect(residual).to_have_attribute("src", f"{url_of(env, 6)}".replace(".png", "/residual.png"))
+            page.locator("#viewer-overlay-contour").check()
+            expect(contour).to_be_visible()
+            expect(residual).to_be_visible()
+            page.wait_for_function(
+                "[...document.querySelectorAll('#viewer .viewer-stage img')]"
+                ".every(img => img.hidden || (img.complete && img.naturalWidth === 64))"
+            )
+            page.screenshot(path=str(ARTIFACTS / "viewer-overlays.png"), full_page=True)
+            page.locator("#viewer-overlay-residual").uncheck()
+            expect(residual).to_be_hidden()
+            expect(contour).to_be_visible()
+            page.locator("#viewer-overlay-contour").uncheck()
+            expect(contour).to_be_hidden()
+            # Residual maps exist on the top slices only: elsewhere the layer stays hidden.
+            page.locator("#viewer-overlay-residual").check()
+            page.keyboard.press("Home")
+            expect(index).to_have_text("0")
+            expect(residual).to_be_hidden()
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_without_a_contour_the_overlay_toggle_is_disabled_with_a_reason(env: Env) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{env.url}/login?next=/series/{env.seeded.geometry_uid}")
+            page.fill("input[name=name]", "alice")
+            page.fill("input[name=password]", PASSWORDS["alice"])
+            page.click("button[type=submit]")
+            expect(page.locator("#viewer")).to_have_attribute("data-ready", "true")
+            toggle = page.locator("#viewer-overlay-contour")
+            expect(toggle).to_be_disabled()
+            expect(page.locator("label[for=viewer-overlay-contour]")).to_have_attribute("title", NO_CONTOUR)
+            expect(page.locator("#viewer-overlay-residual")).to_be_disabled()
+            expect(page.locator("#viewer-index")).to_have_text("0")  # unscored: opens on the first slice
+        finally:
+            browser.close()
+
+
+def url_of(env: Env, index: int) -> str:
+    return f"{base(env.seeded.flagged_uid)}/viewer/slices/{index}.png"
+
+
+def wait_for_slice(page: object, index: int) -> None:
+    """Wait until the slice layer shows slice `index`, loaded (the viewer sets data-loaded on load)."""
+    page.wait_for_function(  # type: ignore[attr-defined]
+        f"document.querySelector('#viewer').dataset.loaded === '{index}'"
+    )

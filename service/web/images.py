@@ -216,10 +216,11 @@ def slice_score_svg(
 
 # --- the slice viewer's layers ------------------------------------------------------------------------
 
-# Colour of the liver contour (RGB) and its opacity; the outline is CONTOUR_WIDTH pixels wide, inside the mask.
+# Colour of the liver contour (RGB) and its opacity; the outline is one pixel wide per CONTOUR_PIXELS_PER_WIDTH
+# image rows (at least one), inside the mask: 2 px on a 512² slice.
 CONTOUR_RGB = (0, 230, 118)
 CONTOUR_ALPHA = 235
-CONTOUR_WIDTH = 2
+CONTOUR_PIXELS_PER_WIDTH = 256
 # zlib level of the viewer's PNGs: 1 is several times faster than the default and ~10 % larger.
 PNG_COMPRESS_LEVEL = 1
 
@@ -391,7 +392,7 @@ def residual_layer_png(residual: np.ndarray, shape: tuple[int, int]) -> bytes:
     return _png(rgba, "RGBA")
 
 
-def contour_outline(mask: np.ndarray, width: int = CONTOUR_WIDTH) -> np.ndarray:
+def contour_outline(mask: np.ndarray, width: int) -> np.ndarray:
     """The pixels of `mask` within `width` pixels of its edge (4-neighbourhood), as bool."""
     inner = mask.astype(bool)
     for _ in range(width):
@@ -417,6 +418,6 @@ def contour_layer_png(mask: np.ndarray | None, shape: tuple[int, int]) -> bytes:
     if mask is not None:
         if mask.shape != tuple(shape):
             raise ImageUnavailable(f"segmentation frame has shape {mask.shape}; the slice is {shape}")
-        edge = contour_outline(mask)
+        edge = contour_outline(mask, width=max(1, round(shape[0] / CONTOUR_PIXELS_PER_WIDTH)))
         rgba[edge] = (*CONTOUR_RGB, CONTOUR_ALPHA)
     return _png(rgba, "RGBA")

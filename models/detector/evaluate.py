@@ -118,6 +118,13 @@ def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "threshold on its validation split) or any DICOM tree (default: --data)",
     )
     d.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    d.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="instead of the evaluation: diagnose what hides anomalies from the detector (model input, "
+        "reconstruction and residual at the lesion, scores against the normals' band, scan range) on every "
+        "phantom series under --data (models/detector/diagnose.py)",
+    )
     d.set_defaults(func=run)
 
 
@@ -779,6 +786,22 @@ def write_report(run: Run, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.diagnose:
+        import shlex
+        import sys
+
+        from models.detector import diagnose
+
+        if not args.data.is_dir():
+            raise UsageError(f"--data {args.data} is not a folder")
+        try:
+            diagnose.run(
+                data=args.data, model=args.model, out=args.out, command=shlex.join(["gatekeeper", *sys.argv[1:]])
+            )
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        print((args.out / "report.md").read_text())
+        return 0
     if args.bootstrap < 10:
         raise UsageError(f"--bootstrap must be >= 10, got {args.bootstrap}")
     try:

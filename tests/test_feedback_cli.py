@@ -1,21 +1,23 @@
-"""`gatekeeper feedback list [--json]` as an operator runs it: on a migrated, seeded PostgreSQL database,
-and on an un-migrated one (one line, exit code 2)."""
+"""`gatekeeper feedback list [--json]` and `gatekeeper evaluate gate --feedback` as an operator runs them:
+on a migrated, seeded PostgreSQL database, and on an un-migrated one (one line, exit code 2); the
+per-signal report on hand-made labels."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from pathlib import Path
 
 import pytest
 from alembic import command
 from test_cli_database import assert_one_line, run_gatekeeper
 
+from models.segmenter.evaluate_gate import feedback_report, feedback_summary
 from service.db.schema import alembic_config
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import ContourFeedback, Series, SeriesScore, User, WorklistItem
-
-pytestmark = pytest.mark.integration
+from service.feedback import FeedbackLabel
 
 NOW = dt.datetime(2026, 12, 3, 9, 30, tzinfo=dt.UTC)
 
@@ -86,6 +88,7 @@ def seed(url: str) -> dict[str, int]:
         engine.dispose()
 
 
+@pytest.mark.integration
 def test_feedback_list_json_exports_every_verdict_with_the_gate_signals(tmp_path: Path, postgres_db_url: str) -> None:
     command.upgrade(alembic_config(postgres_db_url), "head")
     ids = seed(postgres_db_url)
@@ -110,6 +113,7 @@ def test_feedback_list_json_exports_every_verdict_with_the_gate_signals(tmp_path
     assert table.returncode == 0 and len(table.stdout.splitlines()) == 4 and "1.80" in table.stdout
 
 
+@pytest.mark.integration
 def test_feedback_list_on_an_empty_database_says_no_feedback(tmp_path: Path, postgres_db_url: str) -> None:
     command.upgrade(alembic_config(postgres_db_url), "head")
     result = run_gatekeeper(["feedback", "list", "--json"], database_url=postgres_db_url, storage=tmp_path)
@@ -118,7 +122,101 @@ def test_feedback_list_on_an_empty_database_says_no_feedback(tmp_path: Path, pos
     assert table.stdout.strip() == "no feedback recorded yet"
 
 
+@pytest.mark.integration
 def test_feedback_list_on_an_unmigrated_database_is_one_line_and_exit_2(tmp_path: Path, postgres_db_url: str) -> None:
     result = run_gatekeeper(["feedback", "list", "--json"], database_url=postgres_db_url, storage=tmp_path)
     assert_one_line(result, "run `gatekeeper db upgrade`")
     assert result.stdout == ""
+
+
+@pytest.mark.integration
+def test_evaluate_gate_feedback_reads_the_verdicts_of_the_database(tmp_path: Path, postgres_db_url: str) -> None:
+    command.upgrade(alembic_config(postgres_db_url), "head")
+    empty = run_gatekeeper(["evaluate", "gate", "--feedback"], database_url=postgres_db_url, storage=tmp_path)
+    assert empty.returncode == 0 and empty.stdout.startswith("no feedback recorded yet"), empty.stderr
+    seed(postgres_db_url)
+    out = tmp_path / "report"
+    result = run_gatekeeper(
+        ["evaluate", "gate", "--feedback", "--out", str(out)], database_url=postgres_db_url, storage=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    # 1.2.3.1: no, then not applicable (the newest counts: left out); 1.2.3.2: yes.
+    assert "3 verdicts on 2 series versions" in result.stdout and "0 no (failure), 1 yes" in result.stdout
+    assert "AUROC needs both" in result.stdout
+    report = json.loads((out / "feedback_report.json").read_text())
+    routed = report["signals"]["routed_to_worklist"]
+    assert (routed["series"], routed["no"], routed["yes"], routed["stopped_yes"]) == (1, 0, 1, 0)
+    assert math.isnan(routed["auroc_no"])  # one class only: no AUROC
+
+
+def test_an_unmigrated_database_stops_evaluate_gate_feedback_with_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = run_gatekeeper(["evaluate", "gate", "--feedback"], database_url=url, storage=tmp_path)
+    assert_one_line(result, "run `gatekeeper db upgrade`")
+
+
+def label(n: int, verdict: str, *, score: float | None, route: str = "worklist", minute: int = 0) -> FeedbackLabel:
+    return FeedbackLabel(
+        id=n * 10 + minute,
+        created_at=NOW + dt.timedelta(minutes=minute),
+        user="alice",
+        verdict=verdict,
+        note=None,
+        series_id=n,
+        series_instance_uid=f"1.2.{n}",
+        series_version=1,
+        worklist_item_id=None,
+        route=route,
+        route_reason=None,
+        worklist_reason=None,
+        detector_model_version="m1" if score is not None else None,
+        detector_score=score,
+        detector_threshold=0.5 if score is not None else None,
+        detector_flagged=score > 0.5 if score is not None else None,
+        geometry_findings=0,
+    )
+
+
+def test_feedback_report_gives_auroc_per_signal_with_no_as_the_failure() -> None:
+    labels = [
+        label(1, "no", score=0.9),
+        label(2, "no", score=0.4, route="auto"),  # a failure the gate let through
+        label(3, "yes", score=0.2, route="auto"),
+        label(4, "yes", score=0.6),  # stopped though it would have been fine
+        label(5, "yes", score=None, route="worklist"),  # unreadable: no score
+        label(6, "no", score=0.3, route="auto"),
+        label(6, "not_applicable", score=0.3, route="auto", minute=5),  # the newest verdict counts
+    ]
+    report = feedback_report(labels)
+    assert (report["verdicts"], report["series"], report["no"], report["yes"], report["not_applicable"]) == (
+        7,
+        6,
+        2,
+        3,
+        1,
+    )
+    score = report["signals"]["detector_score"]
+    assert (score["series"], score["no"], score["yes"]) == (4, 2, 2)
+    # no: 1.8, 0.8; yes: 0.4, 1.2 → pairs (no > yes): 1.8>0.4, 1.8>1.2, 0.8>0.4 = 3 of 4
+    assert score["auroc_no"] == pytest.approx(0.75)
+    flagged = report["signals"]["detector_flagged"]
+    assert (flagged["stopped_no"], flagged["stopped_yes"]) == (1, 1)
+    routed = report["signals"]["routed_to_worklist"]
+    assert (routed["series"], routed["stopped_no"], routed["no"], routed["stopped_yes"], routed["yes"]) == (
+        5,
+        1,
+        2,
+        2,
+        3,
+    )
+    assert routed["auroc_no"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert report["signals"]["geometry_findings"]["auroc_no"] == 0.5  # no findings anywhere: no information
+    text = feedback_summary(report)
+    assert "2 no (failure), 3 yes, 1 not applicable" in text and "0.750" in text
+
+
+def test_feedback_report_without_both_verdicts_has_no_auroc() -> None:
+    report = feedback_report([label(1, "no", score=0.9)])
+    assert math.isnan(report["signals"]["detector_score"]["auroc_no"])
+    assert "AUROC needs both" in feedback_summary(report)
+    assert feedback_summary(feedback_report([])).startswith("no feedback recorded yet")

@@ -1,6 +1,15 @@
 """`gatekeeper evaluate gate`: how well each score predicts the segmenter's failures.
 
     gatekeeper evaluate gate --data DIR --out DIR [--segmenter DIR] [--detector DIR] [--train-data DIR]
+    gatekeeper evaluate gate --feedback [--out DIR]
+
+With `--feedback` the labels are the dosimetrists' verdicts recorded in the configured database
+(`gatekeeper feedback list`), not Dice on contoured series: a `no` (the auto contour was, or would
+have been, unacceptable) is a failure the gate should have sent to manual contouring, a `yes` a
+series it could have let through; `not_applicable` is left out, and of several verdicts on one
+series version the newest counts. Per gate signal stored in the database (the detector's score ÷
+its threshold, the detector's flag, geometry findings, the route the pipeline took) it reports
+the counts and, where both verdicts occur, the AUROC for `no`. No segmenter or detector runs.
 
 For every CT series under `--data` that has a liver contour (DICOM-SEG or RTSTRUCT, matched by
 referenced SeriesInstanceUID — a phantom test split or a hospital's own contoured series), the
@@ -42,6 +51,7 @@ from service.model_paths import DEFAULT_DETECTOR_DIR
 if TYPE_CHECKING:
     from models.segmenter.contours import LiverContour
     from service.dicom_series import SeriesFiles
+    from service.feedback import FeedbackLabel
     from service.inference import Detector
     from service.segmentation import Segmenter
 
@@ -62,8 +72,14 @@ def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run the segmenter on contoured CT series, compute Dice, and measure how well the "
         "detector's score (and the entropy / Mahalanobis baselines) predict Dice < 0.95.",
     )
-    g.add_argument("--data", required=True, type=Path, help="folder tree of CT series with liver contours")
-    g.add_argument("--out", required=True, type=Path, help="report folder")
+    g.add_argument("--data", type=Path, help="folder tree of CT series with liver contours (needed without --feedback)")
+    g.add_argument("--out", type=Path, help="report folder (needed without --feedback)")
+    g.add_argument(
+        "--feedback",
+        action="store_true",
+        help="use the dosimetrists' verdicts in the configured database as labels instead of --data "
+        "(writes feedback_report.json to --out when given)",
+    )
     g.add_argument("--segmenter", type=Path, default=None, help="segmenter model folder (default: shipped)")
     g.add_argument("--detector", type=Path, default=None, help="detector model folder (default: shipped)")
     g.add_argument(
@@ -512,6 +528,10 @@ def run(args: argparse.Namespace) -> int:
     from service.segmentation import DEFAULT_MODEL_DIR as DEFAULT_SEGMENTER
     from service.segmentation import Segmenter
 
+    if args.feedback:
+        return run_feedback(args)
+    if args.data is None or args.out is None:
+        raise UsageError("--data and --out are needed (or --feedback for the dosimetrists' verdicts)")
     if not args.data.is_dir():
         raise UsageError(f"--data {args.data}: no such folder")
     splits = set(args.split.split(",")) if args.split else {"test", "test_large"}
@@ -557,4 +577,113 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{n}: AUROC {_f(s['auroc'])} AURC {_f(s['aurc'], 4)}" for n, s in main["scores"].items())
         + f"; report in {args.out / 'report.md'}"
     )
+    return 0
+
+
+# --- the dosimetrists' verdicts as labels (--feedback) ---------------------------------------------------
+
+#: Gate signals stored in the database: name → (what it is, its value for a label; None: unknown).
+FEEDBACK_SIGNALS: dict[str, tuple[str, Callable[[FeedbackLabel], float | None]]] = {
+    "detector_score": (
+        "detector series score ÷ its threshold",
+        lambda lab: (
+            lab.detector_score / lab.detector_threshold
+            if lab.detector_score is not None and lab.detector_threshold
+            else None
+        ),
+    ),
+    "detector_flagged": (
+        "detector flag (score above threshold)",
+        lambda lab: None if lab.detector_flagged is None else float(lab.detector_flagged),
+    ),
+    "geometry_findings": (
+        "any ingest geometry finding",
+        lambda lab: None if lab.geometry_findings is None else float(lab.geometry_findings > 0),
+    ),
+    "routed_to_worklist": (
+        "the route the pipeline took was the worklist",
+        lambda lab: None if lab.route is None else float(lab.route == "worklist"),
+    ),
+}
+
+
+def feedback_report(labels: list[FeedbackLabel]) -> dict[str, Any]:
+    """Agreement of each gate signal with the dosimetrists' verdicts (`no` = failure = positive class).
+
+    Uses the newest verdict per series version and leaves `not_applicable` out. Per signal: how many
+    labelled series have a value for it, the `no`/`yes` counts among them, the AUROC for `no` (NaN
+    unless both occur; for a yes/no signal it is the mean of its recall of `no` and of `yes`), and for
+    yes/no signals the series it sent to manual contouring among the `no` and the `yes` verdicts.
+    """
+    from service.feedback import latest_per_series
+
+    latest = latest_per_series(labels)
+    judged = [lab for lab in latest if lab.verdict in ("yes", "no")]
+    signals: dict[str, Any] = {}
+    for name, (meaning, value_of) in FEEDBACK_SIGNALS.items():
+        pairs = [(value_of(lab), lab.verdict == "no") for lab in judged]
+        known = [(v, failed) for v, failed in pairs if v is not None]
+        fail = np.array([v for v, failed in known if failed], np.float64)
+        ok = np.array([v for v, failed in known if not failed], np.float64)
+        entry: dict[str, Any] = {
+            "meaning": meaning,
+            "series": len(known),
+            "no": int(fail.size),
+            "yes": int(ok.size),
+            "auroc_no": auroc(ok, fail),
+        }
+        if name != "detector_score":  # a yes/no signal: what it sent to manual contouring
+            entry["stopped_no"] = int((fail > 0).sum())
+            entry["stopped_yes"] = int((ok > 0).sum())
+        signals[name] = entry
+    return {
+        "verdicts": len(labels),
+        "series": len(latest),
+        "no": sum(lab.verdict == "no" for lab in latest),
+        "yes": sum(lab.verdict == "yes" for lab in latest),
+        "not_applicable": sum(lab.verdict == "not_applicable" for lab in latest),
+        "signals": signals,
+    }
+
+
+def feedback_summary(report: dict[str, Any]) -> str:
+    """The report as lines for a person (what `--feedback` prints)."""
+    if report["verdicts"] == 0:
+        return (
+            "no feedback recorded yet: dosimetrists record 'auto contour acceptable: yes / no / not applicable' "
+            "on the series pages of the worklist; then run this again"
+        )
+    lines = [
+        f"{report['verdicts']} verdicts on {report['series']} series versions (newest per series counts): "
+        f"{report['no']} no (failure), {report['yes']} yes, {report['not_applicable']} not applicable (left out)"
+    ]
+    if report["no"] == 0 or report["yes"] == 0:
+        lines.append("AUROC needs both 'no' and 'yes' verdicts; only counts for now")
+    lines.append(f"{'signal':<20} {'series':>6} {'no':>4} {'yes':>4} {'AUROC(no)':>9}  stopped no / yes")
+    for name, s in report["signals"].items():
+        stopped = f"{s['stopped_no']}/{s['no']} / {s['stopped_yes']}/{s['yes']}" if "stopped_no" in s else "-"
+        lines.append(f"{name:<20} {s['series']:>6} {s['no']:>4} {s['yes']:>4} {_f(s['auroc_no']):>9}  {stopped}")
+    return "\n".join(lines)
+
+
+def run_feedback(args: argparse.Namespace) -> int:
+    """`evaluate gate --feedback`: read the verdicts from the configured database and report per signal.
+
+    Raises:
+        DatabaseNotReady: the database does not answer or is not migrated (one line, exit 2).
+    """
+    from service.db.schema import open_database
+    from service.feedback import feedback_labels
+    from service.settings import load_settings_or_exit
+
+    if args.data is not None:
+        raise UsageError("--feedback takes its labels from the database; leave out --data")
+    settings = load_settings_or_exit()
+    with open_database(settings) as sessions, sessions() as session:
+        labels = feedback_labels(session=session)
+    report = feedback_report(labels)
+    print(feedback_summary(report))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "feedback_report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     return 0

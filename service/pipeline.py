@@ -1,4 +1,4 @@
-"""The pipeline, wired in one place: a completed series → score → route → segment → SEG → export, or → worklist.
+"""The pipeline, wired in one place: a completed series → score → route → segment → export, or → worklist.
 
 Stages (each a function below; the Celery tasks in `service.pipeline_tasks` only call them):
 
@@ -10,12 +10,14 @@ score      `scoring`                    `SeriesScore` (per-slice scores, top res
                                         maps) and `scored`; then **route** at once
 route      `scored`                     `segmenting` (route auto) or `worklisted`           (inline)
                                         (`WorklistItem` with a `RouteReason`)
-segment    `segmenting`                 the liver DICOM-SEG under `results/`, an `Export`   segment_queue
-                                        row, `exporting`; or `worklisted` (no liver).
+segment    `segmenting`                 the liver DICOM-SEG and/or RT Structure Set under   segment_queue
+                                        `results/` (`export_format`), an `Export` row per
+                                        object, `exporting`; or `worklisted` (no liver).
                                         Forward mode: the series C-STOREd to the external
                                         node, `delivered` or `export_failed` (`forward`)
-export     `exporting`                  `delivered` or `export_failed` (the `deliver_seg`   export_queue
-                                        task of `service.export_tasks` sends it)
+export     `exporting`                  each object sent (the `deliver_seg` task); once all  export_queue
+                                        settled: `delivered` (all delivered) or
+                                        `export_failed` (any failed)
 =========  ===========================  =================================================  ==============
 
 The route is decided by `ROUTING_RULES`, a table: the first rule whose condition holds on the
@@ -456,35 +458,43 @@ def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str
 
 def segment(
     *, sessions: sessionmaker[Session], settings: Settings, series_id: int, segmenter: Segmenter | None
-) -> Next:
-    """Stage *segment*: segment the liver, write the DICOM-SEG, record its export.
+) -> list[Next]:
+    """Stage *segment*: segment the liver, write the objects to deliver, record one export per object.
 
-    Input: state `segmenting`. Output: the SEG file `results/<series_id>/liver-seg-<version>.dcm`,
-    an `Export` row (one per SEG SOP Instance UID, so a repeat finds it), state `exporting` and the
-    export to queue. No liver: `worklisted` ("no_liver"); no PACS configured: `export_failed`.
-    With `settings.segmentation_mode` "forward" the series goes to the external node instead
-    (`forward`) and `segmenter` is not used (the worker passes None).
+    Input: state `segmenting`. Output, by `settings.export_format`: the DICOM-SEG
+    `results/<series_id>/liver-seg-<version>.dcm` ("seg"), the RT Structure Set
+    `results/<series_id>/liver-rtstruct-<version>.dcm` with one ROI `settings.rtstruct_roi_name`
+    ("rtstruct"), or both ("both"); an `Export` row per object (keyed by its SOP Instance UID, so a
+    repeat finds it), state `exporting`, and one export message per object to queue. No liver:
+    `worklisted` ("no_liver"); no PACS configured: `export_failed`. With
+    `settings.segmentation_mode` "forward" the series goes to the external node instead (`forward`)
+    and `segmenter` is not used (the worker passes None).
+
+    Returns:
+        What to queue, one `Next("export", export_id)` per export; empty: nothing.
 
     Raises:
         ValueError: `segmenter` is None in internal mode.
     """
     import pydicom
 
+    from service.dicom_rtstruct import build_liver_rtstruct
     from service.dicom_seg import build_liver_seg
     from service.dicom_send import ExportNotConfiguredError
     from service.pacs_export import record_export
 
     if settings.segmentation_mode == "forward":
-        return forward(sessions=sessions, settings=settings, series_id=series_id)
+        nxt = forward(sessions=sessions, settings=settings, series_id=series_id)
+        return [nxt] if nxt != DONE else []
     if segmenter is None:
         raise ValueError("segmenter is None; segmentation_mode 'internal' needs one")
     with sessions() as session:
         series = _series_row(session, series_id)
         if series is None:
-            return DONE
+            return []
         if series.superseded or series.state != S.SEGMENTING.value:
             log.info("series id %s is %s; nothing to segment", series_id, series.state)
-            return DONE
+            return []
         version = series.version
         paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
     try:
@@ -499,7 +509,7 @@ def segment(
                 detail={"problem": exc.problem},
                 event="rerouted",
             )
-        return DONE
+        return []
     clock = utc_now()
     result = segmenter.segment(volume)
     liver_found = bool(result.mask.any()) and result.liver_volume_ml >= settings.min_liver_ml
@@ -515,33 +525,50 @@ def segment(
                 event="rerouted",
                 detail={"liver_volume_ml": round(result.liver_volume_ml, 1), "segmenter_version": segmenter.version},
             )
-        return DONE
+        return []
 
     headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in volume.sop_instance_uids]
-    seg = build_liver_seg(
-        source_images=headers,
-        mask=result.mask,
-        algorithm_name=segmenter.name[:64],
-        algorithm_version=segmenter.version[:64],
-        source_series_version=version,
-    )
+    folder = results_dir(settings=settings, series_id=series_id)
+    written: list[Path] = []
+    if settings.export_format in ("seg", "both"):
+        seg = build_liver_seg(
+            source_images=headers,
+            mask=result.mask,
+            algorithm_name=segmenter.name[:64],
+            algorithm_version=segmenter.version[:64],
+            source_series_version=version,
+        )
+        written.append(folder / f"liver-seg-{segmenter.version}.dcm")
+        _atomic_write(written[-1], lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+    if settings.export_format in ("rtstruct", "both"):
+        rtstruct = build_liver_rtstruct(
+            source_images=headers,
+            mask=result.mask,
+            algorithm_name=segmenter.name[:64],
+            algorithm_version=segmenter.version[:64],
+            source_series_version=version,
+            roi_name=settings.rtstruct_roi_name,
+        )
+        written.append(folder / f"liver-rtstruct-{segmenter.version}.dcm")
+        _atomic_write(written[-1], lambda tmp: rtstruct.save_as(tmp, enforce_file_format=True))
     del volume, result
-    path = results_dir(settings=settings, series_id=series_id) / f"liver-seg-{segmenter.version}.dcm"
-    _atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
     duration = (utc_now() - clock).total_seconds()
+    files = [_relative(path, settings.storage_dir) for path in written]
     try:
-        export_id, created = record_export(sessions=sessions, settings=settings, path=path, series_id=series_id)
+        recorded = [
+            record_export(sessions=sessions, settings=settings, path=path, series_id=series_id) for path in written
+        ]
     except ExportNotConfiguredError as exc:
-        log.error("series id %s: SEG written but not sent: %s", series_id, exc)
+        log.error("series id %s: %s written but not sent: %s", series_id, settings.export_format.upper(), exc)
         with sessions.begin() as session:
             transition(
                 session=session,
                 series_id=series_id,
                 source=S.SEGMENTING,
                 target=S.EXPORT_FAILED,
-                detail={"reason": str(exc), "seg": _relative(path, settings.storage_dir)},
+                detail={"reason": str(exc), "files": files},
             )
-        return DONE
+        return []
     with sessions.begin() as session:
         moved = transition(
             session=session,
@@ -549,20 +576,22 @@ def segment(
             source=S.SEGMENTING,
             target=S.EXPORTING,
             detail={
-                "export_id": export_id,
-                "sop_instance_uid": str(seg.SOPInstanceUID),
+                "export_ids": [export_id for export_id, _ in recorded],
+                "files": files,
                 "segmenter_version": segmenter.version,
                 "duration_s": round(duration, 2),
             },
         )
     log.info(
-        "series id %s segmented in %.1f s; export %s %s",
+        "series id %s segmented in %.1f s; exports %s %s",
         series_id,
         duration,
-        export_id,
-        "recorded" if created else "already recorded",
+        ", ".join(str(export_id) for export_id, _ in recorded),
+        "recorded" if any(created for _, created in recorded) else "already recorded",
     )
-    return Next("export", export_id) if moved or created else DONE
+    # The series moved, or a repeat recorded an export a crash left out: queue each new one (a
+    # message for an export already sent or settled does nothing).
+    return [Next("export", export_id) for export_id, created in recorded if moved or created]
 
 
 def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: int) -> Next:
@@ -652,31 +681,45 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
 
 
 def export_settled(*, sessions: sessionmaker[Session], export_id: int) -> None:
-    """Stage *export*, last step: the series of export `export_id` follows the export's final state.
+    """Stage *export*, last step: the series of export `export_id` follows the final state of its exports.
 
+    A series may have several exports (`export_format` "both": the SEG and the RT Structure Set).
     Input: state `exporting` (or `export_failed`, after an operator's retry). Output: `delivered`
-    when the PACS took the SEG, `export_failed` when delivery failed for good. Pending: nothing.
+    when the PACS took every one of them; `export_failed` when every one has settled and any failed
+    for good. While any is pending: nothing (the last one to settle moves the series).
     """
     with sessions.begin() as session:
         export = session.get(Export, export_id)
         if export is None or export.series_id is None:
             return
+        series_id = export.series_id
+        exports = session.execute(
+            select(Export.id, Export.state, Export.last_status, Export.last_reason)
+            .where(Export.series_id == series_id)
+            .order_by(Export.id)
+        ).all()
+        states = {state for _, state, _, _ in exports}
         sources: tuple[SeriesState, ...]
-        if export.state == ExportState.DELIVERED.value:
+        if states == {ExportState.DELIVERED.value}:
             target, sources = S.DELIVERED, (S.EXPORTING, S.EXPORT_FAILED)
-        elif export.state == ExportState.FAILED.value:
+        elif ExportState.PENDING.value not in states:
             target, sources = S.EXPORT_FAILED, (S.EXPORTING,)
         else:
             return
         moved = transition(
             session=session,
-            series_id=export.series_id,
+            series_id=series_id,
             source=sources,
             target=target,
-            detail={"export_id": export_id, "status": export.last_status, "reason": export.last_reason},
+            detail={
+                "exports": [
+                    {"export_id": eid, "state": state, "status": status, "reason": reason}
+                    for eid, state, status, reason in exports
+                ]
+            },
         )
     if moved:
-        log.info("series id %s: %s (export %s)", export.series_id, target.value, export_id)
+        log.info("series id %s: %s (exports %s)", series_id, target.value, ", ".join(str(e[0]) for e in exports))
 
 
 # --- the sweeper ------------------------------------------------------------------------------------

@@ -102,7 +102,11 @@ def register_pipeline_tasks(
     def segment_series(series_id: int) -> None:
         # Forward mode sends the series to an external node: the segmenter is never loaded.
         segmenter = models.segmenter() if settings.segmentation_mode == "internal" else None
-        then(pipeline.segment(sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter))
+        # One export message per object written (export_format "both": the SEG and the RTSTRUCT).
+        for nxt in pipeline.segment(
+            sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter
+        ):
+            then(nxt)
 
     @app.task(name=DELIVER_SEG_TASK, bind=True, ignore_result=True, max_retries=None, acks_late=True)
     def deliver_seg(self: Any, export_id: int) -> None:

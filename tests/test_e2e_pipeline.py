@@ -4,7 +4,8 @@ processes, the worklist web app, Orthanc as the PACS, DCMTK storescu as the scan
 A normal series ends with a SEG in Orthanc that references it; an anomalous one (hip prosthesis,
 which the shipped detector flags far above its threshold) ends on the worklist with reason
 "anomaly" and its per-slice scores. Then the worker is killed with SIGKILL while it scores a
-series; a new worker and the sweeper still route that series exactly once.
+series; a new worker and the sweeper still route that series exactly once. With
+`export_format` "both" a normal series ends with its SEG and its RT Structure Set in Orthanc.
 """
 
 from __future__ import annotations
@@ -265,6 +266,63 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
         __import__("redis").Redis.from_url(redis_url).delete(name)
     logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
     assert normal_row.patient_name and normal_row.patient_name not in logs
+    db.close()
+
+
+def test_export_format_both_delivers_the_seg_and_the_rtstruct_to_the_pacs(
+    tmp_path: Path, postgres_db_url: str, redis_url: str, segmenter_dir: Path
+) -> None:
+    """GATEKEEPER_EXPORT_FORMAT=both: a normal series ends delivered, and Orthanc holds its SEG and its RTSTRUCT."""
+    upgrade(postgres_db_url)
+    normal = phantom(tmp_path / "normal", anomaly="none", seed=5, slices=30)
+    db = Db(postgres_db_url)
+    with orthanc(tmp_path / "orthanc") as pacs:
+        pacs.start()
+        settings = make_settings(
+            tmp_path / "var",
+            postgres_db_url,
+            redis_url,
+            quiet_period_s=1.5,
+            pacs_host="127.0.0.1",
+            pacs_port=pacs.dicom_port,
+            pacs_ae_title="ORTHANC",
+            export_timeout_s=10,
+            export_queue=f"test.export.{tmp_path.name}.{free_port()}",
+            segmenter_model_dir=segmenter_dir,
+            pipeline_sweep_interval_s=1,
+            export_format="both",
+            rtstruct_roi_name="Liver (auto)",
+        )
+        with (
+            listener_process(settings, tmp_path / "listener.log"),
+            process([gatekeeper_executable(), "worker"], settings, tmp_path / "worker.log"),
+        ):
+            sent = storescu(settings.port, ct_files(normal))
+            assert sent.returncode == 0, sent.stdout[-2000:] + sent.stderr[-2000:]
+            wait_for(
+                lambda: [s.state for s in db.series(series_uid(normal))] == [SeriesState.DELIVERED],
+                timeout=240,
+                interval=0.5,
+            )
+        [row] = db.series(series_uid(normal))
+        with db.sessions() as session:
+            exports = session.scalars(select(Export).where(Export.series_id == row.id).order_by(Export.id)).all()
+        assert [e.state for e in exports] == ["delivered", "delivered"]
+        received = {}
+        for export in exports:
+            [instance] = pacs.instances_with_uid(export.sop_instance_uid)
+            tags = pacs.rest(f"/instances/{instance}/simplified-tags")
+            received[tags["Modality"]] = tags
+        assert set(received) == {"SEG", "RTSTRUCT"}
+        assert received["SEG"]["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == series_uid(normal)
+        rtstruct = received["RTSTRUCT"]
+        [roi] = rtstruct["StructureSetROISequence"]
+        assert "liver" in roi["ROIName"].lower()
+        [frame] = rtstruct["ReferencedFrameOfReferenceSequence"]
+        [series] = frame["RTReferencedStudySequence"][0]["RTReferencedSeriesSequence"]
+        assert series["SeriesInstanceUID"] == series_uid(normal) and len(series["ContourImageSequence"]) == 30
+    for name in (settings.score_queue, settings.segment_queue, settings.export_queue, settings.pipeline_queue):
+        __import__("redis").Redis.from_url(redis_url).delete(name)
     db.close()
 
 

@@ -259,10 +259,7 @@ def test_forwarded_series_arrives_whole_and_the_series_is_delivered(
         series, events = series_and_events(db, series_id)
         arrived = series_in_orthanc(server, series.series_instance_uid)
         # A duplicate message finds the series delivered and sends nothing.
-        assert (
-            pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None)
-            == pipeline.DONE
-        )
+        assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None) == []
         assert len(server.rest("/instances")) == len(ct_files(phantom))
     assert arrived == sop_instance_uids(ct_files(phantom))
     assert (series.state, series.route) == (SeriesState.DELIVERED, "auto")
@@ -283,10 +280,7 @@ def test_node_refusing_our_ae_fails_the_series_with_the_reason(
         server.start()
         settings = forward_settings(tmp_path, url, port=server.dicom_port)
         series_id = routed_auto(settings, db, phantom)
-        assert (
-            pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None)
-            == pipeline.DONE
-        )
+        assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None) == []
         assert server.rest("/instances") == []
     series, events = series_and_events(db, series_id)
     assert series.state == SeriesState.EXPORT_FAILED
@@ -301,9 +295,7 @@ def test_node_down_leaves_the_series_to_the_sweeper(tmp_path: Path, phantom: Pat
     settings = forward_settings(tmp_path, url, port=free_port())  # nobody listens there
     settings = settings.model_copy(update={"pipeline_stuck_after_s": 60})
     series_id = routed_auto(settings, db, phantom)
-    assert (
-        pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None) == pipeline.DONE
-    )
+    assert pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=None) == []
     series, events = series_and_events(db, series_id)
     assert series.state == SeriesState.SEGMENTING
     assert events[-1].kind == "forward_failed" and events[-1].detail["reason"].startswith("cannot connect to")

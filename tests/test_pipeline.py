@@ -189,7 +189,7 @@ def test_normal_series_is_scored_routed_auto_segmented_and_exported(
         assert residual.shape == (64, 64) and residual.dtype == np.float16
         assert entry["sop_instance_uid"] == score.slices[entry["index"]]["sop_instance_uid"]
 
-    nxt = pipeline.segment(sessions=sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
+    [nxt] = pipeline.segment(sessions=sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
     assert nxt.stage == "export"
     assert series_row(db, series_id).state == SeriesState.EXPORTING
     with db.sessions() as session:
@@ -249,7 +249,7 @@ def test_no_liver_found_goes_to_the_worklist(
         pipeline.segment(
             sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter(liver=False)
         )
-        == pipeline.DONE
+        == []
     )
     series = series_row(db, series_id)
     assert (series.state, series.route_reason) == (SeriesState.WORKLISTED, "no_liver")
@@ -296,8 +296,74 @@ def test_sweeper_settles_the_series_of_a_delivered_export(
     series_id = ingest(settings, db, phantoms["normal"])
     pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
     pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
-    nxt = pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
+    [nxt] = pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
     with db.sessions.begin() as session:  # delivered, but the worker died before moving the series
         session.execute(update(Export).where(Export.id == nxt.id).values(state=ExportState.DELIVERED.value))
     report = pipeline.sweep(sessions=db.sessions, settings=settings, publisher=RecordingPublisher())
     assert report.settled == [nxt.id] and series_row(db, series_id).state == SeriesState.DELIVERED
+
+
+def test_both_formats_export_a_seg_and_an_rtstruct_and_the_series_settles_when_both_have(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    from service.pacs_export import retry_export
+
+    settings, db = env
+    settings = settings.model_copy(update={"export_format": "both", "rtstruct_roi_name": "Liver (auto)"})
+    series_id = ingest(settings, db, phantoms["normal"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
+    nexts = pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
+    assert [n.stage for n in nexts] == ["export", "export"] and series_row(db, series_id).state == SeriesState.EXPORTING
+    with db.sessions() as session:
+        exports = [session.get(Export, n.id) for n in nexts]
+    objects = [pydicom.dcmread(settings.storage_dir / e.path) for e in exports]
+    assert [o.Modality for o in objects] == ["SEG", "RTSTRUCT"]
+    assert [e.sop_class_uid for e in exports] == [str(o.SOPClassUID) for o in objects]
+    assert objects[1].StructureSetROISequence[0].ROIName == "Liver (auto)"
+    uid = series_row(db, series_id).series_instance_uid
+    rt_series = objects[1].ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+    assert rt_series.RTReferencedSeriesSequence[0].SeriesInstanceUID == uid
+
+    def sent(outcome: Outcome) -> Any:
+        def send(*, path: Path, settings: Settings) -> SendResult:
+            status, reason = (0, None) if outcome == Outcome.DELIVERED else (0x0122, "SOP class not supported")
+            return SendResult(
+                outcome=outcome, status=status, reason=reason, destination="PACS", started_at=utc_now(), duration_s=0
+            )
+
+        return send
+
+    seg_id, rtstruct_id = (n.id for n in nexts)
+    deliver(sessions=db.sessions, settings=settings, export_id=seg_id, send=sent(Outcome.DELIVERED))
+    pipeline.export_settled(sessions=db.sessions, export_id=seg_id)
+    assert series_row(db, series_id).state == SeriesState.EXPORTING  # the RTSTRUCT is still pending
+    deliver(sessions=db.sessions, settings=settings, export_id=rtstruct_id, send=sent(Outcome.PERMANENT))
+    pipeline.export_settled(sessions=db.sessions, export_id=rtstruct_id)
+    assert series_row(db, series_id).state == SeriesState.EXPORT_FAILED  # one failed for good
+    assert retry_export(sessions=db.sessions, export_id=rtstruct_id)
+    assert series_row(db, series_id).state == SeriesState.EXPORTING
+    deliver(sessions=db.sessions, settings=settings, export_id=rtstruct_id, send=sent(Outcome.DELIVERED))
+    pipeline.export_settled(sessions=db.sessions, export_id=rtstruct_id)
+    assert series_row(db, series_id).state == SeriesState.DELIVERED
+    kinds = [e.kind for e in events(db, series_id)]
+    assert kinds[-4:] == ["exporting", "export_failed", "export_retried", "delivered"], kinds
+
+
+def test_rtstruct_format_exports_the_rtstruct_only(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    settings, db = env
+    settings = settings.model_copy(update={"export_format": "rtstruct"})
+    series_id = ingest(settings, db, phantoms["normal"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
+    [nxt] = pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter())
+    with db.sessions() as session:
+        export = session.get(Export, nxt.id)
+    assert pydicom.dcmread(settings.storage_dir / export.path).Modality == "RTSTRUCT"
+    assert export.sop_class_uid == pydicom.uid.RTStructureSetStorage
+    # A redelivered segment message finds the series exporting: nothing is written or queued again.
+    assert (
+        pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter()) == []
+    )

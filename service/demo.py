@@ -8,7 +8,10 @@
 4. waits until every series has ended its automatic journey and prints per series: the route, the
    score against the threshold, and either "SEG delivered to PACS" (checked through Orthanc's REST
    API: the SEG is there and references the series) or the worklist URL;
-5. stops everything it started. Exit 0 when every series ended where it should.
+5. on a terminal (stdin and stdout both a TTY, `keep_running`): leaves the worklist and Orthanc
+   running so the links work, prints the worklist's login and Orthanc's web page, and waits for
+   Ctrl-C (or SIGTERM); without a terminal (CI, scripts) it goes straight on to
+6. stop everything it started. Exit 0 when every series ended where it should.
 
 Everything it writes lies under --out (default out/demo): `study/`, `var/` (the gatekeeper's
 storage and database), `orthanc/`, and the logs of the processes it ran.
@@ -26,9 +29,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TextIO
 
 from service.errors import UsageError
 
@@ -82,6 +87,48 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise UsageError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.5)
+
+
+def keep_running(stdin: TextIO, stdout: TextIO) -> bool:
+    """Whether the demo should stay up after its summary: True when both streams are a terminal.
+
+    A person at a terminal wants to click the printed links; CI and scripts (pipes, files,
+    /dev/null) want the demo to end by itself. A closed stream counts as no terminal.
+    """
+    try:
+        return stdin.isatty() and stdout.isatty()
+    except (AttributeError, ValueError):  # no isatty(), or the stream is closed
+        return False
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived while the demo stayed up."""
+
+
+def stay_up(processes: Mapping[str, subprocess.Popen[bytes]], *, poll_s: float = 0.5) -> str:
+    """Block until Ctrl-C (SIGINT) or SIGTERM arrives, or one of `processes` ends; say which.
+
+    Returns "interrupted" (SIGINT), "terminated" (SIGTERM) or "<name> ended (exit code N)". The
+    SIGTERM handler is put back as it was before returning.
+    """
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        while True:
+            for name, process in processes.items():
+                code = process.poll()
+                if code is not None:
+                    return f"{name} ended (exit code {code})"
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        return "interrupted"
+    except _Stopped:
+        return "terminated"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -153,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
+        sigint_handler = signal.getsignal(signal.SIGINT)
+        if sigint_handler is not None:  # put back last, after every child is stopped (see below)
+            stack.callback(signal.signal, signal.SIGINT, sigint_handler)
         (out / "orthanc").mkdir(parents=True)
         config = {
             "Name": "demo-pacs",
@@ -234,6 +284,18 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         ok = _report(rows, manifest, orthanc_http=orthanc_http, web_port=web_port)
+        if keep_running(sys.stdin, sys.stdout):
+            print(
+                f"\n[demo] still running, so that the links work:\n"
+                f"  worklist  http://127.0.0.1:{web_port}/  log in as {DEMO_USER} / {DEMO_PASSWORD}\n"
+                f"  Orthanc   http://127.0.0.1:{orthanc_http}/app/explorer.html  (the PACS and what it received)\n"
+                f"[demo] press Ctrl-C to stop gatekeeper serve and Orthanc",
+                flush=True,
+            )
+            why = stay_up({"gatekeeper serve": serve, "Orthanc": orthanc})
+            # A second Ctrl-C must not cut the stop short: the children are stopped below, each in turn.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print(f"\n[demo] {why}; stopping ...", flush=True)
     print(
         f"\n[demo] stopped gatekeeper serve and Orthanc; total {time.monotonic() - started:.0f} s. Files under {out}",
         flush=True,

@@ -1,9 +1,10 @@
 """`gatekeeper listen`, `gatekeeper series` and `gatekeeper worker`: the ingest commands.
 
     gatekeeper listen [--ae-title T] [--bind ADDR] [--port P] [--allow-ae T ...] [--allow-ip CIDR ...]
+                      [--metrics-port P]
     gatekeeper series [list] [--json]
     gatekeeper series complete SERIES_INSTANCE_UID [--json]
-    gatekeeper worker
+    gatekeeper worker [--queues Q1,Q2] [--metrics-port P]
 
 Flags override the settings (`GATEKEEPER_*`); the database and storage folder come from
 `GATEKEEPER_DATABASE_URL` and `GATEKEEPER_STORAGE_DIR`. The listener refuses to start without an
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -31,6 +33,9 @@ from service.lifecycle import SeriesState
 from service.settings import Settings, load_settings_or_exit
 
 log = logging.getLogger(__name__)
+
+#: The environment variable that puts prometheus_client in multiprocess mode (read at its first import).
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -57,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=1,
         help="listener processes sharing the port (SO_REUSEPORT), to use more cores (default 1)",
     )
+    listen.add_argument("--metrics-port", type=int, metavar="P", help=METRICS_PORT_HELP)
     listen.set_defaults(func=run_listen)
 
     series = subparsers.add_parser("series", help="list received series, or force one complete")
@@ -73,7 +79,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="which pipeline queues to take work from: score (GPU), segment, export, default "
         "(light); default all of them",
     )
+    worker.add_argument("--metrics-port", type=int, metavar="P", help=METRICS_PORT_HELP)
     worker.set_defaults(func=run_worker)
+
+
+METRICS_PORT_HELP = (
+    "also serve Prometheus metrics at http://ADDR:P/metrics (ADDR: setting metrics_bind_address, "
+    "default 127.0.0.1; bearer token GATEKEEPER_METRICS_TOKEN when set)"
+)
+
+
+def use_metrics_dir(settings: Settings) -> None:
+    """Put this process, and the listener processes it spawns, in prometheus_client's multiprocess mode.
+
+    Their event counters then go to files in `settings.metrics_dir`, which every `/metrics` sums
+    (`service.metrics`). Must run before prometheus_client is imported (before `service.metrics` and
+    the modules that record events); if it already was, the counters stay in this process's memory
+    and only this process's `--metrics-port` shows them.
+    """
+    if settings.metrics_dir is None:  # filled in by Settings
+        return
+    settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+    if "prometheus_client" in sys.modules:
+        log.warning("metrics: prometheus_client already loaded; this process's counters stay in memory")
+        return
+    os.environ[PROMETHEUS_MULTIPROC_ENV] = str(settings.metrics_dir)
+
+
+def _check_metrics_port(port: int | None) -> None:
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"--metrics-port must be 1 to 65535, got {port}")
 
 
 def listen_settings(args: argparse.Namespace) -> Settings:
@@ -110,11 +145,14 @@ def listen_settings(args: argparse.Namespace) -> Settings:
 
 def run_listen(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; stores in flight finish before the process ends."""
+    settings = listen_settings(args)
+    _check_metrics_port(args.metrics_port)
+    use_metrics_dir(settings)  # before the imports below load prometheus_client
     from service.db.schema import check_database
     from service.ingest.listener import Listener
+    from service.metrics import serve_metrics
     from service.pipeline_tasks import listener_jobs
 
-    settings = listen_settings(args)
     if not args.verbose:
         # pynetdicom narrates every association and message at INFO; our own lines say what matters.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -132,10 +170,20 @@ def run_listen(args: argparse.Namespace) -> int:
         listener = Listener.start(settings, publisher=publisher, sweepers=sweepers, reuse_port=args.processes > 1)
     except OSError as exc:
         raise UsageError(f"cannot listen on {settings.bind_address}:{settings.port}: {exc}") from exc
+    metrics_server = None
     try:
+        if args.metrics_port is not None:
+            try:
+                metrics_server = serve_metrics(settings, listener.store.sessions, port=args.metrics_port)
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot serve metrics on {settings.metrics_bind_address}:{args.metrics_port}: {exc}"
+                ) from exc
         stop.wait()
     finally:
         log.info("stopping listener")
+        if metrics_server is not None:
+            metrics_server.shutdown()
         listener.stop()
         for child in children:
             child.terminate()
@@ -315,11 +363,14 @@ def run_worker(args: argparse.Namespace) -> int:
 
     Models are loaded once per process, on the first task that needs them.
     """
+    settings = load_settings_or_exit()
+    _check_metrics_port(args.metrics_port)
+    use_metrics_dir(settings)  # before the imports below load prometheus_client
     from service.celery_app import make_celery_app, queue_names
     from service.db.schema import require_database
+    from service.metrics import serve_metrics
     from service.pipeline_tasks import register_pipeline_tasks
 
-    settings = load_settings_or_exit()
     logical = [name.strip() for name in args.queues.split(",") if name.strip()]
     try:
         queues = queue_names(settings, logical)
@@ -329,6 +380,13 @@ def run_worker(args: argparse.Namespace) -> int:
     app = make_celery_app(settings)
     register_pipeline_tasks(app, settings=settings, sessions=sessions)
     log.info("worker on queues %s", ", ".join(f"{n} ({q})" for n, q in zip(logical, queues, strict=True)))
+    if args.metrics_port is not None:
+        try:
+            serve_metrics(settings, sessions, port=args.metrics_port)  # a daemon thread; ends with the worker
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve metrics on {settings.metrics_bind_address}:{args.metrics_port}: {exc}"
+            ) from exc
     app.worker_main(
         [
             "worker",

@@ -28,6 +28,7 @@ import pydicom
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import metrics
 from service.db.session import rows_changed
 from service.db.tables import Export, ExportAttempt, ExportState, utc_now
 from service.dicom_send import Outcome, SendResult, pacs_destination, send_seg
@@ -242,6 +243,7 @@ def _record_attempt(
                 export.next_attempt_at = now + dt.timedelta(seconds=retry_after_s)
         state = ExportState(export.state)
         reason = export.last_reason
+    metrics.record_export_attempt(result.outcome.value, attempt=round_attempts, seconds=result.duration_s)
     if state == ExportState.DELIVERED:
         log.info(
             "export %s delivered to %s (attempt %s)%s",

@@ -53,7 +53,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import dicom_series, imaging
+from service import dicom_series, imaging, metrics
 from service.celery_app import DONE, Next, Publisher
 from service.db.session import rows_changed
 from service.db.tables import (
@@ -256,6 +256,8 @@ def _to_worklist(
         session.add(
             WorklistItem(series_id=series_id, reason=reason.value, detail=detail, status=WorklistStatus.OPEN.value)
         )
+    if moved:
+        metrics.record_route(Route.WORKLIST.value, reason.value)
     return moved
 
 
@@ -386,6 +388,7 @@ def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int
         except IntegrityError:
             log.info("series id %s was scored by another worker meanwhile", series_id)
             return DONE
+        metrics.record_stage("score", duration)
         log.info(
             "series id %s scored %.3f (threshold %.3f, %s) in %.1f s, %d slices",
             series_id,
@@ -449,6 +452,8 @@ def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str
             nxt = Next("segment", series_id)
     if not moved:
         return DONE
+    if chosen == Route.AUTO:
+        metrics.record_route(chosen.value, None)
     log.info("series id %s routed to %s%s", series_id, chosen.value, f" ({reason.value})" if reason else "")
     return nxt
 
@@ -553,6 +558,7 @@ def segment(
         _atomic_write(written[-1], lambda tmp: rtstruct.save_as(tmp, enforce_file_format=True))
     del volume, result
     duration = (utc_now() - clock).total_seconds()
+    metrics.record_stage("segment", duration)
     files = [_relative(path, settings.storage_dir) for path in written]
     try:
         recorded = [
@@ -637,6 +643,7 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
         return DONE
     destination = forward_destination(settings)
     result = send_files(paths=paths, destination=destination, settings=settings)
+    metrics.record_stage("forward", result.duration_s)
     detail = {"destination": result.destination, "instances": len(paths), "duration_s": result.duration_s}
     with sessions.begin() as session:
         if result.outcome == Outcome.DELIVERED:

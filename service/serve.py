@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     migrate_sqlite(settings)
     # PostgreSQL is migrated by ops: one line now rather than every child failing on its first query.
     check_database(settings)
+    clear_metrics_files(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")} | settings_environment(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -193,6 +194,17 @@ def run(args: argparse.Namespace) -> int:
             break
     stop_children(children)
     return 1 if failed else 0
+
+
+def clear_metrics_files(settings: Settings) -> None:
+    """Remove the event-metric files of earlier runs (serve owns every process that writes them).
+
+    The counters start again from zero, as after any restart; without this, files of dead processes
+    would pile up in `metrics_dir`.
+    """
+    if settings.metrics_dir is not None and settings.metrics_dir.is_dir():
+        for path in settings.metrics_dir.glob("*.db"):
+            path.unlink(missing_ok=True)
 
 
 def stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:

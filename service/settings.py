@@ -227,6 +227,15 @@ class Settings(BaseSettings):
     # Level of the root logger.
     log_level: LogLevel = "INFO"
 
+    # --- Metrics (Prometheus; service/metrics.py). Folder where the listener and worker processes
+    # keep their event counters (prometheus_client's multiprocess files) so that one scrape sums them.
+    # Empty: `storage_dir/metrics`.
+    metrics_dir: Path | None = None
+    # Bearer token that `/metrics` (web app and `--metrics-port`) requires; empty: no login needed.
+    metrics_token: SecretStr = SecretStr("")
+    # IP address the `--metrics-port` endpoint of `gatekeeper listen` and `gatekeeper worker` binds to.
+    metrics_bind_address: str = "127.0.0.1"
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -362,6 +371,22 @@ class Settings(BaseSettings):
     @field_validator("bind_address", "web_bind_address", "flower_bind_address")
     @classmethod
     def _check_bind_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+        return value
+
+    @model_validator(mode="after")
+    def _fill_metrics_dir(self) -> Settings:
+        """Put the metrics folder under `storage_dir` when none is given."""
+        if self.metrics_dir is None:
+            self.metrics_dir = self.storage_dir.resolve() / "metrics"
+        return self
+
+    @field_validator("metrics_bind_address")
+    @classmethod
+    def _check_metrics_bind_address(cls, value: str) -> str:
         try:
             ipaddress.ip_address(value)
         except ValueError:

@@ -43,6 +43,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # g
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from service import metrics
 from service.celery_app import Publisher
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import utc_now
@@ -117,6 +118,7 @@ def handle_requested(event: Event, access: AccessPolicy) -> None:
     calling = str(primitive.calling_ae_title).strip()
     address = str(assoc.requestor.address)
     reason = access.refusal(calling, address)
+    metrics.record_association(calling, accepted=reason is None)
     if reason is None:
         return
     log.warning("rejecting association from %s calling AE %r: %s", address, calling, reason)
@@ -129,6 +131,12 @@ def handle_requested(event: Event, access: AccessPolicy) -> None:
 
 def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
     """EVT_C_STORE: check, store durably, index; answer success only once all of that is done."""
+    response = _store(event, store)
+    metrics.record_store_response(response)
+    return response
+
+
+def _store(event: Event, store: InstanceStore) -> int | Dataset:
     request = event.request
     assert isinstance(request, C_STORE)  # bound to EVT_C_STORE only
     sop_instance_uid = str(request.AffectedSOPInstanceUID)

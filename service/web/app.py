@@ -26,7 +26,7 @@ from service.settings import Settings
 from service.web import security
 from service.web.deps import ERROR_HANDLERS, WEB_DIR, format_age
 from service.web.health import readiness_checks
-from service.web.routes import api, health, pages, viewer
+from service.web.routes import api, health, metrics, pages, viewer
 
 
 def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None) -> FastAPI:
@@ -54,6 +54,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session] | None = None
     app.include_router(pages.router)
     app.include_router(api.router)
     app.include_router(viewer.router)
+    app.include_router(metrics.router)
     for exc_class, handler in ERROR_HANDLERS:
         app.add_exception_handler(exc_class, handler)
     return app

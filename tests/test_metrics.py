@@ -186,3 +186,12 @@ def test_listen_metrics_port_serves_the_counters_of_the_listener_process(
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_building_the_command_line_does_not_load_prometheus_client() -> None:
+    """`gatekeeper listen` and `worker` export their metrics folder before prometheus_client loads."""
+    import sys
+
+    code = "import sys; from service.cli import build_parser; build_parser(); print('prometheus_client' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.stdout.strip() == "False", result.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -208,3 +209,274 @@ def aggregate_slice_scores(scores: np.ndarray, method: str) -> float:
         k = min(int(method[6:-4]), s.size)
         return float(np.convolve(s, np.ones(k) / k, mode="valid").max())
     raise ValueError(f"unknown aggregation {method!r}; expected one of {', '.join(AGGREGATIONS)}.")
+
+
+# --- v2 (patch, multi-window) input: fixed pixel spacing, body-centred field, window channels, patches ----
+#
+# The patch recipe (`gatekeeper train detector --recipe patch`, models/detector/train_patch.py) sees
+# each slice resampled to a fixed pixel spacing in a fixed field centred on the body, as several CT
+# windows stacked as channels, cut into small patches on a regular grid whose centre lies in the body.
+# Every number below is written to the model's model.json, so serving reads it from there.
+
+#: The liver window: hypodense lesions against parenchyma (≈ 2.7× the abdomen window's contrast).
+LIVER_WINDOW = Window(center=70.0, width=150.0)
+#: The metal window: (HU − 200) / 2800 clipped to [0, 1] — a 3000-HU stent stays apart from ≤ 1400-HU bone.
+METAL_WINDOW = Window(center=1600.0, width=2800.0)
+#: Channels of the patch recipe, in order (name, window).
+PATCH_WINDOWS: tuple[tuple[str, Window], ...] = (
+    ("abdomen", ABDOMEN_WINDOW),
+    ("liver", LIVER_WINDOW),
+    ("metal", METAL_WINDOW),
+)
+#: HU of what lies outside the scanned field (air).
+AIR_HU = -1024.0
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """The patch recipe's sampling: `spacing_mm` pixels in a `field_mm` square centred on the body's
+    bounding box, patches of `patch` pixels on a `stride`-pixel grid.
+
+    Raises:
+        ValueError: a non-positive spacing or field, a patch that is odd or larger than the field,
+            or a stride outside 1 … patch.
+    """
+
+    spacing_mm: float = 1.5
+    field_mm: float = 384.0
+    patch: int = 32
+    stride: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.spacing_mm > 0:
+            raise ValueError(f"PatchGeometry.spacing_mm must be > 0, got {self.spacing_mm}.")
+        if not self.field_mm >= self.spacing_mm:
+            raise ValueError(f"PatchGeometry.field_mm must be >= spacing_mm, got {self.field_mm}.")
+        if self.patch < 4 or self.patch % 2 or self.patch > self.field_px:
+            raise ValueError(f"PatchGeometry.patch must be even, >= 4 and <= {self.field_px} px, got {self.patch}.")
+        if not 1 <= self.stride <= self.patch:
+            raise ValueError(f"PatchGeometry.stride must be within 1 … {self.patch} px, got {self.stride}.")
+
+    @property
+    def field_px(self) -> int:
+        """Rows (= columns) of the resampled field: 384 mm at 1.5 mm → 256."""
+        return int(round(self.field_mm / self.spacing_mm))
+
+
+def window_channels(hu: np.ndarray, windows: Sequence[Window] | None = None) -> np.ndarray:
+    """HU [..., H, W] → [..., C, H, W] float32: each window mapped to [0, 1], then scaled to [-1, 1]."""
+    ws = [w for _, w in PATCH_WINDOWS] if windows is None else list(windows)
+    return np.stack([apply_window(hu, w) * 2.0 - 1.0 for w in ws], axis=-3)
+
+
+def resample_to_field(
+    hu: np.ndarray, pixel_spacing_mm: Sequence[float], geometry: PatchGeometry
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """One HU slice → (HU field [F, F], body mask [F, F], body bounding box (r0, r1, c0, c1) in field px).
+
+    The slice is resampled (linear, after a Gaussian anti-alias filter when shrinking) to
+    `geometry.spacing_mm` pixels in a `field_mm` square whose centre is the centre of the body's
+    bounding box (`body_mask` at the native resolution; the image centre when the slice holds no
+    body). Outside the scanned image is air (`AIR_HU`). A body wider than the field is cut at its
+    edge; the box is then the cut body's. The box's ends are inclusive; an empty mask gives the
+    whole field.
+
+    Raises:
+        ValueError: `hu` is not 2-D or a pixel spacing is not > 0.
+    """
+    if hu.ndim != 2:
+        raise ValueError(f"hu must be one slice [row, column], got shape {hu.shape}.")
+    sr, sc = (float(v) for v in pixel_spacing_mm)
+    if not (sr > 0 and sc > 0):
+        raise ValueError(f"pixel_spacing_mm must be > 0, got {tuple(pixel_spacing_mm)}.")
+    body = body_mask(hu)
+    rows, cols = np.nonzero(body)
+    if rows.size:
+        centre = ((rows.min() + rows.max()) / 2.0, (cols.min() + cols.max()) / 2.0)
+    else:
+        centre = ((hu.shape[0] - 1) / 2.0, (hu.shape[1] - 1) / 2.0)
+    f = geometry.field_px
+    offsets = (np.arange(f, dtype=np.float64) - (f - 1) / 2.0) * geometry.spacing_mm
+    grid_r = centre[0] + offsets / sr
+    grid_c = centre[1] + offsets / sc
+    coords = np.stack(np.meshgrid(grid_r, grid_c, indexing="ij"))
+    image = hu.astype(np.float32)
+    sigma = (max(0.0, 0.5 * geometry.spacing_mm / sr - 0.5), max(0.0, 0.5 * geometry.spacing_mm / sc - 0.5))
+    if sigma[0] > 0 or sigma[1] > 0:
+        image = ndimage.gaussian_filter(image, sigma)
+    field: np.ndarray = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=AIR_HU)
+    mask: np.ndarray = ndimage.map_coordinates(body.astype(np.float32), coords, order=1, mode="constant") > 0.5
+    mr, mc = np.nonzero(mask)
+    box = (int(mr.min()), int(mr.max()), int(mc.min()), int(mc.max())) if mr.size else (0, f - 1, 0, f - 1)
+    return field.astype(np.float32), mask, box
+
+
+def preprocess_patch_series(
+    hu: np.ndarray, pixel_spacing_mm: Sequence[float], geometry: PatchGeometry
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HU slices [k, rows, cols] → HU fields [k, F, F] float32, body masks [k, F, F], boxes [k, 4] int
+    (`resample_to_field` per slice). The window channels are `window_channels` of the fields.
+
+    Raises:
+        ValueError: `hu` is not a 3-D stack, or a pixel spacing is not > 0.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"hu must be [slice, row, column], got shape {hu.shape}.")
+    k, f = hu.shape[0], geometry.field_px
+    fields = np.empty((k, f, f), np.float32)
+    masks = np.empty((k, f, f), bool)
+    boxes = np.empty((k, 4), np.int32)
+    for i in range(k):
+        fields[i], masks[i], boxes[i] = resample_to_field(hu[i], pixel_spacing_mm, geometry)
+    return fields, masks, boxes
+
+
+def patch_centres(mask: np.ndarray, geometry: PatchGeometry) -> np.ndarray:
+    """[P, 2] (row, column) centres of the patches of one slice: top-left corners every `stride`
+    pixels, the patch fully inside the field, kept when its centre pixel (top-left + patch/2) is body."""
+    f, p = mask.shape[0], geometry.patch
+    starts = np.arange(0, f - p + 1, geometry.stride)
+    rr, cc = np.meshgrid(starts + p // 2, starts + p // 2, indexing="ij")
+    centres = np.stack([rr.ravel(), cc.ravel()], axis=1)
+    keep = mask[centres[:, 0], centres[:, 1]]
+    out: np.ndarray = centres[keep].astype(np.int32)
+    return out
+
+
+def extract_patches(image: np.ndarray, centres: np.ndarray, patch: int) -> np.ndarray:
+    """Patches [P, C, patch, patch] of `image` [C, F, F] at `centres` [P, 2] (as `patch_centres` gives)."""
+    windows = np.lib.stride_tricks.sliding_window_view(image, (patch, patch), axis=(1, 2))
+    top = np.asarray(centres, np.int64) - patch // 2
+    out: np.ndarray = np.ascontiguousarray(windows[:, top[:, 0], top[:, 1]].transpose(1, 0, 2, 3))
+    return out
+
+
+def patch_conditions(position: float, centres: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """[P, 3] float32 conditioning of each patch: (slice position, x, y), each clipped to [0, 1].
+
+    x and y are the patch centre's column and row relative to the body's bounding box
+    (0 = left/top edge, 1 = right/bottom edge); the position is the slice's normalised body-axis
+    position (0 ≈ head end, 1 ≈ foot end of the training range).
+    """
+    r0, r1, c0, c1 = (float(v) for v in box)
+    c = np.asarray(centres, np.float64).reshape(-1, 2)
+    x = (c[:, 1] - c0) / max(c1 - c0, 1.0)
+    y = (c[:, 0] - r0) / max(r1 - r0, 1.0)
+    cond = np.stack([np.full(c.shape[0], position, np.float64), x, y], axis=1)
+    out: np.ndarray = np.clip(cond, 0.0, 1.0).astype(np.float32)
+    return out
+
+
+def fit_patch_normalisation(
+    scores: np.ndarray,
+    cond: np.ndarray,
+    *,
+    position_bins: int = 8,
+    location_bins: int = 4,
+    min_count: int = 30,
+) -> dict[str, Any]:
+    """Mean and standard deviation of normal patch scores per (position bin × patch-location bin).
+
+    `scores` [P] are raw patch scores of validation normals, `cond` [P, 3] their (position, x, y).
+    Bins split [0, 1] uniformly: `position_bins` along the body axis, `location_bins` × `location_bins`
+    over (x, y) in the body's bounding box. A cell with fewer than `min_count` patches falls back to
+    its position bin, a position bin with fewer to the global statistics (σ floored at 10 % of the
+    global σ). Returns the JSON-ready table `patch_z_scores` reads.
+
+    Raises:
+        ValueError: no scores, or `cond` is not [P, 3].
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    c = np.asarray(cond, np.float64)
+    if s.size == 0:
+        raise ValueError("no patch scores to normalise.")
+    if c.shape != (s.size, 3):
+        raise ValueError(f"cond must be [{s.size}, 3], got {c.shape}.")
+    g_mu, g_sigma = float(s.mean()), float(s.std()) + 1e-12
+    floor = 0.1 * g_sigma
+    pb = _bin(c[:, 0], position_bins)
+    lb = _bin(c[:, 2], location_bins) * location_bins + _bin(c[:, 1], location_bins)
+    mu = np.full((position_bins, location_bins * location_bins), g_mu)
+    sigma = np.full_like(mu, g_sigma)
+    source = np.zeros(mu.shape, np.int8)  # 2 = cell, 1 = position bin, 0 = global
+    for i in range(position_bins):
+        in_p = pb == i
+        if in_p.sum() >= min_count:
+            mu[i], sigma[i], source[i] = s[in_p].mean(), max(float(s[in_p].std()), floor), 1
+        for j in range(location_bins * location_bins):
+            cell = in_p & (lb == j)
+            if cell.sum() >= min_count:
+                mu[i, j], sigma[i, j], source[i, j] = s[cell].mean(), max(float(s[cell].std()), floor), 2
+    return {
+        "position_bins": position_bins,
+        "location_bins": location_bins,
+        "min_count": min_count,
+        "global_mu": g_mu,
+        "global_sigma": g_sigma,
+        "mu": mu.round(8).tolist(),
+        "sigma": sigma.round(8).tolist(),
+        "source": source.tolist(),
+    }
+
+
+def _bin(values: np.ndarray, bins: int) -> np.ndarray:
+    """Index of the uniform bin of [0, 1] each value falls in (values outside go to the end bins)."""
+    out: np.ndarray = np.clip(np.floor(np.asarray(values, np.float64) * bins), 0, bins - 1).astype(np.int64)
+    return out
+
+
+def patch_z_scores(scores: np.ndarray, cond: np.ndarray, table: dict[str, Any]) -> np.ndarray:
+    """z-scores [P] of raw patch scores against the normals at the same position and body location
+    (`fit_patch_normalisation`'s table)."""
+    c = np.asarray(cond, np.float64).reshape(-1, 3)
+    nl = int(table["location_bins"])
+    i = _bin(c[:, 0], int(table["position_bins"]))
+    j = _bin(c[:, 2], nl) * nl + _bin(c[:, 1], nl)
+    mu, sigma = np.asarray(table["mu"], np.float64), np.asarray(table["sigma"], np.float64)
+    z: np.ndarray = (np.asarray(scores, np.float64).ravel() - mu[i, j]) / sigma[i, j]
+    return z
+
+
+def slice_scores_from_patches(z: np.ndarray, slice_index: np.ndarray, num_slices: int) -> np.ndarray:
+    """Slice scores [num_slices]: the largest patch z-score of each slice (local evidence, not a mean);
+    NaN for a slice without patches (no body in the field)."""
+    out = np.full(num_slices, -np.inf)
+    np.maximum.at(out, np.asarray(slice_index, np.int64), np.asarray(z, np.float64))
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def series_score_in_range(
+    slice_scores: np.ndarray, positions: np.ndarray, low: float, high: float, *, top: int = 3
+) -> tuple[float, int]:
+    """(series score, slices counted): the mean of the `top` highest slice scores among slices whose
+    position lies within [low, high] (the training positions' range with its margin), ignoring NaN.
+
+    Slices outside the range are left out: the normals never showed the model those positions, so
+    their scores measure the scan range, not the patient. When no slice lies inside, every slice
+    counts (the count returned then is 0, so a caller can say so).
+
+    Raises:
+        ValueError: scores and positions differ in length, or no slice has a score.
+    """
+    s = np.asarray(slice_scores, np.float64).ravel()
+    p = np.asarray(positions, np.float64).ravel()
+    if s.shape != p.shape:
+        raise ValueError(f"slice_scores {s.shape} and positions {p.shape} must have the same shape.")
+    inside = (p >= low) & (p <= high) & np.isfinite(s)
+    chosen = s[inside] if inside.any() else s[np.isfinite(s)]
+    if chosen.size == 0:
+        raise ValueError("no slice has a score (no body in any slice).")
+    return float(np.sort(chosen)[-top:].mean()), int(inside.sum())
+
+
+def patch_z_map(z: np.ndarray, centres: np.ndarray, field_px: int, patch: int) -> np.ndarray:
+    """One slice's evidence map [F, F] on the resampled grid: at each pixel the largest z-score of the
+    patches that cover it; NaN where no patch does."""
+    out = np.full((field_px, field_px), -np.inf, np.float32)
+    h = patch // 2
+    for (r, c), v in zip(np.asarray(centres, np.int64), np.asarray(z, np.float32)):
+        view = out[r - h : r + h, c - h : c + h]
+        np.maximum(view, v, out=view)
+    out[~np.isfinite(out)] = np.nan
+    return out

@@ -1,7 +1,8 @@
 """`python -m models.detector COMMAND` — detector jobs without the service CLI (for bare GPU machines).
 
 python -m models.detector phantom-train-set --out DIR [--matrix 128] [--jobs N] [--seed 0] [--slices K]
-python -m models.detector train --data DIR --out DIR [...]   (same options as `gatekeeper train detector`)
+python -m models.detector train --data DIR --out DIR [...]   (same options as `gatekeeper train detector`,
+                                                --recipe slice|patch)
 python -m models.detector baseline-ae --data DIR --out DIR [--minutes N] [--seed 0]   (autoencoder baseline;
                                                 same options as `gatekeeper train autoencoder`)
 python -m models.detector bench --model DIR [--device cuda]    (scoring throughput, torch vs ONNX Runtime)
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     if argv and argv[0] == "train":
-        from models.detector.train import main as train_main
+        from models.detector.train_patch import main as train_main  # both recipes (--recipe)
 
         return train_main(argv[1:])
     if argv and argv[0] == "baseline-ae":

@@ -42,6 +42,10 @@ def register_train(what: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.recipe == "patch":
+        from models.detector.train_patch import run_cli as run_patch
+
+        return run_patch(args)
     from models.detector.train import run_cli
 
     return run_cli(args)

@@ -10,12 +10,21 @@ from service.imaging import AGGREGATIONS
 
 FAMILIES = ("dcgan", "stylegan2")
 SIZES = (64, 128, 256)
+RECIPES = ("slice", "patch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="folder tree of normal DICOM CT series")
     p.add_argument("--out", required=True, type=Path, help="model folder (checkpoint, ONNX files, model.json)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--recipe",
+        default="slice",
+        choices=RECIPES,
+        help="slice = whole slices at --size, abdomen window (default; the shipped model); patch = v2: "
+        "32-px patches at 1.5 mm of the body-centred slice, abdomen + liver + metal windows "
+        "(models/detector/train_patch.py)",
+    )
     p.add_argument("--size", type=int, default=64, choices=SIZES, help="slice size in pixels (default 64)")
     p.add_argument("--family", default="dcgan", choices=FAMILIES, help="network family (default dcgan)")
     p.add_argument(
@@ -49,6 +58,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    g = p.add_argument_group("patch recipe (--recipe patch; --size is then the body-part regression's input)")
+    g.add_argument("--spacing-mm", type=float, default=1.5, help="pixel spacing of the resampled slice (default 1.5)")
+    g.add_argument("--field-mm", type=float, default=384.0, help="side of the body-centred field (default 384)")
+    g.add_argument("--patch", type=int, default=32, choices=(32,), help="patch side in pixels (32)")
+    g.add_argument("--stride", type=int, default=16, help="patch grid stride in pixels (default 16)")
+    g.add_argument(
+        "--range-margin",
+        type=float,
+        default=0.05,
+        help="slices within the training positions' range ± this margin count for the series score (default 0.05)",
+    )
 
 
 def add_autoencoder_arguments(p: argparse.ArgumentParser) -> None:

@@ -89,23 +89,29 @@ class EqualConv2d(nn.Module):
 class PositionEmbedding(nn.Module):
     """Slice position [N] → embedding [N, dim]: Fourier features then a linear layer.
 
-    With `conditioned=False` the embedding is zero (the unconditioned ablation) and the position
-    input is ignored, so both variants share one interface.
+    With `inputs` > 1 the condition is a small vector [N, inputs] (the patch recipe's slice position
+    and patch centre x, y), each scalar with its own Fourier features. With `conditioned=False` the
+    embedding is zero (the unconditioned ablation) and the condition is ignored, so both variants
+    share one interface.
     """
 
     freqs: torch.Tensor  # buffer [frequencies]
 
-    def __init__(self, dim: int, *, frequencies: int = 6, conditioned: bool = True) -> None:
+    def __init__(self, dim: int, *, frequencies: int = 6, conditioned: bool = True, inputs: int = 1) -> None:
         super().__init__()
         self.register_buffer("freqs", (2.0 ** torch.arange(frequencies, dtype=torch.float32)) * math.pi)
-        self.linear = EqualLinear(2 * frequencies + 1, dim)
+        self.linear = EqualLinear(inputs * (2 * frequencies + 1), dim)
         self.conditioned = conditioned
+        self.inputs = inputs
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
-        p = pos.reshape(-1, 1).to(self.freqs.dtype)
+        p = pos.reshape(-1, self.inputs).to(self.freqs.dtype)
         if not self.conditioned:
             p = p * 0.0
-        angles = p * self.freqs[None, :]
+        if self.inputs == 1:
+            angles = p * self.freqs[None, :]
+        else:
+            angles = (p[:, :, None] * self.freqs[None, None, :]).flatten(1)
         feats = torch.cat([p, torch.sin(angles), torch.cos(angles)], dim=1)
         out: torch.Tensor = self.linear(feats)
         return out if self.conditioned else out * 0.0
@@ -269,13 +275,13 @@ class ResBlock(nn.Module):
 class _ProjectionHead(nn.Module):
     """From 4×4 features: [minibatch-stddev] → conv → FC → h; logit = ψ(h) + ⟨embed(position), h⟩."""
 
-    def __init__(self, channels: int, *, mbstd: bool, conditioned: bool) -> None:
+    def __init__(self, channels: int, *, mbstd: bool, conditioned: bool, cond_inputs: int = 1) -> None:
         super().__init__()
         self.mbstd = mbstd
         self.conv = EqualConv2d(channels + (1 if mbstd else 0), channels, 3, activation=True)
         self.fc = EqualLinear(channels * 16, channels, activation=True)
         self.out = EqualLinear(channels, 1)
-        self.embed = PositionEmbedding(channels, conditioned=conditioned)
+        self.embed = PositionEmbedding(channels, conditioned=conditioned, inputs=cond_inputs)
 
     def _stddev(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -329,14 +335,27 @@ def _dc_channels(size: int) -> dict[int, int]:
 
 
 class DCGenerator(nn.Module):
-    """Conditioned DCGAN generator: [z, embed(position)] → 4×4 → (upsample, conv, BN, LReLU)× → tanh."""
+    """Conditioned DCGAN generator: [z, embed(position)] → 4×4 → (upsample, conv, BN, LReLU)× → tanh.
 
-    def __init__(self, size: int, *, z_dim: int = 128, conditioned: bool = True) -> None:
+    `channels` image channels, `cond_inputs` conditioning scalars and `widths` (feature channels per
+    resolution) default to the slice recipe's; the patch recipe passes its own.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        z_dim: int = 128,
+        conditioned: bool = True,
+        channels: int = 1,
+        cond_inputs: int = 1,
+        widths: dict[int, int] | None = None,
+    ) -> None:
         super().__init__()
-        ch = _dc_channels(size)
+        ch = _dc_channels(size) if widths is None else widths
         self.size, self.z_dim = size, z_dim
         self.noise_mode = "none"  # interface parity with StyleGenerator; DCGAN has no noise inputs
-        self.embed = PositionEmbedding(32, conditioned=conditioned)
+        self.embed = PositionEmbedding(32, conditioned=conditioned, inputs=cond_inputs)
         self.fc = nn.Linear(z_dim + 32, ch[4] * 16)
         self.c4 = ch[4]
         layers: list[nn.Module] = [nn.BatchNorm2d(ch[4]), nn.LeakyReLU(0.2)]
@@ -349,7 +368,7 @@ class DCGenerator(nn.Module):
                 nn.LeakyReLU(0.2),
             ]
             r *= 2
-        layers += [nn.Conv2d(ch[size], 1, 3, padding=1), nn.Tanh()]
+        layers += [nn.Conv2d(ch[size], channels, 3, padding=1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -361,16 +380,24 @@ class DCGenerator(nn.Module):
 class DCDiscriminator(nn.Module):
     """Conditioned DCGAN discriminator: strided convs to 4×4, then the projection head (no mbstd)."""
 
-    def __init__(self, size: int, *, conditioned: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        conditioned: bool = True,
+        channels: int = 1,
+        cond_inputs: int = 1,
+        widths: dict[int, int] | None = None,
+    ) -> None:
         super().__init__()
-        ch = _dc_channels(size)
-        layers: list[nn.Module] = [nn.Conv2d(1, ch[size], 3, padding=1), nn.LeakyReLU(0.2)]
+        ch = _dc_channels(size) if widths is None else widths
+        layers: list[nn.Module] = [nn.Conv2d(channels, ch[size], 3, padding=1), nn.LeakyReLU(0.2)]
         r = size
         while r > 4:
             layers += [nn.Conv2d(ch[r], ch[r // 2], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             r //= 2
         self.body = nn.Sequential(*layers)
-        self.head = _ProjectionHead(ch[4], mbstd=False, conditioned=conditioned)
+        self.head = _ProjectionHead(ch[4], mbstd=False, conditioned=conditioned, cond_inputs=cond_inputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         f: torch.Tensor = self.body(x)
@@ -387,15 +414,24 @@ class DCDiscriminator(nn.Module):
 class Encoder(nn.Module):
     """f-AnoGAN izi_f encoder E(image, position) → z: strided convs, then an MLP that also sees the position."""
 
-    def __init__(self, size: int, *, z_dim: int = 128, conditioned: bool = True, width: int = 64) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        z_dim: int = 128,
+        conditioned: bool = True,
+        width: int = 64,
+        channels: int = 1,
+        cond_inputs: int = 1,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        c_in, c, r = 1, max(16, width // 4), size
+        c_in, c, r = channels, max(16, width // 4), size
         while r > 4:
             layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             c_in, c, r = c, min(c * 2, width * 2), r // 2
         self.body = nn.Sequential(*layers)
-        self.embed = PositionEmbedding(32, conditioned=conditioned)
+        self.embed = PositionEmbedding(32, conditioned=conditioned, inputs=cond_inputs)
         self.head = nn.Sequential(nn.Linear(c_in * 16 + 32, 128), nn.LeakyReLU(0.2), nn.Linear(128, z_dim))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -437,6 +437,11 @@ def train_detector(args: argparse.Namespace) -> Path:
     Raises:
         ValueError: impossible arguments or unusable data (message names the option or series).
     """
+    if getattr(args, "recipe", "slice") != "slice":
+        raise ValueError(
+            f"--recipe {args.recipe} is trained by models.detector.train_patch "
+            "(gatekeeper train detector, python -m models.detector train)"
+        )
     check_args(args)
     args.out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.out / "train.log")

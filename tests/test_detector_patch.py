@@ -257,3 +257,34 @@ def test_onnx_graphs_match_torch(trained: Path) -> None:
         for g, r in zip(got, refs):
             assert g.shape == tuple(r.shape), name
             assert _rel_err(g, r.numpy()) < 1e-4, f"{name}: relative error {_rel_err(g, r.numpy()):.2e}"
+
+
+def test_model_json_and_onnx_files_reproduce_the_validation_scores(phantom: Path, trained: Path) -> None:
+    """What serving will do, from model.json and the ONNX files only: positions, patches, z-scores,
+    slice max, in-range top-3 — the validation series' scores come out as calibration wrote them."""
+    from models.detector.data import PatchSeriesData, load_dataset
+
+    meta = json.loads((trained / "model.json").read_text())
+    pre, pos_meta, rng = meta["preprocessing"], meta["position"], meta["position_range"]
+    geometry = imaging.PatchGeometry(pre["spacing_mm"], pre["field_mm"], pre["patch"], pre["stride"])
+    data = load_dataset(phantom, pre["position_input"]["size"], seed=3, patch=geometry)
+    position = ort.InferenceSession(str(trained / meta["files"]["position"]), providers=["CPUExecutionProvider"])
+    scorer = ort.InferenceSession(str(trained / meta["files"]["patch_scorer"]), providers=["CPUExecutionProvider"])
+    scores = []
+    for s in data.validation:
+        assert isinstance(s, PatchSeriesData)
+        (raw,) = position.run(None, {"image": s.images[:, None].astype(np.float32)})
+        fitted = imaging.fit_series_positions(raw, s.locations_mm, pos_meta["mm_per_unit"])
+        positions = (fitted - pos_meta["lo"]) / (pos_meta["hi"] - pos_meta["lo"])
+        z, slice_index = [], []
+        for k in range(s.num_slices):
+            centres = s.centres[s.centres[:, 0] == k, 1:]
+            channels = imaging.window_channels(s.hu_field[k].astype(np.float32))
+            patches = imaging.extract_patches(channels, centres, geometry.patch)
+            cond = imaging.patch_conditions(float(positions[k]), centres, s.boxes[k])
+            raw_scores = scorer.run(["score"], {"patches": patches, "cond": cond})[0]
+            z.append(imaging.patch_z_scores(raw_scores, cond, meta["normalisation"]))
+            slice_index.append(np.full(len(centres), k))
+        slices = imaging.slice_scores_from_patches(np.concatenate(z), np.concatenate(slice_index), s.num_slices)
+        scores.append(imaging.series_score_in_range(slices, positions, rng["low"], rng["high"])[0])
+    np.testing.assert_allclose(scores, meta["validation_series_scores"], rtol=1e-3, atol=1e-3)

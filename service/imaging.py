@@ -237,13 +237,17 @@ class PatchGeometry:
     """The patch recipe's sampling: `spacing_mm` pixels in a `field_mm` square centred on the body's
     bounding box, patches of `patch` pixels on a `stride`-pixel grid.
 
+    480 mm holds the widest scan field the phantoms use (≤ 461 mm) and so every body a scanner
+    reconstructed whole; at 384 mm a large phantom patient (≈ 400+ mm across) was cut at the edges.
+    The field's size costs memory and resampling only: patches are taken in the body alone.
+
     Raises:
         ValueError: a non-positive spacing or field, a patch that is odd or larger than the field,
             or a stride outside 1 … patch.
     """
 
     spacing_mm: float = 1.5
-    field_mm: float = 384.0
+    field_mm: float = 480.0
     patch: int = 32
     stride: int = 16
 
@@ -259,7 +263,7 @@ class PatchGeometry:
 
     @property
     def field_px(self) -> int:
-        """Rows (= columns) of the resampled field: 384 mm at 1.5 mm → 256."""
+        """Rows (= columns) of the resampled field: 480 mm at 1.5 mm → 320."""
         return int(round(self.field_mm / self.spacing_mm))
 
 

@@ -31,12 +31,12 @@ def _phantom_slice(shape: tuple[int, int] = (512, 512), centre: tuple[int, int] 
 
 def test_field_has_the_fixed_spacing_and_is_centred_on_the_body() -> None:
     geometry = imaging.PatchGeometry()
-    assert geometry.field_px == 256
+    assert geometry.field_px == 320
     field, mask, (r0, r1, c0, c1) = imaging.resample_to_field(_phantom_slice(), (0.75, 0.75), geometry)
-    assert field.shape == mask.shape == (256, 256)
+    assert field.shape == mask.shape == (320, 320)
     # Body: 240 × 360 px at 0.75 mm = 180 × 270 mm = 120 × 180 px at 1.5 mm, centred in the field.
     assert abs((r1 - r0 + 1) - 120) <= 2 and abs((c1 - c0 + 1) - 180) <= 2
-    assert abs((r0 + r1) / 2 - 127.5) <= 1 and abs((c0 + c1) / 2 - 127.5) <= 1
+    assert abs((r0 + r1) / 2 - 159.5) <= 1 and abs((c0 + c1) / 2 - 159.5) <= 1
     assert field[128, 128] == pytest.approx(40.0, abs=1.0)
     assert field[0, 0] <= -1000.0  # air (inside or outside the scanned image)
     # Coarser native pixels: the same body in mm gives the same field.
@@ -50,7 +50,7 @@ def test_field_has_the_fixed_spacing_and_is_centred_on_the_body() -> None:
 
 
 def test_outside_the_scanned_image_is_air() -> None:
-    geometry = imaging.PatchGeometry(spacing_mm=1.5, field_mm=384.0)
+    geometry = imaging.PatchGeometry(spacing_mm=1.5, field_mm=480.0)
     small = _phantom_slice((200, 200), (100, 100))  # 100 mm wide at 0.5 mm: most of the field is outside it
     field, _, _ = imaging.resample_to_field(small, (0.5, 0.5), geometry)
     assert field[0, 0] == imaging.AIR_HU
@@ -193,8 +193,8 @@ def test_training_writes_the_checkpoint_onnx_files_and_model_json(trained: Path)
     pre = meta["preprocessing"]
     assert (pre["spacing_mm"], pre["field_mm"], pre["field_px"], pre["patch"], pre["stride"]) == (
         1.5,
-        384.0,
-        256,
+        480.0,
+        320,
         32,
         32,
     )

@@ -60,7 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     g = p.add_argument_group("patch recipe (--recipe patch; --size is then the body-part regression's input)")
     g.add_argument("--spacing-mm", type=float, default=1.5, help="pixel spacing of the resampled slice (default 1.5)")
-    g.add_argument("--field-mm", type=float, default=384.0, help="side of the body-centred field (default 384)")
+    g.add_argument(
+        "--field-mm",
+        type=float,
+        default=480.0,
+        help="side of the body-centred field (default 480: holds a 460-mm scan field, the widest phantom FOV)",
+    )
     g.add_argument("--patch", type=int, default=32, choices=(32,), help="patch side in pixels (32)")
     g.add_argument("--stride", type=int, default=16, help="patch grid stride in pixels (default 16)")
     g.add_argument(

@@ -540,7 +540,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m models.detector train ...` — either recipe (`--recipe`) without the service CLI (GPU machines)."""
-    parser = argparse.ArgumentParser(prog="python -m models.detector train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m models.detector train",
+        description="Train the detector (--recipe slice: the shipped recipe, train.py; --recipe patch: v2, this module).",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

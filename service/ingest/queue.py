@@ -51,7 +51,10 @@ def queue_due_series(
             .where(Series.superseded.is_(False))
             .where(
                 or_(
-                    Series.state == SeriesState.COMPLETE.value,
+                    # Complete and not claimed by a publisher right now (`queued_at` is set with the
+                    # claim; a claimer that died before publishing is retried after `resend_after_s`).
+                    (Series.state == SeriesState.COMPLETE.value)
+                    & (Series.queued_at.is_(None) | (Series.queued_at < resend_before)),
                     (Series.state == SeriesState.QUEUED.value) & (Series.queued_at < resend_before),
                 )
             )

@@ -113,7 +113,8 @@ def test_healthz_answers_without_login(env: Env) -> None:
 
 
 def test_every_route_but_health_and_login_refuses_anonymous_requests(env: Env) -> None:
-    open_routes = {"/healthz", "/login", "/logout"}
+    # /metrics is open unless GATEKEEPER_METRICS_TOKEN is set (then a bearer token; tests/test_metrics.py).
+    open_routes = {"/healthz", "/login", "/logout", "/metrics"}
     checked = 0
     with env.client() as client:
         for path, methods in path_operations(env.app):

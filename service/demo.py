@@ -102,20 +102,22 @@ def keep_running(stdin: TextIO, stdout: TextIO) -> bool:
 
 
 class _Stopped(Exception):
-    """SIGTERM arrived while the demo stayed up."""
+    """SIGINT or SIGTERM (its number in `args`) arrived while the demo stayed up."""
 
 
 def stay_up(processes: Mapping[str, subprocess.Popen[bytes]], *, poll_s: float = 0.5) -> str:
     """Block until Ctrl-C (SIGINT) or SIGTERM arrives, or one of `processes` ends; say which.
 
-    Returns "interrupted" (SIGINT), "terminated" (SIGTERM) or "<name> ended (exit code N)". The
-    SIGTERM handler is put back as it was before returning.
+    Returns "interrupted" (SIGINT), "terminated" (SIGTERM) or "<name> ended (exit code N)". Both
+    signal handlers are put back as they were before returning.
     """
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise _Stopped
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _Stopped(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # Both handlers explicitly: a process started in the background by a shell inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt.
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             for name, process in processes.items():
@@ -123,12 +125,12 @@ def stay_up(processes: Mapping[str, subprocess.Popen[bytes]], *, poll_s: float =
                 if code is not None:
                     return f"{name} ended (exit code {code})"
             time.sleep(poll_s)
-    except KeyboardInterrupt:
-        return "interrupted"
-    except _Stopped:
-        return "terminated"
+    except (KeyboardInterrupt, _Stopped) as stop:
+        interrupted = isinstance(stop, KeyboardInterrupt) or stop.args == (signal.SIGINT,)
+        return "interrupted" if interrupted else "terminated"
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

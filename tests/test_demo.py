@@ -66,10 +66,14 @@ def test_stay_up_returns_when_a_process_ends() -> None:
 
 # A child that waits in stay_up on a long `sleep`, and says "ready" once it polls inside the wait
 # (so the signal cannot arrive before the wait catches it); it prints what stay_up returned.
+# It starts with SIGINT ignored, as a background job does: stay_up must catch SIGINT itself.
 _WAITER = textwrap.dedent(
     """
-    import subprocess, sys
+    import signal, subprocess, sys
     from service.demo import stay_up
+
+    # As a job started in the background by a shell (CI): SIGINT ignored, so no KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     class Ready:
         said = False

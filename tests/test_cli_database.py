@@ -27,6 +27,10 @@ DATABASE_COMMANDS = [
     ["exports", "list"],
     ["worker", "--queues", "score"],
     ["listen", "--allow-ae", "CT1", "--allow-ip", "127.0.0.0/8", "--port", str(free_port())],
+    ["users", "list"],
+    ["web", "--port", str(free_port())],
+    ["feedback", "list"],
+    ["status"],
 ]
 
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from fastapi import routing
 from fastapi.routing import APIRoute
+from ingest_support import upgrade
 from PIL import Image
 from sqlalchemy import select
 from web_support import ANOMALY, PASSWORDS, THRESHOLD, Seeded, seed_database, serve, write_model_dir, write_phantom
@@ -395,8 +396,8 @@ def test_users_command_adds_lists_and_disables(
 ) -> None:
     from service.cli import main
 
+    upgrade(postgres_db_url)  # the users commands check that the database is migrated
     engine = make_engine(postgres_db_url)
-    Base.metadata.create_all(engine)
     monkeypatch.setenv("GATEKEEPER_DATABASE_URL", postgres_db_url)
     monkeypatch.setenv("GATEKEEPER_STORAGE_DIR", str(tmp_path))
     get_settings.cache_clear()

@@ -16,14 +16,11 @@ import argparse
 import getpass
 import logging
 import sys
-from collections.abc import Callable
 
-from sqlalchemy.exc import OperationalError, ProgrammingError
-from sqlalchemy.orm import Session, sessionmaker
-
+from service.db.schema import check_database, open_database
 from service.db.tables import UserRole
 from service.errors import UsageError
-from service.settings import Settings, load_settings_or_exit
+from service.settings import load_settings_or_exit
 
 log = logging.getLogger(__name__)
 
@@ -97,33 +94,12 @@ def read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def _sessions(settings: Settings) -> sessionmaker[Session]:
-    from service.db.session import make_engine, make_session_factory
-
-    return make_session_factory(make_engine(settings.database_url))
-
-
-def _database_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn "no such table" into a usage error that says to migrate."""
-
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (OperationalError, ProgrammingError) as exc:
-            raise UsageError(
-                f"database not ready ({type(exc.orig).__name__}); run `gatekeeper db upgrade` first"
-            ) from None
-
-    return wrapper
-
-
-@_database_errors
 def run_add(args: argparse.Namespace) -> int:
     from service.web import crud
 
     settings = load_settings_or_exit()
     password = read_password(args)
-    with _sessions(settings)() as session:
+    with open_database(settings) as sessions, sessions() as session:
         try:
             crud.create_user(session=session, name=args.name, role=args.role, password=password)
         except (ValueError, crud.Conflict) as exc:
@@ -132,13 +108,12 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
-@_database_errors
 def run_passwd(args: argparse.Namespace) -> int:
     from service.web import crud
 
     settings = load_settings_or_exit()
     password = read_password(args)
-    with _sessions(settings)() as session:
+    with open_database(settings) as sessions, sessions() as session:
         try:
             crud.set_password(session=session, name=args.name, password=password)
         except (ValueError, crud.NotFound) as exc:
@@ -147,11 +122,10 @@ def run_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
-@_database_errors
 def run_list(args: argparse.Namespace) -> int:
     from service.web import crud
 
-    with _sessions(load_settings_or_exit())() as session:
+    with open_database(load_settings_or_exit()) as sessions, sessions() as session:
         users = crud.list_users(session=session)
     print(f"{'NAME':<24} {'ROLE':<12} {'ACTIVE':<7} CREATED")
     for user in users:
@@ -162,11 +136,10 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-@_database_errors
 def run_set_active(args: argparse.Namespace) -> int:
     from service.web import crud
 
-    with _sessions(load_settings_or_exit())() as session:
+    with open_database(load_settings_or_exit()) as sessions, sessions() as session:
         try:
             crud.set_user_active(session=session, name=args.name, active=args.active)
         except crud.NotFound as exc:
@@ -186,6 +159,7 @@ def run_web(args: argparse.Namespace) -> int:
     from service.web.security import InsecureSettings
 
     settings = load_settings_or_exit()
+    check_database(settings)  # unreachable or un-migrated: one line naming the fix, exit 2
     try:
         app = create_app(settings)
     except InsecureSettings as exc:

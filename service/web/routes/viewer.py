@@ -209,6 +209,19 @@ def _slice(slices: list[ViewerSlice], index: int, series: Series) -> ViewerSlice
     return entry
 
 
+def _series_slice(
+    *, session: Session, settings: Settings, series_instance_uid: str, version: int, index: int
+) -> tuple[Series, ViewerSlice]:
+    """The series version and its slice `index`, for the image endpoints.
+
+    Raises:
+        crud.NotFound: no such series version or slice, or the slice's instance is not stored.
+    """
+    series = get_series_version(session=session, series_instance_uid=series_instance_uid, version=version)
+    slices, _ = viewer_slices(session=session, settings=settings, series=series)
+    return series, _slice(slices, index, series)
+
+
 # --- HTTP helpers -----------------------------------------------------------------------------------
 
 
@@ -304,9 +317,9 @@ def viewer_slice(
     ww: Width = DEFAULT_WINDOW.width,
 ) -> Response:
     """Slice `index` through the window level `wl`, width `ww` (HU), grayscale PNG."""
-    series = get_series_version(session=session, series_instance_uid=series_instance_uid, version=version)
-    slices, _ = viewer_slices(session=session, settings=settings, series=series)
-    entry = _slice(slices, index, series)
+    series, entry = _series_slice(
+        session=session, settings=settings, series_instance_uid=series_instance_uid, version=version, index=index
+    )
     path = resolve_stored(settings.storage_dir, entry.instance_path or "")
     window = imaging.Window(center=wl, width=ww)
     etag = _etag("slice", wl, ww, files=(path,))
@@ -324,9 +337,9 @@ def viewer_residual(
     settings: AppSettings,
 ) -> Response:
     """The residual heat map of slice `index` as a transparent layer of the slice's size (top slices only)."""
-    series = get_series_version(session=session, series_instance_uid=series_instance_uid, version=version)
-    slices, _ = viewer_slices(session=session, settings=settings, series=series)
-    entry = _slice(slices, index, series)
+    series, entry = _series_slice(
+        session=session, settings=settings, series_instance_uid=series_instance_uid, version=version, index=index
+    )
     if entry.residual_map is None:
         raise crud.NotFound(f"slice {index} has no residual map (only the highest-scoring slices have one)")
     path = resolve_stored(settings.storage_dir, entry.instance_path or "")
@@ -354,9 +367,9 @@ def viewer_contour(
     settings: AppSettings,
 ) -> Response:
     """The outline of the stored liver segmentation on slice `index`, a transparent layer (empty off the liver)."""
-    series = get_series_version(session=session, series_instance_uid=series_instance_uid, version=version)
-    slices, _ = viewer_slices(session=session, settings=settings, series=series)
-    entry = _slice(slices, index, series)
+    series, entry = _series_slice(
+        session=session, settings=settings, series_instance_uid=series_instance_uid, version=version, index=index
+    )
     seg = contour_path(settings=settings, series_id=series.id)
     if seg is None:
         raise crud.NotFound(f"{NO_CONTOUR} (version {series.version})")

@@ -273,6 +273,14 @@ def window_channels(hu: np.ndarray, windows: Sequence[Window] | None = None) -> 
     return np.stack([apply_window(hu, w) * 2.0 - 1.0 for w in ws], axis=-3)
 
 
+def body_centre(body: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the centre of the body mask's bounding box; the image centre when it is empty."""
+    rows, cols = np.nonzero(body)
+    if rows.size:
+        return (rows.min() + rows.max()) / 2.0, (cols.min() + cols.max()) / 2.0
+    return (body.shape[0] - 1) / 2.0, (body.shape[1] - 1) / 2.0
+
+
 def resample_to_field(
     hu: np.ndarray, pixel_spacing_mm: Sequence[float], geometry: PatchGeometry
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
@@ -294,11 +302,7 @@ def resample_to_field(
     if not (sr > 0 and sc > 0):
         raise ValueError(f"pixel_spacing_mm must be > 0, got {tuple(pixel_spacing_mm)}.")
     body = body_mask(hu)
-    rows, cols = np.nonzero(body)
-    if rows.size:
-        centre = ((rows.min() + rows.max()) / 2.0, (cols.min() + cols.max()) / 2.0)
-    else:
-        centre = ((hu.shape[0] - 1) / 2.0, (hu.shape[1] - 1) / 2.0)
+    centre = body_centre(body)
     f = geometry.field_px
     offsets = (np.arange(f, dtype=np.float64) - (f - 1) / 2.0) * geometry.spacing_mm
     grid_r = centre[0] + offsets / sr
@@ -483,4 +487,23 @@ def patch_z_map(z: np.ndarray, centres: np.ndarray, field_px: int, patch: int) -
         view = out[r - h : r + h, c - h : c + h]
         np.maximum(view, v, out=view)
     out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def field_map_to_image(
+    field_map: np.ndarray, hu: np.ndarray, pixel_spacing_mm: Sequence[float], geometry: PatchGeometry, size: int
+) -> np.ndarray:
+    """A map on one slice's resampled field [F, F] (e.g. `patch_z_map`) → the same map on the slice's own
+    image grid at `size`² (nearest field pixel; 0 outside the field and where the map is NaN), so that it
+    overlays the image. `hu` is the slice the field was made from (its body fixes the field's centre)."""
+    sr, sc = (float(v) for v in pixel_spacing_mm)
+    centre = body_centre(body_mask(hu))
+    f = geometry.field_px
+    rows = (np.arange(size) + 0.5) * hu.shape[0] / size - 0.5
+    cols = (np.arange(size) + 0.5) * hu.shape[1] / size - 0.5
+    fi = np.rint((rows - centre[0]) * sr / geometry.spacing_mm + (f - 1) / 2.0).astype(np.int64)
+    fj = np.rint((cols - centre[1]) * sc / geometry.spacing_mm + (f - 1) / 2.0).astype(np.int64)
+    inside = (fi[:, None] >= 0) & (fi[:, None] < f) & (fj[None, :] >= 0) & (fj[None, :] < f)
+    values = field_map[np.clip(fi, 0, f - 1)[:, None], np.clip(fj, 0, f - 1)[None, :]]
+    out: np.ndarray = np.where(inside & np.isfinite(values), values, 0.0).astype(np.float32)
     return out

@@ -20,7 +20,7 @@ from service.errors import UsageError
 from service.model_paths import DEFAULT_DETECTOR_DIR
 
 if TYPE_CHECKING:  # onnxruntime is imported only when `score` runs
-    from service.inference import Detector
+    from service.inference import Detector, PatchDetector
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=run)
 
 
-def score_folders(detector: Detector, folders: list[Path]) -> list[dict[str, Any]]:
+def score_folders(detector: Detector | PatchDetector, folders: list[Path]) -> list[dict[str, Any]]:
     """One result dict per series found (or per folder that yields none); errors are entries, not raises."""
     results: list[dict[str, Any]] = []
     for folder in folders:
@@ -76,10 +76,10 @@ def score_folders(detector: Detector, folders: list[Path]) -> list[dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.inference import Detector
+    from service.inference import load_detector
 
     try:
-        detector = Detector(args.model)
+        detector = load_detector(args.model)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"cannot load the detector from {args.model}: {exc}") from None
     results = score_folders(detector, args.series_dirs)

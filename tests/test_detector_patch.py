@@ -288,3 +288,46 @@ def test_model_json_and_onnx_files_reproduce_the_validation_scores(phantom: Path
         slices = imaging.slice_scores_from_patches(np.concatenate(z), np.concatenate(slice_index), s.num_slices)
         scores.append(imaging.series_score_in_range(slices, positions, rng["low"], rng["high"])[0])
     np.testing.assert_allclose(scores, meta["validation_series_scores"], rtol=1e-3, atol=1e-3)
+
+
+def test_serving_scores_dicom_series_as_calibration_did(phantom: Path, trained: Path) -> None:
+    """`service.inference.load_detector` on a format-2 model reads the DICOM files itself and gives each
+    validation series the score calibration recorded; the evidence maps lie in the slices' geometry."""
+    from models.detector.data import load_dataset
+    from service import dicom_series
+    from service.inference import PATCH_MAP_SIZE, PatchDetector, load_detector
+
+    meta = json.loads((trained / "model.json").read_text())
+    pre = meta["preprocessing"]
+    geometry = imaging.PatchGeometry(pre["spacing_mm"], pre["field_mm"], pre["patch"], pre["stride"])
+    validation = [s.series_instance_uid for s in load_dataset(phantom, 64, seed=3, patch=geometry).validation]
+    groups = {g.series_instance_uid: g for g in dicom_series.scan_tree(phantom)}
+    detector = load_detector(trained)
+    assert isinstance(detector, PatchDetector) and detector.threshold == meta["threshold"]
+    verdicts = [detector.score_series(dicom_series.load_series(groups[uid]), keep_maps=True) for uid in validation]
+    np.testing.assert_allclose([v.score for v in verdicts], meta["validation_series_scores"], rtol=1e-3, atol=1e-3)
+    v = verdicts[0]
+    assert len(v.slices) == 8 and all(np.isfinite(s.score) for s in v.slices)
+    assert v.residual_maps is not None and v.residual_maps.shape == (8, PATCH_MAP_SIZE, PATCH_MAP_SIZE)
+    assert np.abs(v.residual_maps).sum() > 0
+
+
+def test_score_command_reads_a_patch_model(phantom: Path, trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert gatekeeper(["score", str(phantom), "--model", str(trained), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["series"]) == 4
+    assert all(s["error"] is None and len(s["slices"]) == 8 and "flagged" in s for s in out["series"])
+
+
+def test_field_map_lands_on_the_body_in_the_image() -> None:
+    """A map that is 1 in the whole field's centre pixel block lands where the body's centre is."""
+    geometry = imaging.PatchGeometry()
+    hu = _phantom_slice()
+    field_map = np.full((320, 320), np.nan, np.float32)
+    field_map[150:170, 150:170] = 1.0
+    small = imaging.field_map_to_image(field_map, hu, (0.75, 0.75), geometry, 128)
+    r, c = np.argwhere(small == 1.0).mean(axis=0)
+    # body centre (300, 230) of 512 → (75, 57.5) of 128
+    assert abs(r - 75) <= 2 and abs(c - 57.5) <= 2
+    assert (small[np.isnan(small)]).size == 0

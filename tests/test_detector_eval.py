@@ -131,9 +131,14 @@ def test_evaluate_compares_every_method_localises_and_plots(run_dir: Path, autoe
         assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
         assert d["excludes_zero"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
     targets = {t["target"]: t for t in report["targets"]}
-    assert targets["series AUROC >= 0.97 on fluid"]["met"] is None  # no fluid series in this split
+    assert targets["series AUROC >= 0.95 on fluid"]["met"] is None  # no fluid series in this split
     tumor_auroc = methods["detector"]["per_type"]["tumor"]["auroc"]
-    assert targets["series AUROC >= 0.97 on tumor"]["met"] == (tumor_auroc >= 0.97)
+    assert targets["series AUROC >= 0.95 on tumor"]["met"] == (tumor_auroc >= 0.95)
+    slices_localised = methods["detector"]["localisation"]["all"]["slice_hit_rate"]
+    localisation = next(t for t in report["targets"] if t["target"].startswith("localisation"))
+    assert localisation["value"] == slices_localised and localisation["met"] == (slices_localised >= 0.85)
+    better = next(t for t in report["targets"] if t["target"].startswith("better than HU histogram"))
+    assert better["met"] == all(report["differences"]["hu_histogram"][k]["ci95"][0] > 0 for k in ("tumor", "stent"))
     conditioning = next(t for t in report["targets"] if t["target"].startswith("conditioned better"))
     assert conditioning["met"] == (report["differences"]["ablation"]["all"]["ci95"][0] > 0)
 
@@ -141,8 +146,9 @@ def test_evaluate_compares_every_method_localises_and_plots(run_dir: Path, autoe
     for label in ("GAN detector", "GAN, unconditioned", "conv autoencoder", "HU histogram"):
         assert label in md
     assert "| tumor | 1 |" in md and "## Localisation" in md
-    assert "series AUROC >= 0.97 on fluid: not evaluated" in md
-    assert md.count("**met**") + md.count("**missed**") == 4
+    assert "series AUROC >= 0.95 on fluid: not evaluated" in md
+    # stent, tumor, false flags, localisation, conditioning, better than the autoencoder and the histogram
+    assert md.count("**met**") + md.count("**missed**") == 7
     for png in ("roc.png", "profiles.png", "heatmaps.png"):
         assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in md

@@ -1,12 +1,15 @@
-"""Pieces of the detector evaluation without torch: HU-histogram baseline, paired bootstrap, localisation."""
+"""Pieces of the detector evaluation without torch: HU-histogram baseline, paired bootstrap, localisation,
+patch z-maps, --compare names."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from models.detector.baselines import HistogramBaseline, hu_histograms
-from models.detector.evaluate import localise
+from models.detector.evaluate import localise, parse_compare, uncovered_to_slice_minimum
 from models.detector.metrics import paired_bootstrap_difference, roc_curve
 
 
@@ -97,3 +100,35 @@ def test_localise_uses_the_top_affected_slice_and_checks_the_peak() -> None:
     miss = localise(np.array([9.0, 3.0, 2.0, 0.0]), maps, anomaly, body)
     assert miss is not None and miss["slice"] == 1 and not miss["hit"]
     assert localise(scores, maps, np.zeros_like(anomaly), body) is None
+    assert hit["slices_affected"] == 2 and hit["slices_hit"] == 1  # slice 2's peak is in, slice 1's is not
+
+
+def test_patch_map_pixels_no_patch_covers_are_never_the_peak() -> None:
+    """Served patch z-maps are 0 where no patch lies; negative z inside must still give the peak."""
+    k, s = 2, 32
+    maps = np.zeros((k, s, s), np.float32)
+    maps[0, 8:24, 8:24] = -2.0  # covered, below the normals' mean everywhere …
+    maps[0, 16:20, 16:20] = -0.5  # … except a less typical spot: the evidence peak
+    body = np.zeros((k, s, s), bool)
+    body[:, 4:28, 4:28] = True  # the body's rim (4..8, 24..28) is covered by no patch
+    anomaly = np.zeros((k, s, s), bool)
+    anomaly[0, 17:19, 17:19] = True
+    fixed = uncovered_to_slice_minimum(maps)
+    assert fixed[0, 5, 5] == -2.0 and fixed[0, 17, 17] == -0.5
+    assert (fixed[1] == 0).all()  # a slice without patches stays as it is
+    assert not localise(np.array([1.0, 0.0]), maps, anomaly, body)["hit"]  # the rim's 0 would win
+    located = localise(np.array([1.0, 0.0]), fixed, anomaly, body)
+    assert located is not None and located["hit"]
+
+
+def test_compare_names_come_from_the_option_or_the_folder() -> None:
+    assert parse_compare(["shipped=models/detector/default", "runs/gpu-v2/"]) == [
+        ("shipped", Path("models/detector/default")),
+        ("gpu-v2", Path("runs/gpu-v2/")),
+    ]
+    with pytest.raises(ValueError, match="fixed method name"):
+        parse_compare(["hu_histogram=x"])
+    with pytest.raises(ValueError, match="used twice"):
+        parse_compare(["a/model", "b/model"])
+    with pytest.raises(ValueError, match="must start with a letter"):
+        parse_compare(["1st=x"])

@@ -1,19 +1,30 @@
-"""`gatekeeper train autoencoder`: the convolutional-autoencoder baseline of the detector evaluation.
+"""`gatekeeper train autoencoder`: the autoencoder baselines of the detector evaluation.
 
-A plain conv autoencoder (no position condition, no adversary) trained on the same normal slices
-as the detector, at the detector's size and with its preprocessing (`service.imaging.
-preprocess_slices`). Its reconstruction error is the classic alternative to the GAN: if the GAN
-does not beat it, the GAN is not worth its cost.
+Two baselines, both trained on the same normal slices as the detector, at the detector's size and
+with its preprocessing (`service.imaging.preprocess_slices`), neither with a position condition nor
+an adversary. If the GAN does not beat them, the GAN is not worth its cost.
 
-* slice score = (e − μ)/σ with e the mean squared error |x − AE(x)|² inside the body mask, μ and σ
-  measured on the validation normal slices (≈ 0 typical, larger = more unusual);
-* series score = the `--aggregation` of the slice scores; threshold = the smallest that flags at
-  most `--false-flag-rate` of the validation normal series (normals only, as for the detector).
+* `--noise none` (default): a plain conv autoencoder with a dense bottleneck (`ConvAutoencoder`),
+  trained to reconstruct its input; slice error e = mean squared |x − AE(x)|² inside the body mask.
+* `--noise coarse`: the coarse-noise denoising autoencoder of Kascenas et al. 2022 ("Denoising
+  autoencoders for unsupervised anomaly detection in brain MRI", MIDL), the strongest simple
+  unsupervised baseline there: a U-Net (`DenoisingUNet`, no bottleneck) trained to remove *coarse*
+  Gaussian noise — drawn at `--noise-res`² (default 16²), upsampled bilinearly to the slice size,
+  randomly shifted, `--noise-std` (default 0.2 in the [-1, 1] image scale), added inside the body —
+  from normal slices. At scoring time it gets the clean slice: what it changes is what does not look
+  normal. Slice error e = the largest value inside the body of |x − DAE(x)| smoothed with a
+  Gaussian (σ = `DAE_SMOOTH_SIGMA_PX`), so a local finding is not averaged away.
+
+For both: slice score = (e − μ)/σ with μ and σ measured on the validation normal slices (≈ 0
+typical, larger = more unusual); series score = the `--aggregation` of the slice scores; threshold =
+the smallest that flags at most `--false-flag-rate` of the validation normal series (normals only, as
+for the detector). Training stops after `--minutes` (the same CPU budget as the GAN, for a fair
+comparison) or `--steps`.
 
 Writes to `--out`: `autoencoder.onnx` (image [N,1,S,S], mask [N,1,S,S] → score [N], error [N],
-residual_map [N,1,S,S]; opset 17, dynamic batch), `model.json` (kind `ct-slice-autoencoder`) and
-`weights.pt` (state dict + args, for the parity test). Scored without torch by
-`models.detector.baselines.AutoencoderBaseline`.
+residual_map [N,1,S,S] = |x − AE(x)| in the body; opset 17, dynamic batch), `model.json` (kind
+`ct-slice-autoencoder`, `noise` says which baseline) and `weights.pt` (state dict + args, for the
+parity test). Scored without torch by `models.detector.baselines.AutoencoderBaseline`.
 """
 
 from __future__ import annotations
@@ -76,6 +87,63 @@ class ConvAutoencoder(nn.Module):
         return torch.tanh(self.up(h))
 
 
+#: Gaussian smoothing (σ, px) of the DAE's residual before its slice error takes the body's maximum.
+DAE_SMOOTH_SIGMA_PX = 2.0
+#: Noise kinds of `--noise`.
+NOISE_KINDS = ("none", "coarse")
+
+
+class DenoisingUNet(nn.Module):
+    """Image [N,1,S,S] in [-1, 1] → denoised image: a U-Net (Kascenas et al. 2022's DAE, slimmed for
+    2 CPU cores): per level two 3×3 convs with LeakyReLU, 2×2 average pooling down, nearest upsampling
+    and a skip connection up, `levels` levels of `width`·2^level channels, a 1×1 conv out (linear)."""
+
+    def __init__(self, size: int, *, width: int = 16, levels: int = 4) -> None:
+        super().__init__()
+        if levels < 2 or size % 2 ** (levels - 1):
+            raise ValueError(f"size must be a multiple of {2 ** (levels - 1)} for {levels} levels, got {size}.")
+        chans = [width * 2**i for i in range(levels)]
+
+        def block(a: int, b: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(a, b, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(b, b, 3, padding=1), nn.LeakyReLU(0.2)
+            )
+
+        self.down = nn.ModuleList([block(1, chans[0])] + [block(a, b) for a, b in zip(chans, chans[1:])])
+        self.up = nn.ModuleList([block(b + a, a) for a, b in zip(chans[:-1], chans[1:])][::-1])
+        self.out = nn.Conv2d(chans[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        h = x
+        for i, block in enumerate(self.down):
+            if i:
+                h = F.avg_pool2d(h, 2)
+            h = block(h)
+            skips.append(h)
+        for block, skip in zip(self.up, skips[-2::-1]):
+            h = block(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), skip], dim=1))
+        out: torch.Tensor = self.out(h)
+        return out
+
+
+def coarse_noise(n: int, size: int, resolution: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Kascenas et al.'s coarse noise [n, 1, size, size]: N(0, std²) at `resolution`², upsampled
+    bilinearly to `size`², rolled by a random offset so the coarse grid does not sit still."""
+    coarse = torch.randn(n, 1, resolution, resolution, generator=generator) * std
+    noise = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    dr, dc = (int(v) for v in torch.randint(size, (2,), generator=generator))
+    return torch.roll(noise, shifts=(dr, dc), dims=(2, 3))
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
 class AutoencoderScorer(nn.Module):
     """(image, body mask) → normalised slice score, raw error, residual map (what `autoencoder.onnx` computes)."""
 
@@ -96,6 +164,32 @@ class AutoencoderScorer(nn.Module):
         return (error - self.norm[0]) / self.norm[1], error, residual_map
 
 
+class DenoisingScorer(AutoencoderScorer):
+    """(image, body mask) → normalised slice score, raw error, residual map of the coarse-noise DAE:
+    error = max inside the body of |x − DAE(x)| smoothed (Gaussian σ = `DAE_SMOOTH_SIGMA_PX`)."""
+
+    kernel: torch.Tensor  # buffer [1, 1, K, K]
+
+    def __init__(self, dae: DenoisingUNet, *, sigma_px: float = DAE_SMOOTH_SIGMA_PX) -> None:
+        nn.Module.__init__(self)
+        self.ae = dae  # type: ignore[assignment]  # the same role as the plain autoencoder's network
+        self.register_buffer("norm", torch.tensor([0.0, 1.0]))
+        self.register_buffer("kernel", _gaussian_kernel(sigma_px))
+
+    def errors(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual_map = ((x - self.ae(x)) * mask).abs()
+        smooth = F.conv2d(residual_map, self.kernel, padding=self.kernel.shape[-1] // 2)
+        return (smooth * mask).amax(dim=(1, 2, 3)), residual_map
+
+
+def build_scorer(args: argparse.Namespace | dict[str, object]) -> AutoencoderScorer:
+    """The scorer the options ask for: `--noise none` → conv autoencoder, `coarse` → U-Net DAE."""
+    a = vars(args) if isinstance(args, argparse.Namespace) else args
+    if a.get("noise", "none") == "coarse":
+        return DenoisingScorer(DenoisingUNet(int(str(a["size"]))))
+    return AutoencoderScorer(ConvAutoencoder(int(str(a["size"])), latent=int(str(a["latent"]))))
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the option when an argument is impossible."""
     if args.batch < 1:
@@ -110,6 +204,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.out.is_file():
         raise ValueError(f"--out {args.out} is a file, not a folder")
+    if args.noise not in NOISE_KINDS:
+        raise ValueError(f"--noise must be one of {NOISE_KINDS}, got {args.noise!r}")
+    if args.noise == "coarse":
+        if not 2 <= args.noise_res <= args.size:
+            raise ValueError(f"--noise-res must be within 2..--size ({args.size}), got {args.noise_res}")
+        if not args.noise_std > 0:
+            raise ValueError(f"--noise-std must be > 0, got {args.noise_std}")
 
 
 @torch.no_grad()
@@ -143,8 +244,10 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     data = load_dataset(args.data, args.size, jobs=args.jobs or cpu_count(), seed=args.seed, max_series=args.max_series)
     images = torch.from_numpy(np.concatenate([s.images for s in data.train])[:, None]).to(device)
+    masks = torch.from_numpy(np.concatenate([s.masks for s in data.train])[:, None]).to(device)
     n = images.shape[0]
-    scorer = AutoencoderScorer(ConvAutoencoder(args.size, latent=args.latent)).to(device)
+    denoising = args.noise == "coarse"
+    scorer = build_scorer(args).to(device)
     opt = torch.optim.Adam(scorer.ae.parameters(), lr=1e-3)
     rng = torch.Generator(device="cpu").manual_seed(args.seed)
     history: list[float] = []
@@ -154,7 +257,11 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
     while (step < args.steps) if args.steps is not None else (time.monotonic() - t_train < budget):
         idx = torch.randint(n, (args.batch,), generator=rng).to(device)
         x = images[idx].float()
-        loss = F.mse_loss(scorer.ae(x), x)
+        if denoising:  # remove coarse noise added inside the body; the clean slice is the target
+            noise = coarse_noise(args.batch, args.size, args.noise_res, args.noise_std, rng).to(device)
+            loss = F.mse_loss(scorer.ae(x + noise * masks[idx].float()), x)
+        else:
+            loss = F.mse_loss(scorer.ae(x), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
         opt.step()
@@ -164,7 +271,7 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
             last_log = time.monotonic()
             log.info("autoencoder step %d (%.0f s): mse %.5f", step, last_log - t_train, history[-1])
     train_seconds = time.monotonic() - t_train
-    log.info("autoencoder: %d steps in %.0f s", step, train_seconds)
+    log.info("autoencoder (noise %s): %d steps in %.0f s", args.noise, step, train_seconds)
 
     errors = series_errors(scorer, data.validation, device)
     flat = np.concatenate(errors)
@@ -186,11 +293,27 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
         for k, v in vars(args).items()
         if k not in ("func", "command", "what", "verbose") and v not in (None, False)
     )
+    noise_meta: dict[str, object] = {"kind": args.noise}
+    if denoising:
+        noise_meta |= {
+            "resolution": args.noise_res,
+            "std": args.noise_std,
+            "upsampling": "bilinear, rolled by a random offset",
+            "where": "inside the body mask",
+            "reference": "Kascenas et al. 2022, Denoising autoencoders for unsupervised anomaly detection in brain MRI",
+        }
     model = {
         "format": 1,
         "kind": AUTOENCODER_KIND,
+        "architecture": "unet" if denoising else "conv-bottleneck",
+        "noise": noise_meta,
+        "slice_error": (
+            f"max inside the body of |x - DAE(x)| smoothed with a Gaussian (sigma {DAE_SMOOTH_SIGMA_PX:g} px)"
+            if denoising
+            else "mean squared |x - AE(x)| inside the body"
+        ),
         "size": args.size,
-        "latent": args.latent,
+        "latent": None if denoising else args.latent,
         "preprocessing": {
             "function": "service.imaging.preprocess_slices",
             "window_center_hu": imaging.ABDOMEN_WINDOW.center,
@@ -238,8 +361,7 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
 def load_scorer(model_dir: Path) -> AutoencoderScorer:
     """The torch AutoencoderScorer of an exported autoencoder, from its weights.pt (eval mode, CPU)."""
     weights = torch.load(Path(model_dir) / "weights.pt", map_location="cpu", weights_only=False)
-    a = weights["args"]
-    scorer = AutoencoderScorer(ConvAutoencoder(int(a["size"]), latent=int(a["latent"])))
+    scorer = build_scorer(weights["args"])
     scorer.load_state_dict(weights["scorer"])
     return scorer.eval()
 

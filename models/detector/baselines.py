@@ -5,10 +5,12 @@
   slice-position bin, the mean and spread of every feature; a slice's distance is the mean squared
   z-score of its features against its position bin, itself standardised by the distances of the
   training slices in that bin (≈ 0 typical, larger = more unusual). No network, no training.
-* `AutoencoderBaseline` — a convolutional autoencoder's reconstruction error, exported by
+* `AutoencoderBaseline` — an autoencoder's reconstruction error, exported by
   `models/detector/autoencoder.py` (`autoencoder.onnx` + `model.json`, the detector's
-  preprocessing); slice score = mean squared error inside the body mask, normalised on validation
-  normals; residual map = |x − AE(x)| inside the mask.
+  preprocessing): the plain conv autoencoder (slice error = mean squared error inside the body mask)
+  or the coarse-noise denoising autoencoder (model.json `noise.kind` "coarse"; slice error = the
+  largest smoothed residual inside the body); either normalised on validation normals inside the
+  graph; residual map = |x − AE(x)| inside the mask.
 
 Series scores aggregate slice scores with `service.imaging.aggregate_slice_scores`, like the detector.
 """
@@ -183,7 +185,7 @@ class HistogramBaseline:
 
 
 class AutoencoderBaseline:
-    """A loaded convolutional-autoencoder baseline (ONNX Runtime session built once).
+    """A loaded autoencoder baseline, plain or coarse-noise denoising (ONNX Runtime session built once).
 
     Raises (constructor):
         FileNotFoundError: no model.json or ONNX file in `model_dir`.

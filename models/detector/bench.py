@@ -1,18 +1,24 @@
-"""Scoring speed of the detector: PyTorch eager vs the fused ONNX Runtime scorer, same slices.
+"""Scoring speed of the detector: PyTorch eager vs the fused ONNX Runtime scorer, same inputs.
 
     gatekeeper bench score [--model DIR] [--threads N] [--quick]     (the CPU benchmark; see run_cli)
     python -m models.detector bench --model DIR [--device cpu|cuda] [--seconds 5]   (GPU run helper)
 
-`gatekeeper bench score` prints, on this machine: slices/s of PyTorch eager fp32, of the fused
-ONNX Runtime graph (fp32) and of PyTorch bf16 autocast at each batch size, with their ratios; the
-bf16 scores' deviation from fp32; the model's GFLOP per slice (conv and matmul operations counted
-by `torch.utils.flop_counter`) and the achieved GFLOP/s next to this machine's fp32 matmul peak
+`gatekeeper bench score` prints, on this machine: items/s of PyTorch eager fp32, of the fused ONNX
+Runtime graph (fp32) and of PyTorch bf16 autocast at each batch size, with their ratios; the bf16
+scores' deviation from fp32; the model's GFLOP per item (conv and matmul operations counted by
+`torch.utils.flop_counter`) and the achieved GFLOP/s next to this machine's fp32 matmul peak
 measured in the same run; and the end-to-end time to score a 300-slice 512² series (DICOM read +
-preprocessing + scoring, the shipped ONNX files through `service.inference.Detector`).
+preprocessing + scoring, the model's ONNX files through `service.inference`, as `gatekeeper score`).
+
+An item is a slice for a format-1 model (slice recipe: `scorer.onnx`, `service.inference.Detector`)
+and a 32² multi-window patch for a format-2 model (patch recipe: `patch_scorer.onnx`,
+`service.inference.PatchDetector`; a slice is ≈ 100–200 body patches, the end-to-end series says how
+many); both engines get the same random inputs.
 
 A model folder without `weights.pt` (the shipped one) is rebuilt from `model.json` (family, size,
 condition) with fresh weights, exported to a temporary ONNX file and timed that way: the work per
-slice, and so the timing, does not depend on the weight values.
+item, and so the timing, does not depend on the weight values. With `weights.pt`, a format-2
+model's own `patch_scorer.onnx` (the served graph) is timed against the same weights in torch.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 from models.detector.export import export_graph, load_scorer
 from models.detector.networks import Scorer, build_networks
+from models.detector.networks_patch import PATCH, PatchScorer, build_patch_networks
 from service.errors import UsageError
 from service.model_paths import DEFAULT_DETECTOR_DIR
 
@@ -46,48 +53,58 @@ def _rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
 
 
 def bench(
-    model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: Sequence[int] = (16, 64)
+    model_dir: Path, device: str = "cpu", seconds: float = 3.0, batches: Sequence[int] | None = None
 ) -> dict[str, Any]:
+    """Items/s of torch eager and ONNX Runtime (CUDA provider when this build has it) on `device`.
+
+    Items are slices (format 1, default batches 16, 64) or patches (format 2, default 512, 4096 on a GPU,
+    64, 512 on the CPU). A model without weights.pt is timed with fresh weights (`scorer_for_bench`)."""
     import onnxruntime as ort
 
     meta = json.loads((model_dir / "model.json").read_text())
-    size = int(meta["size"])
+    patch = meta.get("format") == PATCH_FORMAT
     dev = torch.device(device)
-    scorer = load_scorer(model_dir, dev)
+    scorer: torch.nn.Module
+    if patch:
+        scorer = patch_scorer_for_bench(model_dir)[0].to(dev)
+        feeds, onnx_name = patch_feeds(int(meta.get("channels", 3))), meta["files"]["patch_scorer"]
+        batches = batches or ((512, 4096) if dev.type == "cuda" else (64, 512))
+    else:
+        scorer = scorer_for_bench(model_dir)[0].to(dev)
+        feeds, onnx_name = slice_feeds(int(meta["size"])), "scorer.onnx"
+        batches = batches or (16, 64)
     providers = (
         ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers()
         else ["CPUExecutionProvider"]
     )
-    session = ort.InferenceSession(str(model_dir / "scorer.onnx"), providers=providers)
-    result: dict[str, Any] = {"device": str(dev), "ort_provider": session.get_providers()[0], "size": size, "rates": {}}
+    session = ort.InferenceSession(str(model_dir / onnx_name), providers=providers)
+    result: dict[str, Any] = {
+        "device": str(dev),
+        "ort_provider": session.get_providers()[0],
+        "item": "patch" if patch else "slice",
+        "rates": {},
+    }
     if dev.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(dev)
     rng = np.random.default_rng(0)
     for b in batches:
-        x = rng.uniform(-1, 1, (b, 1, size, size)).astype(np.float32)
-        p = rng.uniform(0, 1, b).astype(np.float32)
-        m = (rng.uniform(size=(b, 1, size, size)) > 0.3).astype(np.float32)
-        xt, pt, mt = (torch.from_numpy(v).to(dev) for v in (x, p, m))
+        arrays = feeds(b, rng)
+        tensors = [torch.from_numpy(v).to(dev) for v in arrays.values()]
 
-        def torch_run(xt: torch.Tensor = xt, pt: torch.Tensor = pt, mt: torch.Tensor = mt) -> None:
+        def torch_run(tensors: list[torch.Tensor] = tensors) -> None:
             with torch.inference_mode():
-                scorer(xt, pt, mt)[0].cpu()
+                scorer(*tensors)[0].cpu()
 
-        def ort_run(feeds: dict[str, np.ndarray] = {"image": x, "position": p, "mask": m}) -> None:  # noqa: B006 — read only
-            session.run(None, feeds)
+        def ort_run(arrays: dict[str, np.ndarray] = arrays) -> None:
+            session.run(None, arrays)
 
         rates = {
             "torch_eager": _rate(torch_run, b, seconds),
             f"ort_{result['ort_provider']}": _rate(ort_run, b, seconds),
         }
         result["rates"][b] = {k: round(v, 1) for k, v in rates.items()}
-        log.info(
-            "bench batch %d: %s slices/s (300-slice series: %s s)",
-            b,
-            result["rates"][b],
-            {k: round(300 / v, 2) for k, v in rates.items()},
-        )
+        log.info("bench batch %d: %s %s/s", b, result["rates"][b], "patches" if patch else "slices")
     return result
 
 
@@ -133,15 +150,71 @@ def scorer_for_bench(model_dir: Path) -> tuple[Scorer, bool]:
     return scorer.eval(), True
 
 
-def gflop_per_slice(scorer: Scorer, size: int) -> float:
-    """Conv and matmul GFLOP of one slice score (multiply-add = 2 FLOP), counted on a batch of 2."""
+#: model.json format of the patch recipe (`service.inference.PATCH_FORMAT`).
+PATCH_FORMAT = 2
+
+
+def patch_scorer_for_bench(model_dir: Path) -> tuple[PatchScorer, bool]:
+    """A format-2 model's torch PatchScorer: G_ema, E, D from weights.pt when present, else the same
+    networks from model.json (channels, condition) with fresh weights (seed 0). Returns (scorer in eval
+    mode, True when the weights are fresh)."""
+    meta = json.loads((model_dir / "model.json").read_text())
+    channels = int(meta.get("channels", 3))
+    conditioned = bool(meta.get("conditioned", True))
+    fresh = not (model_dir / "weights.pt").is_file()
+    if fresh:
+        torch.manual_seed(0)
+    nets = build_patch_networks(channels, conditioned=conditioned, z_dim=int(meta.get("z_dim", 64)))
+    if not fresh:
+        weights = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=False)
+        nets.G.load_state_dict(weights["G_ema"])
+        nets.E.load_state_dict(weights["E"])
+        nets.D.load_state_dict(weights["D"])
+    return PatchScorer(nets.G, nets.E, nets.D, kappa=float(meta.get("kappa", 1.0))).eval(), fresh
+
+
+Feeds = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
+
+
+def slice_feeds(size: int) -> Feeds:
+    """Random inputs of the slice scorer for a batch: image, position, body mask (in call order)."""
+
+    def make(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {
+            "image": rng.uniform(-1, 1, (b, 1, size, size)).astype(np.float32),
+            "position": rng.uniform(0, 1, b).astype(np.float32),
+            "mask": (rng.uniform(size=(b, 1, size, size)) > 0.3).astype(np.float32),
+        }
+
+    return make
+
+
+def patch_feeds(channels: int) -> Feeds:
+    """Random inputs of the patch scorer for a batch: patches [b, C, 32, 32], cond [b, 3] (in call order)."""
+
+    def make(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {
+            "patches": rng.uniform(-1, 1, (b, channels, PATCH, PATCH)).astype(np.float32),
+            "cond": rng.uniform(0, 1, (b, 3)).astype(np.float32),
+        }
+
+    return make
+
+
+def gflop_per_item(scorer: torch.nn.Module, feeds: Feeds) -> float:
+    """Conv and matmul GFLOP of one item's score (multiply-add = 2 FLOP), counted on a batch of 2."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.rand(2, 1, size, size) * 2 - 1
+    inputs = [torch.from_numpy(v) for v in feeds(2, np.random.default_rng(0)).values()]
     counter = FlopCounterMode(display=False)
     with counter:  # not under inference_mode: the counter's module tracker needs autograd
-        scorer(x, torch.rand(2), torch.ones(2, 1, size, size))
+        scorer(*inputs)
     return counter.get_total_flops() / 2 / 1e9
+
+
+def gflop_per_slice(scorer: Scorer, size: int) -> float:
+    """Conv and matmul GFLOP of one slice score of the slice recipe (see `gflop_per_item`)."""
+    return gflop_per_item(scorer, slice_feeds(size))
 
 
 def matmul_peak(n: int, seconds: float) -> float:
@@ -162,12 +235,18 @@ def _max_relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def engine_rates(
-    scorer: Scorer, onnx_path: Path, size: int, batches: Sequence[int], seconds: float, threads: int | None
+    scorer: torch.nn.Module,
+    onnx_path: Path,
+    feeds: Feeds,
+    batches: Sequence[int],
+    seconds: float,
+    threads: int | None,
 ) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]:
-    """Slices/s per batch and engine, and the agreement of ORT and bf16 with torch fp32.
+    """Items/s per batch and engine, and the agreement of ORT and bf16 with torch fp32, on the same inputs.
 
     Engines: `torch_fp32` (eager, inference_mode), `ort_fp32` (the fused ONNX graph of the same
-    weights, CPU provider), `torch_bf16` (eager under torch.autocast(bfloat16)).
+    weights, CPU provider), `torch_bf16` (eager under torch.autocast(bfloat16)). The scorer's first
+    three outputs are (score, residual term, feature term), in both recipes.
     """
     import onnxruntime as ort
 
@@ -180,24 +259,21 @@ def engine_rates(
     rates: dict[int, dict[str, float]] = {}
     agreement: dict[int, dict[str, float]] = {}
     for b in batches:
-        x = rng.uniform(-1, 1, (b, 1, size, size)).astype(np.float32)
-        p = rng.uniform(0, 1, b).astype(np.float32)
-        m = (rng.uniform(size=(b, 1, size, size)) > 0.3).astype(np.float32)
-        xt, pt, mt = (torch.from_numpy(v) for v in (x, p, m))
-        feeds = {"image": x, "position": p, "mask": m}
+        arrays = feeds(b, rng)
+        tensors = [torch.from_numpy(v) for v in arrays.values()]
 
-        def torch_fp32() -> tuple[torch.Tensor, ...]:
+        def torch_fp32(tensors: list[torch.Tensor] = tensors) -> tuple[torch.Tensor, ...]:
             with torch.inference_mode():
-                terms: tuple[torch.Tensor, ...] = scorer(xt, pt, mt)
+                terms: tuple[torch.Tensor, ...] = scorer(*tensors)
                 return terms
 
-        def torch_bf16() -> tuple[torch.Tensor, ...]:
+        def torch_bf16(tensors: list[torch.Tensor] = tensors) -> tuple[torch.Tensor, ...]:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                terms: tuple[torch.Tensor, ...] = scorer(xt, pt, mt)
+                terms: tuple[torch.Tensor, ...] = scorer(*tensors)
                 return terms
 
-        def ort_fp32() -> list[np.ndarray]:
-            outputs: list[np.ndarray] = session.run(None, feeds)
+        def ort_fp32(arrays: dict[str, np.ndarray] = arrays) -> list[np.ndarray]:
+            outputs: list[np.ndarray] = session.run(None, arrays)
             return outputs
 
         rates[b] = {
@@ -213,48 +289,97 @@ def engine_rates(
             "bf16_terms_max_rel": max(_max_relative(low[i], reference[i]) for i in (1, 2)),
             "bf16_score_max_abs": float(np.max(np.abs(low[0] - reference[0]))),
         }
-        log.info("batch %d: %s slices/s", b, {k: round(v, 1) for k, v in rates[b].items()})
+        log.info("batch %d: %s items/s", b, {k: round(v, 1) for k, v in rates[b].items()})
     return rates, agreement
+
+
+def _generated_series(tmp: Path, slices: int, matrix: int) -> float:
+    """Write the benchmark's phantom series to `tmp`/series; return the seconds it took (not counted)."""
+    from service.phantom.generate import SeriesSpec, generate_series
+
+    t0 = time.perf_counter()
+    generate_series(SeriesSpec(folder="series", patient_seed=7, series_seed=8, num_slices=slices, matrix=matrix), tmp)
+    return time.perf_counter() - t0
 
 
 def series_end_to_end(model_dir: Path, slices: int, matrix: int) -> dict[str, Any]:
     """Seconds to read, preprocess and score one generated `slices`-slice series with the model's ONNX
-    files, exactly as `gatekeeper score` does (`service.inference.Detector`, ONNX Runtime CPU provider
-    with its default threads). Generating the series is not timed."""
+    files, exactly as `gatekeeper score` does (`service.inference.Detector` for format 1,
+    `PatchDetector` for format 2, ONNX Runtime CPU provider with its default threads). Generating the
+    series is not timed; starting the sessions is timed apart (once per worker)."""
     import tempfile
 
     from service import dicom_series, imaging
-    from service.inference import Detector
-    from service.phantom.generate import SeriesSpec, generate_series
+    from service.inference import Detector, PatchDetector
 
+    meta = json.loads((model_dir / "model.json").read_text())
     with tempfile.TemporaryDirectory(prefix="gk-bench-") as tmp:
+        generated = _generated_series(Path(tmp), slices, matrix)
         t0 = time.perf_counter()
-        generate_series(
-            SeriesSpec(folder="series", patient_seed=7, series_seed=8, num_slices=slices, matrix=matrix), Path(tmp)
+        detector = (PatchDetector if meta.get("format") == PATCH_FORMAT else Detector)(
+            model_dir, providers=["CPUExecutionProvider"]
         )
-        generated = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        detector = Detector(model_dir, providers=["CPUExecutionProvider"])
         session_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         (group,) = dicom_series.ct_series_in(dicom_series.scan_tree(Path(tmp) / "series"))
         series = dicom_series.load_series(group)
-        t1 = time.perf_counter()
-        images, masks = imaging.preprocess_slices(series.hu, detector.size, detector.window)
-        t2 = time.perf_counter()
-        positions = detector.positions(images, series.locations_mm)
-        scores, _ = detector.score_arrays(images, masks, positions)
-        imaging.aggregate_slice_scores(scores, detector.aggregation)
-        t3 = time.perf_counter()
+        t_read = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if isinstance(detector, PatchDetector):  # the steps of PatchDetector.score_series, timed one by one
+            positions = detector.positions(series)
+            t_pre = time.perf_counter()
+            fields, masks, boxes = imaging.preprocess_patch_series(
+                series.hu, series.pixel_spacing_mm, detector.geometry
+            )
+            t_score = time.perf_counter()
+            z, slice_index, _ = detector.patch_z_scores(fields, masks, boxes, positions)
+            slice_scores = imaging.slice_scores_from_patches(z, slice_index, series.num_slices)
+            imaging.series_score_in_range(slice_scores, positions, detector.position_low, detector.position_high)
+            t_end = time.perf_counter()
+            extra = {
+                "position_s": round(t_pre - t_read, 2),
+                "patches": int(z.size),
+                "patches_per_slice": round(z.size / series.num_slices, 1),
+            }
+        else:
+            images, masks = imaging.preprocess_slices(series.hu, detector.size, detector.window)
+            t_pre, t_score = t_read, time.perf_counter()  # preprocessing, then position and score
+            positions = detector.positions(images, series.locations_mm)
+            scores, _ = detector.score_arrays(images, masks, positions)
+            imaging.aggregate_slice_scores(scores, detector.aggregation)
+            t_end = time.perf_counter()
     return {
         "slices": slices,
         "matrix": matrix,
         "generate_s": round(generated, 1),
         "session_start_s": round(session_seconds, 2),
-        "read_s": round(t1 - t0, 2),
-        "preprocess_s": round(t2 - t1, 2),
-        "score_s": round(t3 - t2, 2),
-        "total_s": round(t3 - t0, 2),
+        "read_s": round(t_read - t0, 2),
+        "preprocess_s": round(t_score - t_pre, 2),
+        "score_s": round(t_end - t_score, 2),
+        "total_s": round(t_end - t0, 2),
+        **extra,
+    }
+
+
+def _machine(threads: int | None) -> dict[str, Any]:
+    import os
+    import platform
+
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ort_threads": threads or "default",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
     }
 
 
@@ -269,41 +394,38 @@ def bench_score(
     matmul_n: int = 2048,
 ) -> dict[str, Any]:
     """Every number of `gatekeeper bench score` (see the module docstring) as one dict."""
-    import os
-    import platform
     import tempfile
-
-    import onnxruntime as ort
 
     if threads:
         torch.set_num_threads(threads)
     meta = json.loads((model_dir / "model.json").read_text())
+    if meta.get("format") == PATCH_FORMAT:
+        return _bench_score_patch(
+            model_dir,
+            meta,
+            batches=batches,
+            seconds=seconds,
+            series_slices=series_slices,
+            matrix=matrix,
+            threads=threads,
+            matmul_n=matmul_n,
+        )
     size = int(meta["size"])
     scorer, fresh = scorer_for_bench(model_dir)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     result: dict[str, Any] = {
         "model": str(model_dir),
+        "format": meta.get("format", 1),
+        "item": "slice",
         "family": meta.get("family"),
         "size": size,
         "conditioned": meta.get("conditioned", True),
         "fresh_weights": fresh,
-        "machine": {
-            "cpu": cpu,
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "ort_threads": threads or "default",
-            "torch": torch.__version__,
-            "onnxruntime": ort.__version__,
-        },
+        "machine": _machine(threads),
         "gflop_per_slice": round(gflop_per_slice(scorer, size), 3),
         "matmul_peak_gflops": round(matmul_peak(matmul_n, min(3.0, 2 * seconds)), 1),
         "matmul_n": matmul_n,
     }
+    result["gflop_per_item"] = result["gflop_per_slice"]
     with tempfile.TemporaryDirectory(prefix="gk-bench-onnx-") as tmp:
         onnx_path = Path(tmp) / "scorer.onnx"
         x = torch.rand(2, 1, size, size) * 2 - 1
@@ -314,10 +436,64 @@ def bench_score(
             ["image", "position", "mask"],
             ["score", "residual", "feature", "residual_map"],
         )
-        rates, agreement = engine_rates(scorer, onnx_path, size, batches, seconds, threads)
+        rates, agreement = engine_rates(scorer, onnx_path, slice_feeds(size), batches, seconds, threads)
     result["rates"] = {b: {k: round(v, 2) for k, v in r.items()} for b, r in rates.items()}
     result["agreement"] = agreement
     result["series"] = series_end_to_end(model_dir, series_slices, matrix)
+    return result
+
+
+def _bench_score_patch(
+    model_dir: Path,
+    meta: dict[str, Any],
+    *,
+    batches: Sequence[int],
+    seconds: float,
+    series_slices: int,
+    matrix: int,
+    threads: int | None,
+    matmul_n: int,
+) -> dict[str, Any]:
+    """`bench_score` of a format-2 (patch recipe) model: the items are patches."""
+    import tempfile
+
+    scorer, fresh = patch_scorer_for_bench(model_dir)
+    channels = int(meta.get("channels", 3))
+    feeds = patch_feeds(channels)
+    pre = meta["preprocessing"]
+    result: dict[str, Any] = {
+        "model": str(model_dir),
+        "format": PATCH_FORMAT,
+        "item": "patch",
+        "family": meta.get("family"),
+        "recipe": "patch",
+        "patch": PATCH,
+        "channels": channels,
+        "spacing_mm": pre.get("spacing_mm"),
+        "stride": pre.get("stride"),
+        "conditioned": meta.get("conditioned", True),
+        "fresh_weights": fresh,
+        "machine": _machine(threads),
+        "gflop_per_item": round(gflop_per_item(scorer, feeds), 5),
+        "matmul_peak_gflops": round(matmul_peak(matmul_n, min(3.0, 2 * seconds)), 1),
+        "matmul_n": matmul_n,
+    }
+    with tempfile.TemporaryDirectory(prefix="gk-bench-onnx-") as tmp:
+        if fresh:
+            onnx_path = Path(tmp) / "patch_scorer.onnx"
+            sample = [torch.from_numpy(v) for v in feeds(2, np.random.default_rng(1)).values()]
+            export_graph(
+                scorer, tuple(sample), onnx_path, ["patches", "cond"], ["score", "residual", "feature", "residual_map"]
+            )
+            result["onnx"] = "exported here from the fresh weights"
+        else:
+            onnx_path = model_dir / meta["files"]["patch_scorer"]
+            result["onnx"] = f"the model's {onnx_path.name} (the served graph)"
+        rates, agreement = engine_rates(scorer, onnx_path, feeds, batches, seconds, threads)
+    result["rates"] = {b: {k: round(v, 2) for k, v in r.items()} for b, r in rates.items()}
+    result["agreement"] = agreement
+    result["series"] = series_end_to_end(model_dir, series_slices, matrix)
+    result["gflop_per_slice"] = round(result["gflop_per_item"] * result["series"]["patches_per_slice"], 3)
     return result
 
 
@@ -325,22 +501,44 @@ def format_table(r: dict[str, Any]) -> str:
     """The benchmark as Markdown: setup lines, a rate table with ratios, target lines."""
     m = r["machine"]
     peak = r["matmul_peak_gflops"]
-    lines = [
-        f"Detector scoring benchmark: {r['model']} ({r['family']}, {r['size']} px, "
-        f"{'conditioned' if r['conditioned'] else 'unconditioned'})",
-        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} (threads: {m['torch_threads']}), "
-        f"onnxruntime {m['onnxruntime']} (threads: {m['ort_threads']}).",
-        "Weights: "
-        + (
+    item = r.get("item", "slice")
+    s = r["series"]
+    if item == "patch":
+        title = (
+            f"Detector scoring benchmark: {r['model']} (patch recipe, {r['patch']}² patches × {r['channels']} "
+            f"windows at {r['spacing_mm']} mm, stride {r['stride']}, "
+            f"{'conditioned' if r['conditioned'] else 'unconditioned'})"
+        )
+        work = (
+            f"Work: {r['gflop_per_item']:.4f} GFLOP per patch (conv + matmul); {s['patches_per_slice']:.0f} body "
+            f"patches per slice in the end-to-end series = {r['gflop_per_slice']:.2f} GFLOP per slice. "
+        )
+        weights = (
+            "fresh, the same networks as model.json (no weights.pt; timing does not depend on weight values)"
+            if r["fresh_weights"]
+            else "the model's weights.pt"
+        ) + f"; ONNX graph: {r['onnx']}"
+    else:
+        title = (
+            f"Detector scoring benchmark: {r['model']} ({r['family']}, {r['size']} px, "
+            f"{'conditioned' if r['conditioned'] else 'unconditioned'})"
+        )
+        work = f"Work: {r['gflop_per_slice']:.3f} GFLOP per slice (conv + matmul). "
+        weights = (
             "fresh, the same architecture as model.json (no weights.pt; timing does not depend on weight values)"
             if r["fresh_weights"]
             else "the model's weights.pt"
         )
-        + ".",
-        f"Work: {r['gflop_per_slice']:.3f} GFLOP per slice (conv + matmul). fp32 matmul peak of this machine: "
-        f"{peak:.0f} GFLOP/s ({r['matmul_n']}² torch.mm, best of repeats).",
+    lines = [
+        title,
+        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} (threads: {m['torch_threads']}), "
+        f"onnxruntime {m['onnxruntime']} (threads: {m['ort_threads']}).",
+        f"Weights: {weights}.",
+        work + f"fp32 matmul peak of this machine: {peak:.0f} GFLOP/s ({r['matmul_n']}² torch.mm, best of repeats).",
         "",
-        "| batch | engine | slices/s | GFLOP/s | % of matmul peak | vs PyTorch eager fp32 |",
+        f"| batch{' (patches)' if item == 'patch' else ''} | engine | {'patches' if item == 'patch' else 'slices'}/s "
+        "| GFLOP/s | % of matmul peak "
+        "| vs PyTorch eager fp32 |",
         "|---|---|---|---|---|---|",
     ]
     names = {
@@ -351,7 +549,7 @@ def format_table(r: dict[str, Any]) -> str:
     for b, rates in r["rates"].items():
         base = rates["torch_fp32"]
         for key, label in names.items():
-            gf = rates[key] * r["gflop_per_slice"]
+            gf = rates[key] * r["gflop_per_item"]
             lines.append(
                 f"| {b} | {label} | {rates[key]:.1f} | {gf:.0f} | {100 * gf / peak:.0f} % | {rates[key] / base:.2f}× |"
             )
@@ -371,21 +569,31 @@ def format_table(r: dict[str, Any]) -> str:
             f"{'' if ok else ', so not usable'}; ORT vs torch fp32 terms within "
             f"{100 * a['ort_terms_max_rel']:.2g} %"
         )
-    s = r["series"]
     if s["slices"] >= 300:
         verdict = "met" if s["total_s"] <= TARGET_SERIES_SECONDS else "missed"
     else:
         verdict = "not comparable: fewer slices"
+    if item == "patch":
+        steps = (
+            f"read {s['read_s']:.2f} s + position {s['position_s']:.2f} s + preprocess (patch fields) "
+            f"{s['preprocess_s']:.2f} s + patch scores {s['score_s']:.2f} s ({s['patches']} patches)"
+        )
+    else:
+        steps = (
+            f"read {s['read_s']:.2f} s + preprocess {s['preprocess_s']:.2f} s + position and score {s['score_s']:.2f} s"
+        )
     lines += [
         "",
-        f"{s['slices']}-slice {s['matrix']}² series end to end (the model's ONNX files, as "
-        "`gatekeeper score`): "
-        f"read {s['read_s']:.2f} s + preprocess {s['preprocess_s']:.2f} s + position and score "
-        f"{s['score_s']:.2f} s = {s['total_s']:.2f} s (target ≤ {TARGET_SERIES_SECONDS:g} s for 300 slices: "
+        f"{s['slices']}-slice {s['matrix']}² series end to end (the model's ONNX files, as `gatekeeper score`): "
+        f"{steps} = {s['total_s']:.2f} s (target ≤ {TARGET_SERIES_SECONDS:g} s for 300 slices: "
         f"{verdict}); session start {s['session_start_s']:.2f} s once per worker, not counted; "
         f"generating the series took {s['generate_s']:.0f} s, not counted.",
     ]
     return "\n".join(lines)
+
+
+#: Default batch sizes per item: slices (format 1) and patches (format 2, ≈ 1 and 4 slices' worth).
+DEFAULT_BATCHES = {"slice": "1,16,64", "patch": "64,512"}
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -394,30 +602,40 @@ def run_cli(args: argparse.Namespace) -> int:
     if not (model_dir / "model.json").is_file():
         raise UsageError(f"no model.json in {model_dir}")
     try:
-        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+        meta = json.loads((model_dir / "model.json").read_text())
+    except ValueError as exc:
+        raise UsageError(f"{model_dir}/model.json: {exc}") from None
+    item = "patch" if meta.get("format") == PATCH_FORMAT else "slice"
+    text = args.batches if args.batches is not None else DEFAULT_BATCHES[item]
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise UsageError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+        raise UsageError(f"--batches must be comma-separated integers, got {text!r}") from None
     if not batches or min(batches) < 1:
-        raise UsageError(f"--batches must be positive integers, got {args.batches!r}")
+        raise UsageError(f"--batches must be positive integers, got {text!r}")
     if not args.seconds > 0:
         raise UsageError(f"--seconds must be > 0, got {args.seconds}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.quick:
-        batches, seconds, slices, matrix, matmul_n = [2], 0.3, 16, 64, 256
+        batches = [2] if item == "slice" else [16]
+        seconds, slices, matrix, matmul_n = 0.3, 16, 64, 256
     else:
         seconds, slices, matrix, matmul_n = args.seconds, args.series_slices, args.matrix, 2048
     if slices < 2 or not 64 <= matrix <= 1024:
         raise UsageError("--series-slices must be >= 2 and --matrix within 64..1024")
-    result = bench_score(
-        model_dir,
-        batches=batches,
-        seconds=seconds,
-        series_slices=slices,
-        matrix=matrix,
-        threads=args.threads,
-        matmul_n=matmul_n,
-    )
+    try:
+        result = bench_score(
+            model_dir,
+            batches=batches,
+            seconds=seconds,
+            series_slices=slices,
+            matrix=matrix,
+            threads=args.threads,
+            matmul_n=matmul_n,
+        )
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"{model_dir}: {exc}") from None
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(format_table(result))

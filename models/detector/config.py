@@ -76,6 +76,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_pool_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `gatekeeper train detector --pool` (models/active_learning/detector.py)."""
+    g = p.add_argument_group(
+        "retraining from the training pool (--pool): trains on --data (the normal base data) plus the pool's "
+        "CT series counted as in-distribution (the segmenter now handles them); validation and threshold stay "
+        "on the base data's normals; the result is registered as a candidate"
+    )
+    g.add_argument("--pool", action="store_true", help="count the training pool's series as normal training series")
+    g.add_argument(
+        "--pool-dir",
+        type=Path,
+        default=None,
+        help="with --pool: a pool exported by `gatekeeper pool export DIR`, or any folder of CT series "
+        "(default: export the configured database's pool into --out/pool)",
+    )
+    g.add_argument("--by", default=None, help="with --pool: who registers the candidate (default: your login name)")
+
+
 def add_autoencoder_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `gatekeeper train autoencoder` (the convolutional-autoencoder baseline)."""
     p.add_argument("--data", required=True, type=Path, help="folder tree of normal DICOM CT series")
@@ -91,7 +109,21 @@ def add_autoencoder_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=20.0, help="training time budget (default 20)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps instead of the time budget")
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--latent", type=int, default=128, help="bottleneck size (default 128)")
+    p.add_argument("--latent", type=int, default=128, help="bottleneck size of --noise none (default 128)")
+    p.add_argument(
+        "--noise",
+        default="none",
+        choices=("none", "coarse"),
+        help="none = conv autoencoder (default); coarse = the coarse-noise denoising autoencoder of "
+        "Kascenas et al. 2022 (a U-Net trained to remove low-resolution upsampled Gaussian noise)",
+    )
+    p.add_argument("--noise-res", type=int, default=16, help="--noise coarse: noise grid side in pixels (default 16)")
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        default=0.2,
+        help="--noise coarse: noise std in the [-1, 1] image scale (default 0.2)",
+    )
     p.add_argument(
         "--aggregation",
         default="top3_mean",
@@ -123,7 +155,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="model folder (model.json + ONNX files; default the shipped models/detector/default)",
     )
-    p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes (default 1,16,64)")
+    p.add_argument(
+        "--batches",
+        default=None,
+        help="comma-separated batch sizes (default 1,16,64 slices; a patch model (format 2): 64,512 patches)",
+    )
     p.add_argument("--seconds", type=float, default=4.0, help="seconds of timing per engine and batch (default 4)")
     p.add_argument("--series-slices", type=int, default=300, help="slices of the end-to-end series (default 300)")
     p.add_argument("--matrix", type=int, default=512, help="rows and columns of that series (default 512)")

@@ -4,33 +4,46 @@ Uses the same ONNX Runtime path as `gatekeeper score` (no torch). Needs the phan
 `manifest.json` for ground truth (anomaly type per series, affected slice indices) and each
 anomalous series' `ground_truth/anomaly.seg.dcm` (read with highdicom) for localisation.
 
-Methods, all scored on the same series in one run:
+A *method* is anything that gives, for one `CTSeries`, per-slice scores, a series score and
+(optionally) per-slice evidence maps on a square grid in the slice's own image geometry
+(`Scored`). Detectors of either model format are methods (`SliceModel`: format 1, the slice recipe,
+maps on its input grid; `PatchModel`: format 2, the patch recipe, its `PATCH_MAP_SIZE`² z-maps), so
+is the autoencoder baseline (`AutoencoderModel`); `load_method` picks the class from model.json.
+Methods, all scored on the same series in one run, in this report order:
 
-* `detector` — the model under test (`--model`);
-* `ablation` — the same GAN trained without the position condition (`--ablation`, optional);
+* `detector` — the model under test (`--model`, format 1 or 2);
 * `twin` — the conditioned GAN trained with exactly the ablation's recipe (`--ablation-twin`, optional):
-  when the shipped detector was trained elsewhere (a GPU run) and its unconditioned twin cannot be
+  when the detector was trained elsewhere (a GPU run) and its unconditioned twin cannot be
   trained here, the condition is tested on a matched pair (same data, seed, family and budget), and
   the ablation target reads `twin − ablation` instead of `detector − ablation`;
-* `autoencoder` — a convolutional autoencoder's reconstruction error (`--autoencoder`, optional;
-  `gatekeeper train autoencoder`);
+* `ablation` — the same GAN trained without the position condition (`--ablation`, optional;
+  `gatekeeper train detector --unconditioned`);
+* comparison models (`--compare NAME=DIR`, repeatable, optional): any other detector (e.g. the
+  shipped format-1 model `models/detector/default` next to a new format-2 one) or autoencoder folder;
+* `autoencoder` — an autoencoder's reconstruction residual (`--autoencoder`, optional;
+  `gatekeeper train autoencoder`, plain or `--noise coarse`, the coarse-noise denoising autoencoder);
 * `hu_histogram` — a HU-histogram statistic (always), fitted here on the normal training series of
   `--train-data` (default: the same phantom run's `train` split; its threshold on the `validation`
   split), with the detector's slice positions and series aggregation
   (`models.detector.baselines.HistogramBaseline`).
 
 Writes to `--out`: report.json, report.md and PNG plots linked from it — ROC curves per anomaly
-type (every method), slice-score profiles along the body axis for example series, residual
-heat-maps of the top affected slice of example anomalous series. Reported per method: series
-AUROC and AUPRC per anomaly type and overall with bootstrap 95 % CIs, the paired bootstrap CI of
-the AUROC difference to the detector, slice-level AUROC, the false-flag rate of the unseen normals
-at the method's own threshold (set on validation normals), and localisation:
+type (every method), slice-score profiles along the body axis for example series, evidence
+heat-maps of the top affected slice of example anomalous series (every method with maps). Reported
+per method: series AUROC and AUPRC per anomaly type and overall with bootstrap 95 % CIs, the paired
+bootstrap CI of the AUROC difference to the detector, slice-level AUROC, the false-flag rate of the
+unseen normals at the method's own threshold (set on validation normals), the scoring time, and
+localisation:
 
-    on the highest-scoring affected slice (affected = the anomaly mask, mapped to the model's grid
-    the way preprocessing resizes the image, is not empty), the argmax of the residual map smoothed
-    with a Gaussian (σ = 1 px), searched inside the body mask, lies in the anomaly mask dilated by
-    2 px. "chance" is the fraction of the body inside that dilated mask (a random body pixel's
-    hit probability).
+    on the highest-scoring affected slice (affected = the anomaly mask, mapped to the method's map
+    grid the way preprocessing resizes the image, is not empty), the argmax of the evidence map
+    smoothed with a Gaussian (σ = 1 px), searched inside the body mask, lies in the anomaly mask
+    dilated by 2 px ("hit_rate", one per series). "chance" is the fraction of the body inside that
+    dilated mask (a random body pixel's hit probability). The same test on every affected slice
+    gives "slice_hit_rate" (the fraction of anomalous slices localised).
+
+Map grids: the slice recipe's input size, the patch recipe's `PATCH_MAP_SIZE` (128), the
+autoencoder's size; the body mask is `imaging.preprocess_slices`' at that grid.
 """
 
 from __future__ import annotations
@@ -38,10 +51,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -54,15 +69,18 @@ from models.detector.metrics import (
     roc_curve,
     threshold_at_false_flag_rate,
 )
+from service import imaging
 from service.errors import UsageError
 
 if TYPE_CHECKING:
-    from models.detector.baselines import HistogramBaseline
-    from service.inference import Detector
+    from models.detector.baselines import AutoencoderBaseline, HistogramBaseline
+    from service.dicom_series import CTSeries
+    from service.inference import Detector, PatchDetector
 
 log = logging.getLogger(__name__)
 
-#: Method keys in report order, with the names the report shows.
+#: Method keys with fixed roles, in report order, with the names the report shows (`--compare`
+#: methods come after the ablation, under their own names).
 METHOD_LABELS = {
     "detector": "GAN detector",
     "twin": "GAN, conditioned (ablation's recipe)",
@@ -70,11 +88,14 @@ METHOD_LABELS = {
     "autoencoder": "conv autoencoder",
     "hu_histogram": "HU histogram",
 }
-#: The anomaly types the product promises to catch, and the targets of issue 4.
+#: Keys a `--compare` name may not take (the fixed roles and the matched-pair difference).
+RESERVED_NAMES = (*METHOD_LABELS, "twin_minus_ablation")
+#: The anomaly types the product promises to catch, and the targets of issue 12 (detector v2).
 TARGET_TYPES = ("stent", "tumor", "fluid")
-TARGET_AUROC = 0.97
+TARGET_AUROC = 0.95
 TARGET_FALSE_FLAG_RATE = 0.05
-#: Localisation: Gaussian smoothing of the residual map and dilation of the mask, in model pixels.
+TARGET_SLICE_LOCALISATION = 0.85
+#: Localisation: Gaussian smoothing of the evidence map and dilation of the mask, in map pixels.
 LOCALISATION_SIGMA_PX = 1.0
 LOCALISATION_DILATION_PX = 2
 
@@ -83,9 +104,10 @@ def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = what.add_parser(
         "detector",
         help="evaluate an exported detector and its baselines on a phantom split",
-        description="Score the test series of a phantom run (manifest.json) with the detector, the "
-        "HU-histogram baseline and optionally the unconditioned ablation and the autoencoder; write "
-        "report.json, report.md and PNG plots to --out.",
+        description="Score the test series of a phantom run (manifest.json) with the detector (model.json "
+        "format 1 or 2), the HU-histogram baseline and optionally the unconditioned ablation, its "
+        "conditioned twin, comparison models and the autoencoder; write report.json, report.md and PNG "
+        "plots to --out.",
     )
     d.add_argument("--data", required=True, type=Path, help="phantom run folder with manifest.json")
     d.add_argument("--model", required=True, type=Path, help="model folder (model.json + ONNX files)")
@@ -105,10 +127,18 @@ def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the ablation is then judged against it (use when --model was trained differently)",
     )
     d.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="another detector (either format) or autoencoder folder scored as a comparison method, e.g. "
+        "shipped=models/detector/default; repeatable; NAME defaults to the folder's name",
+    )
+    d.add_argument(
         "--autoencoder",
         type=Path,
         default=None,
-        help="model folder of the autoencoder baseline (gatekeeper train autoencoder)",
+        help="model folder of the autoencoder baseline (gatekeeper train autoencoder [--noise coarse])",
     )
     d.add_argument(
         "--train-data",
@@ -128,6 +158,27 @@ def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.set_defaults(func=run)
 
 
+def parse_compare(values: list[str]) -> list[tuple[str, Path]]:
+    """`--compare` values ("NAME=DIR" or "DIR") → [(name, folder)] in the order given.
+
+    Raises:
+        ValueError: a name that is not a plain identifier, is one of `RESERVED_NAMES`, or is used twice.
+    """
+    out: list[tuple[str, Path]] = []
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or "/" in name:
+            folder, name = value, Path(value.rstrip("/")).name
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"--compare {value!r}: name {name!r} must start with a letter (letters, digits, _ . -)")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"--compare {value!r}: {name!r} is a fixed method name; give NAME=DIR")
+        if name in (n for n, _ in out):
+            raise ValueError(f"--compare: name {name!r} used twice; give NAME=DIR")
+        out.append((name, Path(folder)))
+    return out
+
+
 # --- localisation -------------------------------------------------------------------------------------
 
 
@@ -142,8 +193,6 @@ def anomaly_mask_on_grid(seg_path: Path, sop_instance_uids: tuple[str, ...], siz
     """
     import highdicom as hd
 
-    from service import imaging
-
     seg = hd.seg.segread(seg_path)
     mask = (
         seg.get_pixels_by_source_instance(
@@ -157,41 +206,264 @@ def anomaly_mask_on_grid(seg_path: Path, sop_instance_uids: tuple[str, ...], siz
     return out
 
 
+def _peak_hit(residual: np.ndarray, anomaly: np.ndarray, body: np.ndarray) -> tuple[bool, float, tuple[int, int]]:
+    """(peak of the smoothed map inside the body lies in the dilated mask, chance, peak) on one slice."""
+    smooth = ndimage.gaussian_filter(residual.astype(np.float64), LOCALISATION_SIGMA_PX)
+    inside = body if body.any() else np.ones_like(body)
+    smooth[~inside] = -np.inf
+    r, c = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
+    region = ndimage.binary_dilation(anomaly, structure=np.ones((3, 3), bool), iterations=LOCALISATION_DILATION_PX)
+    return bool(region[r, c]), float((region & inside).sum() / inside.sum()), (int(r), int(c))
+
+
 def localise(
     slice_scores: np.ndarray, residual_maps: np.ndarray, anomaly: np.ndarray, body: np.ndarray
 ) -> dict[str, Any] | None:
-    """Does the top residual region of the highest-scoring affected slice hit the anomaly?
+    """Does the top evidence region of the highest-scoring affected slice hit the anomaly?
 
-    `slice_scores` [k], `residual_maps`, `anomaly` and `body` [k, S, S] on the model grid. Returns
-    {"slice", "hit", "chance", "argmax"} (see the module docstring), or None when no slice is affected.
+    `slice_scores` [k], `residual_maps`, `anomaly` and `body` [k, S, S] on the map grid. Returns
+    {"slice", "hit", "chance", "argmax", "slices_affected", "slices_hit"} (see the module docstring;
+    the last two count every affected slice), or None when no slice is affected.
     """
     affected = np.flatnonzero(anomaly.any(axis=(1, 2)))
     if affected.size == 0:
         return None
     t = int(affected[np.argmax(np.asarray(slice_scores)[affected])])
-    smooth = ndimage.gaussian_filter(residual_maps[t].astype(np.float64), LOCALISATION_SIGMA_PX)
-    inside = body[t] if body[t].any() else np.ones_like(body[t])
-    smooth[~inside] = -np.inf
-    r, c = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
-    region = ndimage.binary_dilation(anomaly[t], structure=np.ones((3, 3), bool), iterations=LOCALISATION_DILATION_PX)
-    chance = float((region & inside).sum() / inside.sum())
-    return {"slice": t, "hit": bool(region[r, c]), "chance": chance, "argmax": (int(r), int(c))}
+    hit, chance, argmax = _peak_hit(residual_maps[t], anomaly[t], body[t])
+    slices_hit = sum(_peak_hit(residual_maps[i], anomaly[i], body[i])[0] for i in affected)
+    return {
+        "slice": t,
+        "hit": hit,
+        "chance": chance,
+        "argmax": argmax,
+        "slices_affected": int(affected.size),
+        "slices_hit": int(slices_hit),
+    }
+
+
+# --- methods: anything that scores a CTSeries per slice, with evidence maps ------------------------------
+
+
+class SeriesInputs:
+    """One series and what several methods share: preprocessed slices per (size, window) and the
+    anomaly mask per map grid, each computed once."""
+
+    def __init__(self, series: CTSeries, seg: Path | None) -> None:
+        self.series = series
+        self.seg = seg
+        self._slices: dict[tuple[int, imaging.Window], tuple[np.ndarray, np.ndarray]] = {}
+        self._truth: dict[int, np.ndarray] = {}
+
+    def slices(self, size: int, window: imaging.Window) -> tuple[np.ndarray, np.ndarray]:
+        """`imaging.preprocess_slices(series.hu, size, window)`: images [k, S, S] and body masks."""
+        key = (size, window)
+        if key not in self._slices:
+            self._slices[key] = imaging.preprocess_slices(self.series.hu, size, window)
+        return self._slices[key]
+
+    def anomaly(self, size: int) -> np.ndarray:
+        """The anomaly mask on the `size`² grid [k, S, S] (all False for a series without one)."""
+        if size not in self._truth:
+            k = self.series.num_slices
+            self._truth[size] = (
+                np.zeros((k, size, size), bool)
+                if self.seg is None
+                else anomaly_mask_on_grid(self.seg, self.series.sop_instance_uids, size)
+            )
+        return self._truth[size]
+
+
+@dataclass
+class Scored:
+    """One method's output on one series.
+
+    Attributes:
+        slice_scores: [k] per slice, head → feet (≈ 0 typical, larger = more unusual).
+        series_score: the method's own series score (compared with its threshold).
+        positions: [k] the slice positions the method conditioned on (None: it has none).
+        maps: [k, S, S] evidence maps in the slice's image geometry on the S² grid (None: no maps).
+        grid: S; window: the window of the images shown under the maps (`SeriesInputs.slices`).
+    """
+
+    slice_scores: np.ndarray
+    series_score: float
+    positions: np.ndarray | None
+    maps: np.ndarray | None
+    grid: int
+    window: imaging.Window
+
+
+class Method(Protocol):
+    """What the evaluation needs of a scoring method."""
+
+    label: str
+    threshold: float | None
+    aggregation: str  # the report's description of the series aggregation
+    meta: dict[str, Any]
+    source: str  # the model folder or data it came from
+
+    def score(self, inputs: SeriesInputs) -> Scored: ...
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """A short description of a model from its model.json, for the report."""
+    from models.detector.baselines import AUTOENCODER_KIND
+
+    if meta.get("kind") == AUTOENCODER_KIND:
+        return "coarse-noise DAE" if meta.get("noise", {}).get("kind") == "coarse" else "conv autoencoder"
+    if meta.get("format") == 2:
+        pre = meta["preprocessing"]
+        windows = "+".join(w["name"] for w in pre.get("windows", []))
+        return f"patch recipe, {pre['patch']}² patches at {pre['spacing_mm']:g} mm, {windows}"
+    return f"slice recipe, {meta.get('family')} {meta.get('size')}²"
+
+
+def _training(meta: dict[str, Any]) -> dict[str, Any]:
+    t = meta.get("training", {})
+    return {
+        k: t[k]
+        for k in ("command", "device_name", "steps", "train_seconds", "wall_seconds", "seconds")
+        if t.get(k) is not None
+    }
+
+
+class SliceModel:
+    """A format-1 detector (slice recipe): maps on its input grid."""
+
+    def __init__(self, detector: Detector, label: str, source: str) -> None:
+        self.detector, self.label, self.source = detector, label, source
+        self.threshold: float | None = detector.threshold
+        self.aggregation = detector.aggregation
+        self.series_aggregation = detector.aggregation
+        self.meta = detector.meta
+
+    def positions(self, series: CTSeries) -> np.ndarray:
+        images, _ = imaging.preprocess_slices(series.hu, self.detector.size, self.detector.window)
+        return self.detector.positions(images, series.locations_mm)
+
+    def score(self, inputs: SeriesInputs) -> Scored:
+        d = self.detector
+        images, masks = inputs.slices(d.size, d.window)
+        positions = d.positions(images, inputs.series.locations_mm)
+        scores, maps = d.score_arrays(images, masks, positions)
+        total = imaging.aggregate_slice_scores(scores, d.aggregation)
+        return Scored(scores, total, positions, maps, d.size, d.window)
+
+
+class PatchModel:
+    """A format-2 detector (patch recipe): its own series score (top slices within the training
+    positions' range), `PATCH_MAP_SIZE`² z-maps in the slice's image geometry."""
+
+    def __init__(self, detector: PatchDetector, label: str, source: str) -> None:
+        from service.inference import PATCH_AGGREGATION
+
+        self.detector, self.label, self.source = detector, label, source
+        self.threshold: float | None = detector.threshold
+        self.aggregation = f"{PATCH_AGGREGATION} of in-range slices"
+        self.series_aggregation = PATCH_AGGREGATION  # for a baseline that borrows the detector's aggregation
+        self.meta = detector.meta
+
+    def positions(self, series: CTSeries) -> np.ndarray:
+        return self.detector.positions(series)
+
+    def score(self, inputs: SeriesInputs) -> Scored:
+        from service.inference import PATCH_MAP_SIZE
+
+        verdict = self.detector.score_series(inputs.series, keep_maps=True)
+        scores = np.array([s.score for s in verdict.slices], np.float64)
+        positions = np.array([s.position for s in verdict.slices], np.float32)
+        assert verdict.residual_maps is not None  # keep_maps=True
+        return Scored(
+            scores,
+            verdict.score,
+            positions,
+            uncovered_to_slice_minimum(verdict.residual_maps),
+            PATCH_MAP_SIZE,
+            imaging.ABDOMEN_WINDOW,
+        )
+
+
+def uncovered_to_slice_minimum(maps: np.ndarray) -> np.ndarray:
+    """Patch z-maps [k, S, S] as served (0 where no patch lies) with those pixels set to the slice's
+    lowest z, so that an uncovered body pixel (the body's rim between patch centres) is never the
+    evidence peak while every covered pixel below 0 still is evidence. An exact 0.0 z is taken for "no
+    patch" (a float z-score is exactly 0 with probability 0)."""
+    out = maps.astype(np.float32, copy=True)
+    for i in range(out.shape[0]):
+        covered = out[i] != 0.0
+        if covered.any():
+            out[i][~covered] = out[i][covered].min()
+    return out
+
+
+class AutoencoderModel:
+    """An autoencoder baseline (plain or coarse-noise denoising): maps on its input grid."""
+
+    def __init__(self, autoencoder: AutoencoderBaseline, label: str, source: str) -> None:
+        self.autoencoder, self.label, self.source = autoencoder, label, source
+        self.threshold: float | None = autoencoder.threshold
+        self.aggregation = autoencoder.aggregation
+        self.meta = autoencoder.meta
+
+    def score(self, inputs: SeriesInputs) -> Scored:
+        ae = self.autoencoder
+        images, masks = inputs.slices(ae.size, ae.window)
+        scores, maps = ae.score_arrays(images, masks)
+        total = imaging.aggregate_slice_scores(scores, ae.aggregation)
+        return Scored(scores, total, None, maps, ae.size, ae.window)
+
+
+DetectorMethod = SliceModel | PatchModel
+
+
+def load_method(model_dir: Path, label: str | None = None) -> SliceModel | PatchModel | AutoencoderModel:
+    """The method in `model_dir`: a detector of either format or an autoencoder, from its model.json.
+
+    `label` defaults to the model's description (`describe`).
+
+    Raises:
+        FileNotFoundError: no model.json there. ValueError: an invalid model.json (message names it).
+    """
+    from models.detector.baselines import AUTOENCODER_KIND, AutoencoderBaseline
+    from service.inference import Detector, load_detector
+
+    meta = json.loads((Path(model_dir) / "model.json").read_text())
+    label = label or describe(meta)
+    if meta.get("kind") == AUTOENCODER_KIND:
+        return AutoencoderModel(AutoencoderBaseline(model_dir), label, str(model_dir))
+    detector = load_detector(model_dir)
+    if isinstance(detector, Detector):
+        return SliceModel(detector, label, str(model_dir))
+    return PatchModel(detector, label, str(model_dir))
+
+
+def load_detector_method(model_dir: Path, label: str, option: str) -> DetectorMethod:
+    """`load_method` for an option that needs a GAN detector.
+
+    Raises:
+        ValueError: `model_dir` holds an autoencoder (message names `option`).
+    """
+    method = load_method(model_dir, label)
+    if isinstance(method, AutoencoderModel):
+        raise ValueError(f"{option} {model_dir} is an autoencoder, not a detector")
+    return method
 
 
 # --- the HU-histogram baseline, fitted here -------------------------------------------------------------
 
 
-def fit_histogram_baseline(root: Path, detector: Detector, *, seed: int = 0) -> HistogramBaseline:
+def fit_histogram_baseline(root: Path, detector: DetectorMethod, *, seed: int = 0) -> HistogramBaseline:
     """Fit `HistogramBaseline` on the normal training series under `root`; threshold on its validation ones.
 
-    Slice positions come from `detector` (its position method), the aggregation is the detector's.
+    Slice positions come from `detector` (its position method), the aggregation is the detector's
+    (for a patch detector: the top-3 mean over all slices).
 
     Raises:
         ValueError: no usable normal training series under `root`.
     """
     from models.detector.baselines import HistogramBaseline, hu_histograms
     from models.detector.data import normal_splits
-    from service import dicom_series, imaging
+    from service import dicom_series
 
     groups = dicom_series.ct_series_in(dicom_series.scan_tree(root))
     splits, _ = normal_splits(root, groups, seed)
@@ -205,16 +477,14 @@ def fit_histogram_baseline(root: Path, detector: Detector, *, seed: int = 0) -> 
         except dicom_series.SeriesError as exc:
             log.warning("HU histogram: skipping %s", exc)
             continue
-        images, _ = imaging.preprocess_slices(series.hu, detector.size, detector.window)
-        positions = detector.positions(images, series.locations_mm)
-        parts[split].append((hu_histograms(series.hu), positions))
+        parts[split].append((hu_histograms(series.hu), detector.positions(series)))
     if not parts["train"]:
         raise ValueError(
             f"{root}: no normal training series to fit the HU-histogram baseline on (phantom split "
             "'train', or any CT series when there is no manifest.json); give --train-data"
         )
     model = HistogramBaseline.fit(
-        [f for f, _ in parts["train"]], [p for _, p in parts["train"]], aggregation=detector.aggregation
+        [f for f, _ in parts["train"]], [p for _, p in parts["train"]], aggregation=detector.series_aggregation
     )
     if parts["validation"]:
         scores = [model.series_score(model.slice_scores(f, p)) for f, p in parts["validation"]]
@@ -233,17 +503,25 @@ def fit_histogram_baseline(root: Path, detector: Detector, *, seed: int = 0) -> 
 
 
 @dataclass
+class Panel:
+    """One method's evidence on its localisation slice of an example series (the heat-map figure)."""
+
+    label: str
+    image: np.ndarray  # the slice, preprocessed [S, S]
+    residual: np.ndarray  # the method's map [S, S]
+    anomaly: np.ndarray  # the anomaly mask on the grid [S, S]
+    localisation: dict[str, Any]
+
+
+@dataclass
 class Example:
-    """What the plots show of one series (main detector only)."""
+    """What the plots show of one series: the detector's profile, every map method's heat map."""
 
     folder: str
     type: str
     slice_scores: np.ndarray
     affected: list[int]
-    image: np.ndarray | None = None  # the localisation slice, preprocessed [S, S]
-    residual: np.ndarray | None = None  # its residual map [S, S]
-    anomaly: np.ndarray | None = None  # its anomaly mask on the model grid [S, S]
-    localisation: dict[str, Any] | None = None
+    panels: list[Panel] = field(default_factory=list)
 
 
 @dataclass
@@ -285,10 +563,13 @@ def _method_summary(rows: list[dict[str, Any]], name: str, threshold: float | No
         for kind in types + ["all"]:
             sel = [r["localisation"][name] for r in located if kind in ("all", r["type"])]
             if sel:
+                affected = sum(s["slices_affected"] for s in sel)
                 out["localisation"][kind] = {
                     "n": len(sel),
                     "hit_rate": round(float(np.mean([s["hit"] for s in sel])), 4),
                     "chance": round(float(np.mean([s["chance"] for s in sel])), 4),
+                    "slices": affected,
+                    "slice_hit_rate": round(sum(s["slices_hit"] for s in sel) / affected, 4) if affected else None,
                 }
     else:
         out["localisation"] = None
@@ -324,7 +605,8 @@ def _differences(rows: list[dict[str, Any]], names: list[str], n_boot: int) -> d
 def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     main = report["methods"]["detector"]
     out = []
-    for kind in TARGET_TYPES:
+    kinds = list(TARGET_TYPES) + sorted(set(main["per_type"]) - set(TARGET_TYPES) - {"all"})
+    for kind in kinds:
         m = main["per_type"].get(kind)
         out.append(
             {
@@ -343,6 +625,17 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "met": None if ffr is None else bool(ffr <= TARGET_FALSE_FLAG_RATE),
         }
     )
+    loc = (main.get("localisation") or {}).get("all")
+    rate = None if loc is None else loc["slice_hit_rate"]
+    out.append(
+        {
+            "target": f"localisation >= {TARGET_SLICE_LOCALISATION:.0%} of anomalous slices (evidence peak "
+            "inside the dilated mask)",
+            "value": rate,
+            "ci95": None,
+            "met": None if rate is None else bool(rate >= TARGET_SLICE_LOCALISATION),
+        }
+    )
     twin = "twin_minus_ablation" in report["differences"]
     d = report["differences"].get("twin_minus_ablation" if twin else "ablation", {}).get("all")
     pair = "the matched conditioned twin" if twin else "conditioned"
@@ -355,6 +648,20 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "met": None if d is None else bool(d["ci95"][0] > 0),
         }
     )
+    baselines = [k for k in report["methods"] if k not in ("detector", "twin", "ablation")]
+    for name in baselines:
+        diffs = {k: v for k, v in report["differences"][name].items() if k != "all"}
+        worst = min(diffs, key=lambda k: diffs[k]["ci95"][0]) if diffs else None
+        out.append(
+            {
+                "target": f"better than {report['methods'][name]['label']} on every anomaly type (paired 95 % "
+                "CI of the AUROC difference above 0)",
+                "value": None if worst is None else diffs[worst]["difference"],
+                "ci95": None if worst is None else diffs[worst]["ci95"],
+                "worst_type": worst,
+                "met": None if worst is None else bool(diffs[worst]["ci95"][0] > 0),
+            }
+        )
     return out
 
 
@@ -368,43 +675,51 @@ def evaluate(
     autoencoder: Path | None = None,
     train_data: Path | None = None,
     ablation_twin: Path | None = None,
+    compare: list[tuple[str, Path]] | None = None,
 ) -> Run:
     """Score the `split` series of the phantom run `data` with every method; return the report and plot data.
 
+    `model`, `ablation`, `ablation_twin` are detector folders of either model format; `compare`
+    [(name, folder)] further detectors or autoencoders; `autoencoder` an autoencoder folder.
+
     Raises:
         OSError: a model, the manifest or a series cannot be read.
-        ValueError: no series in the split, a model.json is invalid, or no normal training series for
-            the HU histogram (messages name the folder).
+        ValueError: no series in the split, a model.json is invalid, a detector option names an
+            autoencoder, or no normal training series for the HU histogram (messages name the folder).
     """
     from models.detector.baselines import AutoencoderBaseline, hu_histograms
-    from service import dicom_series, imaging
-    from service.inference import Detector
+    from service import dicom_series
 
     manifest = json.loads((data / "manifest.json").read_text())
     entries = [e for e in manifest["series"] if e.get("split") == split]
     if not entries:
         raise ValueError(f"{data}/manifest.json has no series in split {split!r}")
-    detector = Detector(model)
-    gans = {"detector": detector}
+    if ablation_twin is not None and ablation is None:
+        raise ValueError("--ablation-twin needs --ablation (the twin is the ablation's conditioned counterpart)")
+    detector = load_detector_method(model, METHOD_LABELS["detector"], "--model")
+    if isinstance(detector, PatchModel):
+        detector.label += " (patch v2)"
+    methods: dict[str, Method] = {"detector": detector}
     if ablation_twin is not None:
-        if ablation is None:
-            raise ValueError("--ablation-twin needs --ablation (the twin is the ablation's conditioned counterpart)")
-        gans["twin"] = Detector(ablation_twin)
-        if not gans["twin"].meta.get("conditioned", True):
+        methods["twin"] = load_detector_method(ablation_twin, METHOD_LABELS["twin"], "--ablation-twin")
+        if not methods["twin"].meta.get("conditioned", True):
             raise ValueError(f"--ablation-twin {ablation_twin} is unconditioned (model.json conditioned: false)")
     if ablation is not None:
-        gans["ablation"] = Detector(ablation)
-        if gans["ablation"].meta.get("conditioned", True):
+        methods["ablation"] = load_detector_method(ablation, METHOD_LABELS["ablation"], "--ablation")
+        if methods["ablation"].meta.get("conditioned", True):
             log.warning("--ablation %s is a conditioned model (model.json conditioned: true)", ablation)
-    ae = AutoencoderBaseline(autoencoder) if autoencoder is not None else None
+    for name, folder in compare or []:
+        compared = load_method(folder)
+        compared.label = f"{name} ({compared.label})"
+        methods[name] = compared
+    if autoencoder is not None:
+        ae = AutoencoderBaseline(autoencoder)
+        methods["autoencoder"] = AutoencoderModel(ae, describe(ae.meta), str(autoencoder))
     t0 = time.monotonic()
     histogram = fit_histogram_baseline(train_data or data, detector)
     fit_seconds = time.monotonic() - t0
-    names = list(gans) + (["autoencoder"] if ae is not None else []) + ["hu_histogram"]
-    aggregation = {k: g.aggregation for k, g in gans.items()} | {"hu_histogram": histogram.aggregation}
-    thresholds = {k: g.threshold for k, g in gans.items()} | {"hu_histogram": histogram.threshold}
-    if ae is not None:
-        aggregation["autoencoder"], thresholds["autoencoder"] = ae.aggregation, ae.threshold
+    names = [*methods, "hu_histogram"]
+    seconds = dict.fromkeys(names, 0.0)
 
     rows: list[dict[str, Any]] = []
     examples: dict[str, Example] = {}
@@ -417,94 +732,84 @@ def evaluate(
         series = dicom_series.load_series(matching[0])
         kind = e["anomaly"]["type"] if e.get("anomaly") else "normal"
         affected = sorted(e["anomaly"]["slices"]) if e.get("anomaly") else []
-        prepared: dict[tuple[int, imaging.Window], tuple[np.ndarray, np.ndarray]] = {}
-        truth: dict[int, np.ndarray] = {}
-
-        def inputs(size: int, window: imaging.Window) -> tuple[np.ndarray, np.ndarray]:
-            key = (size, window)
-            if key not in prepared:
-                prepared[key] = imaging.preprocess_slices(series.hu, size, window)
-            return prepared[key]
-
-        def anomaly_on(size: int) -> np.ndarray:
-            if size not in truth:
-                truth[size] = anomaly_mask_on_grid(
-                    data / e["folder"] / e["anomaly"]["seg"], series.sop_instance_uids, size
-                )
-            return truth[size]
-
-        slice_scores: dict[str, np.ndarray] = {}
-        localisation: dict[str, dict[str, Any] | None] = {}
+        inputs = SeriesInputs(series, data / e["folder"] / e["anomaly"]["seg"] if affected else None)
         example = None
         if kind not in examples:
             example = examples[kind] = Example(e["folder"], kind, np.zeros(0), affected)
+        slice_scores: dict[str, np.ndarray] = {}
+        series_scores: dict[str, float] = {}
+        localisation: dict[str, dict[str, Any] | None] = {}
         main_positions = None
-        scorers: list[tuple[str, Detector | AutoencoderBaseline, int, imaging.Window]]
-        scorers = [(k, g, g.size, g.window) for k, g in gans.items()]
-        if ae is not None:
-            scorers.append(("autoencoder", ae, ae.size, ae.window))
-        for name, scorer, size, window in scorers:
-            images, masks = inputs(size, window)
-            if isinstance(scorer, AutoencoderBaseline):  # the "autoencoder" entry
-                scores, maps = scorer.score_arrays(images, masks)
-            else:
-                positions = scorer.positions(images, series.locations_mm)
-                if name == "detector":
-                    main_positions = positions
-                scores, maps = scorer.score_arrays(images, masks, positions)
-            slice_scores[name] = scores
-            located = localise(scores, maps, anomaly_on(size), masks) if affected else None
-            localisation[name] = located
-            if name == "detector" and example is not None:
-                example.slice_scores = scores
-                if located is not None:
+        for name, method in methods.items():
+            t1 = time.monotonic()
+            scored = method.score(inputs)
+            seconds[name] += time.monotonic() - t1
+            slice_scores[name], series_scores[name] = scored.slice_scores, scored.series_score
+            if name == "detector":
+                main_positions = scored.positions
+                if example is not None:
+                    example.slice_scores = scored.slice_scores
+            located = None
+            if affected and scored.maps is not None:
+                images, masks = inputs.slices(scored.grid, scored.window)
+                truth = inputs.anomaly(scored.grid)
+                located = localise(scored.slice_scores, scored.maps, truth, masks)
+                if located is not None and example is not None:
                     t = located["slice"]
-                    example.image, example.residual = images[t], maps[t]
-                    example.anomaly, example.localisation = anomaly_on(size)[t], located
-            del maps
-        assert main_positions is not None  # "detector" is always among the scorers
+                    example.panels.append(Panel(method.label, images[t], scored.maps[t], truth[t], located))
+            localisation[name] = located
+            del scored
+        assert main_positions is not None  # "detector" is always a method, and detectors have positions
+        t1 = time.monotonic()
         slice_scores["hu_histogram"] = histogram.slice_scores(hu_histograms(series.hu), main_positions)
+        series_scores["hu_histogram"] = histogram.series_score(slice_scores["hu_histogram"])
+        seconds["hu_histogram"] += time.monotonic() - t1
         rows.append(
             {
                 "folder": e["folder"],
                 "type": kind,
                 "affected": affected,
                 "slice_scores": slice_scores,
-                "scores": {k: imaging.aggregate_slice_scores(v, aggregation[k]) for k, v in slice_scores.items()},
+                "scores": series_scores,
                 "localisation": localisation,
             }
         )
         if n % 10 == 0 or n == len(entries):
             log.info("evaluated %d/%d series (%.0f s)", n, len(entries), time.monotonic() - t0)
-    seconds = time.monotonic() - t0
+    total_seconds = time.monotonic() - t0
 
+    main_meta = detector.meta
     report: dict[str, Any] = {
         "data": str(data),
         "model": str(model),
         "split": split,
         "threshold": detector.threshold,
         "aggregation": detector.aggregation,
-        "provider": detector.provider,
-        "family": detector.meta.get("family"),
-        "size": detector.size,
-        "conditioned": detector.meta.get("conditioned", True),
+        "provider": detector.detector.provider,
+        "recipe": main_meta.get("recipe", "patch" if main_meta.get("format") == 2 else "slice"),
+        "model_format": main_meta.get("format"),
+        "description": describe(main_meta),
+        "family": main_meta.get("family"),
+        "size": main_meta.get("size", main_meta.get("patch")),
+        "conditioned": main_meta.get("conditioned", True),
         "series": len(rows),
         "normal_series": sum(r["type"] == "normal" for r in rows),
-        "seconds": round(seconds, 1),
+        "seconds": round(total_seconds, 1),
         "bootstrap": n_boot,
         "methods": {},
     }
     for name in names:
-        summary = _method_summary(rows, name, thresholds[name], n_boot)
-        summary["label"] = METHOD_LABELS[name]
-        summary["aggregation"] = aggregation[name]
-        summary["model"] = {
-            "detector": str(model),
-            "twin": str(ablation_twin),
-            "ablation": str(ablation),
-            "autoencoder": str(autoencoder),
-            "hu_histogram": str(train_data or data),
-        }[name]
+        threshold = histogram.threshold if name == "hu_histogram" else methods[name].threshold
+        summary = _method_summary(rows, name, threshold, n_boot)
+        if name == "hu_histogram":
+            summary |= {"label": METHOD_LABELS[name], "aggregation": histogram.aggregation}
+            summary["model"] = str(train_data or data)
+        else:
+            m = methods[name]
+            summary |= {"label": m.label, "aggregation": m.aggregation, "model": m.source}
+            summary["description"] = describe(m.meta)
+            summary["training"] = _training(m.meta)
+        summary["scoring_seconds"] = round(seconds[name], 2)
         report["methods"][name] = summary
     main = report["methods"]["detector"]
     # The fields of the first report format (main detector only), kept for readers of report.json.
@@ -517,14 +822,8 @@ def evaluate(
         "data": str(train_data or data),
         "seconds": round(fit_seconds, 1),
     }
-    model_meta = detector.meta
-    report["position_quality_validation"] = model_meta.get("metrics", {}).get("position_quality_validation", {})
-    report["model_training"] = {k: model_meta.get("training", {}).get(k) for k in ("command", "device_name", "steps")}
-    for name in ("twin", "ablation"):
-        if name in gans:
-            report["methods"][name]["training"] = {
-                k: gans[name].meta.get("training", {}).get(k) for k in ("command", "device_name", "steps")
-            }
+    report["position_quality_validation"] = main_meta.get("metrics", {}).get("position_quality_validation", {})
+    report["model_training"] = {k: main_meta.get("training", {}).get(k) for k in ("command", "device_name", "steps")}
     report["rows"] = [
         {
             "folder": r["folder"],
@@ -556,10 +855,11 @@ def report_markdown(report: dict[str, Any], plots: list[str]) -> str:
     methods = report["methods"]
     names = list(methods)
     kinds = list(methods["detector"]["per_type"])
+    description = report.get("description") or f"{report['family']}, {report['size']} px"
     lines = [
         f"# Detector evaluation — {report['split']} split of {report['data']}",
         "",
-        f"Model `{report['model']}` ({report['family']}, {report['size']} px, "
+        f"Model `{report['model']}` ({description}, "
         f"{'position-conditioned' if report['conditioned'] else 'unconditioned'}), aggregation "
         f"`{report['aggregation']}`, threshold {report['threshold']:.4g}; {report['series']} series "
         f"({report['normal_series']} normal) scored by every method in {report['seconds']} s "
@@ -573,7 +873,8 @@ def report_markdown(report: dict[str, Any], plots: list[str]) -> str:
             lines.append(f"- {t['target']}: {_verdict(None)}")
             continue
         ci = f" (95 % CI {t['ci95'][0]:.3f}–{t['ci95'][1]:.3f})" if t["ci95"] else ""
-        lines.append(f"- {t['target']}: {t['value']:.3f}{ci} — {_verdict(t['met'])}")
+        worst = f" (weakest type: {t['worst_type']})" if t.get("worst_type") else ""
+        lines.append(f"- {t['target']}: {t['value']:.3f}{ci}{worst} — {_verdict(t['met'])}")
     lines += [
         "",
         "## Series AUROC by method (95 % bootstrap CI)",
@@ -637,21 +938,44 @@ def report_markdown(report: dict[str, Any], plots: list[str]) -> str:
             "",
             "## Localisation",
             "",
-            "Fraction of anomalous series where the argmax of the residual map (Gaussian-smoothed, "
+            "Fraction of anomalous series where the argmax of the evidence map (Gaussian-smoothed, "
             f"σ = {LOCALISATION_SIGMA_PX:g} px, inside the body) on the highest-scoring affected slice lies "
-            f"in the injected mask dilated by {LOCALISATION_DILATION_PX} px (model grid). Chance = fraction "
-            "of the body inside that dilated mask. The HU histogram has no map.",
+            f"in the injected mask dilated by {LOCALISATION_DILATION_PX} px, on each method's map grid "
+            "(slice recipe and autoencoder: their input size; patch recipe: its 128² z-map in the image "
+            "geometry); chance = fraction of the body inside that dilated mask; [slices] = the same test on "
+            "every affected slice (fraction of anomalous slices localised). The HU histogram has no map.",
             "",
-            "| anomaly | n | " + " | ".join(f"{methods[k]['label']} (chance)" for k in located) + " |",
+            "| anomaly | n | " + " | ".join(f"{methods[k]['label']} (chance) [slices]" for k in located) + " |",
             "|---|---|" + "---|" * len(located),
         ]
         for kind in methods[located[0]]["localisation"]:
             cells = []
             for k in located:
                 loc = methods[k]["localisation"].get(kind)
-                cells.append("—" if loc is None else f"{loc['hit_rate']:.2f} ({loc['chance']:.2f})")
+                if loc is None:
+                    cells.append("—")
+                    continue
+                per_slice = "—" if loc.get("slice_hit_rate") is None else f"{loc['slice_hit_rate']:.2f}"
+                cells.append(f"{loc['hit_rate']:.2f} ({loc['chance']:.2f}) [{per_slice}]")
             n = methods[located[0]]["localisation"][kind]["n"]
             lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Cost (training budget and scoring time of this run)",
+        "",
+        "| method | model | training wall time (s) | steps | scoring time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for k in names:
+        m = methods[k]
+        training = m.get("training") or {}
+        wall = training.get("wall_seconds", training.get("train_seconds"))
+        steps = training.get("steps", "—")
+        steps_text = ", ".join(f"{a} {b}" for a, b in steps.items()) if isinstance(steps, dict) else str(steps)
+        lines.append(
+            f"| {m['label']} | `{m.get('model')}` | {'—' if wall is None else wall} | {steps_text} | "
+            f"{m.get('scoring_seconds', '—')} |"
+        )
     main = methods["detector"]
     lines += [
         "",
@@ -691,8 +1015,8 @@ def report_markdown(report: dict[str, Any], plots: list[str]) -> str:
             "roc.png": "Series-level ROC curves per anomaly type, every method",
             "profiles.png": "Detector slice scores along the body axis (head → feet) for example series; "
             "red: affected slices, dashed: series threshold",
-            "heatmaps.png": "Residual maps of the highest-scoring affected slice (cyan: injected mask, "
-            "×: argmax of the smoothed map)",
+            "heatmaps.png": "Evidence maps (residual or z-map) of each method's highest-scoring affected slice "
+            "(cyan: injected mask, ×: argmax of the smoothed map)",
         }
         for p in plots:
             lines += [f"{captions.get(p, p)}:", "", f"![{p}]({p})", ""]
@@ -743,24 +1067,27 @@ def write_plots(report: dict[str, Any], examples: list[Example], out: Path) -> l
         fig.savefig(out / "profiles.png", dpi=110)
         written.append("profiles.png")
 
-    located = [ex for ex in examples if ex.localisation is not None]
+    located = [ex for ex in examples if ex.panels]
     if located:
-        fig = Figure(figsize=(5.2, 2.6 * len(located)), layout="constrained")
+        cols = 1 + max(len(ex.panels) for ex in located)
+        fig = Figure(figsize=(2.6 * cols, 2.6 * len(located)), layout="constrained")
         for i, ex in enumerate(located):
-            loc, image, residual = ex.localisation, ex.image, ex.residual
-            assert loc is not None and image is not None and residual is not None  # `evaluate` sets them together
-            r, c = loc["argmax"]
-            ax = fig.add_subplot(len(located), 2, 2 * i + 1)
-            ax.imshow(image, cmap="gray", vmin=-1, vmax=1)
-            ax.contour(ex.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
-            ax.set_title(f"{ex.type}, slice {loc['slice']}", fontsize=8)
+            first = ex.panels[0]
+            ax = fig.add_subplot(len(located), cols, i * cols + 1)
+            ax.imshow(first.image, cmap="gray", vmin=-1, vmax=1)
+            ax.contour(first.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
+            ax.set_title(f"{ex.type}, slice {first.localisation['slice']}", fontsize=8)
             ax.axis("off")
-            ax = fig.add_subplot(len(located), 2, 2 * i + 2)
-            ax.imshow(ndimage.gaussian_filter(residual.astype(np.float64), LOCALISATION_SIGMA_PX), cmap="hot")
-            ax.contour(ex.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
-            ax.plot([c], [r], marker="x", color="lime", ms=8, mew=2)
-            ax.set_title("residual: " + ("hit" if loc["hit"] else "miss"), fontsize=8)
-            ax.axis("off")
+            for j, panel in enumerate(ex.panels):
+                loc = panel.localisation
+                r, c = loc["argmax"]
+                ax = fig.add_subplot(len(located), cols, i * cols + 2 + j)
+                ax.imshow(ndimage.gaussian_filter(panel.residual.astype(np.float64), LOCALISATION_SIGMA_PX), cmap="hot")
+                ax.contour(panel.anomaly, levels=[0.5], colors="cyan", linewidths=0.7)
+                ax.plot([c], [r], marker="x", color="lime", ms=8, mew=2)
+                verdict = "hit" if loc["hit"] else "miss"
+                ax.set_title(f"{textwrap.fill(panel.label, 30)}\nslice {loc['slice']}: {verdict}", fontsize=6)
+                ax.axis("off")
         fig.savefig(out / "heatmaps.png", dpi=110)
         written.append("heatmaps.png")
     return written
@@ -818,6 +1145,7 @@ def run(args: argparse.Namespace) -> int:
             autoencoder=args.autoencoder,
             train_data=args.train_data,
             ablation_twin=args.ablation_twin,
+            compare=parse_compare(args.compare),
         )
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None

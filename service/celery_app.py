@@ -9,6 +9,8 @@ start      `gatekeeper.pipeline.process_series`         `Series.id`             
 score      `gatekeeper.pipeline.score_series`           `Series.id`             `score_queue`
 segment    `gatekeeper.pipeline.segment_series`         `Series.id`             `segment_queue`
 export     `gatekeeper.export.deliver_seg`              `Export.id`             `export_queue`
+contour    `gatekeeper.pipeline.match_contours`         `Series.id` (stored     `pipeline_queue`
+                                                        RTSTRUCT / SEG series)
 =========  ===========================================  ======================  =================
 
 Ingest publishes *start* for every completed series version; each pipeline stage publishes the
@@ -31,6 +33,8 @@ PROCESS_SERIES_TASK = "gatekeeper.pipeline.process_series"
 SCORE_SERIES_TASK = "gatekeeper.pipeline.score_series"
 SEGMENT_SERIES_TASK = "gatekeeper.pipeline.segment_series"
 DELIVER_SEG_TASK = "gatekeeper.export.deliver_seg"
+# Returned contours (service/contours.py): light work, on the light default queue.
+MATCH_CONTOURS_TASK = "gatekeeper.pipeline.match_contours"
 
 #: stage → (task name, the setting that names its queue)
 STAGE_TASKS: dict[str, tuple[str, str]] = {
@@ -38,6 +42,7 @@ STAGE_TASKS: dict[str, tuple[str, str]] = {
     "score": (SCORE_SERIES_TASK, "score_queue"),
     "segment": (SEGMENT_SERIES_TASK, "segment_queue"),
     "export": (DELIVER_SEG_TASK, "export_queue"),
+    "contour": (MATCH_CONTOURS_TASK, "pipeline_queue"),
 }
 
 #: The logical queue names of `gatekeeper worker --queues`, and the setting that names each queue.
@@ -63,7 +68,7 @@ def queue_names(settings: Settings, logical: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Next:
-    """What to queue after a stage: `stage` ("start", "score", "segment", "export") for `id`; None: nothing."""
+    """What to queue after a stage: `stage` ("start", "score", "segment", "export", "contour") for `id`; None: nothing."""
 
     stage: str | None
     id: int | None = None

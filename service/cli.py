@@ -74,7 +74,20 @@ def register_plugins(groups: dict[str, argparse._SubParsersAction[argparse.Argum
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gatekeeper --help` stays fast and one broken module names itself.
-    from service import db_cli, demo, exports_cli, feedback_cli, ingest_cli, score_cli, segment_cli, serve, status_cli
+    from service import (
+        contours_cli,
+        db_cli,
+        demo,
+        exports_cli,
+        feedback_cli,
+        ingest_cli,
+        models_cli,
+        score_cli,
+        segment_cli,
+        serve,
+        shadow_cli,
+        status_cli,
+    )
     from service.phantom import cli as phantom_cli
     from service.web import cli as web_cli
 
@@ -101,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     groups["bench"] = _add_group(subparsers, "bench")
     web_cli.register(subparsers)
     feedback_cli.register(subparsers)
+    contours_cli.register(subparsers)
     status_cli.register(subparsers)
+    shadow_cli.register(subparsers)
+    models_cli.register(subparsers)
     register_plugins(groups)
     return parser
 

@@ -135,12 +135,19 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+#: Why nothing is sent in shadow mode (`Settings.mode` "shadow", service/shadow.py).
+SHADOW_MODE_REFUSAL = "shadow mode (GATEKEEPER_MODE=shadow): nothing is sent to the PACS or the forward node"
+
+
 def pacs_destination(settings: Settings) -> Destination:
     """The configured PACS.
 
     Raises:
-        ExportNotConfiguredError: `pacs_host` or `pacs_ae_title` is empty; the message names the variable.
+        ExportNotConfiguredError: shadow mode (every C-STORE to the PACS goes through here, so
+            nothing is sent); or `pacs_host` or `pacs_ae_title` is empty, the message names the variable.
     """
+    if settings.mode == "shadow":
+        raise ExportNotConfiguredError(SHADOW_MODE_REFUSAL)
     if not settings.pacs_host:
         raise ExportNotConfiguredError("no PACS destination: set GATEKEEPER_PACS_HOST (and _PACS_AE_TITLE, _PACS_PORT)")
     if not settings.pacs_ae_title:
@@ -152,9 +159,11 @@ def forward_destination(settings: Settings) -> Destination:
     """The external auto-segmentation node that `segmentation_mode` "forward" sends series to.
 
     Raises:
-        ExportNotConfiguredError: `forward_host` or `forward_ae_title` is empty (settings refuse
-            that in forward mode, so only a caller outside it sees this).
+        ExportNotConfiguredError: shadow mode; or `forward_host` or `forward_ae_title` is empty
+            (settings refuse that in forward mode, so only a caller outside it sees this).
     """
+    if settings.mode == "shadow":
+        raise ExportNotConfiguredError(SHADOW_MODE_REFUSAL)
     if not settings.forward_host or not settings.forward_ae_title:
         raise ExportNotConfiguredError(
             "no forward destination: set GATEKEEPER_FORWARD_HOST and GATEKEEPER_FORWARD_AE_TITLE (and _FORWARD_PORT)"
@@ -392,3 +401,13 @@ def _why_not_established(
         # PS3.8 9.3.3.2: every presentation context refused, e.g. abstract syntax not supported.
         return Outcome.PERMANENT, "the peer accepts no presentation context for these SOP classes"
     return Outcome.TRANSIENT, (f"association aborted, or no answer within {settings.export_timeout_s:g} s")
+
+
+#: How `_why_not_established` begins the reason of a transient failure in which no association came
+#: up: the peer down, unreachable or busy — a state of the peer, not a problem with the object sent.
+NOT_REACHED_REASONS = ("cannot connect to ", "association rejected transiently ", "association aborted, or no answer ")
+
+
+def peer_not_reached(reason: str | None) -> bool:
+    """Whether a failure `reason` (from a `SendResult`) says the peer was not reached at all (no association)."""
+    return reason is not None and reason.startswith(NOT_REACHED_REASONS)

@@ -4,7 +4,7 @@
                       [--metrics-port P]
     gatekeeper series [list] [--json]
     gatekeeper series complete SERIES_INSTANCE_UID [--json]
-    gatekeeper worker [--queues Q1,Q2] [--metrics-port P]
+    gatekeeper worker [--queues Q1,Q2] [--hostname NAME@HOST] [--metrics-port P]
 
 Flags override the settings (`GATEKEEPER_*`); the database and storage folder come from
 `GATEKEEPER_DATABASE_URL` and `GATEKEEPER_STORAGE_DIR`. The listener refuses to start without an
@@ -78,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="Q1,Q2",
         help="which pipeline queues to take work from: score (GPU), segment, export, default "
         "(light); default all of them",
+    )
+    worker.add_argument(
+        "--hostname",
+        metavar="NAME@HOST",
+        help="this worker's Celery node name, recorded in the series events of the work it does "
+        "(%%h: the host name; default gatekeeper-<queues>-<pid>@%%h)",
     )
     worker.add_argument("--metrics-port", type=int, metavar="P", help=METRICS_PORT_HELP)
     worker.set_defaults(func=run_worker)
@@ -366,6 +372,8 @@ def run_worker(args: argparse.Namespace) -> int:
     settings = load_settings_or_exit()
     _check_metrics_port(args.metrics_port)
     use_metrics_dir(settings)  # before the imports below load prometheus_client
+    from celery.utils.nodenames import host_format
+
     from service.celery_app import make_celery_app, queue_names
     from service.db.schema import require_database
     from service.metrics import serve_metrics
@@ -376,9 +384,12 @@ def run_worker(args: argparse.Namespace) -> int:
         queues = queue_names(settings, logical)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    node_name = host_format(args.hostname or f"gatekeeper-{'-'.join(logical)}-{os.getpid()}@%h")
+    if "@" not in node_name or node_name.startswith("@") or node_name.endswith("@"):
+        raise UsageError(f"--hostname must look like NAME@HOST, got {node_name!r}")
     sessions = require_database(settings)
     app = make_celery_app(settings)
-    register_pipeline_tasks(app, settings=settings, sessions=sessions)
+    register_pipeline_tasks(app, settings=settings, sessions=sessions, worker_name=node_name)
     log.info("worker on queues %s", ", ".join(f"{n} ({q})" for n, q in zip(logical, queues, strict=True)))
     if args.metrics_port is not None:
         try:
@@ -396,10 +407,13 @@ def run_worker(args: argparse.Namespace) -> int:
             "-Q",
             ",".join(queues),
             "-n",
-            f"gatekeeper-{'-'.join(logical)}-{os.getpid()}@%h",
+            node_name,
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+            # Task events (name, id, the ids in args, state, runtime) are what Flower shows; without them,
+            # and with gossip and heartbeats off, Flower's enable_events request could not turn them on.
+            "--task-events",
         ]
     )
     return 0

@@ -12,13 +12,16 @@ A new series version is created in `INITIAL_STATE` by ingest (`service.ingest.st
 
 ```
 receiving ─► complete ─► queued ─► scoring ─► scored ─► segmenting ─► exporting ─► delivered
-    │            │          ▲  │       │         │           │            │  ▲
-    ▼            └──────────┼──┘       ▼         ▼           ▼            ▼  │
-  stored                    │     worklisted ◄───┴───────────┘        export_failed
-                            │       ▲    │
+    │            │          ▲  │       │         │           │  │         │  ▲
+    ▼            └──────────┼──┘       ▼         ▼           ▼  ▼         ▼  │
+  stored                    │     worklisted ◄───┴───────────┘ withheld  export_failed
+                            │       ▲    │                     (shadow mode)
                             │       │    ▼
                             │      claimed ─► done
 ```
+
+worklisted, claimed, done ─► contoured ⟲ : a returned liver contour was matched (`service.contours`);
+a later contour for the same series moves it again (contoured ─► contoured).
 
 No patient data goes into events: internal ids, DICOM UIDs, states, scores and user ids only.
 """
@@ -53,10 +56,15 @@ class SeriesState(StrEnum):
     EXPORTING = "exporting"  # the SEG is written and being delivered to the PACS (`Export`)
     DELIVERED = "delivered"  # the PACS accepted the SEG
     EXPORT_FAILED = "export_failed"  # delivery failed permanently; an operator may retry the export
+    # Shadow mode (`Settings.mode` "shadow", service/shadow.py): routed auto and segmented, but the
+    # contour was kept here and nothing was sent to the PACS or the forward node.
+    WITHHELD = "withheld"
     # The worklist (service/web/): a dosimetrist contours the series by hand.
     WORKLISTED = "worklisted"  # on the manual-contouring worklist (`WorklistItem`)
     CLAIMED = "claimed"  # a dosimetrist has claimed the worklist item
     DONE = "done"  # the dosimetrist marked the item done
+    # Returned contours (service/contours.py): the TPS or PACS sent back a liver contour for it.
+    CONTOURED = "contoured"  # a returned contour was matched; the series is in the training pool
 
 
 S = SeriesState
@@ -77,18 +85,23 @@ ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     S.SCORING: frozenset({S.SCORED, S.WORKLISTED}),  # worklisted: unreadable, or stuck too often
     S.SCORED: frozenset({S.SEGMENTING, S.WORKLISTED}),
     # delivered / export_failed straight from segmenting: forward mode, or no PACS configured
-    S.SEGMENTING: frozenset({S.EXPORTING, S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED}),
+    # withheld: shadow mode, the SEG / RT Structure Set (or the forward) not sent
+    S.SEGMENTING: frozenset({S.EXPORTING, S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED, S.WITHHELD}),
     S.EXPORTING: frozenset({S.DELIVERED, S.EXPORT_FAILED}),
     S.EXPORT_FAILED: frozenset({S.EXPORTING, S.DELIVERED}),  # an operator's `exports retry`
     # worklist: claim; release or mark done
-    S.WORKLISTED: frozenset({S.CLAIMED}),
-    S.CLAIMED: frozenset({S.WORKLISTED, S.DONE}),
+    S.WORKLISTED: frozenset({S.CLAIMED, S.CONTOURED}),
+    S.CLAIMED: frozenset({S.WORKLISTED, S.DONE, S.CONTOURED}),
+    # returned contours: a liver contour for a worklisted series came back (worklisted or claimed:
+    # nobody marked the item done first); contoured again: a later contour superseded the first
+    S.DONE: frozenset({S.CONTOURED}),
+    S.CONTOURED: frozenset({S.CONTOURED}),
 }
 
 #: States in which the pipeline still owes the series some work (the pipeline's sweeper watches them).
 WORKING_STATES = (S.SCORING, S.SCORED, S.SEGMENTING)
 #: States a series ends its automatic journey in.
-FINAL_STATES = (S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED, S.CLAIMED, S.DONE, S.STORED)
+FINAL_STATES = (S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED, S.CLAIMED, S.DONE, S.STORED, S.WITHHELD, S.CONTOURED)
 
 
 class TransitionError(ValueError):

@@ -116,7 +116,8 @@ for _stage in STAGES:
     STAGE_SECONDS.labels(stage=_stage)
 ROUTES.labels(route=Route.AUTO.value, reason="none")
 for _reason in RouteReason:
-    ROUTES.labels(route=Route.WORKLIST.value, reason=_reason.value)
+    if _reason != RouteReason.SHADOW_REVIEW:  # not a route: shadow mode's review of an auto-routed series
+        ROUTES.labels(route=Route.WORKLIST.value, reason=_reason.value)
 for _outcome in EXPORT_OUTCOMES:
     for _attempt in ATTEMPT_LABELS:
         EXPORT_ATTEMPTS.labels(outcome=_outcome, attempt=_attempt)

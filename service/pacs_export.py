@@ -12,6 +12,15 @@ and is recorded as an `ExportAttempt`:
   permanent, e.g. our AE title not known there; SOP class not supported; data set does not match
   the SOP class): failed at once, with the reason, for an operator (`gatekeeper exports retry ID`).
 
+**Order after an outage.** Exports go out to the PACS in the order their series completed
+(`Series.completed_at`, then the export id; every pending export goes to the one configured PACS).
+While an earlier export is pending because the PACS was not reached at all (no association: down,
+unreachable, busy), a later one is not sent: it waits behind it (reason "waiting behind export N ..."), and each export that settles
+hands the line on to the next waiting one (`next_in_line`), so the backlog of a long outage is
+delivered once, in order, when the first retry gets through. A failure with a DIMSE status (the
+PACS answered about this one object) holds nobody back, so one object the PACS refuses cannot
+stall the others.
+
 Nothing here logs patient data: export ids, statuses and reasons only.
 """
 
@@ -30,8 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import metrics
 from service.db.session import rows_changed
-from service.db.tables import Export, ExportAttempt, ExportState, utc_now
-from service.dicom_send import Outcome, SendResult, pacs_destination, send_seg
+from service.db.tables import Export, ExportAttempt, ExportState, Series, utc_now
+from service.dicom_send import Outcome, SendResult, pacs_destination, peer_not_reached, send_seg
 from service.lifecycle import SeriesState, transition
 from service.settings import Settings
 
@@ -49,6 +58,8 @@ class Delivery:
     # Seconds after which `deliver` should be called again; None: do not call again.
     retry_after_s: float | None
     result: SendResult | None
+    # The earlier export to the same PACS this one waits behind (not sent; `next_in_line` wakes it).
+    waiting_for: int | None = None
 
 
 def record_export(
@@ -121,6 +132,93 @@ def claim_seconds(settings: Settings) -> float:
 # Leeway for a message that runs a little before the due time it was scheduled for (clock, ETA rounding).
 DUE_TOLERANCE_S = 2.0
 
+#: How the reason of an export begins while it waits behind an earlier one to the same PACS.
+WAITING_REASON = "waiting behind export "
+
+
+def _is_waiting(reason: str | None) -> bool:
+    return reason is not None and reason.startswith(WAITING_REASON)
+
+
+def _holds_the_line(last_status: int | None, last_reason: str | None) -> bool:
+    """Whether a pending export in this condition keeps the later exports to its PACS waiting.
+
+    It does when its last attempt did not reach the PACS at all, or when it waits itself.
+    """
+    return last_status is None and (peer_not_reached(last_reason) or _is_waiting(last_reason))
+
+
+@dataclass(frozen=True)
+class _InLine:
+    id: int
+    last_status: int | None
+    last_reason: str | None
+    next_attempt_at: dt.datetime | None
+
+
+def _line(session: Session) -> list[_InLine]:
+    """The pending exports in delivery order: their series' completion, then the export id.
+
+    All go to the one configured PACS (`Export.destination` records where each attempt went).
+    """
+    rows = session.execute(
+        select(
+            Export.id,
+            Export.last_status,
+            Export.last_reason,
+            Export.next_attempt_at,
+            Export.created_at,
+            Series.completed_at,
+        )
+        .outerjoin(Series, Series.id == Export.series_id)
+        .where(Export.state == ExportState.PENDING.value)
+    ).all()
+    ordered = sorted(rows, key=lambda row: (row.completed_at or row.created_at, row.id))
+    return [_InLine(row.id, row.last_status, row.last_reason, row.next_attempt_at) for row in ordered]
+
+
+def _blocker(session: Session, export: Export) -> _InLine | None:
+    """The first export ahead of `export` in the line that holds the line; None: `export` may go."""
+    for ahead in _line(session):
+        if ahead.id == export.id:
+            return None
+        if _holds_the_line(ahead.last_status, ahead.last_reason):
+            return ahead
+    return None
+
+
+def next_in_line(*, sessions: sessionmaker[Session], export_id: int) -> int | None:
+    """After an attempt of export `export_id`: the export waiting for the PACS that may go now, made due.
+
+    None when `export_id` still holds the line (pending, the PACS not reached), when the first
+    export holding the line is another one in its own backoff, or when nobody waits. Publish the
+    id returned (a duplicate message for it does nothing: `deliver` claims first).
+    """
+    with sessions.begin() as session:
+        export = session.get(Export, export_id)
+        if export is None:
+            return None
+        if export.state == ExportState.PENDING.value and _holds_the_line(export.last_status, export.last_reason):
+            return None
+        for ahead in _line(session):
+            if _is_waiting(ahead.last_reason):
+                woken = rows_changed(
+                    session.execute(
+                        update(Export)
+                        .where(
+                            Export.id == ahead.id,
+                            Export.state == ExportState.PENDING.value,
+                            Export.last_reason == ahead.last_reason,
+                        )
+                        .values(next_attempt_at=utc_now())
+                        .execution_options(synchronize_session=False)
+                    )
+                )
+                return ahead.id if woken else None
+            if _holds_the_line(ahead.last_status, ahead.last_reason):
+                return None  # the PACS not reached by that one either: its own retry comes first
+    return None
+
 
 def deliver(
     *,
@@ -135,42 +233,93 @@ def deliver(
     one sends (the export is claimed in the database first). On a transient failure the export
     stays pending and `retry_after_s` says when to call again (exponential backoff); once
     `export_retry_deadline_s` has passed since `pending_since` it fails with "gave up after …".
+    While an export ahead of it in the line holds the line (the PACS not reached; see the module
+    docstring) nothing is sent: the export waits behind it (`waiting_for`), due again with it, and
+    `next_in_line` wakes it when the one ahead settles.
 
     Raises:
         LookupError: there is no export `export_id`.
         service.dicom_send.ExportNotConfiguredError: no PACS destination is configured (the export stays pending).
     """
     pacs_destination(settings)  # before claiming: without a PACS there is nothing to attempt
-    now = utc_now()
-    with sessions.begin() as session:
-        export = session.get(Export, export_id)
-        if export is None:
-            raise LookupError(f"no export with id {export_id}")
-        state, attempts = ExportState(export.state), export.attempts
-        due = export.next_attempt_at is None or export.next_attempt_at <= now + dt.timedelta(seconds=DUE_TOLERANCE_S)
-        if state != ExportState.PENDING or not due:
-            log.info(
-                "export %s is %s%s; nothing to send",
-                export_id,
-                state.value,
-                "" if state != ExportState.PENDING else " and not due (another attempt owns it)",
+    for _ in range(3):  # again only when the export it waited behind settled while it lined up
+        now = utc_now()
+        with sessions.begin() as session:
+            export = session.get(Export, export_id)
+            if export is None:
+                raise LookupError(f"no export with id {export_id}")
+            state, attempts = ExportState(export.state), export.attempts
+            due = export.next_attempt_at is None or export.next_attempt_at <= now + dt.timedelta(
+                seconds=DUE_TOLERANCE_S
             )
-            return Delivery(export_id=export_id, state=state, attempted=False, retry_after_s=None, result=None)
-        claimed = rows_changed(
-            session.execute(
-                update(Export)
-                .where(
-                    Export.id == export_id,
-                    Export.state == ExportState.PENDING.value,
-                    Export.attempts == attempts,
-                    Export.next_attempt_at == export.next_attempt_at,
+            if state != ExportState.PENDING or not due:
+                log.info(
+                    "export %s is %s%s; nothing to send",
+                    export_id,
+                    state.value,
+                    "" if state != ExportState.PENDING else " and not due (another attempt owns it)",
                 )
-                .values(next_attempt_at=now + dt.timedelta(seconds=claim_seconds(settings)))
-                .execution_options(synchronize_session=False)
+                return Delivery(export_id=export_id, state=state, attempted=False, retry_after_s=None, result=None)
+            blocker = _blocker(session, export)
+            claim = update(Export).where(
+                Export.id == export_id,
+                Export.state == ExportState.PENDING.value,
+                Export.attempts == attempts,
+                Export.next_attempt_at == export.next_attempt_at,
             )
+            if blocker is not None:
+                # Line up behind it: not sent now; due again with it (the sweeper's safety net).
+                waiting = rows_changed(
+                    session.execute(
+                        claim.values(
+                            last_reason=f"{WAITING_REASON}{blocker.id} (the PACS was not reached)",
+                            next_attempt_at=max(blocker.next_attempt_at or now, now),
+                        ).execution_options(synchronize_session=False)
+                    )
+                )
+            else:
+                values: dict[str, Any] = {"next_attempt_at": now + dt.timedelta(seconds=claim_seconds(settings))}
+                if _is_waiting(export.last_reason):
+                    values["last_reason"] = None  # in flight now: no longer waiting, not to be woken again
+                claimed = rows_changed(
+                    session.execute(claim.values(**values).execution_options(synchronize_session=False))
+                )
+            path = Path(export.path)
+            pending_since = export.pending_since
+        if blocker is None:
+            break
+        if not waiting:
+            log.info("export %s was claimed by another attempt; nothing to send", export_id)
+            return Delivery(
+                export_id=export_id, state=ExportState.PENDING, attempted=False, retry_after_s=None, result=None
+            )
+        # Did the one ahead settle between our look and our commit (its hand-on then missed us)?
+        with sessions.begin() as session:
+            export = session.get(Export, export_id)
+            assert export is not None  # rows are never deleted while an attempt runs
+            still = _blocker(session, export)
+            if still is None:
+                session.execute(
+                    update(Export)
+                    .where(Export.id == export_id, Export.last_reason == export.last_reason)
+                    .values(next_attempt_at=utc_now())
+                    .execution_options(synchronize_session=False)
+                )
+        if still is not None:
+            log.info("export %s waits behind export %s (the PACS was not reached)", export_id, still.id)
+            return Delivery(
+                export_id=export_id,
+                state=ExportState.PENDING,
+                attempted=False,
+                retry_after_s=None,
+                result=None,
+                waiting_for=still.id,
+            )
+    else:
+        log.info("export %s: the line ahead kept changing; the next message tries again", export_id)
+        return Delivery(
+            export_id=export_id, state=ExportState.PENDING, attempted=False, retry_after_s=None, result=None
         )
-        path = Path(export.path)
-        pending_since = export.pending_since
     if not claimed:
         log.info("export %s was claimed by another attempt; nothing to send", export_id)
         return Delivery(

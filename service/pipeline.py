@@ -18,6 +18,11 @@ segment    `segmenting`                 the liver DICOM-SEG and/or RT Structure 
 export     `exporting`                  each object sent (the `deliver_seg` task); once all  export_queue
                                         settled: `delivered` (all delivered) or
                                         `export_failed` (any failed)
+contour    a `stored` RTSTRUCT / SEG    each pending `ContourObject` of it matched to its  pipeline_queue
+           series (a returned contour)  worklisted CT series, the liver rasterised, a
+                                        `PoolEntry`, the CT series `contoured`; or the
+                                        object kept with a status and reason
+                                        (`service.contours`). Queued by `queue_contours`
 =========  ===========================  =================================================  ==============
 
 The route is decided by `ROUTING_RULES`, a table: the first rule whose condition holds on the
@@ -53,7 +58,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import dicom_series, imaging, metrics
+from service import contours, dicom_series, imaging, metrics
 from service.celery_app import DONE, Next, Publisher
 from service.db.session import rows_changed
 from service.db.tables import (
@@ -71,9 +76,10 @@ from service.db.tables import (
 )
 from service.lifecycle import WORKING_STATES, SeriesState, transition
 from service.settings import Settings
+from service.shadow import SHADOW_REVIEW_QUESTION, selected_for_shadow_review
 
 if TYPE_CHECKING:  # the heavy objects come in as arguments, built once per worker process
-    from service.inference import Detector
+    from service.inference import Detector, PatchDetector
     from service.segmentation import Segmenter
 
 log = logging.getLogger(__name__)
@@ -289,8 +295,17 @@ def start(*, sessions: sessionmaker[Session], series_id: int, worker: str) -> Ne
 # --- stage: score (then route) ----------------------------------------------------------------------
 
 
-def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int, detector: Detector) -> Next:
+def score(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    series_id: int,
+    detector: Detector | PatchDetector,
+    worker: str | None = None,
+) -> Next:
     """Stage *score*: run the detector over every slice of the series, store the result, then route.
+
+    `worker` (the worker's node name) is recorded in the "scored" event.
 
     Input: state `scoring` (or `scored`, when a worker died before routing). Output: a
     `SeriesScore` for (series, `detector.version`) — per-slice scores in volume order and the top
@@ -379,6 +394,7 @@ def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int
                         "flagged": result.flagged,
                         "slices": len(slices),
                         "duration_s": round(duration, 2),
+                        "worker": worker,
                     },
                 )
                 if not moved:  # another worker scored and moved it meanwhile: keep its result
@@ -407,14 +423,23 @@ def score(*, sessions: sessionmaker[Session], settings: Settings, series_id: int
                 target=S.SCORED,
                 detail={"model_version": detector.version, "reused": True},
             )
-    return route(sessions=sessions, series_id=series_id, model_version=detector.version)
+    return route(
+        sessions=sessions,
+        series_id=series_id,
+        model_version=detector.version,
+        draft_for_worklist=settings.mode == "shadow" and settings.segmentation_mode == "internal",
+    )
 
 
-def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str) -> Next:
+def route(
+    *, sessions: sessionmaker[Session], series_id: int, model_version: str, draft_for_worklist: bool = False
+) -> Next:
     """Stage *route*: decide by `ROUTING_RULES` where a scored series goes.
 
     Input: state `scored` with a `SeriesScore` of `model_version`. Output: `segmenting` and the
     segment stage to queue (route auto), or `worklisted` with a `WorklistItem`. One "routed" event.
+    With `draft_for_worklist` (shadow mode) a worklisted series is queued to the segment stage too,
+    for a draft contour that its reviewer sees (`segment`; service/shadow.py).
     """
     with sessions.begin() as session:
         series = _series_row(session, series_id)
@@ -438,7 +463,7 @@ def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str
             if reason == RouteReason.GEOMETRY:
                 detail["findings"] = [f.get("code") for f in facts.geometry_findings]
             moved = _to_worklist(session=session, series_id=series_id, source=S.SCORED, reason=reason, detail=detail)
-            nxt = DONE
+            nxt = Next("segment", series_id) if draft_for_worklist else DONE
         else:
             moved = transition(
                 session=session,
@@ -462,9 +487,16 @@ def route(*, sessions: sessionmaker[Session], series_id: int, model_version: str
 
 
 def segment(
-    *, sessions: sessionmaker[Session], settings: Settings, series_id: int, segmenter: Segmenter | None
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    series_id: int,
+    segmenter: Segmenter | None,
+    worker: str | None = None,
 ) -> list[Next]:
     """Stage *segment*: segment the liver, write the objects to deliver, record one export per object.
+
+    `worker` (the worker's node name) is recorded in the "exporting" event.
 
     Input: state `segmenting`. Output, by `settings.export_format`: the DICOM-SEG
     `results/<series_id>/liver-seg-<version>.dcm` ("seg"), the RT Structure Set
@@ -474,6 +506,12 @@ def segment(
     `worklisted` ("no_liver"); no PACS configured: `export_failed`. With
     `settings.segmentation_mode` "forward" the series goes to the external node instead (`forward`)
     and `segmenter` is not used (the worker passes None).
+
+    Shadow mode (`settings.mode` "shadow", service/shadow.py): the objects are written (the SEG
+    always, for the reviewer's viewer) but no export is recorded and nothing is sent; the series
+    ends `withheld` (`withhold`). A series the gate sent to the worklist for an anomaly or its
+    geometry (state `worklisted`, `claimed` or `done`) gets a draft SEG instead, with a
+    "shadow_draft" event and no change of state.
 
     Returns:
         What to queue, one `Next("export", export_id)` per export; empty: nothing.
@@ -497,11 +535,20 @@ def segment(
         series = _series_row(session, series_id)
         if series is None:
             return []
-        if series.superseded or series.state != S.SEGMENTING.value:
+        draft = (
+            settings.mode == "shadow"
+            and series.state in {s.value for s in SHADOW_DRAFT_STATES}
+            and series.route_reason in {r.value for r in SHADOW_DRAFT_REASONS}
+        )
+        if series.superseded or (series.state != S.SEGMENTING.value and not draft):
             log.info("series id %s is %s; nothing to segment", series_id, series.state)
             return []
         version = series.version
+        series_instance_uid = series.series_instance_uid
         paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
+    if draft:
+        shadow_draft(sessions=sessions, settings=settings, series_id=series_id, segmenter=segmenter)
+        return []
     try:
         volume = load_stored_series(paths.values())
     except dicom_series.SeriesError as exc:
@@ -535,7 +582,7 @@ def segment(
     headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in volume.sop_instance_uids]
     folder = results_dir(settings=settings, series_id=series_id)
     written: list[Path] = []
-    if settings.export_format in ("seg", "both"):
+    if settings.export_format in ("seg", "both") or settings.mode == "shadow":
         seg = build_liver_seg(
             source_images=headers,
             mask=result.mask,
@@ -560,6 +607,16 @@ def segment(
     duration = (utc_now() - clock).total_seconds()
     metrics.record_stage("segment", duration)
     files = [_relative(path, settings.storage_dir) for path in written]
+    if settings.mode == "shadow":
+        withhold(
+            sessions=sessions,
+            settings=settings,
+            series_id=series_id,
+            series_instance_uid=series_instance_uid,
+            review=True,
+            detail={"files": files, "segmenter_version": segmenter.version, "duration_s": round(duration, 2)},
+        )
+        return []
     try:
         recorded = [
             record_export(sessions=sessions, settings=settings, path=path, series_id=series_id) for path in written
@@ -572,7 +629,7 @@ def segment(
                 series_id=series_id,
                 source=S.SEGMENTING,
                 target=S.EXPORT_FAILED,
-                detail={"reason": str(exc), "files": files},
+                detail={"reason": str(exc), "files": files, "segmenter_version": segmenter.version},
             )
         return []
     with sessions.begin() as session:
@@ -586,6 +643,7 @@ def segment(
                 "files": files,
                 "segmenter_version": segmenter.version,
                 "duration_s": round(duration, 2),
+                "worker": worker,
             },
         )
     log.info(
@@ -598,6 +656,122 @@ def segment(
     # The series moved, or a repeat recorded an export a crash left out: queue each new one (a
     # message for an export already sent or settled does nothing).
     return [Next("export", export_id) for export_id, created in recorded if moved or created]
+
+
+# --- shadow mode (service/shadow.py) ----------------------------------------------------------------
+
+#: States of a worklisted series that shadow mode still makes a draft contour for, and the route
+#: reasons it makes one for (the series could be read and scored; the segmenter can run on it).
+SHADOW_DRAFT_STATES = (S.WORKLISTED, S.CLAIMED, S.DONE)
+SHADOW_DRAFT_REASONS = (RouteReason.ANOMALY, RouteReason.GEOMETRY)
+
+
+def withhold(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    series_id: int,
+    series_instance_uid: str,
+    review: bool,
+    detail: dict[str, Any],
+) -> bool:
+    """Shadow mode's end of the auto route: `segmenting` → `withheld`, nothing sent.
+
+    With `review`, and when `service.shadow.selected_for_shadow_review` chooses the series (a
+    share `settings.shadow_review_share`), it also gets an open worklist item of reason
+    "shadow_review" in the same transaction, on which a dosimetrist answers whether the auto
+    contour is acceptable. The "withheld" event's `detail` says whether. False when the series was
+    no longer `segmenting` (a duplicate message): nothing changed.
+    """
+    chosen = review and selected_for_shadow_review(series_instance_uid, settings.shadow_review_share)
+    with sessions.begin() as session:
+        moved = transition(
+            session=session,
+            series_id=series_id,
+            source=S.SEGMENTING,
+            target=S.WITHHELD,
+            event="withheld",
+            detail={**detail, "mode": "shadow", "shadow_review": chosen},
+        )
+        if (
+            moved
+            and chosen
+            and session.scalar(select(WorklistItem.id).where(WorklistItem.series_id == series_id)) is None
+        ):
+            session.add(
+                WorklistItem(
+                    series_id=series_id,
+                    reason=RouteReason.SHADOW_REVIEW.value,
+                    detail={"question": SHADOW_REVIEW_QUESTION, "segmenter_version": detail.get("segmenter_version")},
+                    status=WorklistStatus.OPEN.value,
+                )
+            )
+    if moved:
+        log.info(
+            "series id %s withheld (shadow mode)%s",
+            series_id,
+            "; on the worklist for a shadow review" if chosen else "",
+        )
+    return moved
+
+
+def shadow_draft(
+    *, sessions: sessionmaker[Session], settings: Settings, series_id: int, segmenter: Segmenter
+) -> Path | None:
+    """Shadow mode: the draft liver SEG of a series the gate sent to the worklist, for its reviewer.
+
+    Written to `results/<series_id>/liver-seg-<version>.dcm` (where the series page's viewer finds
+    a contour) with a "shadow_draft" event; the series' state does not change and nothing is
+    sent. Already there: not made again. An unreadable series gets no draft (logged). Returns the
+    file, or None when none was made.
+    """
+    import pydicom
+
+    from service.dicom_seg import build_liver_seg
+
+    path = results_dir(settings=settings, series_id=series_id) / f"liver-seg-{segmenter.version}.dcm"
+    if path.exists():
+        log.info("series id %s already has a draft contour of segmenter %s", series_id, segmenter.version)
+        return None
+    with sessions() as session:
+        series = _series_row(session, series_id)
+        if series is None:
+            return None
+        version = series.version
+        paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
+    try:
+        volume = load_stored_series(paths.values())
+    except dicom_series.SeriesError as exc:
+        log.warning("series id %s: no draft contour, the series cannot be read: %s", series_id, exc.problem)
+        return None
+    clock = utc_now()
+    result = segmenter.segment(volume)
+    headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in volume.sop_instance_uids]
+    seg = build_liver_seg(
+        source_images=headers,
+        mask=result.mask,
+        algorithm_name=segmenter.name[:64],
+        algorithm_version=segmenter.version[:64],
+        source_series_version=version,
+    )
+    _atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+    duration = (utc_now() - clock).total_seconds()
+    with sessions.begin() as session:
+        session.add(
+            SeriesEvent(
+                series_id=series_id,
+                kind="shadow_draft",
+                created_at=utc_now(),
+                detail={
+                    "file": _relative(path, settings.storage_dir),
+                    "segmenter_version": segmenter.version,
+                    "liver_volume_ml": round(result.liver_volume_ml, 1),
+                    "duration_s": round(duration, 2),
+                },
+            )
+        )
+    log.info("series id %s: draft contour for its shadow review written in %.1f s", series_id, duration)
+    return path
 
 
 def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: int) -> Next:
@@ -616,7 +790,8 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
       after `pipeline_stuck_after_s`, and after `pipeline_max_requeues` re-queues sends the
       series to the worklist (event "gave_up") so that a person segments it. No Celery retry.
 
-    No stored instances: `worklisted` ("unreadable"). There is no `Export` row, so `gatekeeper
+    Shadow mode: nothing is sent; the series ends `withheld` (no shadow review: there is no
+    contour to review). No stored instances: `worklisted` ("unreadable"). There is no `Export` row, so `gatekeeper
     exports retry` does not apply. A repeat after a crash sends the instances again with their
     own SOP Instance UIDs, which a DICOM node stores as the same objects.
     """
@@ -629,6 +804,7 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
         if series.superseded or series.state != S.SEGMENTING.value:
             log.info("series id %s is %s; nothing to forward", series_id, series.state)
             return DONE
+        series_instance_uid = series.series_instance_uid
         paths = sorted(instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id).values())
     if not paths:
         with sessions.begin() as session:
@@ -640,6 +816,16 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
                 detail={"problem": "no stored instances"},
                 event="rerouted",
             )
+        return DONE
+    if settings.mode == "shadow":
+        withhold(
+            sessions=sessions,
+            settings=settings,
+            series_id=series_id,
+            series_instance_uid=series_instance_uid,
+            review=False,  # no contour to review: the external node never saw the series
+            detail={"forward": "not sent", "instances": len(paths)},
+        )
         return DONE
     destination = forward_destination(settings)
     result = send_files(paths=paths, destination=destination, settings=settings)
@@ -687,8 +873,10 @@ def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: i
 # --- stage: export settled --------------------------------------------------------------------------
 
 
-def export_settled(*, sessions: sessionmaker[Session], export_id: int) -> None:
+def export_settled(*, sessions: sessionmaker[Session], export_id: int, worker: str | None = None) -> None:
     """Stage *export*, last step: the series of export `export_id` follows the final state of its exports.
+
+    `worker`: the node name of the worker that settled the export (None: the sweeper), for the event.
 
     A series may have several exports (`export_format` "both": the SEG and the RT Structure Set).
     Input: state `exporting` (or `export_failed`, after an operator's retry). Output: `delivered`
@@ -722,11 +910,60 @@ def export_settled(*, sessions: sessionmaker[Session], export_id: int) -> None:
                 "exports": [
                     {"export_id": eid, "state": state, "status": status, "reason": reason}
                     for eid, state, status, reason in exports
-                ]
+                ],
+                "worker": worker,
             },
         )
     if moved:
         log.info("series id %s: %s (exports %s)", series_id, target.value, ", ".join(str(e[0]) for e in exports))
+
+
+# --- stage: contour (returned contours) -------------------------------------------------------------
+
+
+def queue_contours(
+    *, sessions: sessionmaker[Session], settings: Settings, publisher: Publisher, now: dt.datetime | None = None
+) -> list[int]:
+    """Queue the contour stage for returned contours: run by the listener's assembler every round.
+
+    Every contour instance of a `stored` series gets a pending `ContourObject`
+    (`contours.register_received_contours`); each series with pending objects never sent, or sent
+    longer than `queue_resend_after_s` ago, is claimed and its stage published. A refused
+    publication gives the claim back. Returns the contour series ids published.
+    """
+    now = now or utc_now()
+    contours.register_received_contours(sessions=sessions)
+    resend_before = now - dt.timedelta(seconds=settings.queue_resend_after_s)
+    published = []
+    for series_id in contours.claim_due_contour_series(sessions=sessions, resend_before=resend_before, now=now):
+        try:
+            publisher.publish(Next("contour", series_id))
+        except Exception:  # broker away: give the claim back; the next round tries again
+            log.warning("could not queue the contour stage of series id %s", series_id, exc_info=True)
+            contours.release_contour_claim(sessions=sessions, series_id=series_id, claimed_at=now)
+            break
+        published.append(series_id)
+    return published
+
+
+def match_contours(*, sessions: sessionmaker[Session], settings: Settings, series_id: int) -> Next:
+    """Stage *contour*: match the returned contour objects of stored series `series_id` (`service.contours`).
+
+    Input: a `stored` RTSTRUCT or SEG series with pending `ContourObject`s. Output: each object
+    `matched` (a `PoolEntry`, its CT series and worklist item `contoured`), `superseded`, or kept
+    with the reason it cannot be used. A duplicate message finds nothing pending and does nothing.
+    """
+    clock = utc_now()
+    statuses = contours.process_contour_series(sessions=sessions, settings=settings, series_id=series_id)
+    if statuses:
+        log.info(
+            "series id %s: %d contour object(s) in %.1f s: %s",
+            series_id,
+            len(statuses),
+            (utc_now() - clock).total_seconds(),
+            ", ".join(s.value for s in statuses),
+        )
+    return DONE
 
 
 # --- the sweeper ------------------------------------------------------------------------------------

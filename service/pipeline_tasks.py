@@ -4,10 +4,10 @@ Task and queue names, the app and the publisher live in `service.celery_app`; th
 (what each reads and writes) in `service.pipeline`. Each task's only argument is an internal id,
 never patient data. Each task re-checks the series state in the database before working, so a
 duplicate or late message does nothing; the next stage is queued only after the stage's
-transaction committed. A worker process loads the detector and the segmenter once, on the first
-task that needs each (`Models`). Transient export failures are retried by Celery with the
-countdown that `service.pacs_export.deliver` computes (exponential backoff); permanent ones end
-the chain.
+transaction committed. A worker process asks the model registry for the active detector and
+segmenter per task and loads each version once (`Models`). Transient export failures are retried
+by Celery with the countdown that `service.pacs_export.deliver` computes (exponential backoff);
+permanent ones end the chain.
 """
 
 from __future__ import annotations
@@ -17,15 +17,19 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import pipeline
+from service import model_registry, pipeline
 from service.celery_app import (
     DELIVER_SEG_TASK,
+    MATCH_CONTOURS_TASK,
     PROCESS_SERIES_TASK,
     SCORE_SERIES_TASK,
     SEGMENT_SERIES_TASK,
@@ -35,53 +39,92 @@ from service.celery_app import (
     make_celery_app,
 )
 from service.db.session import make_engine, make_session_factory
-from service.db.tables import ExportState
+from service.db.tables import ExportState, ModelKind
 from service.dicom_send import ExportNotConfiguredError
-from service.pacs_export import deliver
+from service.pacs_export import deliver, next_in_line
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.inference import Detector
+    from service.inference import Detector, PatchDetector
     from service.segmentation import Segmenter
 
 log = logging.getLogger(__name__)
 
 
 class Models:
-    """The ONNX Runtime models of one worker process, each loaded once on first use."""
+    """The ONNX Runtime models of one worker process: the registry's active version of each kind.
 
-    def __init__(self, settings: Settings) -> None:
+    With `sessions`, every call asks the model registry (`service.model_registry`) which version is
+    active — a promotion or a rollback takes effect at the next task, without a restart — and
+    loads each version once, keyed by its files' hash (the `keep` most recently used per kind stay
+    loaded). The first call on an empty registry registers the settings' model as active. Without
+    `sessions` (no database), the settings' folders are used.
+    """
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None, *, keep: int = 2) -> None:
         self.settings = settings
+        self.sessions = sessions
+        self.keep = max(1, keep)
         self._lock = threading.Lock()
-        self._detector: Detector | None = None
-        self._segmenter: Segmenter | None = None
+        self._loaded: dict[ModelKind, OrderedDict[str, Any]] = {
+            ModelKind.DETECTOR: OrderedDict(),
+            ModelKind.SEGMENTER: OrderedDict(),
+        }
 
-    def detector(self) -> Detector:
-        """The detector of `settings.detector_model_dir` (CUDA provider when present, else CPU)."""
+    def _get(self, kind: ModelKind, load: Callable[[Path], Any]) -> Any:
+        record = None
+        if self.sessions is not None:
+            record = model_registry.ensure_active(sessions=self.sessions, settings=self.settings, kind=kind)
+        key = record.sha256 if record is not None else "settings"
         with self._lock:
-            if self._detector is None:
-                from service.inference import Detector
+            cache = self._loaded[kind]
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+            if record is not None:
+                folder = model_registry.verify_files(record, self.settings)
+                log.info("%s %s is active; loading it from %s", kind.value, record.version, folder)
+            else:
+                folder = model_registry.shipped_folder(self.settings, kind)
+            cache[key] = load(folder)
+            while len(cache) > self.keep:
+                cache.popitem(last=False)
+            return cache[key]
 
-                self._detector = Detector(self.settings.detector_model_dir, batch=self.settings.score_batch)
-            return self._detector
+    def detector(self) -> Detector | PatchDetector:
+        """The active detector (CUDA provider when present, else CPU)."""
+        from service.inference import load_detector
+
+        def load(folder: Path) -> Detector | PatchDetector:
+            return load_detector(folder, batch=self.settings.score_batch)
+
+        detector: Detector | PatchDetector = self._get(ModelKind.DETECTOR, load)
+        return detector
 
     def segmenter(self) -> Segmenter:
-        """The liver segmenter of `settings.segmenter_model_dir`."""
-        with self._lock:
-            if self._segmenter is None:
-                from service.segmentation import Segmenter
+        """The active liver segmenter."""
+        from service.segmentation import Segmenter
 
-                self._segmenter = Segmenter(self.settings.segmenter_model_dir)
-            return self._segmenter
+        segmenter: Segmenter = self._get(ModelKind.SEGMENTER, Segmenter)
+        return segmenter
 
 
 def register_pipeline_tasks(
-    app: Celery, *, settings: Settings, sessions: sessionmaker[Session], models: Models | None = None
+    app: Celery,
+    *,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    models: Models | None = None,
+    worker_name: str | None = None,
 ) -> None:
-    """Register every pipeline task (and the export task) on a worker's Celery app."""
-    models = models or Models(settings)
+    """Register every pipeline task (and the export task) on a worker's Celery app.
+
+    `worker_name` (the Celery node name, e.g. "gatekeeper-score@gpu-host-2"; default host:pid) goes
+    into the series events of the work this worker does, so that one can tell which host did what.
+    """
+    models = models or Models(settings, sessions)
     publisher = CeleryPublisher(app, settings)
-    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
 
     def then(nxt: Next) -> None:
         # After the stage's commit. If the broker refuses, the sweeper finds the series stuck and re-queues it.
@@ -96,7 +139,15 @@ def register_pipeline_tasks(
 
     @app.task(name=SCORE_SERIES_TASK, ignore_result=True, acks_late=True)
     def score_series(series_id: int) -> None:
-        then(pipeline.score(sessions=sessions, settings=settings, series_id=int(series_id), detector=models.detector()))
+        then(
+            pipeline.score(
+                sessions=sessions,
+                settings=settings,
+                series_id=int(series_id),
+                detector=models.detector(),
+                worker=worker_name,
+            )
+        )
 
     @app.task(name=SEGMENT_SERIES_TASK, ignore_result=True, acks_late=True)
     def segment_series(series_id: int) -> None:
@@ -104,9 +155,13 @@ def register_pipeline_tasks(
         segmenter = models.segmenter() if settings.segmentation_mode == "internal" else None
         # One export message per object written (export_format "both": the SEG and the RTSTRUCT).
         for nxt in pipeline.segment(
-            sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter
+            sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter, worker=worker_name
         ):
             then(nxt)
+
+    @app.task(name=MATCH_CONTOURS_TASK, ignore_result=True, acks_late=True)
+    def match_contours(series_id: int) -> None:
+        then(pipeline.match_contours(sessions=sessions, settings=settings, series_id=int(series_id)))
 
     @app.task(name=DELIVER_SEG_TASK, bind=True, ignore_result=True, max_retries=None, acks_late=True)
     def deliver_seg(self: Any, export_id: int) -> None:
@@ -127,11 +182,16 @@ def register_pipeline_tasks(
         except LookupError:
             log.error("export %s does not exist; message dropped", export_id)
             return
+        if delivery.attempted:
+            # The PACS answered (or this export settled): the next export waiting for it may go.
+            waiting = next_in_line(sessions=sessions, export_id=int(export_id))
+            if waiting is not None:
+                then(Next("export", waiting))
         if delivery.retry_after_s is not None:
             raise self.retry(countdown=delivery.retry_after_s, queue=settings.export_queue)
         if delivery.state in (ExportState.DELIVERED, ExportState.FAILED):
             # The pipeline moves the series after its export settled.
-            pipeline.export_settled(sessions=sessions, export_id=int(export_id))
+            pipeline.export_settled(sessions=sessions, export_id=int(export_id), worker=worker_name)
 
 
 class PipelineSweeper:
@@ -150,11 +210,29 @@ class PipelineSweeper:
         return pipeline.sweep(sessions=self.sessions, settings=self.settings, publisher=self.publisher, now=now)
 
 
-def listener_jobs(settings: Settings) -> tuple[CeleryPublisher, list[PipelineSweeper]]:
-    """What `gatekeeper listen` hands its listener's assembler: the publisher and the pipeline's sweeper.
+class ContourQueuer:
+    """Runs `pipeline.queue_contours` every round of the listener's assembler (returned contours)."""
+
+    def __init__(self, *, publisher: Publisher, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.publisher = publisher
+
+    def __call__(self, now: Any = None) -> list[int]:
+        return pipeline.queue_contours(
+            sessions=self.sessions, settings=self.settings, publisher=self.publisher, now=now
+        )
+
+
+def listener_jobs(settings: Settings) -> tuple[CeleryPublisher, list[PipelineSweeper | ContourQueuer]]:
+    """What `gatekeeper listen` hands its listener's assembler: the publisher, the pipeline's sweeper
+    and the queuer of returned contours.
 
     Built once per listener process, with a database engine of their own.
     """
     publisher = CeleryPublisher(make_celery_app(settings), settings)
     sessions = make_session_factory(make_engine(settings.database_url))
-    return publisher, [PipelineSweeper(publisher=publisher, settings=settings, sessions=sessions)]
+    return publisher, [
+        PipelineSweeper(publisher=publisher, settings=settings, sessions=sessions),
+        ContourQueuer(publisher=publisher, settings=settings, sessions=sessions),
+    ]

@@ -167,13 +167,23 @@ class Settings(BaseSettings):
     export_format: Literal["seg", "rtstruct", "both"] = "seg"
     # ROIName of the liver in that RT Structure Set: 1 to 64 characters (DICOM LO), no backslash.
     rtstruct_roi_name: str = "Liver"
+    # --- Returned contours (service/contours.py). Names of the liver structure in RT Structure Sets
+    # (ROIName) and Segmentations (SegmentLabel) sent back by the TPS or PACS, compared without letter
+    # case or surrounding blanks; the first name of this list found in an object wins. Comma-separated
+    # in the environment (GATEKEEPER_LIVER_STRUCTURE_NAMES). Never empty.
+    liver_structure_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["liver", "Liver", "LIVER", "Liver_manual", "Liver manual", "Liver-manual", "Leber"],
+        min_length=1,
+    )
 
     # --- The pipeline (service/pipeline.py): score -> route -> segment -> SEG -> export, or worklist.
     # Celery queues of the detector (GPU workers) and of the segmenter; `pipeline_queue` is the light
     # default queue (start of the pipeline), `export_queue` the deliveries.
     score_queue: str = Field(default="gatekeeper.score", min_length=1)
     segment_queue: str = Field(default="gatekeeper.segment", min_length=1)
-    # Model folders (model.json + ONNX files) of the detector and of the liver segmenter.
+    # Model folders (model.json + ONNX files) of the detector and of the liver segmenter. The pipeline's
+    # workers run the model registry's active versions (service/model_registry.py); these folders are
+    # registered as the active ones on first use when the registry has none of a kind.
     detector_model_dir: Path = _REPO_DIR / "models" / "detector" / "default"
     segmenter_model_dir: Path = _REPO_DIR / "models" / "segmenter" / "default"
     # Slices per ONNX Runtime call when scoring; bounds the memory of one call.
@@ -195,6 +205,15 @@ class Settings(BaseSettings):
     forward_port: int = Field(default=104, ge=1, le=65535)
     # A segmentation with less liver than this (millilitres) counts as "no liver" (worklist).
     min_liver_ml: float = Field(default=1.0, ge=0)
+    # "live": the auto route delivers to the PACS (or forwards). "shadow": before go-live, every
+    # series is scored, routed and segmented as in live mode, but nothing is sent to the PACS or the
+    # forward node (auto-routed series end `withheld`); flagged series go to the worklist as usual
+    # and get a draft contour for their reviewer (service/shadow.py).
+    mode: Literal["live", "shadow"] = "live"
+    # Shadow mode: the share (0 to 1) of auto-routed series also put on the worklist for a shadow
+    # review ("is the auto contour acceptable? yes / no"), chosen by a hash of the Series Instance
+    # UID, so the same series is always chosen or not.
+    shadow_review_share: float = Field(default=0.2, ge=0, le=1)
     # Seconds a series may stay in scoring, scored or segmenting before the sweeper queues its
     # stage again (worker died, message lost); after `pipeline_max_requeues` such re-queues of one
     # stage the series goes to the worklist as unreadable instead of looping.
@@ -235,6 +254,19 @@ class Settings(BaseSettings):
     metrics_token: SecretStr = SecretStr("")
     # IP address the `--metrics-port` endpoint of `gatekeeper listen` and `gatekeeper worker` binds to.
     metrics_bind_address: str = "127.0.0.1"
+
+    # --- Limits of the DICOM listener (with max_associations and the ACSE/DIMSE/network timeouts above).
+    # Largest data set one C-STORE may carry, in bytes as sent (before any inflation). A larger one is
+    # not kept in memory past this size and is answered 0xA700 (Refused: Out of Resources). A listener
+    # may hold about three copies of an instance per association at once: size memory accordingly.
+    max_instance_bytes: int = Field(default=1_073_741_824, ge=1024)
+    # Largest size a Deflated Explicit VR Little Endian data set may inflate to, in bytes; inflation
+    # stops there and the instance is answered 0xA700 (a decompression bomb never reaches memory).
+    max_inflated_bytes: int = Field(default=1_073_741_824, ge=1024)
+    # Seconds a file in `storage_dir/tmp` must be untouched before the listener deletes it as the
+    # leftover of a failed store (never acknowledged); a live one is seconds old. Checked at start-up
+    # and every `orphan_tmp_age_s` after.
+    orphan_tmp_age_s: float = Field(default=60.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
@@ -349,6 +381,11 @@ class Settings(BaseSettings):
     def _lower_export_format(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _lower_mode(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("rtstruct_roi_name")
     @classmethod
     def _check_roi_name(cls, value: str) -> str:
@@ -359,6 +396,19 @@ class Settings(BaseSettings):
         if "\\" in value or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
             raise ValueError(f"ROI name {value!r} contains a backslash or a control character")
         return value
+
+    @field_validator("liver_structure_names", mode="before")
+    @classmethod
+    def _split_liver_structure_names(cls, value: Any) -> Any:
+        return split_list(value)
+
+    @field_validator("liver_structure_names")
+    @classmethod
+    def _check_liver_structure_names(cls, value: list[str]) -> list[str]:
+        names = [name.strip() for name in value]
+        if not names or not all(names):
+            raise ValueError("liver_structure_names needs at least one name and no blank name")
+        return names
 
     def export_calling_ae_title(self) -> str:
         """Our calling AE title towards the PACS: `export_ae_title`, or `ae_title` when that is empty."""

@@ -30,6 +30,8 @@ DATABASE_COMMANDS = [
     ["users", "list"],
     ["web", "--port", str(free_port())],
     ["feedback", "list"],
+    ["contours", "list"],
+    ["pool", "list", "--json"],
     ["status"],
 ]
 

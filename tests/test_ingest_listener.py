@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from service import ingest_cli
+from service.celery_app import MATCH_CONTOURS_TASK
 from service.db.tables import QuarantinedInstance
 from service.lifecycle import SeriesState
 from service.settings import get_settings
@@ -403,8 +404,15 @@ def test_seg_and_rt_structure_set_are_stored_and_indexed_not_queued(
         uids = [str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in (seg, rtstruct)]
         for uid in uids:
             wait_for(lambda uid=uid: db.series(uid) and db.series(uid)[0].state == SeriesState.STORED)
+        # Not queued for scoring: only the returned-contour stage (service/contours.py), once per series.
+        tasks = wait_for(lambda: t if len(t := queued_tasks(redis_url, settings.pipeline_queue)) >= 2 else None, 30)
     assert {db.series(uid)[0].modality for uid in uids} == {"SEG", "RTSTRUCT"}
-    assert queue_length(redis_url, settings.pipeline_queue) == 0
+    assert tasks == [MATCH_CONTOURS_TASK, MATCH_CONTOURS_TASK]
+
+
+def queued_tasks(redis_url: str, queue: str) -> list[str]:
+    """The task names of the messages waiting on a Redis queue (kombu's JSON envelope, Celery protocol 2)."""
+    return [json.loads(m)["headers"]["task"] for m in redis.Redis.from_url(redis_url).lrange(queue, 0, -1)]
 
 
 def make_rt_structure_set(ct_path: Path, out: Path) -> None:

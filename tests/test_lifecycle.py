@@ -8,24 +8,40 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ingest_support import Db, upgrade
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from service.db.tables import Series, SeriesEvent, UserRole, WorklistItem, WorklistStatus
-from service.lifecycle import ALLOWED_TRANSITIONS, INITIAL_STATE, SeriesState, TransitionError, transition
+from service.db.tables import RouteReason, Series, SeriesEvent, UserRole, WorklistItem, WorklistStatus
+from service.lifecycle import (
+    ALLOWED_TRANSITIONS,
+    FINAL_STATES,
+    INITIAL_STATE,
+    SeriesState,
+    TransitionError,
+    transition,
+)
 from service.web import crud
 
 SERVICE_DIR = Path(__file__).resolve().parent.parent / "service"
 
 
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite database file migrated to head once; each test gets a copy (hundreds of tests)."""
+    path = tmp_path_factory.mktemp("lifecycle") / "migrated.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Db]:
+def db(tmp_path: Path, migrated: Path) -> Iterator[Db]:
+    shutil.copyfile(migrated, tmp_path / "lifecycle.db")
     url = f"sqlite:///{tmp_path / 'lifecycle.db'}"
-    upgrade(url)
     database = Db(url)
     yield database
     database.close()
@@ -187,3 +203,40 @@ def test_nothing_but_the_lifecycle_writes_the_series_state() -> None:
                 if "update(Series)" in source:
                     offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+# --- shadow mode (service/shadow.py) -----------------------------------------------------------------
+
+
+def test_withheld_is_a_final_state_that_only_segmenting_leads_to() -> None:
+    withheld = SeriesState.WITHHELD
+    assert withheld in FINAL_STATES and not ALLOWED_TRANSITIONS.get(withheld)
+    assert [s for s, targets in ALLOWED_TRANSITIONS.items() if withheld in targets] == [SeriesState.SEGMENTING]
+
+
+def test_a_shadow_review_is_not_claimed_and_its_answer_leaves_the_series_withheld(db: Db) -> None:
+    with db.sessions() as session:
+        user_id = crud.create_user(
+            session=session, name="dana", role=UserRole.DOSIMETRIST.value, password="pw-123456"
+        ).id
+    series_id = add_series(db, SeriesState.WITHHELD)
+    with db.sessions.begin() as session:
+        session.execute(update(Series).where(Series.id == series_id).values(route="auto"))  # not a state change
+        item = WorklistItem(series_id=series_id, reason=RouteReason.SHADOW_REVIEW.value, status="open")
+        session.add(item)
+        session.flush()
+        item_id = item.id
+    with db.sessions() as session, pytest.raises(crud.Conflict, match="shadow review"):
+        crud.claim_item(session=session, item_id=item_id, user_id=user_id)
+    with db.sessions() as session:
+        crud.answer_shadow_review(session=session, item_id=item_id, user_id=user_id, verdict="yes")
+        status = session.scalar(select(WorklistItem.status).where(WorklistItem.id == item_id))
+    assert status == "done"
+    assert state_and_events(db, series_id) == ("withheld", [])
+
+
+def test_a_returned_contour_moves_only_a_worklist_series_to_contoured() -> None:
+    """`contoured` (service/contours.py) follows the worklist states only, and itself (a later contour)."""
+    sources = {source for source, targets in ALLOWED_TRANSITIONS.items() if SeriesState.CONTOURED in targets}
+    assert sources == {SeriesState.WORKLISTED, SeriesState.CLAIMED, SeriesState.DONE, SeriesState.CONTOURED}
+    assert ALLOWED_TRANSITIONS[SeriesState.CONTOURED] == frozenset({SeriesState.CONTOURED})

@@ -72,6 +72,10 @@ def test_upgrade_head_on_empty_database_matches_tables(empty_database_url: str) 
         "worklist_item",
         "contour_feedback",
         "audit_event",
+        "contour_object",
+        "pool_entry",
+        "model_version",
+        "model_event",
     }
 
 

@@ -26,9 +26,10 @@ def register_train(what: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Train the detector on normal DICOM CT series, calibrate it on held-out "
         "normals and export ONNX files + model.json to --out.",
     )
-    from models.detector.config import add_arguments, add_autoencoder_arguments
+    from models.detector.config import add_arguments, add_autoencoder_arguments, add_pool_arguments
 
     add_arguments(d)
+    add_pool_arguments(d)
     d.set_defaults(func=_run)
     a = what.add_parser(
         "autoencoder",
@@ -42,6 +43,15 @@ def register_train(what: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.pool:
+        from models.active_learning.detector import run_cli as run_pool
+
+        return run_pool(args)
+    return run_training(args)
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """Train the detector of `args.recipe` on `args.data` (what `train detector` runs)."""
     if args.recipe == "patch":
         from models.detector.train_patch import run_cli as run_patch
 

@@ -1,4 +1,5 @@
-"""Registration of `gatekeeper train segmenter` and `gatekeeper evaluate gate` (torch only when training runs).
+"""Registration of `gatekeeper train segmenter`, `gatekeeper evaluate gate` and `gatekeeper evaluate candidate`
+(torch only when training runs).
 
 `register_commands` is the entry point of the group `gatekeeper.commands` (pyproject.toml) that the
 `gatekeeper` command (`service.cli`) calls with its command groups.
@@ -31,13 +32,34 @@ def register_train(what: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.pool:
+        from models.active_learning.segmenter import run_cli as run_pool
+
+        return run_pool(args)
     from models.segmenter.train import run_cli
 
     return run_cli(args)
 
 
 def register_evaluate(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `evaluate gate`."""
+    """Add `evaluate gate` and `evaluate candidate` (a registered segmenter or detector against the active one)."""
+    from models.active_learning.config import add_candidate_arguments
     from models.segmenter.evaluate_gate import register
 
     register(what)
+    c = what.add_parser(
+        "candidate",
+        help="compare a candidate model version with the active one on a fixed held-out phantom set",
+        description="Run the registry's active version and a candidate of KIND (segmenter or detector) on a "
+        "fixed held-out set (normals and each anomaly type; a phantom set generated once, or --data) and say "
+        "whether promoting the candidate is safe: no regression on normals beyond --tolerance, better on the "
+        "kinds of series in its training pool.",
+    )
+    add_candidate_arguments(c)
+    c.set_defaults(func=_run_candidate)
+
+
+def _run_candidate(args: argparse.Namespace) -> int:
+    from models.active_learning.candidate import run_cli
+
+    return run_cli(args)

@@ -27,3 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    g = p.add_argument_group(
+        "retraining from the training pool (--pool): fine-tunes the model registry's active segmenter on "
+        "--data (its base data; --max-series limits it) plus the pool, and registers the result as a candidate; "
+        "--size, --base and --context then come from the active model"
+    )
+    g.add_argument("--pool", action="store_true", help="fine-tune the active segmenter on --data plus the pool")
+    g.add_argument(
+        "--pool-dir",
+        type=Path,
+        default=None,
+        help="with --pool: a pool exported by `gatekeeper pool export DIR`, or any folder of CT series with liver "
+        "contours (default: export the configured database's pool into --out/pool)",
+    )
+    g.add_argument("--fine-tune-steps", type=int, default=300, help="with --pool: training steps (default 300)")
+    g.add_argument("--fine-tune-lr", type=float, default=5e-4, help="with --pool: peak learning rate (default 5e-4)")
+    g.add_argument("--by", default=None, help="with --pool: who registers the candidate (default: your login name)")

@@ -134,3 +134,29 @@ def load_dataset(
         root,
     )
     return SegDataset(train, validation, str(root), skipped)
+
+
+def load_contoured_series(
+    root: Path | str, spec: SegmenterInput, *, jobs: int = 1
+) -> tuple[list[SegSeries], list[str]]:
+    """Every CT series under `root` that has a liver contour, prepared at `spec.size`², in folder order.
+
+    No split and no manifest rules: all of them (a training pool's series, mostly anomalous).
+    Returns (series, why each unusable one was skipped).
+    """
+    root = Path(root)
+    groups = scan_parallel(root, jobs)
+    contours = find_liver_contours(groups)
+    cts = [g for g in dicom_series.ct_series_in(groups) if g.series_instance_uid in contours]
+    work = [(g, contours[g.series_instance_uid], spec) for g in cts]
+    if jobs > 1 and len(work) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            loaded = list(pool.map(_load_one, work, chunksize=1))
+    else:
+        loaded = [_load_one(w) for w in work]
+    series = [item for item in loaded if not isinstance(item, str)]
+    skipped = [item for item in loaded if isinstance(item, str)]
+    for problem in skipped:
+        log.warning("skipping %s", problem)
+    log.info("%d contoured CT series (%d slices) from %s", len(series), sum(s.num_slices for s in series), root)
+    return series, skipped

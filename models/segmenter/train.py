@@ -20,6 +20,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,16 +133,35 @@ def export(net: UNet, spec: SegmenterInput, out: Path) -> float:
     return max(float(np.abs(g - r).max() / (np.abs(r).max() + 1e-12)) for g, r in zip(got, ref))
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how fast one training run goes: steps, peak learning rate (cosine), validation interval."""
+
+    steps: int
+    lr: float
+    val_every: int
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.val_every < 1:
+            raise ValueError(f"steps and val_every must be >= 1, got {self.steps} and {self.val_every}.")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+
+
 def write_model_json(
     out: Path,
     *,
     args: argparse.Namespace,
+    net: UNet,
     spec: SegmenterInput,
     data: SegDataset,
+    schedule: Schedule,
     metrics: dict[str, Any],
     parity: float,
     data_hash: str,
+    training_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Write out/model.json (the contract of `service.segmentation`); `training_extra` joins its `training`."""
     meta = {
         "format": 1,
         "kind": KIND,
@@ -158,12 +178,12 @@ def write_model_json(
         },
         "outputs": {
             "probability": "liver probability of the middle slice [N, S, S]",
-            "features": f"bottleneck features [N, {net_feature_dim(args)}]",
+            "features": f"bottleneck features [N, {net.feature_dim}]",
         },
         "threshold": 0.5,
         "postprocessing": "resample to the series matrix, cut at threshold, largest 3-D component, fill holes",
         "segment": {"label": "Liver", "scheme": "SCT", "code": "10200004", "meaning": "Liver"},
-        "network": {"family": "unet-2.5d", "base": args.base, "depth": 4},
+        "network": {"family": "unet-2.5d", "base": net.head.in_channels, "depth": len(net.up)},
         "metrics": metrics,
         "onnx_parity_max_rel_error": parity,
         "training": {
@@ -177,12 +197,13 @@ def write_model_json(
             if sys.argv[1:3] == ["train", "segmenter"]
             else " ".join(shlex.quote(a) for a in sys.argv),
             "seed": args.seed,
-            "steps": args.steps,
+            "steps": schedule.steps,
             "batch": args.batch,
-            "lr": args.lr,
+            "lr": schedule.lr,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(),
+            **(training_extra or {}),
         },
     }
     (out / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -198,36 +219,72 @@ def _data_command(root: Path) -> str | None:
         return None
 
 
-def net_feature_dim(args: argparse.Namespace) -> int:
-    return int(args.base) * 16
+def prepare_run(args: argparse.Namespace) -> torch.device:
+    """Check the options every training run shares; set torch's threads and seed; return the device.
 
-
-def run_cli(args: argparse.Namespace) -> int:
-    if args.size % 16 or args.size < 32:
-        raise UsageError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
+    Raises:
+        UsageError: an impossible option (the message names it).
+    """
     if not args.data.is_dir():
         raise UsageError(f"--data {args.data}: no such folder")
-    if args.batch < 1 or args.steps < 1:
-        raise UsageError("--batch and --steps must be >= 1")
+    if args.batch < 1:
+        raise UsageError("--batch must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device available to torch")
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    return device
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.size % 16 or args.size < 32:
+        raise UsageError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    device = prepare_run(args)
     spec = SegmenterInput(size=args.size, context_slices=args.context, window=WINDOW)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         data = load_dataset(args.data, spec, jobs=args.jobs or cpu_count(), seed=args.seed, max_series=args.max_series)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    net = UNet(in_channels=spec.channels, base=args.base)
+    fit_and_export(
+        args,
+        net=net,
+        spec=spec,
+        data=data,
+        device=device,
+        schedule=Schedule(steps=args.steps, lr=args.lr, val_every=args.val_every),
+    )
+    return 0
+
+
+def fit_and_export(
+    args: argparse.Namespace,
+    *,
+    net: UNet,
+    spec: SegmenterInput,
+    data: SegDataset,
+    device: torch.device,
+    schedule: Schedule,
+    training_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `net` (from its current weights) on `data`, keep the best validation state, export to `args.out`.
+
+    Writes checkpoint.pt (resumable with `args.resume`), segmenter.onnx, model.json and weights.pt;
+    returns the model.json written.
+    """
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
     data_hash = data.data_hash()
     sampler = SliceSampler(data.train, rng)
 
-    net = UNet(in_channels=spec.channels, base=args.base).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    net = net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=schedule.lr, weight_decay=1e-4)
     step, best = 0, -1.0
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
@@ -277,14 +334,14 @@ def run_cli(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     last_ckpt = t0
-    bar = tqdm(total=args.steps, initial=step, desc="segmenter", unit="step", disable=args.no_progress)
+    bar = tqdm(total=schedule.steps, initial=step, desc="segmenter", unit="step", disable=args.no_progress)
     net.train()
-    while step < args.steps:
+    while step < schedule.steps:
         if time.monotonic() - t0 > args.minutes * 60:
-            log.warning("time cap of %.0f min reached at step %d of %d", args.minutes, step, args.steps)
+            log.warning("time cap of %.0f min reached at step %d of %d", args.minutes, step, schedule.steps)
             break
         for group in opt.param_groups:
-            group["lr"] = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+            group["lr"] = schedule.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / schedule.steps)))
         x, y = sampler.batch(args.batch, spec.context_slices)
         x, y = augment(x, y, gen)
         loss = loss_fn(net(x.to(device)), y.to(device))
@@ -294,7 +351,7 @@ def run_cli(args: argparse.Namespace) -> int:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % args.val_every == 0:
+        if step % schedule.val_every == 0:
             check()
         if time.monotonic() - last_ckpt > args.checkpoint_every:
             save()
@@ -316,7 +373,16 @@ def run_cli(args: argparse.Namespace) -> int:
     }
     parity = export(net, spec, args.out)
     meta = write_model_json(
-        args.out, args=args, spec=spec, data=data, metrics=metrics, parity=parity, data_hash=data_hash
+        args.out,
+        args=args,
+        net=net,
+        spec=spec,
+        data=data,
+        schedule=schedule,
+        metrics=metrics,
+        parity=parity,
+        data_hash=data_hash,
+        training_extra=training_extra,
     )
     torch.save(
         {"net": net.state_dict(), "args": vars(args) | {"data": str(args.data), "out": str(args.out)}},
@@ -330,4 +396,4 @@ def run_cli(args: argparse.Namespace) -> int:
         meta["version"],
         parity,
     )
-    return 0
+    return meta

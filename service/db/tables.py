@@ -91,12 +91,16 @@ class RouteReason(StrEnum):
     GEOMETRY = "geometry"  # ingest geometry findings (gaps, mixed orientation, localizer …)
     UNREADABLE = "unreadable"  # the series could not be read or scored (one slice, bad pixels …)
     NO_LIVER = "no_liver"  # auto-segmentation found no liver
+    # Not a route: shadow mode (service/shadow.py) put an auto-routed, `withheld` series on the
+    # worklist for a yes/no review of its auto contour. `WorklistItem.reason` only; the series' route stays auto.
+    SHADOW_REVIEW = "shadow_review"
 
 
 class WorklistStatus(StrEnum):
     OPEN = "open"
     CLAIMED = "claimed"
     DONE = "done"
+    CONTOURED = "contoured"  # a returned liver contour was matched to the series (`service.contours`)
 
 
 class UserRole(StrEnum):
@@ -398,5 +402,166 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))
     worklist_item_id: Mapped[int | None] = mapped_column(ForeignKey("worklist_item.id", ondelete="SET NULL"))
     series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="SET NULL"))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+# --- Returned contours and the training pool (issue 13; `service.contours`) ---------------------
+
+
+class ContourStatus(StrEnum):
+    """What became of a received contour object (`ContourObject.status`)."""
+
+    PENDING = "pending"  # stored, not yet looked at by the pipeline's contour stage
+    MATCHED = "matched"  # matched to a worklisted CT series, liver rasterised, in the training pool
+    SUPERSEDED = "superseded"  # was matched; a later contour for the same CT series replaced it (both kept)
+    UNMATCHED = "unmatched"  # references no CT series on the worklist (unknown series, not worklisted …)
+    NO_LIVER = "no_liver"  # no structure/segment whose name is in `Settings.liver_structure_names`
+    EMPTY = "empty"  # the liver structure rasterises to no voxel on the CT
+    UNREADABLE = "unreadable"  # not a readable RT Structure Set / Segmentation, or rasterising failed
+
+
+class ContourObject(Base):
+    """One received RT Structure Set or Segmentation instance, and what the contour stage made of it.
+
+    Every received contour object has a row, whatever became of it; `reason` says why it was not
+    used (no patient data: UIDs, ROI names as the sender wrote them, states).
+    """
+
+    __tablename__ = "contour_object"
+    __table_args__ = (UniqueConstraint("instance_id"), Index("ix_contour_object_status", "status"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The contour's own series version (an RTSTRUCT or SEG series in state `stored`) and instance.
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str] = mapped_column(String(16))
+    calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # A `ContourStatus` value, and why (for every status but pending and matched).
+    status: Mapped[str] = mapped_column(String(16), default=ContourStatus.PENDING.value)
+    reason: Mapped[str | None] = mapped_column(Text)
+    # What the object says it contours: the referenced CT series and its frame of reference.
+    referenced_series_instance_uid: Mapped[str | None] = mapped_column(UID)
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(UID)
+    # The CT series version it was matched to (NULL: none).
+    matched_series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="SET NULL"), index=True)
+    # The structure (ROI name / segment label) taken as the liver.
+    structure_name: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    # When the contour stage's message was last sent for it (a pending one is sent again later).
+    queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class PoolEntry(Base):
+    """One training example: a CT series version and the liver mask a person contoured on it.
+
+    The mask is a compressed NumPy file under `Settings.storage_dir` (`mask_path`, relative); see
+    `service.contours` for its layout and for the export that `gatekeeper train segmenter` reads.
+    A later contour for the same CT series supersedes this entry (`superseded`), which is kept.
+    """
+
+    __tablename__ = "pool_entry"
+    __table_args__ = (UniqueConstraint("contour_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    contour_id: Mapped[int] = mapped_column(ForeignKey("contour_object.id", ondelete="CASCADE"))
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    contour_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    structure_name: Mapped[str] = mapped_column(Text)
+    mask_path: Mapped[str] = mapped_column(Text)
+    # Hex SHA-256 of the mask file as written.
+    mask_sha256: Mapped[str] = mapped_column(String(64))
+    num_slices: Mapped[int]
+    liver_voxels: Mapped[int] = mapped_column(BigInteger)
+    # Provenance: the AE that sent the contour, the dosimetrist who held the worklist item, when it came.
+    calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
+    contoured_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id", ondelete="SET NULL"))
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    superseded: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+
+
+# --- The model registry (issue 13; `service.model_registry`) -------------------------------------
+
+
+class ModelKind(StrEnum):
+    """What a registered model does (`ModelVersion.kind`)."""
+
+    SEGMENTER = "segmenter"  # the liver segmenter (segmenter.onnx + model.json)
+    DETECTOR = "detector"  # the anomaly detector of the gate (ONNX files + model.json)
+    GATE = "gate"  # the gate's decision settings (gate.json)
+
+
+class ModelStatus(StrEnum):
+    """Where a registered model version stands (`ModelVersion.status`); one `active` per kind at most."""
+
+    CANDIDATE = "candidate"  # registered (e.g. by a retrain), not used by the pipeline
+    ACTIVE = "active"  # the version every worker loads for its next task
+    RETIRED = "retired"  # was active; a promotion or a rollback replaced it
+
+
+class ModelVersion(Base):
+    """One registered version of a model: its files, provenance and place in the promote/rollback history.
+
+    `version` is the model's own version, the one results are recorded with
+    (`SeriesScore.model_version`, the SEG's algorithm version, the events' `segmenter_version`).
+    `sha256` covers model.json / gate.json and every ONNX file (`service.model_registry.model_hash`);
+    the files lie, immutable, in the folder `path`.
+    """
+
+    __tablename__ = "model_version"
+    __table_args__ = (
+        UniqueConstraint("kind", "version"),
+        CheckConstraint("kind IN ('segmenter', 'detector', 'gate')", name="kind"),
+        CheckConstraint("status IN ('candidate', 'active', 'retired')", name="status"),
+        # At most one active version per kind, kept by the database itself.
+        Index(
+            "uq_model_version_active_kind",
+            "kind",
+            unique=True,
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # A `ModelKind` value.
+    kind: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(64))
+    # Hex SHA-256 over model.json (gate.json) and the ONNX files, names included.
+    sha256: Mapped[str] = mapped_column(String(64))
+    # The model's folder (absolute, or relative to `Settings.storage_dir`).
+    path: Mapped[str] = mapped_column(Text)
+    # What it was trained on: {"pool_entry_ids": [...], "base_data_hash": ..., "base_data": ..., "parent_version": ...}.
+    training_data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Its own validation numbers, from model.json.
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # A `ModelStatus` value.
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.CANDIDATE.value)
+    registered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    registered_by: Mapped[str] = mapped_column(String(64))
+    # The last time it became active, and who made it so (a promotion or a rollback).
+    promoted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    promoted_by: Mapped[str | None] = mapped_column(String(64))
+    retired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # The version that was active when this one was first promoted: where a rollback returns to.
+    replaced_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id", ondelete="SET NULL"))
+
+
+class ModelEvent(Base):
+    """Something done to a registered model version (registered, promoted, retired, rolled back), by whom."""
+
+    __tablename__ = "model_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id", ondelete="CASCADE"), index=True)
+    # "registered", "promoted", "retired", "rolled_back", "restored".
+    action: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)

@@ -27,6 +27,7 @@ from service.db.tables import (
     ContourFeedback,
     FeedbackVerdict,
     Instance,
+    RouteReason,
     Series,
     SeriesScore,
     User,
@@ -235,6 +236,8 @@ def claim_item(*, session: Session, item_id: int, user_id: int) -> WorklistRow:
     user = session.get(User, user_id)
     if user is None:
         raise NotFound(f"no user {user_id}")
+    if session.scalar(select(WorklistItem.reason).where(WorklistItem.id == item_id)) == RouteReason.SHADOW_REVIEW:
+        raise Conflict(_shadow_review_not_claimed(item_id))
     now = utc_now()
     conditions: list[ColumnElement[bool]] = [
         WorklistItem.id == item_id,
@@ -357,8 +360,12 @@ def _finish_claim(
 def _why_not(row: WorklistRow, action: str) -> str:
     """The reason, for the user, why `action` cannot be done on this item now."""
     item = row.item
+    if item.reason == RouteReason.SHADOW_REVIEW:
+        return _shadow_review_not_claimed(item.id)
     if item.status == WorklistStatus.DONE:
         return f"cannot {action} worklist item {item.id}: it is done"
+    if item.status == WorklistStatus.CONTOURED:
+        return f"cannot {action} worklist item {item.id}: its contour came back (contoured)"
     if item.status == WorklistStatus.OPEN and action == "claim" and row.assigned_to:
         return f"cannot claim worklist item {item.id}: it is assigned to {row.assigned_to}; only they or an admin may"
     if item.status == WorklistStatus.OPEN:
@@ -367,6 +374,13 @@ def _why_not(row: WorklistRow, action: str) -> str:
     return (
         f"cannot {action} worklist item {item.id}: it is claimed by {row.claimed_by or 'another user'} "
         f"since {since}; only they or an admin may"
+    )
+
+
+def _shadow_review_not_claimed(item_id: int) -> str:
+    return (
+        f"worklist item {item_id} is a shadow review: answer whether the auto contour is acceptable "
+        "(yes / no); it is not claimed, released or marked done"
     )
 
 
@@ -493,8 +507,8 @@ def assign_item(*, session: Session, item_id: int, admin_id: int, assignee_name:
     if admin.role != UserRole.ADMIN:
         raise Forbidden("only an admin may assign worklist items")
     row = get_worklist_row(session=session, item_id=item_id)
-    if row.item.status == WorklistStatus.DONE:
-        raise Conflict(f"cannot assign worklist item {item_id}: it is done")
+    if row.item.status in (WorklistStatus.DONE, WorklistStatus.CONTOURED):
+        raise Conflict(f"cannot assign worklist item {item_id}: it is {row.item.status}")
     assignee: User | None = None
     if assignee_name is not None:
         assignee = session.scalar(select(User).where(User.name == assignee_name))
@@ -535,7 +549,9 @@ def record_feedback(
 
     A label for the gate's evaluation, not a lifecycle step: the series' state does not change.
     Feedback is taken on a series version the pipeline routed (to the worklist, or to
-    auto-segmentation for a shadow review); each call adds a row, the newest one counts.
+    auto-segmentation for a shadow review); each call adds a row, the newest one counts. An open
+    shadow-review item of the series (service/shadow.py) is answered by it: marked done, with
+    `user_id` as the one who answered (`claimed_by`).
 
     Raises:
         NotFound: no such series version or user.
@@ -563,6 +579,17 @@ def record_feedback(
         series_id=series_id, worklist_item_id=item_id, user_id=user_id, verdict=verdict, note=note
     )
     session.add(feedback)
+    if item_id is not None:
+        now = utc_now()
+        session.execute(
+            update(WorklistItem)
+            .where(
+                WorklistItem.id == item_id,
+                WorklistItem.reason == RouteReason.SHADOW_REVIEW.value,
+                WorklistItem.status == WorklistStatus.OPEN.value,
+            )
+            .values(status=WorklistStatus.DONE.value, claimed_by=user_id, claimed_at=now, done_at=now)
+        )
     _audit(
         session=session,
         user_id=user_id,
@@ -574,6 +601,31 @@ def record_feedback(
     session.commit()
     log.info("feedback %s on series version %s by user %s", verdict, series_id, user_id)
     return FeedbackRow(feedback=feedback, user_name=user.name)
+
+
+def answer_shadow_review(*, session: Session, item_id: int, user_id: int, verdict: str) -> FeedbackRow:
+    """Record user `user_id`'s answer to the shadow review `item_id`: is the auto contour acceptable?
+
+    The answer is contour feedback (`record_feedback`), which marks the item done.
+
+    Raises:
+        NotFound: no such item or user.
+        ValueError: `verdict` is not "yes" or "no".
+        Conflict: the item is not a shadow review, or it was answered already (a correction is
+            recorded on the series page).
+    """
+    if verdict not in (FeedbackVerdict.YES, FeedbackVerdict.NO):
+        raise ValueError(f"verdict {verdict!r}: a shadow review is answered yes or no")
+    item = session.get(WorklistItem, item_id)
+    if item is None:
+        raise NotFound(f"no worklist item {item_id}")
+    if item.reason != RouteReason.SHADOW_REVIEW:
+        raise Conflict(f"worklist item {item_id} is no shadow review (reason {item.reason})")
+    if item.status != WorklistStatus.OPEN:
+        raise Conflict(
+            f"shadow review {item_id} was answered already; a correction is recorded as feedback on the series page"
+        )
+    return record_feedback(session=session, series_id=item.series_id, user_id=user_id, verdict=verdict)
 
 
 def list_series_feedback(*, session: Session, series_id: int) -> list[FeedbackRow]:

@@ -250,7 +250,10 @@ def worklist_entries(
     mine: list[WorklistEntry] = []
     others: list[WorklistEntry] = []
     for entry in entries:
-        is_mine = user.name in (entry.claimed_by, entry.assigned_to) and entry.status != WorklistStatus.DONE
+        is_mine = user.name in (entry.claimed_by, entry.assigned_to) and entry.status not in (
+            WorklistStatus.DONE,
+            WorklistStatus.CONTOURED,
+        )
         (mine if is_mine else others).append(entry)
     return mine + others
 

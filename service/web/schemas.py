@@ -33,9 +33,9 @@ class WorklistEntry(BaseModel):
     id: int
     series_instance_uid: str
     series_version: int
-    reason: str  # anomaly | geometry | unreadable | no_liver
+    reason: str  # anomaly | geometry | unreadable | no_liver | shadow_review
     detail: dict[str, Any]
-    status: str  # open | claimed | done
+    status: str  # open | claimed | done | contoured
     score: float | None  # None when the series was never scored
     threshold: float | None
     flagged_slices: SliceRange | None
@@ -178,6 +178,8 @@ class SeriesDetail(BaseModel):
 
 
 FeedbackVerdictIn = Literal["yes", "no", "not_applicable"]
+#: The answer to a shadow review (service/shadow.py): is the auto contour acceptable?
+ShadowReviewAnswerIn = Literal["yes", "no"]
 
 
 class FeedbackIn(BaseModel):
@@ -301,7 +303,9 @@ def sort_entries(entries: list[WorklistEntry], *, key: str, descending: bool) ->
         "reason": lambda e: e.reason,
         "score": lambda e: None if e.score is None or not e.threshold else e.score / e.threshold,
         "status": lambda e: (
-            ("open", "claimed", "done").index(e.status) if e.status in ("open", "claimed", "done") else 3
+            ("open", "claimed", "done", "contoured").index(e.status)
+            if e.status in ("open", "claimed", "done", "contoured")
+            else 4
         ),
     }
     if key not in getters:

@@ -27,7 +27,7 @@ from service.web.deps import (
     worklist_entries,
 )
 from service.web.images import render_slice_png, resolve_stored, slice_score_svg
-from service.web.schemas import SORT_KEYS, AuditEntry, FeedbackVerdictIn
+from service.web.schemas import SORT_KEYS, AuditEntry, FeedbackVerdictIn, ShadowReviewAnswerIn
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,21 @@ def series_feedback_form(
     review = crud.get_series_review(session=session, series_instance_uid=series_instance_uid, version=version)
     crud.record_feedback(session=session, series_id=review.series.id, user_id=user.id, verdict=verdict, note=note)
     return RedirectResponse(f"/series/{quote(series_instance_uid)}?version={version}#feedback", status_code=303)
+
+
+@router.post("/worklist/{item_id}/shadow-review")
+def shadow_review_form(
+    item_id: int,
+    user: CurrentUser,
+    session: DB,
+    verdict: Annotated[ShadowReviewAnswerIn, Form()],
+    next: Annotated[str, Form()] = "/worklist",
+    _: None = Depends(same_origin),
+) -> Response:
+    """Answer a shadow review (is the auto contour acceptable? yes / no); it is then done. Before the
+    claim/release/done route, which would take "shadow-review" for an action."""
+    crud.answer_shadow_review(session=session, item_id=item_id, user_id=user.id, verdict=verdict)
+    return RedirectResponse(safe_next(next), status_code=303)
 
 
 @router.post("/worklist/{item_id}/{action}")

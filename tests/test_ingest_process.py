@@ -76,7 +76,10 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance_and_retry_queues_once(
         listener.wait()
         output, _ = sender.communicate(timeout=60)
     acknowledged = acknowledged_files(output)
-    assert sender.returncode != 0 and 100 <= len(acknowledged) < 300, output[-2000:]
+    # The kill came once 100 instances were indexed. Responses for the last of them may still have been on
+    # their way (one, or a group commit's worth), so the sender saw fewer than 100 acknowledgements but many,
+    # and not all 300: a kill mid-push, which is what this test is about.
+    assert sender.returncode != 0 and 50 <= len(acknowledged) < 300, output[-2000:]
 
     [series] = db.series()
     instances = {i.sop_instance_uid: i for i in db.instances(series.id)}

@@ -71,6 +71,8 @@ def complete_series(
         series = session.get(Series, series_id, with_for_update=True)
         if series is None or series.state != SeriesState.RECEIVING.value:
             return False
+        # Instances whose index commit a crash lost are still in the folder: never complete without them.
+        store.index_unindexed_files(session, series)
         if quiet_until is not None and series.last_received_at > quiet_until:
             return False
         paths, sop_classes = _instance_files(session, store.storage_dir, series_id)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragmented_frames
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 # SOP classes the listener accepts (everything else is refused at association negotiation).
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -44,6 +47,24 @@ CANNOT_UNDERSTAND = 0xC000  # Failure: Cannot Understand (general)
 CANNOT_DECODE = 0xC210  # Failure: Cannot Understand — the data set could not be decoded (pynetdicom)
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# The attributes `check_instance` reads after decoding.
+_KEYWORDS_READ = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "PatientName",
+    "PatientID",
+    "StudyDate",
+    "SeriesDescription",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+)
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -81,23 +102,40 @@ def is_valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and bool(_UID_PATTERN.match(value))
 
 
-def check_instance(file_bytes: bytes, *, sop_class_uid: str, sop_instance_uid: str) -> CheckedInstance:
+def check_instance(
+    file_bytes: bytes,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    max_inflated_bytes: int,
+) -> CheckedInstance:
     """Decode a received file (preamble, meta, data set) and check it can be stored and used.
 
     `sop_class_uid` and `sop_instance_uid` are the Affected SOP Class/Instance UIDs of the C-STORE
-    request; the data set must carry the same.
+    request; the data set must carry the same. `transfer_syntax_uid` is that of the presentation
+    context (the file meta information says the same). A Deflated data set is inflated at most to
+    `max_inflated_bytes`.
 
     Raises:
         RefusedInstance: with 0xC210 when the bytes cannot be decoded (truncated, wrong lengths,
             garbage), 0xA900 when a required attribute is missing, not a valid UID or does not
-            match the request, or the pixel data does not have the size the header implies.
+            match the request, or the pixel data does not have the size the header implies;
+            0xA700 when a Deflated data set inflates to more than `max_inflated_bytes`.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's value-validation warnings: tolerant on input
-            dataset = dcmread(BytesIO(file_bytes))
+            if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+                dataset = read_deflated(file_bytes, max_inflated_bytes=max_inflated_bytes)
+            else:
+                dataset = dcmread(BytesIO(file_bytes))
             _check_value_lengths(dataset)
             _decode_sequences(dataset)
+            for keyword in _KEYWORDS_READ:  # converted here: a value that does not convert cannot be decoded
+                dataset.get(keyword)
+    except RefusedInstance:
+        raise
     except Exception as exc:  # pydicom raises many types on bad bytes; each means "cannot decode"
         raise RefusedInstance(CANNOT_DECODE, f"cannot decode data set: {type(exc).__name__}") from exc
 
@@ -112,8 +150,7 @@ def check_instance(file_bytes: bytes, *, sop_class_uid: str, sop_instance_uid: s
     if uids["SOPInstanceUID"] != sop_instance_uid:
         raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the request")
     if sop_class_uid in PIXEL_SOP_CLASSES:
-        transfer_syntax = UID(str(dataset.file_meta.TransferSyntaxUID))
-        check_pixel_data(dataset, encapsulated=transfer_syntax.is_encapsulated)
+        check_pixel_data(dataset, encapsulated=UID(transfer_syntax_uid).is_encapsulated)
 
     frame_of_reference = str(dataset.get("FrameOfReferenceUID", "") or "").strip()
     return CheckedInstance(
@@ -128,6 +165,46 @@ def check_instance(file_bytes: bytes, *, sop_class_uid: str, sop_instance_uid: s
         study_date=_text(dataset, "StudyDate"),
         series_description=_text(dataset, "SeriesDescription"),
     )
+
+
+def read_deflated(file_bytes: bytes, *, max_inflated_bytes: int) -> Dataset:
+    """Decode a DICOM file whose data set is Deflated Explicit VR Little Endian, inflating at most
+    `max_inflated_bytes` (pydicom's own reader would inflate all of it first: a decompression bomb).
+
+    Raises:
+        RefusedInstance: 0xA700 when the data set inflates to more than `max_inflated_bytes`.
+        zlib.error, EOFError, ValueError: the file or its deflate stream is broken or cut off.
+    """
+    stream = BytesIO(file_bytes)
+    stream.seek(128)
+    if stream.read(4) != b"DICM":
+        raise ValueError("no DICM prefix")
+    meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=_after_file_meta)
+    inflated = inflate(stream.read(), max_inflated_bytes=max_inflated_bytes)
+    dataset = read_dataset(BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    dataset.file_meta = FileMetaDataset(meta)
+    return dataset
+
+
+def _after_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 0x0002
+
+
+def inflate(deflated: bytes, *, max_inflated_bytes: int) -> bytes:
+    """The raw deflate stream `deflated` inflated, never to more than `max_inflated_bytes` in memory.
+
+    Raises:
+        RefusedInstance: 0xA700 (Refused: Out of Resources) when the stream inflates to more.
+        zlib.error: the stream is not valid deflate data.
+        EOFError: the stream ends before its last block.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = inflater.decompress(deflated, max_inflated_bytes + 1)
+    if len(inflated) > max_inflated_bytes:
+        raise RefusedInstance(OUT_OF_RESOURCES, f"data set inflates to more than {max_inflated_bytes} bytes")
+    if not inflater.eof:
+        raise EOFError("the deflate stream is cut off")
+    return inflated
 
 
 def _check_value_lengths(dataset: Dataset) -> None:
@@ -186,6 +263,8 @@ def check_pixel_data(dataset: Dataset, *, encapsulated: bool) -> None:
     if min(rows, columns, bits_allocated, samples, frames) < 1:
         raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "Rows/Columns/BitsAllocated/frames not positive")
     pixel_data = dataset.PixelData
+    if not pixel_data:  # present with an empty value (pydicom reads it as None)
+        raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "PixelData empty")
     if encapsulated:
         try:
             found = sum(1 for _ in generate_fragmented_frames(pixel_data, number_of_frames=frames))

@@ -8,7 +8,8 @@ queueing and resends run in a separate thread (`Assembler`), one round every
 C-STORE statuses we answer (see docs/connecting-your-pacs.md):
 - 0x0000 Success: stored durably and indexed (or an identical copy already was; or a different
   copy was kept in quarantine).
-- 0xA700 Out of Resources: disk reserve reached, or the file or database write failed — retry later.
+- 0xA700 Out of Resources: disk reserve reached, or the file or database write failed — retry later;
+  or the data set is larger than `max_instance_bytes`, or inflates to more than `max_inflated_bytes`.
 - 0xA900 Data Set does not match SOP Class: required attribute missing, or pixel data of the wrong size.
 - 0xC210 Cannot Understand: the data set could not be decoded.
 """
@@ -22,7 +23,9 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -56,6 +59,14 @@ from service.ingest.checks import (
     RefusedInstance,
     check_instance,
 )
+from service.ingest.limits import (
+    StoreLimits,
+    handle_aborted,
+    handle_connection_closed,
+    handle_pdu_received,
+    received_size,
+)
+from service.ingest.orphans import OrphanSweeper
 from service.ingest.queue import queue_due_series
 from service.ingest.storage import DiskReserveReached, InstanceStore, StoreOutcome, part10_file
 from service.settings import IPNetwork, Settings
@@ -129,18 +140,23 @@ def handle_requested(event: Event, access: AccessPolicy) -> None:
     assoc.kill()  # waits until the A-ASSOCIATE-RJ is out and the peer closed, as pynetdicom's own rejections
 
 
-def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
+def handle_store(event: Event, store: InstanceStore, limits: StoreLimits) -> int | Dataset:
     """EVT_C_STORE: check, store durably, index; answer success only once all of that is done."""
-    response = _store(event, store)
+    response = _store(event, store, limits)
     metrics.record_store_response(response)
     return response
 
 
-def _store(event: Event, store: InstanceStore) -> int | Dataset:
+def _store(event: Event, store: InstanceStore, limits: StoreLimits) -> int | Dataset:
     request = event.request
     assert isinstance(request, C_STORE)  # bound to EVT_C_STORE only
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
     calling = str(event.assoc.requestor.ae_title).strip()
+    size = received_size(request)
+    if size > limits.max_instance_bytes:
+        log.warning("refused instance %s from %s: %s bytes, over the limit", sop_instance_uid, calling, size)
+        # Refused: Out of Resources — larger than max_instance_bytes; nothing was decoded or written.
+        return _failure(OUT_OF_RESOURCES, f"data set larger than {limits.max_instance_bytes} bytes")
     try:
         store.check_disk_reserve()
     except DiskReserveReached as exc:
@@ -150,6 +166,7 @@ def _store(event: Event, store: InstanceStore) -> int | Dataset:
         log.exception("cannot read the free space of the storage disk")
         return _failure(OUT_OF_RESOURCES, "cannot check storage disk")  # Out of Resources: retry later
 
+    writing = None
     try:
         file_bytes = part10_file(
             event.encoded_dataset(include_meta=False),
@@ -157,14 +174,21 @@ def _store(event: Event, store: InstanceStore) -> int | Dataset:
             sop_instance_uid=sop_instance_uid,
             transfer_syntax_uid=str(event.context.transfer_syntax),
         )
+        writing = store.start_write(file_bytes)  # written and synced while the data set is checked
         instance = check_instance(
-            file_bytes, sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=sop_instance_uid
+            file_bytes,
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            max_inflated_bytes=limits.max_inflated_bytes,
         )
     except RefusedInstance as exc:
         log.warning("refused instance %s from %s: %s", sop_instance_uid, calling, exc.comment)
+        _discard(store, writing)
         return _failure(exc.status, exc.comment)  # 0xA900 / 0xC210, named by the check
     except Exception:  # an unforeseen failure to read what was sent: not acknowledged
         log.exception("could not check instance %s", sop_instance_uid)
+        _discard(store, writing)
         return _failure(CANNOT_UNDERSTAND, "cannot understand data set")  # Cannot Understand
 
     try:
@@ -173,6 +197,7 @@ def _store(event: Event, store: InstanceStore) -> int | Dataset:
             instance=instance,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             calling_ae_title=calling,
+            writing=writing,
         )
     except OSError:
         log.exception("could not persist instance %s", sop_instance_uid)
@@ -183,6 +208,24 @@ def _store(event: Event, store: InstanceStore) -> int | Dataset:
     if result.outcome is not StoreOutcome.STORED:
         log.info("instance %s of series id %s: %s", sop_instance_uid, result.series_id, result.outcome.value)
     return SUCCESS
+
+
+def _discard(store: InstanceStore, writing: Future[Path] | None) -> None:
+    if writing is not None:
+        store.discard(writing)
+
+
+def recover_index(store: InstanceStore) -> int:
+    """Start-up: index the stored files whose index commit a crash lost; return how many.
+
+    A failure is logged and does not stop the start: the assembler checks each series folder
+    again before it completes the series (`service.ingest.assembly.complete_series`).
+    """
+    try:
+        return store.recover_unindexed_files()
+    except (OSError, SQLAlchemyError) as exc:
+        log.error("start-up index recovery failed (%s); each series is checked again before completion", exc)
+        return 0
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -240,6 +283,9 @@ class _Server(ThreadedAssociationServer):
             client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
         else:
             client_socket = _QuickAckSocket(fileno=client_socket.detach())
+        # pynetdicom leaves accepted sockets without a timeout: a peer that stops in the middle of a
+        # PDU (even of its A-ASSOCIATE-RQ) would block the association's reader forever.
+        client_socket.settimeout(self.ae.network_timeout)
         return client_socket, address
 
 
@@ -392,10 +438,18 @@ class Listener:
             max_disk_used_fraction=settings.max_disk_used_fraction,
         )
         listener = cls(settings=settings, store=store)
+        if run_assembler:
+            recover_index(store)
+        limits = StoreLimits(settings.max_instance_bytes, settings.max_inflated_bytes)
+        # Leftovers of failed stores in tmp/ go before we serve; the assembler repeats it (service/ingest/orphans.py).
+        orphan_sweeper = OrphanSweeper(store.tmp_dir, older_than_s=settings.orphan_tmp_age_s)
         ae = make_ae(settings)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, handle_requested, [access]),
-            (evt.EVT_C_STORE, handle_store, [store]),
+            (evt.EVT_C_STORE, handle_store, [store, limits]),
+            (evt.EVT_PDU_RECV, handle_pdu_received, [limits.max_instance_bytes]),
+            (evt.EVT_ABORTED, handle_aborted),
+            (evt.EVT_CONN_CLOSE, handle_connection_closed),
         ]
         server_class = _ReusePortServer if reuse_port else _Server
         try:
@@ -423,7 +477,9 @@ class Listener:
             raise
         if run_assembler:
             assert publisher is not None  # checked above
-            listener.assembler = Assembler(store=store, settings=settings, publisher=publisher, sweepers=sweepers)
+            listener.assembler = Assembler(
+                store=store, settings=settings, publisher=publisher, sweepers=[*sweepers, orphan_sweeper]
+            )
             listener.assembler.start()
         return listener
 

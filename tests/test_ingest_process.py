@@ -109,7 +109,10 @@ def test_worker_takes_the_series_and_sweeper_resends_a_lost_message(
 ) -> None:
     upgrade(postgres_db_url)
     [folder] = make_phantom(tmp_path / "phantom", slices=4, seed=8)
-    settings = make_settings(tmp_path / "var", postgres_db_url, redis_url, queue_resend_after_s=1.5)
+    # Resend after 6 s: with no worker the listener re-publishes a queued series every resend period, so the
+    # test must see the first message (queue length 1) within one period — 1.5 s was missed on a loaded machine
+    # (the queue had grown to 2, then 3, … before the test's first look).
+    settings = make_settings(tmp_path / "var", postgres_db_url, redis_url, queue_resend_after_s=6.0)
     broker = redis.Redis.from_url(redis_url)
     db = Db(postgres_db_url)
     with running_listener(settings) as listener:

@@ -440,7 +440,10 @@ def export_settings(
         pacs_host="127.0.0.1",
         pacs_port=server.dicom_port,
         pacs_ae_title="ORTHANC",
-        export_timeout_s=5,
+        # Generous: Orthanc's answer (e.g. its rejection of an unknown AE) took more than 5 s on a loaded machine
+        # and was then recorded as a transient timeout. No test here waits for it to expire (a stopped Orthanc's
+        # port refuses at once).
+        export_timeout_s=60,
         export_queue=f"test.export.{tmp_path.name}.{free_port()}",
         **overrides,
     )

@@ -370,6 +370,35 @@ def test_train_segmenter_from_the_pool_registers_a_candidate_that_evaluate_candi
     assert main(["evaluate", "candidate", "segmenter", "no-such-version"]) == 2
 
 
+@pytest.mark.slow
+def test_train_detector_from_the_pool_registers_a_candidate_trained_on_base_and_pool(
+    tiny_data: tuple[Path, Path], tmp_path: Path, use_settings: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    base, pool = tiny_data
+    url = f"sqlite:///{tmp_path / 'gatekeeper.db'}"
+    upgrade(url)
+    use_settings(Settings(storage_dir=tmp_path / "var", database_url=url))
+    out = tmp_path / "candidate"
+    tiny = ["--size", "64", "--family", "dcgan", "--position-steps", "10", "--gan-steps", "5"]
+    tiny += ["--encoder-steps", "10", "--batch", "8", "--seed", "3", "--jobs", "1", "--threads", "1"]
+    common = ["--data", str(base), "--out", str(out), *tiny, "--no-progress", "--by", "trainer"]
+    rc = main(["train", "detector", "--pool", "--pool-dir", str(pool), *common])
+    assert rc == 0
+    rows = models_list(capsys)
+    [candidate] = [r for r in rows if r["kind"] == "detector" and r["status"] == "candidate"]
+    [active] = [r for r in rows if r["kind"] == "detector" and r["status"] == "active"]
+    assert candidate["version"] != active["version"] and (out / "model.json").is_file()
+    assert candidate["registered_by"] == "trainer"
+    training = candidate["training_data"]
+    assert training["pool_series"] == 2 and training["parent_version"] == active["version"]
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    pooled = [e for e in manifest["series"] if e.get("pool")]
+    assert len(pooled) == 2 and {e["split"] for e in pooled} == {"train"}
+
+
 def test_a_gate_version_is_registered_from_its_gate_json_and_a_bad_folder_is_refused(tmp_path: Path) -> None:
     from service.db.session import make_engine, make_session_factory
     from service.db.tables import ModelKind

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,18 @@ import pytest
 from scipy import ndimage
 
 from service.cli import main
-from service.phantom.anatomy import Label
-from service.phantom.anomalies import ANOMALY_TYPES
-from service.phantom.generate import SeriesSpec, count_slices, dataset_specs, generate_run
+from service.phantom.anatomy import Label, Patient
+from service.phantom.anomalies import ANOMALY_TYPES, SEVERITY_GRADES, SEVERITY_RANGES, grade_of, make_anomaly
+from service.phantom.generate import (
+    SeriesSpec,
+    clinic_plan,
+    clinic_specs,
+    count_slices,
+    dataset_specs,
+    generate_run,
+    plan_series,
+)
+from service.phantom.scanner import OFF_TARGET_RANGES, SCAN_RANGES, Scanner
 from service.phantom.truth import load_manifest, load_series
 
 GATEKEEPER = [sys.executable, "-m", "service.cli"]
@@ -245,7 +257,10 @@ def test_every_protocol_series_has_a_scan_that_fits_its_patient():
         (["--slices", "-3"], "--slices must be >= 1"),
         (["--anomaly", "banana"], "unknown --anomaly 'banana'"),
         (["--series", "0"], "--series must be >= 1"),
-        (["--large"], "--large and --split apply to"),
+        (["--large"], "apply to 'gatekeeper phantom dataset' only"),
+        (["--clinic"], "apply to 'gatekeeper phantom dataset' only"),
+        (["dataset", "--clinic", "--slices", "5"], "--slices does not apply"),
+        (["dataset", "--clinic", "--split", "train"], "no train split"),
         (["--slices", "abc"], "invalid int value"),
         (["--slices", "5000"], "ask for fewer slices"),
     ],
@@ -279,3 +294,227 @@ def test_non_empty_output_folder_needs_force(tmp_path):
     assert subprocess.run(base, capture_output=True, timeout=120).returncode == 0
     assert subprocess.run(base, capture_output=True, timeout=120).returncode == 2
     assert subprocess.run([*base, "--force"], capture_output=True, timeout=120).returncode == 0
+
+
+# -- severity grades, the clinic mix, off-target scan ranges ---------------------------------------
+
+#: Fingerprints of seed-protocol series (geometry, anomaly parameters and four slices' pixels, labels
+#: and masks at 64²), computed with the generator as it was before severity grades and the clinic
+#: mix were added: trained models and evaluations depend on these series staying the same.
+SEED_PROTOCOL_FINGERPRINTS = {
+    ("standard", "train/0001_normal"): "9e7bda4f7fe8b174",
+    ("standard", "test/0026_stent"): "70959b08027fd663",
+    ("standard", "test/0031_tumor"): "eb6342c84b295e56",
+    ("standard", "test/0036_fluid"): "30c3372ad30602f2",
+    ("standard", "test/0041_hip_prosthesis"): "ab4370cd11fdafff",
+    ("standard", "test/0044_low_dose"): "80c5fd95f87efa00",
+    ("standard", "test/0047_contrast_phase"): "366e26db87d21a9c",
+    ("standard", "test/0049_truncation"): "40c1cfbcfd6345e9",
+    ("large", "test_large/0151_tumor"): "ef51074f5fbcd24d",
+}
+
+
+def _fingerprint(spec: SeriesSpec) -> str:
+    patient, anomaly, geometry = plan_series(replace(spec, matrix=64))
+    scanner = Scanner(patient, geometry, anomaly, noise_sigma=spec.noise_sigma, seed=spec.series_seed)
+    described = [geometry.u_positions, geometry.pixel_spacing, geometry.slice_thickness]
+    digest = hashlib.sha256(json.dumps([*described, anomaly.params if anomaly else None]).encode())
+    for i in np.linspace(0, geometry.num_slices - 1, 4).astype(int):
+        stored, label, mask = scanner.acquire(int(i))
+        digest.update(stored.tobytes())
+        digest.update(label.tobytes())
+        if mask is not None:
+            digest.update(mask.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_seed_protocol_series_are_unchanged():
+    protocols = {
+        name: {s.folder: s for s in dataset_specs(seed=0, large=large, num_slices=None, matrix=64, noise_sigma=12)}
+        for name, large in (("standard", False), ("large", True))
+    }
+    found = {key: _fingerprint(protocols[key[0]][key[1]]) for key in SEED_PROTOCOL_FINGERPRINTS}
+    assert found == SEED_PROTOCOL_FINGERPRINTS
+
+
+def _in_range(value: float, bounds: tuple[float, float], tol: float = 0.006) -> bool:
+    return bounds[0] - tol * max(1.0, abs(bounds[0])) <= value <= bounds[1] + tol * max(1.0, abs(bounds[1]))
+
+
+@pytest.mark.parametrize("name", ANOMALY_TYPES)
+def test_graded_anomaly_records_its_grade_and_parameters_within_range(name):
+    patient = Patient(31)
+    for grade in SEVERITY_GRADES:
+        for draw in range(4):
+            anomaly = make_anomaly(name, patient, np.random.default_rng([draw, 7]), grade=grade)
+            assert anomaly is not None
+            severity = anomaly.severity
+            assert severity["grade"] == grade
+            for key, bounds in SEVERITY_RANGES[name][grade].items():
+                assert _in_range(float(severity[key]), bounds), (name, grade, key, severity)
+    seed_protocol = make_anomaly(name, patient, np.random.default_rng(3))  # no grade: the fixed draw
+    assert seed_protocol is not None and seed_protocol.severity["grade"] == grade_of(name, seed_protocol.severity)
+
+
+def test_graded_tumours_and_fluid_cover_their_appearances():
+    patient = Patient(32)
+    tumours = [make_anomaly("tumor", patient, np.random.default_rng([i, 1]), grade="gross") for i in range(30)]
+    severities = [t.severity for t in tumours if t is not None]
+    assert {s["appearance"] for s in severities} == {"hypodense", "hyperdense", "heterogeneous"}
+    assert any(s["at_edge"] for s in severities) and not all(s["at_edge"] for s in severities)
+    assert max(s["count"] for s in severities) >= 3  # multifocal
+    fluids = [make_anomaly("fluid", patient, np.random.default_rng([i, 2]), grade="moderate") for i in range(30)]
+    unenhanced = [f.severity for f in fluids if f is not None and f.severity["phase"] == "non_contrast"]
+    assert unenhanced and min(s["liver_minus_fluid_hu"] for s in unenhanced) < 25  # near the liver's HU
+
+
+def test_manifest_records_severity_category_and_scan_range(anomaly_run, normal_run):
+    for entry in load_manifest(anomaly_run)["series"]:
+        severity = entry["anomaly"]["severity"]
+        assert severity["grade"] in SEVERITY_GRADES
+        assert severity["grade"] == grade_of(entry["anomaly"]["type"], severity)
+        assert entry["category"] == "anomaly"
+    for entry in load_manifest(normal_run)["series"]:
+        assert entry["anomaly"] is None and entry["scan_range"]["kind"] in SCAN_RANGES
+        # 48 slices from the lungs down do not hold the whole liver: the truth says so.
+        expected = "normal" if entry["scan_range"]["liver"] == "complete" else "off_target"
+        assert entry["category"] == expected
+
+
+def test_graded_edge_tumour_is_liver_and_unenhanced_fluid_sits_near_liver_hu(tmp_path):
+    def first(name: str, wanted) -> int:
+        return next(
+            seed
+            for seed in range(400, 600)
+            if wanted(make_anomaly(name, Patient(seed), np.random.default_rng([seed + 1, 0x5E]), grade="moderate"))
+        )
+
+    tumour_seed = first("tumor", lambda a: a.severity["at_edge"] and a.severity["appearance"] == "heterogeneous")
+    fluid_seed = first("fluid", lambda a: a.severity["phase"] == "non_contrast" and a.severity["fluid_hu"] > 35)
+    specs = [
+        SeriesSpec(folder=f"{name}", patient_seed=seed, series_seed=seed + 1, anomaly=name, num_slices=30, matrix=96)
+        for name, seed in (("tumor", tumour_seed), ("fluid", fluid_seed))
+    ]
+    specs = [replace(s, grade="moderate") for s in specs]
+    generate_run(specs, tmp_path, progress=False)
+    for entry in load_manifest(tmp_path)["series"]:
+        truth = load_series(tmp_path, entry)
+        assert truth.anomaly is not None and entry["anomaly"]["slices"]
+        liver = truth.labels == Label.LIVER
+        if entry["anomaly"]["type"] == "tumor":
+            assert np.all(liver[truth.anomaly])  # the lesion, also where it bulges, is liver
+        else:
+            assert entry["contrast_phase"] == "non_contrast"
+            assert not np.any(liver[truth.anomaly])
+            fluid_hu = np.median(truth.hu[truth.anomaly])
+            liver_hu = np.median(truth.hu[ndimage.binary_erosion(liver, iterations=2)])
+            assert abs(liver_hu - fluid_hu) < 45 and liver_hu < 80  # unenhanced liver, fluid close to it
+
+
+def test_clinic_mix_proportions_and_disjoint_patients():
+    specs = clinic_specs(seed=0, matrix=256, noise_sigma=12)
+    validation = [s for s in specs if s.split == "validation"]
+    test = [s for s in specs if s.split == "test"]
+    assert len(validation) == 60 and len(test) >= 500 and len(specs) == len(validation) + len(test)
+    assert all(s.anomaly is None and s.scan_range in ("abdomen", "abdomen_pelvis") for s in validation)
+    anomalous = [s for s in test if s.anomaly is not None]
+    assert 0.13 <= len(anomalous) / len(test) <= 0.17
+    per_type = Counter(s.anomaly for s in anomalous)
+    assert set(per_type) == set(ANOMALY_TYPES) and max(per_type.values()) - min(per_type.values()) <= 1
+    for name in ANOMALY_TYPES:
+        grades = Counter(s.grade for s in anomalous if s.anomaly == name)
+        assert set(grades) == set(SEVERITY_GRADES) and max(grades.values()) - min(grades.values()) <= 1
+    off_target = Counter(s.scan_range for s in test if s.scan_range in OFF_TARGET_RANGES)
+    assert set(off_target) == set(OFF_TARGET_RANGES)
+    assert all(0.005 <= n / len(test) <= 0.025 for n in off_target.values())
+    assert all(s.anomaly is None for s in test if s.scan_range in OFF_TARGET_RANGES)
+    assert all(s.scan_range == "abdomen_pelvis" for s in anomalous if s.anomaly == "hip_prosthesis")
+    # Unseen patients: disjoint from the seed protocol's, and every clinic series its own patient.
+    protocol = {
+        s.patient_seed
+        for large in (False, True)
+        for s in dataset_specs(seed=0, large=large, num_slices=None, matrix=64, noise_sigma=12)
+    }
+    clinic = [s.patient_seed for s in specs]
+    assert len(set(clinic)) == len(clinic) and not protocol & set(clinic)
+    assert clinic_specs(seed=0, matrix=256, noise_sigma=12) == specs  # deterministic
+    small = clinic_plan(20)
+    assert sum(1 for split, *_ in small if split == "test") == 20
+    assert {a for _, a, _, _ in small if a} == set(ANOMALY_TYPES)
+    with pytest.raises(ValueError, match="needs at least"):
+        clinic_plan(5)
+
+
+def test_clinic_scan_ranges_cover_the_liver_or_leave_it_out_as_planned():
+    # Without rendering: the liver lies between the right dome and the liver's end (see anatomy).
+    specs = clinic_specs(seed=0, matrix=64, noise_sigma=12)
+    by_kind: dict[str, list[SeriesSpec]] = {}
+    for spec in specs:
+        by_kind.setdefault(spec.scan_range, []).append(spec)
+    for kind in SCAN_RANGES:
+        for spec in by_kind[kind][:6]:
+            patient, _, geometry = plan_series(spec)
+            u = np.array(geometry.u_positions)
+            first, last = u[0], u[-1]
+            if kind == "chest":
+                assert last < patient.u_dome_right - 0.01
+            elif kind == "pelvis":
+                assert first > patient.u_liver_end
+            elif kind == "liver_partial":
+                assert (
+                    patient.u_dome_right < first < patient.u_liver_end
+                    or patient.u_dome_right < last < patient.u_liver_end
+                )
+            else:
+                assert first < patient.u_dome_right - 0.005 and last > patient.u_liver_end
+                assert (last >= patient.u_femoral_head) == (kind == "abdomen_pelvis")
+            assert 2.5 <= geometry.slice_thickness <= 5.0 and 8 <= geometry.num_slices <= 260
+
+
+@pytest.fixture(scope="module")
+def off_target_run(tmp_path_factory) -> Path:
+    """One chest-only, one pelvis-only and one partly covered liver from a small clinic mix, at 64²."""
+    out = tmp_path_factory.mktemp("off_target")
+    specs = clinic_specs(seed=3, test_series=20, matrix=64, noise_sigma=12)
+    picked = [next(s for s in specs if s.scan_range == kind) for kind in OFF_TARGET_RANGES]
+    generate_run(picked, out, progress=False)
+    return out
+
+
+def test_off_target_scans_have_no_liver_or_a_cut_liver(off_target_run):
+    entries = {e["scan_range"]["kind"]: e for e in load_manifest(off_target_run)["series"]}
+    assert set(entries) == set(OFF_TARGET_RANGES)
+    for kind, entry in entries.items():
+        assert entry["category"] == "off_target" and entry["anomaly"] is None and entry["split"] == "test"
+        truth = load_series(off_target_run, entry)
+        liver_area = (truth.labels == Label.LIVER).sum(axis=(1, 2))
+        if kind in ("chest", "pelvis"):
+            assert entry["scan_range"]["liver"] == "absent" and not liver_area.any() and not entry["liver_slices"]
+        else:
+            assert entry["scan_range"]["liver"] == "partial" and (liver_area[0] > 0 or liver_area[-1] > 0)
+        if kind == "chest":
+            assert (truth.labels == Label.LUNG).any(axis=(1, 2)).all()  # lungs on every slice
+            assert str(
+                pydicom.dcmread(off_target_run / entry["folder"] / entry["files"][0]).SeriesDescription
+            ).startswith("CHEST")
+        if kind == "pelvis":
+            assert not (truth.labels == Label.LUNG).any()  # well below the chest
+
+
+def test_cli_clinic_split_writes_graded_manifest(tmp_path, capsys):
+    out = tmp_path / "clinic"
+    args = ["phantom", "dataset", "--clinic", "--out", str(out), "--series", "20", "--split", "validation"]
+    assert main([*args, "--matrix", "64", "--quiet"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["protocol"] == "dataset-clinic" and manifest["manifest_version"] == 2
+    assert manifest["summary"] == {"validation": {"normal": 2}}
+    assert set(manifest["severity_summary"]) == set()  # no anomalies in the validation split
+    for entry in manifest["series"]:
+        assert entry["split"] == "validation" and entry["category"] == "normal" and entry["anomaly"] is None
+        assert (
+            entry["scan_range"]["kind"] in ("abdomen", "abdomen_pelvis") and entry["scan_range"]["liver"] == "complete"
+        )
+        assert entry["patient_seed"] >= 1_000_000 and entry["liver_slices"]
+        assert 2.5 <= entry["geometry"]["slice_thickness_mm"] <= 5.0
+    printed = capsys.readouterr().out
+    assert all(entry["folder"] in printed for entry in manifest["series"])

@@ -57,6 +57,7 @@ class Tissue(IntEnum):
     METAL = 31
     LESION = 32
     ASCITES = 33
+    LESION_CORE = 34  # necrotic centre of a heterogeneous tumour
 
 
 #: HU per tissue: (portal-venous phase, non-contrast phase, texture amplitude in HU).
@@ -96,6 +97,7 @@ TISSUE_HU: dict[Tissue, tuple[float, float, float]] = {
     Tissue.METAL: (3000, 3000, 0),
     Tissue.LESION: (60, 35, 8),
     Tissue.ASCITES: (8, 8, 3),
+    Tissue.LESION_CORE: (22, 20, 10),
 }
 
 

@@ -2,6 +2,16 @@
 
 gatekeeper phantom --out DIR --series N --slices K --seed S [--anomaly TYPE]
 gatekeeper phantom dataset --out DIR [--large] [--seed S]
+gatekeeper phantom dataset --clinic --out DIR [--series N] [--matrix 256] [--jobs 2]
+
+`--clinic` writes the clinic-like mix (`generate.clinic_specs`): a `validation` split of normal
+series (12 % of N; for calibrating a gate only) and a `test` split of N series (default 500) of
+unseen patients — ~15 % anomalous over every type with severities subtle/moderate/gross, ~1.4 %
+each of off-target scans, the rest normal. In its manifest.json each series has `category`
+("normal", "anomaly", "off_target"), `anomaly.severity` (grade and drawn parameters) and
+`scan_range.kind`: "abdomen", "abdomen_pelvis", or, for off-target series, "chest" (no liver in
+the field of view), "pelvis" (no liver) or "liver_partial" (the scan starts or ends through the
+liver). The seed protocol's series (without --clinic) are unchanged.
 """
 
 from __future__ import annotations
@@ -15,12 +25,15 @@ from typing import Any
 from service.errors import UsageError
 from service.phantom.anomalies import ANOMALY_TYPES
 from service.phantom.generate import (
+    CLINIC_TEST_SERIES,
     DEFAULT_NOISE_SIGMA,
     RUN_MARKER,
+    clinic_specs,
     count_slices,
     dataset_specs,
     generate_run,
     series_specs,
+    severity_summary,
     spec_summary,
 )
 
@@ -31,11 +44,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="generate synthetic abdominal CT series with ground truth",
         description="Generate synthetic abdominal CT series (CT Image Storage files) with exact ground truth "
         "(DICOM-SEG of organs and of the injected anomaly) and a manifest.json. "
-        "'gatekeeper phantom dataset' builds the seed protocol: 96 train, 10 validation, 50 test series.",
+        "'gatekeeper phantom dataset' builds the seed protocol: 96 train, 10 validation, 50 test series. "
+        "'gatekeeper phantom dataset --clinic' builds a clinic-like mix of unseen patients: a 'validation' split "
+        "of normal series (12 % of --series; for calibration only) and a 'test' split of --series series "
+        f"(default {CLINIC_TEST_SERIES}): ~15 % anomalous over all types, each with a severity grade (subtle/moderate/gross) "
+        "and its drawn parameters in manifest.json (anomaly.severity); ~1.4 % each of off-target scans the "
+        "liver model does not apply to, labelled category 'off_target' with scan_range.kind 'chest' or "
+        "'pelvis' (no liver in the field of view) or 'liver_partial' (the scan starts or ends through the "
+        "liver); the rest normal ('abdomen' or 'abdomen_pelvis' ranges, 2.5-5 mm slices).",
     )
     p.add_argument("mode", nargs="?", choices=["dataset"], help="'dataset': build the seed protocol")
     p.add_argument("--out", required=True, type=Path, help="output folder (must be empty, or use --force)")
-    p.add_argument("--series", type=int, default=1, help="number of series (default 1; not with 'dataset')")
+    p.add_argument(
+        "--series",
+        type=int,
+        default=None,
+        help=f"number of series (default 1; not with 'dataset'; with --clinic: test series, default "
+        f"{CLINIC_TEST_SERIES})",
+    )
     p.add_argument(
         "--slices", type=int, default=None, help="slices per series (default: a realistic scan range, ~40–380 slices)"
     )
@@ -54,6 +80,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--large", action="store_true", help="with 'dataset': the >= 300-series test set instead")
     p.add_argument(
+        "--clinic",
+        action="store_true",
+        help="with 'dataset': the clinic-like mix (validation + test splits of unseen patients, severity-graded "
+        "anomalies, off-target scan ranges) instead",
+    )
+    p.add_argument(
         "--split",
         choices=["train", "validation", "test"],
         default=None,
@@ -68,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _check_args(args: argparse.Namespace) -> None:
     if args.slices is not None and args.slices < 1:
         raise UsageError(f"--slices must be >= 1, got {args.slices}")
-    if args.series < 1:
+    if args.series is not None and args.series < 1:
         raise UsageError(f"--series must be >= 1, got {args.series}")
     if args.anomaly not in ("none", *ANOMALY_TYPES):
         raise UsageError(f"unknown --anomaly {args.anomaly!r}; expected one of: none, {', '.join(ANOMALY_TYPES)}")
@@ -81,12 +113,21 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     if args.mode == "dataset":
-        if args.series != 1 or args.anomaly != "none":
-            raise UsageError("'phantom dataset' builds the fixed protocol; --series and --anomaly do not apply")
-    elif args.large or args.split:
-        raise UsageError("--large and --split apply to 'gatekeeper phantom dataset' only")
+        if args.anomaly != "none":
+            raise UsageError("'phantom dataset' builds a fixed protocol; --anomaly does not apply")
+        if args.series is not None and not args.clinic:
+            raise UsageError("'phantom dataset' builds the fixed protocol; --series applies only with --clinic")
+    elif args.large or args.split or args.clinic:
+        raise UsageError("--large, --clinic and --split apply to 'gatekeeper phantom dataset' only")
     if args.large and args.split not in (None, "test"):
         raise UsageError("--large builds a test set only; --split must be test or absent")
+    if args.clinic:
+        if args.large:
+            raise UsageError("--clinic and --large are different sets; choose one")
+        if args.split == "train":
+            raise UsageError("--clinic has no train split; --split must be validation, test or absent")
+        if args.slices is not None:
+            raise UsageError("--clinic plans realistic scan ranges; --slices does not apply")
 
 
 def prepare_output(out: Path, force: bool) -> None:
@@ -113,7 +154,16 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     anomaly = None if args.anomaly == "none" else args.anomaly
     try:
-        if args.mode == "dataset":
+        if args.clinic:
+            specs = clinic_specs(
+                seed=args.seed,
+                test_series=args.series or CLINIC_TEST_SERIES,
+                matrix=args.matrix,
+                noise_sigma=args.noise_sigma,
+            )
+            if args.split:
+                specs = [s for s in specs if s.split == args.split]
+        elif args.mode == "dataset":
             specs = dataset_specs(
                 seed=args.seed,
                 large=args.large,
@@ -125,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 specs = [s for s in specs if s.split is not None and s.split.startswith(args.split)]
         else:
             specs = series_specs(
-                count=args.series,
+                count=args.series or 1,
                 seed=args.seed,
                 num_slices=args.slices,
                 anomaly=anomaly,
@@ -138,12 +188,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     prepare_output(args.out, args.force)
     command = "gatekeeper " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("gatekeeper") else None
-    meta = {
+    protocol = "dataset-clinic" if args.clinic else ("dataset-large" if args.large else "dataset")
+    meta: dict[str, Any] = {
         "seed": args.seed,
-        "protocol": "dataset-large" if args.large else ("dataset" if args.mode else "series"),
+        "protocol": protocol if args.mode else "series",
         "summary": spec_summary(specs),
         "command": command,
     }
+    if args.clinic:
+        meta["severity_summary"] = severity_summary(specs)
     manifest = generate_run(specs, args.out, jobs=args.jobs, progress=not args.quiet, meta=meta)
     print_manifest(manifest, args.out)
     return 0
@@ -152,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 def print_manifest(manifest: dict[str, Any], out: Path) -> None:
     """Print one line per series written: folder, slices, anomaly and the slices it affects."""
     print(f"Wrote {len(manifest['series'])} series under {out} (manifest: {out / 'manifest.json'})")
-    print(f"{'folder':34} {'slices':>6} {'spacing':>8} {'anomaly':15} affected slices")
+    print(f"{'folder':34} {'slices':>6} {'spacing':>8} {'anomaly':15} {'severity':9} {'range':15} affected slices")
     for entry in manifest["series"]:
         g = entry["geometry"]
         anomaly = entry["anomaly"]
@@ -160,7 +213,9 @@ def print_manifest(manifest: dict[str, Any], out: Path) -> None:
         if anomaly:
             s = anomaly["slices"]
             affected = f"{len(s)} ({s[0]}–{s[-1]})"
+        kind = "off_target" if entry["category"] == "off_target" else (anomaly or {}).get("type", "normal")
+        grade = (anomaly or {}).get("severity", {}).get("grade", "-")
         print(
             f"{entry['folder']:34} {g['num_slices']:>6} {g['slice_thickness_mm']:>6g}mm "
-            f"{(anomaly or {}).get('type', 'normal'):15} {affected}"
+            f"{kind:15} {grade:9} {entry['scan_range']['kind']:15} {affected}"
         )

@@ -14,12 +14,21 @@ import numpy as np
 from scipy import fft
 
 from service.phantom.anatomy import Canvas, Patient, hu_lookup
-from service.phantom.anomalies import Anomaly, Truncation, Tumor
+from service.phantom.anomalies import Anomaly, Truncation
 
 RESCALE_INTERCEPT = -1024.0
 MAX_STORED = 4095  # 12 bits stored
 SLICE_THICKNESSES_MM = (1.25, 2.0, 2.5, 3.0, 5.0)
 SLICE_THICKNESS_WEIGHTS = (0.08, 0.12, 0.3, 0.25, 0.25)
+
+#: Scan ranges of the clinic mix (`plan_clinic_geometry`). The first two cover the whole liver;
+#: the others are series the liver model does not apply to.
+SCAN_RANGES: tuple[str, ...] = ("abdomen", "abdomen_pelvis", "chest", "pelvis", "liver_partial")
+#: Scan ranges without the whole liver in the field of view.
+OFF_TARGET_RANGES: tuple[str, ...] = ("chest", "pelvis", "liver_partial")
+#: Slice thicknesses of the clinic mix (mm) and how often each is chosen.
+CLINIC_THICKNESSES_MM = (2.5, 3.0, 5.0)
+CLINIC_THICKNESS_WEIGHTS = (0.3, 0.3, 0.4)
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,69 @@ def plan_geometry(
             u_start = max(0.0, min(u_start, (lo + hi) / 2 - span_u / 2))
     u_start = float(np.clip(u_start, 0.0, max(0.0, 1.0 - span_u)))
     u = u_start + np.arange(num_slices) * thickness / length
+    return _frame(patient, rng, u, thickness, matrix, anomaly)
+
+
+def plan_clinic_geometry(
+    patient: Patient, rng: np.random.Generator, *, kind: str, matrix: int, anomaly: Anomaly | None
+) -> ScanGeometry:
+    """A clinic scan range of `kind` (one of `SCAN_RANGES`), 2.5–5 mm slices.
+
+    - abdomen: from the lung bases or the liver dome to between the lower kidney poles and the
+      iliac crest (≈ 25–40 cm);
+    - abdomen_pelvis: the same start, down through the femoral heads (≈ 45–55 cm);
+    - chest: the lower chest, ending 1–2 cm above the liver dome (no liver in the field of view);
+    - pelvis: from below the liver (the iliac crests) through the femoral heads (no liver);
+    - liver_partial: the scan starts or ends through the liver (30–70 % of the way down it).
+
+    The range is widened to cover what `anomaly` needs (`Anomaly.required_range`).
+
+    Raises:
+        ValueError: for an unknown `kind`, or a matrix under 32 pixels.
+    """
+    if kind not in SCAN_RANGES:
+        raise ValueError(f"kind must be one of {', '.join(SCAN_RANGES)}, got {kind!r}.")
+    if matrix < 32:
+        raise ValueError(f"matrix must be >= 32 pixels, got {matrix}.")
+    length = patient.length_mm
+    thickness = float(rng.choice(CLINIC_THICKNESSES_MM, p=CLINIC_THICKNESS_WEIGHTS))
+    dome, liver_end = patient.u_dome_right, patient.u_liver_end
+    if rng.uniform() < 0.5:
+        top = float(rng.uniform(0.0, 0.08))  # from the lung bases
+    else:
+        top = float(dome - rng.uniform(0.005, 0.03))  # from the liver dome
+    kidney_end = (
+        max(patient.u_kidney_left, patient.u_kidney_right) + 112.0 * patient.size * patient.kidney_scale / length
+    )
+    if kind == "abdomen":
+        lo, hi = top, float(rng.uniform(max(liver_end, kidney_end) + 0.03, 0.72))
+    elif kind == "abdomen_pelvis":
+        lo, hi = top, max(float(rng.uniform(0.97, 1.0)), patient.u_femoral_head + 0.01)
+    elif kind == "chest":
+        hi = float(dome - rng.uniform(0.02, 0.04))
+        lo = max(-0.2, hi - float(rng.uniform(120.0, 200.0)) / length)
+    elif kind == "pelvis":
+        lo, hi = max(liver_end + 0.04, float(rng.uniform(0.60, 0.70))), float(rng.uniform(0.97, 1.0))
+    else:  # liver_partial
+        through = float(dome + rng.uniform(0.3, 0.7) * (liver_end - dome))
+        if rng.uniform() < 0.5:  # an upper-abdomen or chest scan that ends in the liver
+            lo, hi = min(top, through - 0.1), through
+        else:  # a lower abdomen scan that starts in the liver
+            lo, hi = through, float(rng.uniform(0.65, 1.0))
+    need = anomaly.required_range(patient) if anomaly is not None else None
+    if need is not None:
+        lo, hi = min(lo, max(0.0, need[0] - 0.01)), max(hi, min(1.0, need[1] + 0.01))
+    num_slices = max(8, int((hi - lo) * length / thickness) + 1)
+    u = lo + np.arange(num_slices) * thickness / length
+    return _frame(patient, rng, u, thickness, matrix, anomaly)
+
+
+def _frame(
+    patient: Patient, rng: np.random.Generator, u: np.ndarray, thickness: float, matrix: int, anomaly: Anomaly | None
+) -> ScanGeometry:
+    """Place slices at levels `u` on the table and choose the field of view that holds the body."""
+    length = patient.length_mm
+    u_start = float(u[0])
     z_top = float(rng.uniform(-150.0, 150.0))  # where the table happened to be
     z = z_top - (u - u_start) * length
 
@@ -170,8 +242,8 @@ class Scanner:
         for tissue, shift in patient.hu_jitter.items():
             self.hu_lut[tissue] += shift
         self.hu_lut[25] += patient.marrow_hu_shift  # Tissue.BONE_MARROW
-        if isinstance(anomaly, Tumor):
-            self.hu_lut[32] = anomaly.lesion_hu  # Tissue.LESION
+        if anomaly is not None:
+            anomaly.adjust_hu(self.hu_lut, self.texture_lut)
         # Noise: CT noise power spectrum ~ f · apodisation², normalised so the pixel std is sigma.
         size_factor = float(np.clip((2 * patient.max_half_width() / 340.0) ** 0.8, 0.7, 1.7))
         self.noise_sigma = noise_sigma * size_factor * (anomaly.noise_factor if anomaly else 1.0)

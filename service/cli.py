@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         demo,
         exports_cli,
         feedback_cli,
+        gate_cli,
         ingest_cli,
         models_cli,
         score_cli,
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     status_cli.register(subparsers)
     shadow_cli.register(subparsers)
     models_cli.register(subparsers)
+    gate_cli.register(subparsers)
     register_plugins(groups)
     return parser
 

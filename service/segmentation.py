@@ -197,9 +197,17 @@ class Segmenter:
         self.provider = self.session.get_providers()[0]
         log.info("segmenter %s version %s: ONNX Runtime provider %s", self.name, self.version, self.provider)
 
+    def prepare(self, hu: np.ndarray) -> np.ndarray:
+        """HU [k, rows, cols] → the network's windowed volume [k, S, S] (see `prepare_volume`)."""
+        return prepare_volume(hu, self.input)
+
     def probabilities(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Liver probability [k, S, S] at the network's size and features [k, F] (or None)."""
-        volume = prepare_volume(hu, self.input)
+        return self.probabilities_of_volume(self.prepare(hu))
+
+    def probabilities_of_volume(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Liver probability [k, S, S] and features [k, F] (or None) of a prepared volume [k, S, S]
+        (the gate's test-time views flip or shift the prepared volume and call this)."""
         probs, feats = [], []
         want = ["probability"] + (["features"] if "features" in self.output_names else [])
         for start in range(0, volume.shape[0], self.batch):
@@ -213,6 +221,10 @@ class Segmenter:
     def segment(self, series: CTSeries) -> Segmentation:
         """Segment the liver in `series`; the mask has the series' own matrix."""
         probs, features = self.probabilities(series.hu)
+        return self.segmentation_from(series, probs, features)
+
+    def segmentation_from(self, series: CTSeries, probs: np.ndarray, features: np.ndarray | None) -> Segmentation:
+        """The segmentation of `series` from its probabilities [k, S, S] at the network's size."""
         k, rows, cols = series.hu.shape
         full = np.empty((k, rows, cols), bool)
         for i in range(k):

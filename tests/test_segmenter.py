@@ -1,5 +1,6 @@
 """Liver segmenter: contours from SEG and RTSTRUCT, a tiny training run with ONNX parity, the shipped model
-through `gatekeeper segment` (SEG valid per dciodvfy, liver found), bad input, and the gate evaluation."""
+through `gatekeeper segment` (SEG valid per dciodvfy, liver found), bad input, and the gate evaluation's metrics
+(the evaluation itself: tests/test_gate_eval.py)."""
 
 from __future__ import annotations
 
@@ -183,7 +184,9 @@ def test_shipped_segmenter_model_is_small_and_describes_itself() -> None:
 
 
 @pytest.mark.parametrize("make", ["empty", "not_ct", "missing"])
-def test_segment_bad_input_is_one_line_and_exit_2(make: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_segment_bad_input_is_one_line_and_exit_2(
+    make: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "in"
     if make != "missing":
         folder.mkdir()
@@ -198,36 +201,6 @@ def test_segment_bad_input_is_one_line_and_exit_2(make: str, tmp_path: Path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gatekeeper segment: error:" in err[0]
     assert not (tmp_path / "x.dcm").exists()
-
-
-def test_gate_evaluation_reports_dice_and_failure_prediction(phantom: Path, trained: Path, tmp_path: Path) -> None:
-    out = tmp_path / "report"
-    assert (
-        gatekeeper(
-            [
-                "evaluate",
-                "gate",
-                "--data",
-                str(phantom),
-                "--out",
-                str(out),
-                "--segmenter",
-                str(trained),
-                "--bootstrap",
-                "20",
-            ]
-        )
-        == 0
-    )
-    report = json.loads((out / "report.json").read_text())
-    assert report["series"] == 2
-    assert set(report["dice"]) >= {"all", "normal", "tumor"}
-    block = report["failure_definitions"]["dice<0.95"]
-    assert set(block["scores"]) == {"gate", "entropy", "mahalanobis", "combined"}
-    series = json.loads((out / "series.json").read_text())["results"]
-    assert all(0.0 <= r["dice"] <= 1.0 for r in series)
-    assert (out / "report.md").read_text().count("| gate |") == 2
-    assert (out / "gate_curves.png").stat().st_size > 10_000
 
 
 def test_aurc_review_and_mahalanobis_on_known_cases() -> None:

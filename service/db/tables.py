@@ -91,6 +91,10 @@ class RouteReason(StrEnum):
     GEOMETRY = "geometry"  # ingest geometry findings (gaps, mixed orientation, localizer …)
     UNREADABLE = "unreadable"  # the series could not be read or scored (one slice, bad pixels …)
     NO_LIVER = "no_liver"  # auto-segmentation found no liver
+    # Issue 15 (`service.gate`): the fused, calibrated evidence says the segmenter may fail on this series.
+    GATE = "gate_evidence"
+    LIVER_PARTIAL = "liver_partial"  # the liver is cut by the first or the last slice
+    NOT_ABDOMEN = "not_abdomen"  # not an abdominal CT (head, limb …): the liver model does not apply
     # Not a route: shadow mode (service/shadow.py) put an auto-routed, `withheld` series on the
     # worklist for a yes/no review of its auto contour. `WorklistItem.reason` only; the series' route stays auto.
     SHADOW_REVIEW = "shadow_review"

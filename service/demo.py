@@ -370,7 +370,7 @@ def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthan
             outcome = f"on the worklist: http://127.0.0.1:{web_port}/series/{uid}"
         else:
             outcome = f"ended {row['state']}"
-        route = row["route"] + (f" ({row['reason']})" if row["reason"] else "")
+        route = (row["route"] or row["state"]) + (f" ({row['reason']})" if row["reason"] else "")
         print(f"  {label:<15} route {route:<22} {score:<34} {outcome}")
         ok = ok and row["route"] == expected
     return ok

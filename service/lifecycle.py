@@ -15,7 +15,7 @@ receiving ─► complete ─► queued ─► scoring ─► scored ─► segm
     │            │          ▲  │       │         │           │  │         │  ▲
     ▼            └──────────┼──┘       ▼         ▼           ▼  ▼         ▼  │
   stored                    │     worklisted ◄───┴───────────┘ withheld  export_failed
-                            │       ▲    │                     (shadow mode)
+                            │       ▲    │              (shadow mode; off-target series)
                             │       │    ▼
                             │      claimed ─► done
 ```
@@ -49,15 +49,17 @@ class SeriesState(StrEnum):
     COMPLETE = "complete"  # the quiet period passed; the series is not yet handed on
     QUEUED = "queued"  # handed to the pipeline; no worker has taken it yet
     STORED = "stored"  # complete, but not an image series for the pipeline (SEG, RT Structure Set)
-    # The pipeline (service/pipeline.py): score → route → auto-segmentation or worklist.
+    # The pipeline (service/pipeline.py): score → segment → the gate decides: the PACS or the worklist.
     SCORING = "scoring"  # a score worker is running the detector on it
     SCORED = "scored"  # scores stored (`SeriesScore`); the route is being decided
-    SEGMENTING = "segmenting"  # routed to auto-segmentation; a worker is running the segmenter
+    SEGMENTING = "segmenting"  # a worker is running the segmenter and the gate (forward mode: sending it)
     EXPORTING = "exporting"  # the SEG is written and being delivered to the PACS (`Export`)
     DELIVERED = "delivered"  # the PACS accepted the SEG
     EXPORT_FAILED = "export_failed"  # delivery failed permanently; an operator may retry the export
     # Shadow mode (`Settings.mode` "shadow", service/shadow.py): routed auto and segmented, but the
-    # contour was kept here and nothing was sent to the PACS or the forward node.
+    # contour was kept here and nothing was sent to the PACS or the forward node. Also a series the
+    # liver model does not apply to, with `Settings.off_target_routing` "withhold" (route None, its
+    # reason in `route_reason`): kept, nothing sent, not on the worklist.
     WITHHELD = "withheld"
     # The worklist (service/web/): a dosimetrist contours the series by hand.
     WORKLISTED = "worklisted"  # on the manual-contouring worklist (`WorklistItem`)
@@ -85,7 +87,8 @@ ALLOWED_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     S.SCORING: frozenset({S.SCORED, S.WORKLISTED}),  # worklisted: unreadable, or stuck too often
     S.SCORED: frozenset({S.SEGMENTING, S.WORKLISTED}),
     # delivered / export_failed straight from segmenting: forward mode, or no PACS configured
-    # withheld: shadow mode, the SEG / RT Structure Set (or the forward) not sent
+    # withheld: shadow mode, the SEG / RT Structure Set (or the forward) not sent; or an off-target
+    # series withheld (`off_target_routing` "withhold")
     S.SEGMENTING: frozenset({S.EXPORTING, S.DELIVERED, S.EXPORT_FAILED, S.WORKLISTED, S.WITHHELD}),
     S.EXPORTING: frozenset({S.DELIVERED, S.EXPORT_FAILED}),
     S.EXPORT_FAILED: frozenset({S.EXPORTING, S.DELIVERED}),  # an operator's `exports retry`

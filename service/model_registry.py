@@ -10,8 +10,8 @@ training data (pool entries and base data hash), the model's own validation numb
   constraint); `promote` makes a version active and retires the one it replaces, and remembers it;
 * `retired` — replaced; `rollback` makes the version the active one replaced active again.
 
-The models shipped with the code (`Settings.detector_model_dir`, `Settings.segmenter_model_dir`)
-are registered and made active on first use when a kind has no active version (`ensure_active`),
+The models shipped with the code (`Settings.detector_model_dir`, `Settings.segmenter_model_dir`,
+`Settings.gate_model_dir` when it holds a gate.json) are registered and made active on first use when a kind has no active version (`ensure_active`),
 so an existing install keeps working; from then on the registry, not the settings, says which
 version runs. Who did what and when is in `model_event`. No patient data anywhere here.
 """
@@ -135,7 +135,8 @@ def _description_file(kind: ModelKind) -> str:
 
 
 def model_files(kind: ModelKind, folder: Path) -> list[Path]:
-    """The files that make a model version: its model.json (gate.json) and every `*.onnx` beside it, by name.
+    """The files that make a model version: its model.json (gate.json) and every `*.onnx` beside it, by name
+    (for a gate, also the reference file its gate.json names).
 
     Raises:
         RegistryError: `folder` is not a folder or has no model.json (gate.json).
@@ -146,7 +147,28 @@ def model_files(kind: ModelKind, folder: Path) -> list[Path]:
         raise RegistryError(f"{folder}: no such folder")
     if not description.is_file():
         raise RegistryError(f"{folder}: no {description.name}; not a {kind.value} model folder")
-    return [description, *sorted(p for p in folder.glob("*.onnx") if p.is_file())]
+    named = _gate_reference(description) if kind == ModelKind.GATE else []
+    return [description, *sorted({*named, *(p for p in folder.glob("*.onnx") if p.is_file())})]
+
+
+def _gate_reference(description: Path) -> list[Path]:
+    """The reference file a gate.json names (`reference.file`, beside it), if any: part of the gate version.
+
+    Raises:
+        RegistryError: the file named is missing or not beside gate.json.
+    """
+    try:
+        config = json.loads(description.read_text())
+    except (OSError, ValueError):
+        return []  # `describe` says what is wrong with it
+    reference = config.get("reference") if isinstance(config, dict) else None
+    name = reference.get("file") if isinstance(reference, dict) else None
+    if not name:
+        return []
+    path = description.parent / str(name)
+    if Path(str(name)).name != str(name) or not path.is_file():
+        raise RegistryError(f"{description}: the reference file it names ({name!r}) is not beside it")
+    return [path]
 
 
 def model_hash(kind: ModelKind, folder: Path) -> str:
@@ -470,6 +492,8 @@ def shipped_folder(settings: Settings, kind: ModelKind) -> Path:
         return settings.detector_model_dir
     if kind == ModelKind.SEGMENTER:
         return settings.segmenter_model_dir
+    if kind == ModelKind.GATE:
+        return settings.gate_model_dir
     raise RegistryError(f"no {kind.value} is shipped; register one with `gatekeeper models register`")
 
 

@@ -1,4 +1,4 @@
-"""The pipeline, wired in one place: a completed series → score → route → segment → export, or → worklist.
+"""The pipeline, wired in one place: a completed series → score → segment → the gate decides → export, or worklist.
 
 Stages (each a function below; the Celery tasks in `service.pipeline_tasks` only call them):
 
@@ -7,14 +7,24 @@ stage      input (series state)         output                                  
 =========  ===========================  =================================================  ==============
 start      `queued` (ingest sent it)    `scoring`: waits for a score worker                 pipeline_queue
 score      `scoring`                    `SeriesScore` (per-slice scores, top residual       score_queue
-                                        maps) and `scored`; then **route** at once
-route      `scored`                     `segmenting` (route auto) or `worklisted`           (inline)
-                                        (`WorklistItem` with a `RouteReason`)
-segment    `segmenting`                 the liver DICOM-SEG and/or RT Structure Set under   segment_queue
-                                        `results/` (`export_format`), an `Export` row per
-                                        object, `exporting`; or `worklisted` (no liver).
-                                        Forward mode: the series C-STOREd to the external
-                                        node, `delivered` or `export_failed` (`forward`)
+                                        maps) and `scored`; then **route** at once.
+                                        Unreadable: `worklisted` ("unreadable")
+route      `scored`                     `segmenting`: every readable series is segmented    (inline)
+                                        and the gate decides after. Forward mode (no
+                                        segmenter of ours): `ROUTING_RULES` on the
+                                        detector's flag and the geometry, `segmenting` or
+                                        `worklisted`
+segment    `segmenting`                 the segmenter's liver and the gate's decision        segment_queue
+                                        (`service.gate`, `Gate.assess`), then by
+                                        `ROUTING_RULES`: auto → the liver DICOM-SEG and/or
+                                        RT Structure Set under `results/` (`export_format`),
+                                        an `Export` row per object, `exporting`; manual →
+                                        a draft SEG under `results/` (stored, never sent),
+                                        `worklisted` with the decision and its findings;
+                                        off-target with `off_target_routing` "withhold" →
+                                        `withheld` with its reason. Forward mode: the
+                                        series C-STOREd to the external node, `delivered`
+                                        or `export_failed` (`forward`)
 export     `exporting`                  each object sent (the `deliver_seg` task); once all  export_queue
                                         settled: `delivered` (all delivered) or
                                         `export_failed` (any failed)
@@ -26,8 +36,13 @@ contour    a `stored` RTSTRUCT / SEG    each pending `ContourObject` of it match
 =========  ===========================  =================================================  ==============
 
 The route is decided by `ROUTING_RULES`, a table: the first rule whose condition holds on the
-series' `RouteFacts` sends it to the worklist with that reason; when none holds it goes to
-auto-segmentation. Changing the route is a change of that table.
+series' `RouteFacts` — the gate's decision among them — sends it to the worklist (or, for a
+series the liver model does not apply to, withholds it) with that reason; when none holds it goes
+to the PACS. Changing the route is a change of that table.
+
+The events say which models decided: "routed" (to the worklist), "exporting", "withheld" and
+"export_failed" hold the gate's decision (`GateDecision.as_json`) and the gate, segmenter and
+detector versions.
 
 Every state change goes through `service.lifecycle.transition` (the lifecycle's one owner), which
 checks the declared transitions, changes the row only if it is still in the expected state (so two
@@ -74,6 +89,7 @@ from service.db.tables import (
     WorklistStatus,
     utc_now,
 )
+from service.gate import DetectorEvidence, Gate, GateDecision
 from service.lifecycle import WORKING_STATES, SeriesState, transition
 from service.settings import Settings
 from service.shadow import SHADOW_REVIEW_QUESTION, selected_for_shadow_review
@@ -89,6 +105,12 @@ S = SeriesState
 # --- routing, as data -------------------------------------------------------------------------------
 
 
+#: Route reasons of a series the liver model does not apply to (no liver in the field of view, the
+#: liver only partly covered, not an abdominal CT): `Settings.off_target_routing` says where they go.
+#: Values, so that a reason the gate adds is recognised by its name.
+OFF_TARGET_REASONS = frozenset({"no_liver", "liver_partial", "not_abdomen"})
+
+
 @dataclass(frozen=True)
 class RouteFacts:
     """What the route is decided on, for one series version.
@@ -97,31 +119,70 @@ class RouteFacts:
         geometry_findings: the ingest geometry check's findings (`Series.geometry_findings`).
         unreadable: why the series could not be read or scored; None when it could.
         flagged: whether the detector's series score is above its threshold; None before scoring.
-        liver_found: whether the segmenter found liver; None before segmentation.
+        gate: the gate's decision after segmentation (`service.gate`); None without one (before
+            segmentation, an unreadable series, forward mode where our segmenter does not run).
+            With a decision, the gate has weighed the geometry and the detector itself: the rules
+            on them apply only without one.
+        liver_found: whether the segmenter found at least `min_liver_ml` of liver; None before
+            segmentation. A safety net under the gate: an empty SEG is never sent.
+        off_target_routing: `Settings.off_target_routing`, "worklist" or "withhold".
     """
 
     geometry_findings: Sequence[dict[str, Any]] = ()
     unreadable: str | None = None
     flagged: bool | None = None
+    gate: GateDecision | None = None
     liver_found: bool | None = None
+    off_target_routing: str = "worklist"
 
 
 @dataclass(frozen=True)
 class RouteRule:
-    """Send a series to the worklist with `reason` when `applies(facts)` holds."""
+    """Send a series to `route` with `reason` when `applies(facts)` holds.
 
-    reason: RouteReason
+    `reason` is a `RouteReason`, or a function of the facts that gives it (the gate's reason).
+    `route` None: withheld — kept with its reason, nothing sent, not on the worklist.
+    """
+
+    reason: RouteReason | Callable[[RouteFacts], RouteReason | None]
     applies: Callable[[RouteFacts], bool]
     meaning: str
+    route: Route | None = Route.WORKLIST
 
 
-#: The routing decision. The first rule that applies sends the series to the worklist with its reason;
+def _gate_manual(f: RouteFacts) -> bool:
+    return f.gate is not None and f.gate.manual
+
+
+def _gate_reason(f: RouteFacts) -> RouteReason | None:
+    return f.gate.reason if f.gate is not None else None
+
+
+def off_target_reason(f: RouteFacts) -> RouteReason | None:
+    """Why the liver model does not apply to the series (a reason in `OFF_TARGET_REASONS`), or None.
+
+    From the gate's reason, then its fired findings (a rule or signal named like the reason), then
+    `liver_found` False ("no_liver").
+    """
+    names: list[str] = []
+    if f.gate is not None and f.gate.manual:
+        names += [f.gate.reason.value] if f.gate.reason is not None else []
+        names += [finding.signal for finding in f.gate.findings if finding.fired]
+    if f.liver_found is False:
+        names.append(RouteReason.NO_LIVER.value)
+    for name in names:
+        if name in OFF_TARGET_REASONS and name in {r.value for r in RouteReason}:
+            return RouteReason(name)
+    return None
+
+
+#: The routing decision. The first rule that applies sends the series where it says with its reason;
 #: when none applies the series is auto-segmented and its SEG sent to the PACS.
 ROUTING_RULES: tuple[RouteRule, ...] = (
     RouteRule(
         RouteReason.GEOMETRY,
-        lambda f: bool(f.geometry_findings),
-        "ingest found gaps, mixed orientations, a localizer or similar in the series' geometry",
+        lambda f: f.gate is None and bool(f.geometry_findings),
+        "no gate decision (unreadable, forward mode): ingest found gaps, mixed orientations, a localizer ...",
     ),
     RouteRule(
         RouteReason.UNREADABLE,
@@ -130,22 +191,39 @@ ROUTING_RULES: tuple[RouteRule, ...] = (
     ),
     RouteRule(
         RouteReason.ANOMALY,
-        lambda f: f.flagged is True,
-        "the detector's series score is above the model's threshold: unlike the normal training series",
+        lambda f: f.gate is None and f.flagged is True,
+        "no gate decision (forward mode): the detector's series score is above the model's threshold",
+    ),
+    RouteRule(
+        off_target_reason,
+        lambda f: f.off_target_routing == "withhold" and off_target_reason(f) is not None,
+        "the liver model does not apply (no liver in view, liver partly covered, not an abdominal CT) and "
+        "off_target_routing is 'withhold': kept with its reason, nothing sent, not on the worklist",
+        route=None,
+    ),
+    RouteRule(
+        _gate_reason,
+        _gate_manual,
+        "the gate (evidence calibrated on normal series, and its rules) says a person must contour it",
     ),
     RouteRule(
         RouteReason.NO_LIVER,
         lambda f: f.liver_found is False,
-        "the segmenter found no liver: nothing to deliver, a person must look",
+        "the segmenter found no liver: nothing to deliver (never an empty SEG), a person must look",
     ),
 )
 
 
-def decide_route(facts: RouteFacts) -> tuple[Route, RouteReason | None]:
-    """(Route.WORKLIST, reason) of the first rule in `ROUTING_RULES` that applies, else (Route.AUTO, None)."""
+def decide_route(facts: RouteFacts) -> tuple[Route | None, RouteReason | None]:
+    """(route, reason) of the first rule in `ROUTING_RULES` that applies, else (Route.AUTO, None).
+
+    route `Route.WORKLIST`: manual contouring; None: withheld (an off-target series with
+    `off_target_routing` "withhold"). A gate that says manual without a reason gives "anomaly".
+    """
     for rule in ROUTING_RULES:
         if rule.applies(facts):
-            return Route.WORKLIST, rule.reason
+            reason = rule.reason(facts) if callable(rule.reason) else rule.reason
+            return rule.route, reason or RouteReason.ANOMALY
     return Route.AUTO, None
 
 
@@ -423,23 +501,17 @@ def score(
                 target=S.SCORED,
                 detail={"model_version": detector.version, "reused": True},
             )
-    return route(
-        sessions=sessions,
-        series_id=series_id,
-        model_version=detector.version,
-        draft_for_worklist=settings.mode == "shadow" and settings.segmentation_mode == "internal",
-    )
+    return route(sessions=sessions, settings=settings, series_id=series_id, model_version=detector.version)
 
 
-def route(
-    *, sessions: sessionmaker[Session], series_id: int, model_version: str, draft_for_worklist: bool = False
-) -> Next:
-    """Stage *route*: decide by `ROUTING_RULES` where a scored series goes.
+def route(*, sessions: sessionmaker[Session], settings: Settings, series_id: int, model_version: str) -> Next:
+    """Stage *route*: where a scored series goes next.
 
-    Input: state `scored` with a `SeriesScore` of `model_version`. Output: `segmenting` and the
-    segment stage to queue (route auto), or `worklisted` with a `WorklistItem`. One "routed" event.
-    With `draft_for_worklist` (shadow mode) a worklisted series is queued to the segment stage too,
-    for a draft contour that its reviewer sees (`segment`; service/shadow.py).
+    Input: state `scored` with a `SeriesScore` of `model_version`. Output, internal mode: `segmenting`
+    and the segment stage to queue — every readable series is segmented, and the gate decides its
+    route after (`segment`). Forward mode (`segmentation_mode` "forward", our segmenter does not
+    run): by `ROUTING_RULES` on the geometry and the detector's flag, `segmenting` (the forward
+    stage) or `worklisted` with a `WorklistItem`, one "routed" event.
     """
     with sessions.begin() as session:
         series = _series_row(session, series_id)
@@ -451,20 +523,29 @@ def route(
         if result is None:
             log.error("series id %s is scored but has no score of model %s", series_id, model_version)
             return DONE
-        facts = RouteFacts(geometry_findings=list(series.geometry_findings or []), flagged=result.flagged)
-        chosen, reason = decide_route(facts)
         summary = {
             "score": round(result.score, 4),
             "threshold": round(result.threshold, 4),
             "model_version": model_version,
+            "detector_version": model_version,
         }
+        if settings.segmentation_mode == "internal":
+            moved = transition(
+                session=session, series_id=series_id, source=S.SCORED, target=S.SEGMENTING, detail=summary
+            )
+            if moved:
+                log.info("series id %s: segmenting (the gate decides after)", series_id)
+            return Next("segment", series_id) if moved else DONE
+        facts = RouteFacts(geometry_findings=list(series.geometry_findings or []), flagged=result.flagged)
+        chosen, reason = decide_route(facts)
         if chosen == Route.WORKLIST and reason is not None:
             detail = dict(summary)
             if reason == RouteReason.GEOMETRY:
                 detail["findings"] = [f.get("code") for f in facts.geometry_findings]
             moved = _to_worklist(session=session, series_id=series_id, source=S.SCORED, reason=reason, detail=detail)
-            nxt = Next("segment", series_id) if draft_for_worklist else DONE
+            nxt = DONE
         else:
+            chosen = Route.AUTO
             moved = transition(
                 session=session,
                 series_id=series_id,
@@ -486,32 +567,81 @@ def route(
 # --- stage: segment ---------------------------------------------------------------------------------
 
 
+def _detector_evidence(score: SeriesScore | None) -> DetectorEvidence | None:
+    """The detector's say on a series (its newest `SeriesScore`) as the gate reads it; None if never scored."""
+    if score is None:
+        return None
+    ordered = sorted(score.slices or [], key=lambda s: int(s["index"]))
+    return DetectorEvidence(
+        score=float(score.score),
+        threshold=float(score.threshold),
+        slice_scores=tuple(float(s["score"]) for s in ordered),
+        model_version=score.model_version,
+    )
+
+
+def _write_seg(
+    *, path: Path, headers: Sequence[Any], mask: np.ndarray, segmenter: Segmenter, source_series_version: int
+) -> None:
+    from service.dicom_seg import build_liver_seg
+
+    seg = build_liver_seg(
+        source_images=headers,
+        mask=mask,
+        algorithm_name=segmenter.name[:64],
+        algorithm_version=segmenter.version[:64],
+        source_series_version=source_series_version,
+    )
+    _atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+
+
+def draft_path(*, settings: Settings, series_id: int, segmenter_version: str) -> Path:
+    """Where the draft SEG of a series the gate did not let through lies: stored, never sent.
+
+    `results/<series_id>/liver-seg-draft-<segmenter version>.dcm`, where the series page's viewer
+    finds a contour (`liver-seg-*.dcm`).
+    """
+    return results_dir(settings=settings, series_id=series_id) / f"liver-seg-draft-{segmenter_version}.dcm"
+
+
 def segment(
     *,
     sessions: sessionmaker[Session],
     settings: Settings,
     series_id: int,
     segmenter: Segmenter | None,
+    gate: Gate | None = None,
     worker: str | None = None,
 ) -> list[Next]:
-    """Stage *segment*: segment the liver, write the objects to deliver, record one export per object.
+    """Stage *segment*: segment the liver, let the gate decide, then deliver or keep a draft.
 
-    `worker` (the worker's node name) is recorded in the "exporting" event.
+    `gate`: the active gate (None: `Gate.rules_only()`); `worker` (the worker's node name) is
+    recorded in the events.
 
-    Input: state `segmenting`. Output, by `settings.export_format`: the DICOM-SEG
-    `results/<series_id>/liver-seg-<version>.dcm` ("seg"), the RT Structure Set
-    `results/<series_id>/liver-rtstruct-<version>.dcm` with one ROI `settings.rtstruct_roi_name`
-    ("rtstruct"), or both ("both"); an `Export` row per object (keyed by its SOP Instance UID, so a
-    repeat finds it), state `exporting`, and one export message per object to queue. No liver:
-    `worklisted` ("no_liver"); no PACS configured: `export_failed`. With
-    `settings.segmentation_mode` "forward" the series goes to the external node instead (`forward`)
-    and `segmenter` is not used (the worker passes None).
+    Input: state `segmenting`. The series is loaded and `gate.assess` segments it and weighs the
+    evidence: the detector's newest `SeriesScore`, the ingest geometry findings, the segmenter's own
+    output. `ROUTING_RULES` then decides on the facts, the gate's decision among them:
 
-    Shadow mode (`settings.mode` "shadow", service/shadow.py): the objects are written (the SEG
-    always, for the reviewer's viewer) but no export is recorded and nothing is sent; the series
-    ends `withheld` (`withhold`). A series the gate sent to the worklist for an anomaly or its
-    geometry (state `worklisted`, `claimed` or `done`) gets a draft SEG instead, with a
-    "shadow_draft" event and no change of state.
+    - auto: by `settings.export_format`, the DICOM-SEG `results/<series_id>/liver-seg-<version>.dcm`
+      ("seg"), the RT Structure Set `results/<series_id>/liver-rtstruct-<version>.dcm` with one ROI
+      `settings.rtstruct_roi_name` ("rtstruct"), or both ("both"); an `Export` row per object (keyed
+      by its SOP Instance UID, so a repeat finds it), state `exporting`, one export message per
+      object to queue. No PACS configured: `export_failed`.
+    - worklist: the segmenter's liver kept as a draft SEG (`draft_path`; none when the mask is
+      empty), never sent and no `Export`; state `worklisted`, a `WorklistItem` whose reason is the
+      decision's and whose detail holds the decision (`GateDecision.as_json`: every finding with
+      its value, threshold, slices and plain words), the draft file and the model versions.
+    - withheld (an off-target series with `settings.off_target_routing` "withhold"): the same
+      draft and detail on the "withheld" event, state `withheld`, `Series.route` None, its reason
+      in `Series.route_reason`; nothing sent, not on the worklist.
+
+    An unreadable series: `worklisted` ("unreadable"). With `settings.segmentation_mode` "forward"
+    the series goes to the external node instead (`forward`) and neither `segmenter` nor `gate` is
+    used (the worker passes None).
+
+    Shadow mode (`settings.mode` "shadow", service/shadow.py): the auto route writes its objects (the
+    SEG always, for the reviewer's viewer) but records no export and sends nothing; the series ends
+    `withheld` (`withhold`). The worklist and withheld routes are the same as live.
 
     Returns:
         What to queue, one `Next("export", export_id)` per export; empty: nothing.
@@ -522,7 +652,6 @@ def segment(
     import pydicom
 
     from service.dicom_rtstruct import build_liver_rtstruct
-    from service.dicom_seg import build_liver_seg
     from service.dicom_send import ExportNotConfiguredError
     from service.pacs_export import record_export
 
@@ -531,24 +660,23 @@ def segment(
         return [nxt] if nxt != DONE else []
     if segmenter is None:
         raise ValueError("segmenter is None; segmentation_mode 'internal' needs one")
+    gate = gate or Gate.rules_only()
     with sessions() as session:
         series = _series_row(session, series_id)
         if series is None:
             return []
-        draft = (
-            settings.mode == "shadow"
-            and series.state in {s.value for s in SHADOW_DRAFT_STATES}
-            and series.route_reason in {r.value for r in SHADOW_DRAFT_REASONS}
-        )
-        if series.superseded or (series.state != S.SEGMENTING.value and not draft):
+        if series.superseded or series.state != S.SEGMENTING.value:
             log.info("series id %s is %s; nothing to segment", series_id, series.state)
             return []
         version = series.version
         series_instance_uid = series.series_instance_uid
+        geometry_findings = list(series.geometry_findings or [])
+        evidence = _detector_evidence(
+            session.scalar(
+                select(SeriesScore).where(SeriesScore.series_id == series_id).order_by(SeriesScore.id.desc()).limit(1)
+            )
+        )
         paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
-    if draft:
-        shadow_draft(sessions=sessions, settings=settings, series_id=series_id, segmenter=segmenter)
-        return []
     try:
         volume = load_stored_series(paths.values())
     except dicom_series.SeriesError as exc:
@@ -563,35 +691,83 @@ def segment(
             )
         return []
     clock = utc_now()
-    result = segmenter.segment(volume)
+    assessment = gate.assess(
+        series=volume,
+        segmenter=segmenter,
+        detector=evidence,
+        geometry_findings=geometry_findings,
+        min_liver_ml=settings.min_liver_ml,
+    )
+    result, decision = assessment.segmentation, assessment.decision
     liver_found = bool(result.mask.any()) and result.liver_volume_ml >= settings.min_liver_ml
-    chosen, reason = decide_route(RouteFacts(liver_found=liver_found))
-    if chosen == Route.WORKLIST and reason is not None:
-        log.info("series id %s: %s (liver %.1f ml)", series_id, reason.value, result.liver_volume_ml)
-        with sessions.begin() as session:
-            _to_worklist(
-                session=session,
-                series_id=series_id,
-                source=S.SEGMENTING,
-                reason=reason,
-                event="rerouted",
-                detail={"liver_volume_ml": round(result.liver_volume_ml, 1), "segmenter_version": segmenter.version},
-            )
-        return []
-
+    facts = RouteFacts(
+        geometry_findings=geometry_findings,
+        flagged=evidence.score > evidence.threshold if evidence is not None else None,
+        gate=decision,
+        liver_found=liver_found,
+        off_target_routing=settings.off_target_routing,
+    )
+    chosen, reason = decide_route(facts)
+    versions = {
+        "gate_version": gate.version,
+        "segmenter_version": segmenter.version,
+        "detector_version": evidence.model_version if evidence is not None else None,
+        "worker": worker,
+    }
     headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in volume.sop_instance_uids]
     folder = results_dir(settings=settings, series_id=series_id)
+
+    if chosen != Route.AUTO and reason is not None:
+        draft = None
+        if result.mask.any():
+            draft = draft_path(settings=settings, series_id=series_id, segmenter_version=segmenter.version)
+            _write_seg(
+                path=draft, headers=headers, mask=result.mask, segmenter=segmenter, source_series_version=version
+            )
+        duration = (utc_now() - clock).total_seconds()
+        metrics.record_stage("segment", duration)
+        detail = {
+            "gate": decision.as_json(),
+            "draft": _relative(draft, settings.storage_dir) if draft is not None else None,
+            "liver_volume_ml": round(result.liver_volume_ml, 1),
+            "duration_s": round(duration, 2),
+            **versions,
+        }
+        if evidence is not None:
+            detail.update(score=round(evidence.score, 4), threshold=round(evidence.threshold, 4))
+        with sessions.begin() as session:
+            if chosen == Route.WORKLIST:
+                moved = _to_worklist(
+                    session=session, series_id=series_id, source=S.SEGMENTING, reason=reason, detail=detail
+                )
+            else:
+                moved = transition(
+                    session=session,
+                    series_id=series_id,
+                    source=S.SEGMENTING,
+                    target=S.WITHHELD,
+                    event="withheld",
+                    detail={"route": "withheld", "reason": reason.value, **detail},
+                    values={"route": None, "route_reason": reason.value},
+                )
+        if moved and chosen is None:
+            metrics.record_route("withheld", reason.value)
+        log.info(
+            "series id %s: %s (%s; gate %s); draft %s",
+            series_id,
+            "worklisted" if chosen == Route.WORKLIST else "withheld",
+            reason.value,
+            gate.version,
+            "kept" if draft is not None else "none (no liver)",
+        )
+        return []
+
     written: list[Path] = []
     if settings.export_format in ("seg", "both") or settings.mode == "shadow":
-        seg = build_liver_seg(
-            source_images=headers,
-            mask=result.mask,
-            algorithm_name=segmenter.name[:64],
-            algorithm_version=segmenter.version[:64],
-            source_series_version=version,
-        )
         written.append(folder / f"liver-seg-{segmenter.version}.dcm")
-        _atomic_write(written[-1], lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+        _write_seg(
+            path=written[-1], headers=headers, mask=result.mask, segmenter=segmenter, source_series_version=version
+        )
     if settings.export_format in ("rtstruct", "both"):
         rtstruct = build_liver_rtstruct(
             source_images=headers,
@@ -603,10 +779,11 @@ def segment(
         )
         written.append(folder / f"liver-rtstruct-{segmenter.version}.dcm")
         _atomic_write(written[-1], lambda tmp: rtstruct.save_as(tmp, enforce_file_format=True))
-    del volume, result
+    del volume, result, headers, assessment
     duration = (utc_now() - clock).total_seconds()
     metrics.record_stage("segment", duration)
     files = [_relative(path, settings.storage_dir) for path in written]
+    decided = {"route": Route.AUTO.value, "gate": decision.as_json(), **versions}
     if settings.mode == "shadow":
         withhold(
             sessions=sessions,
@@ -614,9 +791,10 @@ def segment(
             series_id=series_id,
             series_instance_uid=series_instance_uid,
             review=True,
-            detail={"files": files, "segmenter_version": segmenter.version, "duration_s": round(duration, 2)},
+            detail={"files": files, "duration_s": round(duration, 2), **decided},
         )
         return []
+    auto = {"route": Route.AUTO.value, "route_reason": None}
     try:
         recorded = [
             record_export(sessions=sessions, settings=settings, path=path, series_id=series_id) for path in written
@@ -629,7 +807,8 @@ def segment(
                 series_id=series_id,
                 source=S.SEGMENTING,
                 target=S.EXPORT_FAILED,
-                detail={"reason": str(exc), "files": files, "segmenter_version": segmenter.version},
+                detail={"reason": str(exc), "files": files, **decided},
+                values=auto,
             )
         return []
     with sessions.begin() as session:
@@ -641,15 +820,18 @@ def segment(
             detail={
                 "export_ids": [export_id for export_id, _ in recorded],
                 "files": files,
-                "segmenter_version": segmenter.version,
                 "duration_s": round(duration, 2),
-                "worker": worker,
+                **decided,
             },
+            values=auto,
         )
+    if moved:
+        metrics.record_route(Route.AUTO.value, None)
     log.info(
-        "series id %s segmented in %.1f s; exports %s %s",
+        "series id %s segmented in %.1f s, auto (gate %s); exports %s %s",
         series_id,
         duration,
+        gate.version,
         ", ".join(str(export_id) for export_id, _ in recorded),
         "recorded" if any(created for _, created in recorded) else "already recorded",
     )
@@ -659,11 +841,6 @@ def segment(
 
 
 # --- shadow mode (service/shadow.py) ----------------------------------------------------------------
-
-#: States of a worklisted series that shadow mode still makes a draft contour for, and the route
-#: reasons it makes one for (the series could be read and scored; the segmenter can run on it).
-SHADOW_DRAFT_STATES = (S.WORKLISTED, S.CLAIMED, S.DONE)
-SHADOW_DRAFT_REASONS = (RouteReason.ANOMALY, RouteReason.GEOMETRY)
 
 
 def withhold(
@@ -675,7 +852,7 @@ def withhold(
     review: bool,
     detail: dict[str, Any],
 ) -> bool:
-    """Shadow mode's end of the auto route: `segmenting` → `withheld`, nothing sent.
+    """Shadow mode's end of the auto route: `segmenting` → `withheld` (`Series.route` auto), nothing sent.
 
     With `review`, and when `service.shadow.selected_for_shadow_review` chooses the series (a
     share `settings.shadow_review_share`), it also gets an open worklist item of reason
@@ -692,6 +869,7 @@ def withhold(
             target=S.WITHHELD,
             event="withheld",
             detail={**detail, "mode": "shadow", "shadow_review": chosen},
+            values={"route": Route.AUTO.value, "route_reason": None},
         )
         if (
             moved
@@ -707,71 +885,13 @@ def withhold(
                 )
             )
     if moved:
+        metrics.record_route(Route.AUTO.value, None)
         log.info(
             "series id %s withheld (shadow mode)%s",
             series_id,
             "; on the worklist for a shadow review" if chosen else "",
         )
     return moved
-
-
-def shadow_draft(
-    *, sessions: sessionmaker[Session], settings: Settings, series_id: int, segmenter: Segmenter
-) -> Path | None:
-    """Shadow mode: the draft liver SEG of a series the gate sent to the worklist, for its reviewer.
-
-    Written to `results/<series_id>/liver-seg-<version>.dcm` (where the series page's viewer finds
-    a contour) with a "shadow_draft" event; the series' state does not change and nothing is
-    sent. Already there: not made again. An unreadable series gets no draft (logged). Returns the
-    file, or None when none was made.
-    """
-    import pydicom
-
-    from service.dicom_seg import build_liver_seg
-
-    path = results_dir(settings=settings, series_id=series_id) / f"liver-seg-{segmenter.version}.dcm"
-    if path.exists():
-        log.info("series id %s already has a draft contour of segmenter %s", series_id, segmenter.version)
-        return None
-    with sessions() as session:
-        series = _series_row(session, series_id)
-        if series is None:
-            return None
-        version = series.version
-        paths = instance_paths(session=session, storage_dir=settings.storage_dir, series_id=series_id)
-    try:
-        volume = load_stored_series(paths.values())
-    except dicom_series.SeriesError as exc:
-        log.warning("series id %s: no draft contour, the series cannot be read: %s", series_id, exc.problem)
-        return None
-    clock = utc_now()
-    result = segmenter.segment(volume)
-    headers = [pydicom.dcmread(paths[uid], stop_before_pixels=True) for uid in volume.sop_instance_uids]
-    seg = build_liver_seg(
-        source_images=headers,
-        mask=result.mask,
-        algorithm_name=segmenter.name[:64],
-        algorithm_version=segmenter.version[:64],
-        source_series_version=version,
-    )
-    _atomic_write(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True))
-    duration = (utc_now() - clock).total_seconds()
-    with sessions.begin() as session:
-        session.add(
-            SeriesEvent(
-                series_id=series_id,
-                kind="shadow_draft",
-                created_at=utc_now(),
-                detail={
-                    "file": _relative(path, settings.storage_dir),
-                    "segmenter_version": segmenter.version,
-                    "liver_volume_ml": round(result.liver_volume_ml, 1),
-                    "duration_s": round(duration, 2),
-                },
-            )
-        )
-    log.info("series id %s: draft contour for its shadow review written in %.1f s", series_id, duration)
-    return path
 
 
 def forward(*, sessions: sessionmaker[Session], settings: Settings, series_id: int) -> Next:

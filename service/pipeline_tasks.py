@@ -4,8 +4,8 @@ Task and queue names, the app and the publisher live in `service.celery_app`; th
 (what each reads and writes) in `service.pipeline`. Each task's only argument is an internal id,
 never patient data. Each task re-checks the series state in the database before working, so a
 duplicate or late message does nothing; the next stage is queued only after the stage's
-transaction committed. A worker process asks the model registry for the active detector and
-segmenter per task and loads each version once (`Models`). Transient export failures are retried
+transaction committed. A worker process asks the model registry for the active detector, segmenter
+and gate per task and loads each version once (`Models`). Transient export failures are retried
 by Celery with the countdown that `service.pacs_export.deliver` computes (exponential backoff);
 permanent ones end the chain.
 """
@@ -41,6 +41,7 @@ from service.celery_app import (
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import ExportState, ModelKind
 from service.dicom_send import ExportNotConfiguredError
+from service.gate import Gate
 from service.pacs_export import deliver, next_in_line
 from service.settings import Settings
 
@@ -52,13 +53,14 @@ log = logging.getLogger(__name__)
 
 
 class Models:
-    """The ONNX Runtime models of one worker process: the registry's active version of each kind.
+    """The models of one worker process: the registry's active version of each kind.
 
     With `sessions`, every call asks the model registry (`service.model_registry`) which version is
     active — a promotion or a rollback takes effect at the next task, without a restart — and
     loads each version once, keyed by its files' hash (the `keep` most recently used per kind stay
     loaded). The first call on an empty registry registers the settings' model as active. Without
-    `sessions` (no database), the settings' folders are used.
+    `sessions` (no database), the settings' folders are used. The gate is optional: without an
+    active one and without a gate.json in `Settings.gate_model_dir`, `gate()` is the rules-only gate.
     """
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None, *, keep: int = 2) -> None:
@@ -66,15 +68,25 @@ class Models:
         self.sessions = sessions
         self.keep = max(1, keep)
         self._lock = threading.Lock()
-        self._loaded: dict[ModelKind, OrderedDict[str, Any]] = {
-            ModelKind.DETECTOR: OrderedDict(),
-            ModelKind.SEGMENTER: OrderedDict(),
-        }
+        self._loaded: dict[ModelKind, OrderedDict[str, Any]] = {kind: OrderedDict() for kind in ModelKind}
+
+    def _shipped(self, kind: ModelKind) -> bool:
+        """Whether the settings name a model of `kind` (only the gate may have none)."""
+        return kind != ModelKind.GATE or (model_registry.shipped_folder(self.settings, kind) / "gate.json").is_file()
 
     def _get(self, kind: ModelKind, load: Callable[[Path], Any]) -> Any:
+        """The loaded active model of `kind`; None when there is none (a gate only)."""
         record = None
         if self.sessions is not None:
-            record = model_registry.ensure_active(sessions=self.sessions, settings=self.settings, kind=kind)
+            if self._shipped(kind):
+                record = model_registry.ensure_active(sessions=self.sessions, settings=self.settings, kind=kind)
+            else:
+                with self.sessions() as session:
+                    record = model_registry.active_model(session=session, kind=kind)
+                if record is None:
+                    return None
+        elif not self._shipped(kind):
+            return None
         key = record.sha256 if record is not None else "settings"
         with self._lock:
             cache = self._loaded[kind]
@@ -107,6 +119,11 @@ class Models:
 
         segmenter: Segmenter = self._get(ModelKind.SEGMENTER, Segmenter)
         return segmenter
+
+    def gate(self) -> Gate:
+        """The active gate (its gate.json), or the rules-only gate when there is none."""
+        gate: Gate | None = self._get(ModelKind.GATE, Gate.load)
+        return gate if gate is not None else Gate.rules_only()
 
 
 def register_pipeline_tasks(
@@ -152,10 +169,17 @@ def register_pipeline_tasks(
     @app.task(name=SEGMENT_SERIES_TASK, ignore_result=True, acks_late=True)
     def segment_series(series_id: int) -> None:
         # Forward mode sends the series to an external node: the segmenter is never loaded.
-        segmenter = models.segmenter() if settings.segmentation_mode == "internal" else None
+        internal = settings.segmentation_mode == "internal"
+        segmenter = models.segmenter() if internal else None
+        gate = models.gate() if internal else None
         # One export message per object written (export_format "both": the SEG and the RTSTRUCT).
         for nxt in pipeline.segment(
-            sessions=sessions, settings=settings, series_id=int(series_id), segmenter=segmenter, worker=worker_name
+            sessions=sessions,
+            settings=settings,
+            series_id=int(series_id),
+            segmenter=segmenter,
+            gate=gate,
+            worker=worker_name,
         ):
             then(nxt)
 

@@ -186,6 +186,10 @@ class Settings(BaseSettings):
     # registered as the active ones on first use when the registry has none of a kind.
     detector_model_dir: Path = _REPO_DIR / "models" / "detector" / "default"
     segmenter_model_dir: Path = _REPO_DIR / "models" / "segmenter" / "default"
+    # The gate's folder (gate.json: its calibrated thresholds and fusion rule, service/gate.py), used
+    # like the model folders above. Without a gate.json there, and none registered, the workers use
+    # the rules-only gate (the detector's flag, the geometry, no liver).
+    gate_model_dir: Path = _REPO_DIR / "models" / "gate" / "default"
     # Slices per ONNX Runtime call when scoring; bounds the memory of one call.
     score_batch: int = Field(default=16, ge=1, le=1024)
     # Highest-scoring slices whose residual map is kept for the reviewer, and the side (pixels) of
@@ -205,10 +209,15 @@ class Settings(BaseSettings):
     forward_port: int = Field(default=104, ge=1, le=65535)
     # A segmentation with less liver than this (millilitres) counts as "no liver" (worklist).
     min_liver_ml: float = Field(default=1.0, ge=0)
+    # Where a series the liver model does not apply to goes (the gate's reasons no liver in the field
+    # of view, liver only partly covered, not an abdominal CT): "worklist" — on the worklist with its
+    # reason; "withhold" — kept with its reason (state withheld), nothing sent, not on the worklist.
+    # Either way no SEG is sent for it.
+    off_target_routing: Literal["worklist", "withhold"] = "worklist"
     # "live": the auto route delivers to the PACS (or forwards). "shadow": before go-live, every
-    # series is scored, routed and segmented as in live mode, but nothing is sent to the PACS or the
-    # forward node (auto-routed series end `withheld`); flagged series go to the worklist as usual
-    # and get a draft contour for their reviewer (service/shadow.py).
+    # series is scored, segmented and routed as in live mode, but nothing is sent to the PACS or the
+    # forward node (auto-routed series end `withheld`); series the gate stops go to the worklist as
+    # usual with their draft contour (service/shadow.py).
     mode: Literal["live", "shadow"] = "live"
     # Shadow mode: the share (0 to 1) of auto-routed series also put on the worklist for a shadow
     # review ("is the auto contour acceptable? yes / no"), chosen by a hash of the Series Instance
@@ -381,7 +390,7 @@ class Settings(BaseSettings):
     def _lower_export_format(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("mode", mode="before")
+    @field_validator("mode", "off_target_routing", mode="before")
     @classmethod
     def _lower_mode(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -1,18 +1,18 @@
 """Shadow mode: the gate runs on real traffic before go-live, and the dosimetrists' answers measure it.
 
 With `Settings.mode` "shadow" the pipeline (service/pipeline.py) does everything it does live —
-score, route, segment, write the SEG / RT Structure Set — but sends nothing to the PACS or the
-forward node (`service.dicom_send` refuses every destination), so the department keeps contouring
-as before:
+score, segment every readable series, let the gate decide, write the SEG / RT Structure Set — but
+sends nothing to the PACS or the forward node (`service.dicom_send` refuses every destination), so
+the department keeps contouring as before:
 
-- an auto-routed series ends `withheld` (its contour kept under `results/`); a share
+- a series the gate lets through ends `withheld` (its contour kept under `results/`); a share
   `Settings.shadow_review_share` of them, chosen by `selected_for_shadow_review` (a hash of the
   Series Instance UID, so the same series is always chosen or not), also gets a worklist item of
   reason `shadow_review`, on which a dosimetrist answers "is the auto contour acceptable? yes / no";
-- a series the gate sends to the worklist (anomaly, geometry, unreadable, no liver) goes there as
-  usual; the scored ones (anomaly, geometry) also get a draft contour from the segmenter, which the
-  series page overlays, so that their reviewer can answer the same question ("would the auto
-  contour have been acceptable?") with the contour in front of them.
+- a series the gate stops goes to the worklist exactly as in live mode, with the segmenter's
+  draft contour (stored, never sent) and the gate's findings, which the series page shows, so that
+  its reviewer can answer the same question ("would the auto contour have been acceptable?") with
+  the contour in front of them.
 
 The answers are `ContourFeedback` rows (service/feedback.py). `shadow_report` puts the newest
 answer of each series version against the gate's decision (`Series.route`): the agreement table,
@@ -205,8 +205,8 @@ def _estimate_json(estimate: Estimate) -> dict[str, Any]:
 def shadow_report(*, session: Session, resamples: int = 2000, seed: int = 0) -> ShadowReport:
     """The gate (`Series.route`) against the newest answer of each series version, over every recorded answer.
 
-    The worklist row's answers come from feedback on worklisted series (in shadow mode their
-    reviewer sees the segmenter's draft when there is one); the auto row's from shadow reviews and
+    The worklist row's answers come from feedback on worklisted series (their reviewer sees the
+    segmenter's draft when there is one); the auto row's from shadow reviews and
     any other feedback on auto-routed series.
 
     Raises:

@@ -82,6 +82,10 @@ def make_settings(storage_dir: Path, database_url: str, redis_url: str, **overri
         # Every queue of its own, so that tests sharing one Redis never take each other's messages.
         "score_queue": f"test.score.{storage_dir.name}.{free_port()}",
         "segment_queue": f"test.segment.{storage_dir.name}.{free_port()}",
+        # The rules-only gate (no gate.json there): these tests send short phantoms (12–60 slices)
+        # that cover only part of the liver, which the shipped, calibrated gate rightly stops as
+        # "liver_partial". A test of the shipped gate passes gate_model_dir itself.
+        "gate_model_dir": storage_dir.parent / "rules-only-gate",
     }
     values.update(overrides)
     return Settings(**values)

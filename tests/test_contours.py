@@ -352,7 +352,9 @@ def test_a_returned_rtstruct_pools_the_worklisted_series_and_bad_ones_are_listed
 
     with (
         listener_process(settings, tmp_path / "listener.log"),
-        process([gatekeeper_executable(), "worker", "--queues", "score,default"], settings, tmp_path / "worker.log"),
+        process(
+            [gatekeeper_executable(), "worker", "--queues", "score,segment,default"], settings, tmp_path / "worker.log"
+        ),
     ):
         sent = storescu(settings.port, files)
         assert sent.returncode == 0, sent.stderr[-2000:]

@@ -2,8 +2,8 @@
 processes, the worklist web app, Orthanc as the PACS, DCMTK storescu as the scanner's PACS.
 
 A normal series ends with a SEG in Orthanc that references it; an anomalous one (hip prosthesis,
-which the shipped detector flags far above its threshold) ends on the worklist with reason
-"anomaly" and its per-slice scores. Then the worker is killed with SIGKILL while it scores a
+which the shipped detector flags far above its threshold) is segmented too and ends on the worklist
+with reason "anomaly", its per-slice scores, the gate's findings and a draft SEG that is never sent. Then the worker is killed with SIGKILL while it scores a
 series; a new worker and the sweeper still route that series exactly once. With
 `export_format` "both" a normal series ends with its SEG and its RT Structure Set in Orthanc.
 """
@@ -224,6 +224,11 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
                 [score] = session.scalars(select(SeriesScore).where(SeriesScore.series_id == hip_row.id)).all()
             assert item.reason == "anomaly" and score.flagged and len(score.slices) == 30
             assert hip_row.route_reason == "anomaly"
+            # Segmented too: the draft is stored, never sent (no export, nothing of it in the PACS).
+            with db.sessions() as session:
+                assert session.scalars(select(Export).where(Export.series_id == hip_row.id)).all() == []
+            assert item.detail["draft"] and (settings.storage_dir / item.detail["draft"]).is_file()
+            assert len(pacs.rest("/instances")) == 1  # the normal series' SEG only
 
             # ... and the worklist web app shows it.
             request = urllib.request.Request(
@@ -233,6 +238,8 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
             worklist = wait_for(lambda: _get_json(request), timeout=30)
             [entry] = [e for e in worklist if e["series_instance_uid"] == series_uid(hip)]
             assert entry["reason"] == "anomaly" and entry["score"] > entry["threshold"]
+            words = {f["signal"]: f["words"] for f in entry["findings"]}  # the fired findings, in plain words
+            assert "GAN anomaly score" in words["gan"]
 
             # kill -9 the worker while it scores a series.
             sent = storescu(settings.port, ct_files(victim))
@@ -259,7 +266,7 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
                     select(SeriesEvent.kind).where(SeriesEvent.series_id == victim_row.id).order_by(SeriesEvent.id)
                 )
             )
-        assert scores == 1 and kinds.count("routed") == 1, kinds
+        assert scores == 1 and kinds.count("segmenting") == 1 and kinds.count("exporting") == 1, kinds
         assert "requeued_scoring" in kinds
         assert len(pacs.instances_with_uid(_export_uid(db, victim_row.id))) == 1
     for name in (settings.score_queue, settings.segment_queue, settings.export_queue, settings.pipeline_queue):

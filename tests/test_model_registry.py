@@ -423,3 +423,56 @@ def test_a_gate_version_is_registered_from_its_gate_json_and_a_bad_folder_is_ref
             register(sessions=sessions, settings=settings, kind=ModelKind.DETECTOR, folder=tmp_path / "x", actor="me")
     finally:
         engine.dispose()
+
+
+def test_workers_load_the_active_gate_rules_only_until_there_is_one_and_follow_a_promotion(tmp_path: Path) -> None:
+    from service.db.session import make_engine, make_session_factory
+    from service.db.tables import ModelKind
+    from service.model_registry import promote, register
+    from service.pipeline_tasks import Models
+
+    def gate_folder(name: str, version: str, reference: bytes | None = None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        config: dict[str, Any] = {"format": 1, "kind": "ct-gatekeeper-gate", "version": version, "signals": {}}
+        if reference is not None:
+            (folder / "reference.npz").write_bytes(reference)
+            config["reference"] = {"file": "reference.npz", "sha256": "not checked by a rules-only gate"}
+        (folder / "gate.json").write_text(json.dumps(config))
+        return folder
+
+    url = f"sqlite:///{tmp_path / 'gatekeeper.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    try:
+        # No gate.json shipped and none registered: the rules-only gate, and nothing registered.
+        settings = Settings(storage_dir=tmp_path / "var", database_url=url, gate_model_dir=tmp_path / "none")
+        assert Models(settings, sessions).gate().version == "rules-only"
+        assert Models(settings).gate().version == "rules-only"
+        with sessions() as session:
+            assert session.scalars(select(ModelVersion)).all() == []
+        # A shipped gate.json: registered and made active on first use, as the segmenter and detector are.
+        shipped = gate_folder("shipped", "gate-1", reference=b"calibration arrays")
+        settings = settings.model_copy(update={"gate_model_dir": shipped})
+        models = Models(settings, sessions)
+        assert models.gate().version == "gate-1" and models.gate() is models.gate()  # loaded once
+        with sessions() as session:
+            [row] = session.scalars(select(ModelVersion)).all()
+        assert (row.kind, row.version, row.status) == ("gate", "gate-1", "active")
+        # The reference file gate.json names is part of the registered version.
+        assert (settings.storage_dir / row.path / "reference.npz").read_bytes() == b"calibration arrays"
+        # A promotion takes effect at the next call, without a restart.
+        register(
+            sessions=sessions, settings=settings, kind=ModelKind.GATE, folder=gate_folder("new", "gate-2"), actor="me"
+        )
+        promote(sessions=sessions, kind=ModelKind.GATE, version="gate-2", actor="me")
+        assert models.gate().version == "gate-2"
+        missing = gate_folder("missing", "gate-3")
+        (missing / "gate.json").write_text(
+            json.dumps({"format": 1, "kind": "ct-gatekeeper-gate", "version": "gate-3", "reference": {"file": "x.npz"}})
+        )
+        with pytest.raises(RegistryError, match="reference file"):
+            register(sessions=sessions, settings=settings, kind=ModelKind.GATE, folder=missing, actor="me")
+    finally:
+        engine.dispose()

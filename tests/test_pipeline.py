@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from service import pipeline
 from service.db.tables import Export, ExportState, RouteReason, Series, SeriesEvent, SeriesScore, WorklistItem, utc_now
 from service.dicom_send import Outcome, SendResult
+from service.gate import Finding, Gate, GateDecision
 from service.inference import Detector
 from service.lifecycle import SeriesState
 from service.pacs_export import deliver
@@ -144,21 +145,53 @@ def series_row(db: Db, series_id: int) -> Series:
 # --- routing table and state machine ----------------------------------------------------------------
 
 
+def decision(reason: str | None, *fired: str) -> GateDecision:
+    """A gate decision with `reason` (None: auto) and a fired finding per name in `fired`."""
+    findings = tuple(Finding(name, 1.0, 0.5, True, (3, 7), f"{name} fired") for name in fired)
+    return GateDecision(reason is not None, RouteReason(reason) if reason else None, findings, None, None, "test")
+
+
 @pytest.mark.parametrize(
     ("facts", "expected"),
     [
+        # No gate decision: forward mode (our segmenter does not run), an unreadable series.
         (RouteFacts(flagged=False), ("auto", None)),
         (RouteFacts(flagged=True), ("worklist", "anomaly")),
         (RouteFacts(geometry_findings=[{"code": "gap"}], flagged=False), ("worklist", "geometry")),
         (RouteFacts(geometry_findings=[{"code": "gap"}], unreadable="one slice"), ("worklist", "geometry")),
         (RouteFacts(unreadable="one slice"), ("worklist", "unreadable")),
-        (RouteFacts(flagged=False, liver_found=False), ("worklist", "no_liver")),
-        (RouteFacts(flagged=False, liver_found=True), ("auto", None)),
+        # After segmentation the gate decides; its reason is the route reason, whatever it is.
+        (RouteFacts(flagged=True, gate=decision(None), liver_found=True), ("auto", None)),
+        (RouteFacts(geometry_findings=[{"code": "gap"}], gate=decision(None), liver_found=True), ("auto", None)),
+        (RouteFacts(flagged=False, gate=decision("anomaly", "gan"), liver_found=True), ("worklist", "anomaly")),
+        (RouteFacts(gate=decision("gate_evidence", "tta_dice"), liver_found=True), ("worklist", "gate_evidence")),
+        (RouteFacts(gate=decision("no_liver", "no_liver"), liver_found=False), ("worklist", "no_liver")),
+        # A safety net under the gate: no liver, no SEG.
+        (RouteFacts(gate=decision(None), liver_found=False), ("worklist", "no_liver")),
+        # Off-target series, off_target_routing "withhold": withheld (route None) with the off-target reason.
+        (
+            RouteFacts(gate=decision("not_abdomen", "not_abdomen"), off_target_routing="withhold"),
+            (None, "not_abdomen"),
+        ),
+        (
+            RouteFacts(gate=decision("anomaly", "gan", "no_liver"), liver_found=False, off_target_routing="withhold"),
+            (None, "no_liver"),
+        ),
+        (RouteFacts(gate=decision(None), liver_found=False, off_target_routing="withhold"), (None, "no_liver")),
+        (
+            RouteFacts(gate=decision("liver_partial", "liver_partial"), off_target_routing="worklist"),
+            ("worklist", "liver_partial"),
+        ),
+        # ... but a series the model applies to still goes to the worklist.
+        (
+            RouteFacts(gate=decision("anomaly", "gan"), liver_found=True, off_target_routing="withhold"),
+            ("worklist", "anomaly"),
+        ),
     ],
 )
 def test_routing_rules_pick_the_first_reason_that_applies(facts: RouteFacts, expected: tuple) -> None:
     route, reason = decide_route(facts)
-    assert (route.value, reason.value if reason else None) == expected
+    assert (route.value if route else None, reason.value if reason else None) == expected
 
 
 # --- the stages ---------------------------------------------------------------------------------------
@@ -213,29 +246,89 @@ def test_normal_series_is_scored_routed_auto_segmented_and_exported(
     series = series_row(db, series_id)
     assert (series.state, series.route, series.route_reason) == (SeriesState.DELIVERED, "auto", None)
     kinds = [e.kind for e in events(db, series_id)]
-    assert kinds[-5:] == ["scoring", "scored", "routed", "exporting", "delivered"]
-    assert kinds.count("routed") == 1
+    assert kinds[-5:] == ["scoring", "scored", "segmenting", "exporting", "delivered"]
+    # The gate decided after segmentation; the "exporting" event says on what and with which models.
+    [exporting] = [e for e in events(db, series_id) if e.kind == "exporting"]
+    assert exporting.detail["route"] == "auto" and exporting.detail["gate"]["manual"] is False
+    assert exporting.detail["gate_version"] == "rules-only" and exporting.detail["segmenter_version"] == "stub-1"
+    assert exporting.detail["detector_version"] == detector.version
+    [gan] = [f for f in exporting.detail["gate"]["findings"] if f["signal"] == "gan"]
+    assert gan["fired"] is False and gan["words"].startswith("GAN anomaly score")
 
 
-def test_anomalous_series_goes_to_the_worklist_with_its_scores(
+def test_anomalous_series_is_segmented_and_goes_to_the_worklist_with_a_draft_never_sent(
     env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
 ) -> None:
     settings, db = env
     series_id = ingest(settings, db, phantoms["hip"])
     pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    # Every readable series is segmented; the gate decides after.
+    assert pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector) == Next(
+        "segment", series_id
+    )
+    assert series_row(db, series_id).state == SeriesState.SEGMENTING
     assert (
-        pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector) == pipeline.DONE
+        pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter()) == []
     )
     series = series_row(db, series_id)
     assert (series.state, series.route, series.route_reason) == (SeriesState.WORKLISTED, "worklist", "anomaly")
     with db.sessions() as session:
         [item] = session.scalars(select(WorklistItem)).all()
         score = session.scalar(select(SeriesScore))
+        assert session.scalar(select(Export)) is None  # stored, not sent
     assert item.series_id == series_id and item.reason == RouteReason.ANOMALY and item.status == "open"
     assert score.flagged and score.score > score.threshold and len(score.slices) == 24
+    # The item says why in plain words, and where the draft lies.
+    gate = item.detail["gate"]
+    assert gate["manual"] and gate["reason"] == "anomaly" and gate["gate_version"] == "rules-only"
+    [gan] = [f for f in gate["findings"] if f["fired"]]
+    assert gan["signal"] == "gan" and gan["value"] == pytest.approx(score.score, abs=1e-5)
+    assert "GAN anomaly score" in gan["words"] and gan["threshold"] == pytest.approx(score.threshold, abs=1e-5)
+    assert (item.detail["segmenter_version"], item.detail["detector_version"]) == ("stub-1", detector.version)
+    draft = settings.storage_dir / item.detail["draft"]
+    assert draft.name == "liver-seg-draft-stub-1.dcm" and pydicom.dcmread(draft).Modality == "SEG"
+    assert not list(draft.parent.glob("liver-seg-stub-1.dcm"))  # no deliverable SEG was written
     routed = [e for e in events(db, series_id) if e.kind == "routed"]
     assert len(routed) == 1 and routed[0].detail["reason"] == "anomaly"
+    assert routed[0].detail["gate_version"] == "rules-only" and routed[0].detail["detector_version"]
     assert series.patient_name and all(series.patient_name not in str(e.detail) for e in events(db, series_id))
+    # A redelivered segment message finds the series worklisted: nothing is written or moved again.
+    assert (
+        pipeline.segment(sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter()) == []
+    )
+    assert [e.kind for e in events(db, series_id)].count("routed") == 1
+
+
+def test_the_gate_given_to_the_segment_stage_decides(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    """A gate that stops a normal series: the worklist reason is the gate's, whatever it is."""
+    settings, db = env
+
+    class Stopping(Gate):
+        def assess(self, **kwargs: Any) -> Any:
+            assessment = Gate.rules_only().assess(**kwargs)
+            finding = Finding("tta_dice", 0.81, 0.93, True, (40, 52), "segmentations disagree on slices 40–52")
+            assessment.decision = GateDecision(True, RouteReason.ANOMALY, (finding,), 3.2, 2.0, "gate-test-1")
+            return assessment
+
+    series_id = ingest(settings, db, phantoms["normal"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
+    gate = Stopping({"version": "gate-test-1"})
+    assert (
+        pipeline.segment(
+            sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter(), gate=gate
+        )
+        == []
+    )
+    assert series_row(db, series_id).state == SeriesState.WORKLISTED
+    with db.sessions() as session:
+        [item] = session.scalars(select(WorklistItem)).all()
+        assert session.scalar(select(Export)) is None
+    assert item.detail["gate_version"] == "gate-test-1" and item.detail["gate"]["fused"] == 3.2
+    assert item.detail["gate"]["findings"][0]["words"] == "segmentations disagree on slices 40–52"
+    assert item.detail["gate"]["findings"][0]["slices"] == [40, 52]
 
 
 def test_no_liver_found_goes_to_the_worklist(
@@ -252,9 +345,39 @@ def test_no_liver_found_goes_to_the_worklist(
         == []
     )
     series = series_row(db, series_id)
-    assert (series.state, series.route_reason) == (SeriesState.WORKLISTED, "no_liver")
+    assert (series.state, series.route, series.route_reason) == (SeriesState.WORKLISTED, "worklist", "no_liver")
     with db.sessions() as session:
         assert session.scalar(select(Export)) is None
+        [item] = session.scalars(select(WorklistItem)).all()
+    assert item.reason == "no_liver" and item.detail["draft"] is None  # an empty mask: no draft either
+    assert [f["words"] for f in item.detail["gate"]["findings"] if f["fired"]] == [
+        "no liver in the field of view (0 ml found)"
+    ]
+
+
+def test_off_target_series_is_withheld_when_so_configured(
+    env: tuple[Settings, Db], phantoms: dict[str, Path], detector: Detector
+) -> None:
+    settings, db = env
+    settings = settings.model_copy(update={"off_target_routing": "withhold"})
+    series_id = ingest(settings, db, phantoms["normal"])
+    pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
+    pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)
+    assert (
+        pipeline.segment(
+            sessions=db.sessions, settings=settings, series_id=series_id, segmenter=StubSegmenter(liver=False)
+        )
+        == []
+    )
+    series = series_row(db, series_id)
+    # Kept with its reason; nothing sent, not on the worklist.
+    assert (series.state, series.route, series.route_reason) == (SeriesState.WITHHELD, None, "no_liver")
+    with db.sessions() as session:
+        assert session.scalar(select(Export)) is None and session.scalar(select(WorklistItem)) is None
+    [withheld] = [e for e in events(db, series_id) if e.kind == "withheld"]
+    assert withheld.detail["route"] == "withheld" and withheld.detail["reason"] == "no_liver"
+    assert withheld.detail["gate"]["reason"] == "no_liver" and withheld.detail["segmenter_version"] == "stub-1"
+    assert not any((settings.storage_dir / "results" / str(series_id)).glob("liver-*.dcm"))
 
 
 def test_unreadable_series_goes_to_the_worklist(

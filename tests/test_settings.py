@@ -56,6 +56,13 @@ def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.log_level == "DEBUG"
 
 
+def test_off_target_routing_defaults_to_the_worklist_and_reads_withhold(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings_or_exit().off_target_routing == "worklist"
+    get_settings.cache_clear()
+    monkeypatch.setenv("GATEKEEPER_OFF_TARGET_ROUTING", " Withhold ")
+    assert load_settings_or_exit().off_target_routing == "withhold"
+
+
 def test_config_file_is_read_and_environment_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = tmp_path / "gatekeeper.toml"
     config.write_text('port = 4000\nae_title = "FROM_FILE"\nallowed_networks = ["192.168.0.0/24"]\n')
@@ -90,6 +97,7 @@ def test_database_url_follows_storage_dir(tmp_path: Path) -> None:
         ("GATEKEEPER_BIND_ADDRESS", "example.org"),
         ("GATEKEEPER_QUIET_PERIOD_S", "0"),
         ("GATEKEEPER_LOG_LEVEL", "LOUD"),
+        ("GATEKEEPER_OFF_TARGET_ROUTING", "send"),
     ],
 )
 def test_invalid_value_exits_2_with_one_line_naming_the_variable(

@@ -20,7 +20,17 @@ from fastapi.routing import APIRoute
 from ingest_support import upgrade
 from PIL import Image
 from sqlalchemy import select
-from web_support import ANOMALY, PASSWORDS, THRESHOLD, Seeded, seed_database, serve, write_model_dir, write_phantom
+from web_support import (
+    ANOMALY,
+    GATE_WORDS,
+    PASSWORDS,
+    THRESHOLD,
+    Seeded,
+    seed_database,
+    serve,
+    write_model_dir,
+    write_phantom,
+)
 
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, Series, SeriesEvent, WorklistItem
@@ -190,8 +200,11 @@ def test_worklist_json_lists_the_worklisted_series_with_scores(env: Env) -> None
     assert flagged["flagged_slices"] == {"first": 5, "last": 8, "count": 4}
     assert flagged["patient_name"] == "Doe^Jane" and flagged["age_s"] >= 7000
     assert flagged["url"].startswith("/series/")
+    # The gate's fired findings, in plain words (the ones that did not fire are not listed).
+    assert [(f["signal"], f["words"], f["slices"]) for f in flagged["findings"]] == [("tta_dice", GATE_WORDS, [5, 8])]
     geometry = by_uid[env.seeded.geometry_uid]
     assert geometry["reason"] == "geometry" and geometry["score"] is None and geometry["threshold"] is None
+    assert geometry["findings"] == []  # routed before the gate recorded findings
     # Default order: oldest first; sortable by score (entries without a score last).
     assert [e["id"] for e in entries] == [env.seeded.flagged_item, env.seeded.geometry_item]
     by_score = env.client("bob").get("/api/worklist", params={"sort": "score", "order": "asc"}).json()
@@ -261,9 +274,38 @@ def test_series_json_has_route_state_score_and_slices(env: Env) -> None:
     assert all({"index", "sop_instance_uid", "position", "score"} <= set(s) for s in body["slices"])
     assert len(body["top_slices"]) == 3 and all(t["has_residual_map"] for t in body["top_slices"])
     assert body["worklist"]["id"] == env.seeded.flagged_item
+    # The gate's decision: every finding with its value, threshold, slices, whether it fired, in words.
+    gate = body["gate"]
+    assert gate["manual"] and gate["reason"] == "anomaly" and gate["gate_version"] == "gate-test-1"
+    assert (gate["segmenter_version"], gate["detector_version"]) == ("seg-test-1", "test-model-1")
+    assert (gate["fused"], gate["fused_threshold"]) == (3.1, 2.0)
+    assert gate["findings"] == [
+        {"signal": "tta_dice", "value": 0.81, "threshold": 0.93, "fired": True, "slices": [5, 8], "words": GATE_WORDS},
+        {
+            "signal": "entropy",
+            "value": 0.02,
+            "threshold": 0.05,
+            "fired": False,
+            "slices": None,
+            "words": "segmenter confident around the liver (entropy 0.02; normal ≤ 0.05)",
+        },
+    ]
 
     delivered = env.client("alice").get(f"/api/series/{env.seeded.delivered_uid}").json()
     assert delivered["route"] == "auto" and delivered["state"] == "delivered" and delivered["worklist"] is None
+    assert delivered["gate"] is None  # no decision recorded for it
+
+
+def test_worklist_and_series_pages_show_the_gates_findings_in_words_escaped(env: Env) -> None:
+    escaped = GATE_WORDS.replace("&", "&amp;").replace("<", "&lt;")
+    with env.client() as client:
+        client.post("/login", data={"name": "alice", "password": PASSWORDS["alice"]})
+        worklist = client.get("/worklist").text
+        series = client.get(f"/series/{env.seeded.flagged_uid}").text
+    assert escaped in worklist and GATE_WORDS not in worklist
+    assert "segmenter confident" not in worklist  # only what fired, on the worklist
+    assert 'id="gate"' in series and escaped in series and "segmenter confident around the liver" in series
+    assert "gate-test-1" in series and "<code>tta_dice</code>" in series
 
 
 def test_series_versions_default_to_the_newest(env: Env) -> None:

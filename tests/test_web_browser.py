@@ -1,6 +1,6 @@
 """One real-browser journey through the worklist: headless Chromium (Debian's package) driven by Playwright.
 
-Log in, see the worklist, open the flagged series, see the score plot and the heat maps, claim it.
+Log in, see the worklist with the gate's reasons in words, open the flagged series, see the score plot and the heat maps, claim it.
 Screenshots go to tests/artifacts/ (git-ignored), kept after the test for a person to look at.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_web import make_settings
-from web_support import ANOMALY, PASSWORDS, seed_database, serve, write_phantom
+from web_support import ANOMALY, GATE_WORDS, PASSWORDS, seed_database, serve, write_phantom
 
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, WorklistItem
@@ -61,11 +61,13 @@ def test_a_dosimetrist_logs_in_opens_a_flagged_series_and_claims_it(worklist: tu
             expect(row).to_contain_text("Doe^Jane")
             expect(row).to_contain_text("anomaly")
             expect(row).to_contain_text("5–8")  # flagged slice range
+            expect(row.locator("ul.findings li")).to_have_text([GATE_WORDS])  # why, in the gate's words
             page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
 
             row.locator("a.open-series").click()
             expect(page.locator("h1")).to_contain_text("Doe^Jane")
             expect(page.locator("svg.score-plot line.threshold")).to_have_count(1)
+            expect(page.locator("section#gate ul.findings")).to_contain_text(GATE_WORDS)
             images = page.locator("figure.slice img")
             expect(images).to_have_count(3)
             page.wait_for_function(

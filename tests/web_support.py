@@ -19,7 +19,17 @@ from conftest import free_port
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import Instance, Route, RouteReason, Series, SeriesScore, User, UserRole, WorklistItem
+from service.db.tables import (
+    Instance,
+    Route,
+    RouteReason,
+    Series,
+    SeriesEvent,
+    SeriesScore,
+    User,
+    UserRole,
+    WorklistItem,
+)
 from service.lifecycle import SeriesState
 from service.phantom.generate import SeriesSpec, generate_series
 from service.web import security
@@ -30,6 +40,27 @@ NUM_SLICES = 12
 MATRIX = 64
 ANOMALY = "tumor"  # phantom anomaly of the flagged series
 FLAGGED = range(5, 9)  # slices whose score is above the threshold in the anomalous series
+#: What the gate recorded on the flagged series (`GateDecision.as_json`); the words hold "<" and "&"
+#: so that a page that does not escape them shows.
+GATE_WORDS = "segmentations disagree on slices 5–8 (pairwise Dice 0.81 < normal ≥ 0.93 & more)"
+FLAGGED_GATE = {
+    "manual": True,
+    "reason": "anomaly",
+    "fused": 3.1,
+    "fused_threshold": 2.0,
+    "gate_version": "gate-test-1",
+    "findings": [
+        {"signal": "tta_dice", "value": 0.81, "threshold": 0.93, "fired": True, "slices": [5, 8], "words": GATE_WORDS},
+        {
+            "signal": "entropy",
+            "value": 0.02,
+            "threshold": 0.05,
+            "fired": False,
+            "slices": None,
+            "words": "segmenter confident around the liver (entropy 0.02; normal ≤ 0.05)",
+        },
+    ],
+}
 
 
 def write_phantom(out: Path, *, anomaly: str | None, seed: int) -> Path:
@@ -179,11 +210,26 @@ def seed_database(sessions: sessionmaker[Session], *, storage_dir: Path, phantom
                 created_at=now,
             )
         )
+        gate_detail = {
+            "gate": FLAGGED_GATE,
+            "draft": None,
+            "gate_version": "gate-test-1",
+            "segmenter_version": "seg-test-1",
+            "detector_version": "test-model-1",
+        }
         flagged_item = WorklistItem(
             series_id=flagged.id,
             reason=RouteReason.ANOMALY.value,
-            detail={"score": 0.85},
+            detail={"score": 0.85, **gate_detail},
             created_at=now - dt.timedelta(hours=2),
+        )
+        session.add(
+            SeriesEvent(
+                series_id=flagged.id,
+                kind="routed",
+                detail={"route": "worklist", "reason": "anomaly", **gate_detail},
+                created_at=now - dt.timedelta(hours=2),
+            )
         )
 
         geometry, _ = add_series(

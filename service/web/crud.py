@@ -29,6 +29,7 @@ from service.db.tables import (
     Instance,
     RouteReason,
     Series,
+    SeriesEvent,
     SeriesScore,
     User,
     UserRole,
@@ -418,6 +419,25 @@ class SeriesReview:
     worklist: WorklistRow | None
     latest_version: int
     feedback: list[FeedbackRow]
+    gate: dict[str, Any] | None = None  # see `gate_decision`
+
+
+def gate_decision(*, session: Session, series_id: int) -> dict[str, Any] | None:
+    """The gate's newest decision on series version `series_id`, as the pipeline recorded it; None if none.
+
+    The detail of the event that routed it after segmentation ("routed" to the worklist,
+    "exporting", "withheld", "export_failed"; service/pipeline.py `segment`): `gate` (the decision,
+    `GateDecision.as_json`: every finding with value, threshold, slices and plain words), `draft`
+    (the draft SEG, relative to `storage_dir`, or None), and `gate_version`, `segmenter_version`,
+    `detector_version`. Series routed before the gate decided after segmentation have none.
+    """
+    details = session.scalars(
+        select(SeriesEvent.detail).where(SeriesEvent.series_id == series_id).order_by(SeriesEvent.id.desc())
+    )
+    for detail in details:
+        if isinstance(detail, dict) and isinstance(detail.get("gate"), dict):
+            return detail
+    return None
 
 
 def get_series_review(*, session: Session, series_instance_uid: str, version: int | None = None) -> SeriesReview:
@@ -450,6 +470,7 @@ def get_series_review(*, session: Session, series_instance_uid: str, version: in
         worklist=worklist,
         latest_version=versions[-1].version,
         feedback=list_series_feedback(session=session, series_id=series.id),
+        gate=gate_decision(session=session, series_id=series.id),
     )
 
 

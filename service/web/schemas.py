@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from service.db.tables import MAX_FEEDBACK_NOTE_LENGTH, SeriesScore, User
 from service.web.crud import AuditRow, FeedbackRow, SeriesReview, WorklistRow
@@ -27,14 +27,66 @@ class SliceRange(BaseModel):
     count: int
 
 
+class FindingOut(BaseModel):
+    """One piece of the gate's evidence on a series (`service.gate.Finding`).
+
+    `value` and `threshold` in the signal's units (NaN stored as None: a plain rule has no
+    threshold); `fired`: it sent the series to manual contouring; `slices`: first and last slice
+    index (head → feet) where it is strongest, None when global; `words`: the finding in plain words.
+    """
+
+    signal: str
+    value: float | None
+    threshold: float | None
+    fired: bool
+    slices: list[int] | None
+    words: str
+
+
+class GateOut(BaseModel):
+    """The gate's decision on a series version, after segmentation: where it sent it, why, on what evidence."""
+
+    manual: bool  # True: to the worklist (or withheld, an off-target series), the segmentation kept as a draft
+    reason: str | None
+    fused: float | None  # the fused statistic and its threshold; None for a rules-only gate
+    fused_threshold: float | None
+    gate_version: str | None
+    segmenter_version: str | None
+    detector_version: str | None
+    draft: str | None  # the draft SEG (relative to the storage folder): stored, never sent; None when none
+    findings: list[FindingOut]  # every signal computed, fired or not
+
+    @classmethod
+    def from_detail(cls, detail: dict[str, Any] | None) -> GateOut | None:
+        """From a recorded decision (`crud.gate_decision`, or a worklist item's detail); None if it has none."""
+        if not detail or not isinstance(detail.get("gate"), dict):
+            return None
+        gate = detail["gate"]
+        try:
+            return cls(
+                manual=bool(gate.get("manual")),
+                reason=gate.get("reason"),
+                fused=gate.get("fused"),
+                fused_threshold=gate.get("fused_threshold"),
+                gate_version=gate.get("gate_version") or detail.get("gate_version"),
+                segmenter_version=detail.get("segmenter_version"),
+                detector_version=detail.get("detector_version"),
+                draft=detail.get("draft"),
+                findings=[FindingOut.model_validate(f) for f in gate.get("findings") or []],
+            )
+        except ValidationError:
+            return None
+
+
 class WorklistEntry(BaseModel):
     """One series waiting for (or done with) manual contouring."""
 
     id: int
     series_instance_uid: str
     series_version: int
-    reason: str  # anomaly | geometry | unreadable | no_liver | shadow_review
+    reason: str  # a route reason (anomaly, geometry, unreadable, no_liver, ... the gate's), or shadow_review
     detail: dict[str, Any]
+    findings: list[FindingOut]  # the gate's findings that fired: why the series is here, in plain words
     status: str  # open | claimed | done | contoured
     score: float | None  # None when the series was never scored
     threshold: float | None
@@ -63,6 +115,7 @@ class WorklistEntry(BaseModel):
             series_version=series.version,
             reason=item.reason,
             detail=item.detail or {},
+            findings=fired_findings(item.detail),
             status=item.status,
             score=score.score if score else None,
             threshold=score.threshold if score else None,
@@ -107,8 +160,9 @@ class SeriesDetail(BaseModel):
     version: int
     latest_version: int
     state: str
-    route: str | None  # auto | worklist, once decided
+    route: str | None  # auto | worklist, once decided (None and a reason: withheld, an off-target series)
     route_reason: str | None
+    gate: GateOut | None  # the gate's decision after segmentation; None before it (or unreadable, forward mode)
     modality: str
     num_instances: int
     completed_at: dt.datetime | None
@@ -139,6 +193,7 @@ class SeriesDetail(BaseModel):
             state=series.state,
             route=series.route,
             route_reason=series.route_reason,
+            gate=GateOut.from_detail(review.gate),
             modality=series.modality,
             num_instances=series.num_instances,
             completed_at=series.completed_at,
@@ -269,6 +324,12 @@ class CheckResult(BaseModel):
 class Readiness(BaseModel):
     status: str  # ok | failed: failed when any check failed
     checks: list[CheckResult]
+
+
+def fired_findings(detail: dict[str, Any] | None) -> list[FindingOut]:
+    """The fired findings of the gate's decision in a worklist item's detail; empty when it holds none."""
+    gate = GateOut.from_detail(detail)
+    return [f for f in gate.findings if f.fired] if gate is not None else []
 
 
 def flagged_slice_range(score: SeriesScore | None) -> SliceRange | None:

@@ -41,9 +41,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy.engine import make_url
 
+from service import dcmtk
+
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = "pynetdicom SCP, no storage"
 GATEKEEPER = str(Path(sys.executable).parent / "gatekeeper")
+# DCMTK's tools, not the pynetdicom console scripts of the same names (service/dcmtk.py).
+STORESCU = dcmtk.tool("storescu") or "storescu"
+STORESCP = dcmtk.tool("storescp") or "storescp"
 
 
 def free_port() -> int:
@@ -146,7 +151,7 @@ def push(port: int, series: list[list[Path]], tuned_sender: bool, aec: str) -> f
     start = time.perf_counter()
     senders = [
         subprocess.Popen(
-            ["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+            [STORESCU, "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -166,7 +171,7 @@ def run_storescp(work: Path, series: list[list[Path]], tuned_sender: bool) -> tu
     out.mkdir()
     port = free_port()
     env = dict(os.environ, TCP_NODELAY="1")
-    args = ["storescp", "-od", str(out), "+xa", "-aet", "STORESCP", *(["--fork"] if len(series) > 1 else []), str(port)]
+    args = [STORESCP, "-od", str(out), "+xa", "-aet", "STORESCP", *(["--fork"] if len(series) > 1 else []), str(port)]
     scp = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

@@ -72,6 +72,7 @@ import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
+from service import dcmtk  # noqa: E402
 from service.db.session import make_engine, make_session_factory  # noqa: E402
 from service.db.tables import Export, ExportState, Instance, Series, SeriesEvent, WorklistItem  # noqa: E402
 from service.lifecycle import FINAL_STATES  # noqa: E402
@@ -79,6 +80,7 @@ from service.settings import Settings, settings_environment  # noqa: E402
 
 GATEKEEPER = str(Path(sys.executable).parent / "gatekeeper")
 SENDER_AE = "CHAOSPACS"
+STORESCU = dcmtk.tool("storescu")  # DCMTK's, not the pynetdicom script of that name
 EVENT_KINDS = (
     "kill_listener",
     "kill_score_worker",
@@ -292,7 +294,7 @@ class Supervised:
 
 
 def make_templates(folder: Path, slices: int) -> dict[str, list[Path]]:
-    """A normal series (the shipped gate auto-segments it) and a hip prosthesis (it goes to the worklist)."""
+    """A normal series (the rules-only gate auto-segments it) and a hip prosthesis (the detector flags it)."""
     from service.phantom.generate import DEFAULT_NOISE_SIGMA, generate_series, series_specs
 
     templates = {}
@@ -357,7 +359,7 @@ def push_until_acknowledged(series: SentSeries, port: int, deadline: float, send
         sending.set()
         try:
             done = subprocess.run(
-                ["storescu", "-v", "-aet", SENDER_AE, "-aec", "GATEKEEPER", "-to", "10", "-ta", "10", "-td", "20"]
+                [STORESCU, "-v", "-aet", SENDER_AE, "-aec", "GATEKEEPER", "-to", "10", "-ta", "10", "-td", "20"]
                 + ["127.0.0.1", str(port), *map(str, missing)],
                 capture_output=True,
                 text=True,
@@ -445,6 +447,10 @@ class Run:
             export_retry_max_s=4.0,
             export_retry_deadline_s=3600.0,
             log_level="INFO",
+            # The rules-only gate (a folder without gate.json): the matrix checks that nothing is lost
+            # or sent twice, not the decision; its short series cover only part of the liver, which
+            # the shipped gate rightly sends to the worklist as "liver_partial".
+            gate_model_dir=self.folder / "rules-only-gate",
         )
 
     def supervise(self) -> None:
@@ -764,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.series < 1 or args.rounds < 1 or args.slices < 4:
         parser.error("--runs, --series and --rounds must be >= 1, --slices >= 4")
-    if shutil.which("storescu") is None:
+    if STORESCU is None:
         parser.error("storescu is not installed (apt-get install dcmtk)")
 
     work = Path(tempfile.mkdtemp(prefix="gatekeeper-chaos-"))

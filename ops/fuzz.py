@@ -70,6 +70,8 @@ from pydicom.uid import (
 )
 from sqlalchemy.engine import make_url
 
+from service import dcmtk
+
 GATEKEEPER = str(Path(sys.executable).parent / "gatekeeper")
 CALLED = "GATEKEEPER"
 CALLING = "FUZZ"
@@ -122,6 +124,9 @@ PDU_KINDS = {
 STALL_SHARE = 0.01  # of all cases, at least 2
 FLOOD_SHARE = 0.002  # of all cases, at least 1: more associations at once than max_associations (16)
 BROKEN_KINDS = frozenset({"element_removed", "truncated", "garbage", "uid_mismatch", "oversized", "pixel_data_length"})
+
+# DCMTK's tools, not the pynetdicom console scripts of the same names (service/dcmtk.py).
+STORESCU = dcmtk.tool("storescu") or "storescu"
 
 
 # --- PDU encoding (PS3.8 9.3) -------------------------------------------------------------------------
@@ -897,7 +902,7 @@ def clean_series_stored(listener: RunningListener, files: list[Path], work: Path
         dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         dataset.save_as(out / f"CT{i:04d}.dcm")
     sent = subprocess.run(
-        ["storescu", "-v", "-aet", "STORESCU", "-aec", CALLED, "127.0.0.1", str(listener.port)]
+        [STORESCU, "-v", "-aet", "STORESCU", "-aec", CALLED, "127.0.0.1", str(listener.port)]
         + [str(p) for p in sorted(out.iterdir())],
         capture_output=True,
         text=True,

@@ -1,13 +1,14 @@
 """`gatekeeper demo`: the product's main job, end to end, on synthetic data (what `make demo` runs).
 
-1. writes a small phantom study: one normal series and two anomalous ones (hip prosthesis,
-   truncated field of view — anomalies the shipped detector flags);
+1. writes a small phantom study of three abdominal scans (realistic scan ranges that cover the
+   liver): a normal series, a gross stent and a gross liver tumour (`DEMO_SERIES`);
 2. starts Orthanc as the PACS (throwaway configuration on free ports) and `gatekeeper serve`
    (listener, worker, worklist; SQLite and the embedded broker) configured to export to it;
 3. pushes the study with DCMTK `storescu`, as a PACS or scanner would;
 4. waits until every series has ended its automatic journey and prints per series: the route, the
-   score against the threshold, and either "SEG delivered to PACS" (checked through Orthanc's REST
-   API: the SEG is there and references the series) or the worklist URL;
+   gate's fused evidence against its cut, and either "SEG delivered to PACS" (checked through
+   Orthanc's REST API: the SEG is there and references the series) or the worklist URL with the
+   gate's reasons in words (every series is segmented first; a worklisted one keeps a draft);
 5. on a terminal (stdin and stdout both a TTY, `keep_running`): leaves the worklist and Orthanc
    running so the links work, prints the worklist's login and Orthanc's web page, and waits for
    Ctrl-C (or SIGTERM); without a terminal (CI, scripts) it goes straight on to
@@ -35,13 +36,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from service import dcmtk
 from service.errors import UsageError
 
-# (folder label, phantom anomaly or None, what the gatekeeper should do with it)
+# (folder label, phantom anomaly or None, its severity grade, what the gatekeeper should do with it)
 DEMO_SERIES = (
-    ("normal", None, "auto"),
-    ("hip_prosthesis", "hip_prosthesis", "worklist"),
-    ("truncation", "truncation", "worklist"),
+    ("normal", None, None, "auto"),
+    ("stent", "stent", "gross", "worklist"),
+    ("tumor", "tumor", "gross", "worklist"),
 )
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-dosimetrist-password"
 CALLING_AE = "DEMO_SCANNER"
@@ -51,7 +53,13 @@ WAIT_TIMEOUT_S = 480.0
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("demo", help="run the demo on a synthetic study (what `make demo` runs)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="where the demo writes (default out/demo)")
-    p.add_argument("--slices", type=int, default=48, help="slices per series (default 48)")
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=None,
+        help="slices per series (default: a realistic abdominal scan range that covers the liver, as the "
+        "gate expects; fewer slices cut the liver and the gate says so)",
+    )
     p.add_argument("--matrix", type=int, default=256, help="rows and columns per slice (default 256)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the synthetic patients (default 2026)")
     p.set_defaults(func=run)
@@ -64,7 +72,7 @@ def free_port() -> int:
 
 
 def _tool(name: str, *fallbacks: str) -> str:
-    found = shutil.which(name) or next((f for f in fallbacks if Path(f).exists()), None)
+    found = dcmtk.tool(name) or next((f for f in fallbacks if Path(f).exists()), None)
     if not found:
         raise UsageError(f"{name} is not installed (make system-deps installs DCMTK and Orthanc)")
     return found
@@ -148,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from service.phantom.generate import SeriesSpec, generate_run
     from service.settings import Settings, settings_environment
 
-    if args.slices < 8:
+    if args.slices is not None and args.slices < 8:
         raise UsageError(f"--slices must be >= 8 for a useful demo, got {args.slices}")
     storescu, orthanc_exe = _tool("storescu"), _tool("Orthanc", "/usr/sbin/Orthanc")
     started = time.monotonic()
@@ -159,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out / folder, ignore_errors=True)
 
     print(
-        f"[demo] writing the phantom study ({len(DEMO_SERIES)} series, {args.slices} slices, "
+        f"[demo] writing the phantom study ({len(DEMO_SERIES)} series, {args.slices or 'abdominal scan range'} slices, "
         f"{args.matrix}x{args.matrix}) under {study}",
         flush=True,
     )
@@ -169,10 +177,12 @@ def run(args: argparse.Namespace) -> int:
             patient_seed=args.seed + i,
             series_seed=args.seed * 10 + i,
             anomaly=anomaly,
+            grade=grade if args.slices is None else None,
+            scan_range="abdomen" if args.slices is None else None,
             num_slices=args.slices,
             matrix=args.matrix,
         )
-        for i, (label, anomaly, _) in enumerate(DEMO_SERIES)
+        for i, (label, anomaly, grade, _) in enumerate(DEMO_SERIES)
     ]
     manifest = generate_run(specs, study, progress=False, meta={"protocol": "demo", "seed": args.seed})
     series_uids = [entry["series_instance_uid"] for entry in manifest["series"]]
@@ -306,12 +316,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, Any]] | None:
-    """Per SeriesInstanceUID: state, route, reason, score, threshold, SEG UID; None while any is still working."""
+    """Per SeriesInstanceUID: state, route, reason, GAN score, the gate's fused evidence and cut, fired findings'
+    words, SEG UID; None while any is still working."""
     from sqlalchemy import select
 
     from service.db.session import make_engine, make_session_factory
     from service.db.tables import Export, Series, SeriesScore
     from service.lifecycle import FINAL_STATES
+    from service.web.crud import gate_decision
 
     engine = make_engine(settings.database_url)
     try:
@@ -327,13 +339,16 @@ def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, An
                     select(SeriesScore).where(SeriesScore.series_id == series.id).order_by(SeriesScore.id.desc())
                 ).first()
                 seg_uid = session.scalars(select(Export.sop_instance_uid).where(Export.series_id == series.id)).first()
+                gate = (gate_decision(session=session, series_id=series.id) or {}).get("gate") or {}
                 rows[uid] = {
                     "state": series.state,
                     "route": series.route,
                     "reason": series.route_reason,
                     "score": score.score if score else None,
-                    "threshold": score.threshold if score else None,
+                    "fused": gate.get("fused"),
+                    "cut": gate.get("fused_threshold"),
                     "seg_uid": seg_uid,
+                    "reasons": [f["words"] for f in gate.get("findings", []) if f.get("fired")],
                 }
             return rows
     except Exception:  # the database is created by serve at start; not there yet is "not done"
@@ -345,13 +360,13 @@ def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, An
 def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthanc_http: int, web_port: int) -> bool:
     """Print one line per series; True when each went where `DEMO_SERIES` expects."""
     ok = True
-    for (label, _, expected), entry in zip(DEMO_SERIES, manifest["series"], strict=True):
+    for (label, _, _, expected), entry in zip(DEMO_SERIES, manifest["series"], strict=True):
         uid = entry["series_instance_uid"]
         row = rows[uid]
         score = (
-            f"score {row['score']:.2f} vs threshold {row['threshold']:.2f}"
-            if row["score"] is not None
-            else "not scored"
+            f"gate evidence {row['fused']:.2f} (cut {row['cut']:.2f})"
+            if row["fused"] is not None and row["cut"] is not None
+            else "no gate evidence"
         )
         if row["state"] == "delivered" and row["seg_uid"]:
             found = _rest(orthanc_http, "/tools/lookup", row["seg_uid"].encode())
@@ -372,5 +387,7 @@ def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthan
             outcome = f"ended {row['state']}"
         route = (row["route"] or row["state"]) + (f" ({row['reason']})" if row["reason"] else "")
         print(f"  {label:<15} route {route:<22} {score:<34} {outcome}")
+        for words in row["reasons"]:
+            print(f"  {'':<15} - {words}")
         ok = ok and row["route"] == expected
     return ok

@@ -13,12 +13,16 @@ from alembic import command
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import db_cli
+from service import db_cli, dcmtk
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Instance, Series, SeriesEvent
 from service.ingest.listener import Listener
 from service.pipeline_tasks import listener_jobs
 from service.settings import Settings
+
+# DCMTK's tools, not the pynetdicom console scripts of the same names (service/dcmtk.py).
+STORESCU = dcmtk.tool("storescu") or "storescu"
+ECHOSCU = dcmtk.tool("echoscu") or "echoscu"
 
 AE_TITLE = "GATEKEEPER"
 
@@ -108,7 +112,7 @@ def storescu(
 ) -> subprocess.CompletedProcess[str]:
     """Send files with DCMTK storescu (verbose, so each response status is printed)."""
     return subprocess.run(
-        ["storescu", "-v", "-aet", aet, "-aec", AE_TITLE, *options, "127.0.0.1", str(port), *map(str, paths)],
+        [STORESCU, "-v", "-aet", aet, "-aec", AE_TITLE, *options, "127.0.0.1", str(port), *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -117,7 +121,7 @@ def storescu(
 
 def echoscu(port: int, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["echoscu", "-aet", aet, "-aec", AE_TITLE, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30
+        [ECHOSCU, "-aet", aet, "-aec", AE_TITLE, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30
     )
 
 

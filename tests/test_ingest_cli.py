@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from ingest_support import (
+    STORESCU,
     Db,
     ct_files,
     free_port,
@@ -84,7 +85,7 @@ def test_listener_on_default_sqlite_serves_concurrent_senders_and_series_lists_t
     with running_listener(settings) as listener:
         senders = [
             subprocess.Popen(
-                ["storescu", "-aec", "GATEKEEPER", "127.0.0.1", str(listener.port), *map(str, ct_files(folder))]
+                [STORESCU, "-aec", "GATEKEEPER", "127.0.0.1", str(listener.port), *map(str, ct_files(folder))]
             )
             for folder in folders
         ]

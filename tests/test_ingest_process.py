@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from ingest_support import (
+    STORESCU,
     Db,
     clone_series,
     ct_files,
@@ -66,7 +67,7 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance_and_retry_queues_once(
 
     with listener_process(settings, tmp_path / "listener1.log") as listener:
         sender = subprocess.Popen(
-            ["storescu", "-v", "-aec", "GATEKEEPER", "127.0.0.1", str(settings.port), *map(str, files)],
+            [STORESCU, "-v", "-aec", "GATEKEEPER", "127.0.0.1", str(settings.port), *map(str, files)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

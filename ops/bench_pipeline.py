@@ -8,13 +8,18 @@
    series of `--latency-slices` slices. Measured from the last instance received
    (`Series.last_received_at`) to the PACS's acceptance of the SEG (`Export.delivered_at`), and
    the same minus the quiet period (the time the pipeline itself takes).
-2. **Peak RSS.** A fresh process runs the score stage's work — read the stored 512×512 series of
-   `--rss-slices` slices, score every slice in batches of `score_batch`, keep the top residual
-   maps — and reports its peak resident memory (`ru_maxrss`) and the part before the series was read.
+2. **Peak RSS.** Fresh processes run each worker stage's work on the stored 512×512 series of
+   `--rss-slices` slices and report their peak resident memory (`ru_maxrss`) and the part before the
+   series was read: the score stage (read, score every slice in batches of `score_batch`, keep the
+   top residual maps) and the segment stage as the gate runs it (read, segment, the test-time views
+   and every signal of `service.gate`, the decision). The segment stage is also timed against a
+   reference measured in the same run: the segmenter alone on the same series (one view, no gate),
+   so the ratio says what the gate's extra segmentations and signals cost.
 
 The latency series is a normal phantom, scored by a copy of the detector whose threshold cannot be
-reached, so that it takes the SEG route (the shipped detector flags 200-slice phantoms); the
-RSS series is a clone of a 20-slice phantom (new UIDs, consecutive positions). Prints a Markdown table.
+reached; it is timed to its outcome (SEG delivered, or worklisted with the gate's draft kept — always
+segmented first). The RSS series is a normal phantom whose range covers the whole liver.
+Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from service import dcmtk  # noqa: E402
+
+# DCMTK's tools, not the pynetdicom console scripts of the same names (service/dcmtk.py).
+STORESCU = dcmtk.tool("storescu") or "storescu"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -54,15 +64,14 @@ def wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
 
 
 def make_series(work: Path, slices: int) -> list[Path]:
-    from ingest_support import clone_series, make_phantom
+    """A normal 512² phantom of `slices` slices whose range covers the liver (the gate runs every view on it)."""
+    from ingest_support import ct_files, make_phantom
 
-    template = work / "template"
-    if not template.exists():
-        make_phantom(template, slices=20, seed=3, matrix=512)
-    [source] = [p for p in template.iterdir() if p.is_dir()]
-    out = work / f"series{slices}"
-    shutil.rmtree(out, ignore_errors=True)
-    return clone_series(source, out, slices)
+    shutil.rmtree(work / "series", ignore_errors=True)
+    [folder] = make_phantom(work / "series", slices=slices, seed=11, matrix=512)
+    manifest = json.loads((work / "series" / "manifest.json").read_text())
+    assert manifest["series"][0]["scan_range"]["liver"] == "complete", manifest["series"][0]["scan_range"]
+    return ct_files(folder)
 
 
 def latency(work: Path, slices: int, segmenter: str | None) -> dict:
@@ -140,7 +149,16 @@ def latency(work: Path, slices: int, segmenter: str | None) -> dict:
 
         wait(up, 90, "the listener")
         subprocess.run(
-            ["storescu", "-aet", "BENCH", "-aec", "GATEKEEPER", "127.0.0.1", str(port), *map(str, files)],
+            [
+                dcmtk.tool("storescu") or "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                "GATEKEEPER",
+                "127.0.0.1",
+                str(port),
+                *map(str, files),
+            ],
             check=True,
             capture_output=True,
             timeout=600,
@@ -148,23 +166,19 @@ def latency(work: Path, slices: int, segmenter: str | None) -> dict:
         engine = make_engine(settings.database_url)
         sessions = make_session_factory(engine)
 
-        def delivered():  # type: ignore[no-untyped-def]
-            with sessions() as session:
-                row = session.execute(
-                    select(Series.last_received_at, Export.delivered_at)
-                    .join(Export, Export.series_id == Series.id)
-                    .where(Export.delivered_at.is_not(None))
-                ).first()
-                return row
-
-        def routed():  # type: ignore[no-untyped-def]
+        def outcome():  # type: ignore[no-untyped-def]
             with sessions() as session:
                 series = session.scalars(select(Series)).first()
-                if series is not None and series.state == "worklisted":
-                    raise SystemExit(f"the series went to the worklist ({series.route_reason}); no SEG to time")
-            return delivered()
+                if series is None:
+                    return None
+                if series.state == "worklisted":  # the gate's decision; its draft SEG was written first
+                    return series.last_received_at, series.state_changed_at, f"worklisted ({series.route_reason})"
+                row = session.execute(
+                    select(Export.delivered_at).where(Export.series_id == series.id, Export.delivered_at.is_not(None))
+                ).first()
+                return (series.last_received_at, row[0], "SEG delivered") if row else None
 
-        last_received, delivered_at = wait(routed, 300, "the SEG to be delivered")
+        last_received, settled_at, what = wait(outcome, 300, "the series' outcome")
         engine.dispose()
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -172,23 +186,24 @@ def latency(work: Path, slices: int, segmenter: str | None) -> dict:
         orthanc.terminate()
         orthanc.wait(timeout=30)
         log.close()
-    total = (delivered_at - last_received).total_seconds()
+    total = (settled_at - last_received).total_seconds()
     return {
         "slices": slices,
+        "outcome": what,
         "latency_s": total,
         "pipeline_s": total - settings.quiet_period_s,
         "quiet_period_s": settings.quiet_period_s,
     }
 
 
-RSS_CHILD = r"""
+SCORE_CHILD = r"""
 import json, resource, sys
 from pathlib import Path
-from service.inference import Detector
+from service.inference import load_detector
 from service.pipeline import load_stored_series, save_top_residual_maps
 from service.settings import Settings
 settings = Settings(storage_dir=Path(sys.argv[2]))
-detector = Detector(settings.detector_model_dir, batch=settings.score_batch)
+detector = load_detector(settings.detector_model_dir, batch=settings.score_batch)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 series = load_stored_series(sorted(Path(sys.argv[1]).glob("*.dcm")))
 result = detector.score_series(series, keep_maps=True)
@@ -199,19 +214,46 @@ save_top_residual_maps(settings=settings, series_id=1, model_version=detector.ve
 print(json.dumps({"models_mb": before / 1024, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+# The segment stage's work as the gate runs it ("gate"), or the segmenter alone ("reference").
+SEGMENT_CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from service.gate import Gate
+from service.pipeline import load_stored_series
+from service.segmentation import Segmenter
+from service.settings import Settings
+settings = Settings(storage_dir=Path(sys.argv[2]))
+segmenter = Segmenter(settings.segmenter_model_dir)
+gate_json = settings.gate_model_dir / "gate.json"
+gate = Gate.load(settings.gate_model_dir) if gate_json.is_file() else Gate.rules_only()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+series = load_stored_series(sorted(Path(sys.argv[1]).glob("*.dcm")))
+if sys.argv[3] == "gate":
+    decision = gate.assess(series=series, segmenter=segmenter, detector=None).decision.manual
+else:
+    decision = segmenter.segment(series).mask.any()
+seconds = time.perf_counter() - t0
+print(json.dumps({"models_mb": before / 1024, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "stage_s": seconds, "gate_version": gate.version}))
+"""
+
+
+def run_child(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, cwd=ROOT)
+    result: dict = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
 
 def peak_rss(work: Path, slices: int) -> dict:
     files = make_series(work, slices)
-    started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", RSS_CHILD, str(files[0].parent), str(work / "rss-var")],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"slices": slices, "seconds": time.monotonic() - started, **result}
+    folder, var = str(files[0].parent), str(work / "rss-var")
+    return {
+        "slices": slices,
+        "score": run_child(SCORE_CHILD, folder, var),
+        "reference": run_child(SEGMENT_CHILD, folder, var, "reference"),
+        "gate": run_child(SEGMENT_CHILD, folder, var, "gate"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,14 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     rss = peak_rss(work / "rss", args.rss_slices)
     print("| measurement | value | target | |\n|---|---|---|---|")
     print(
-        f"| last instance → SEG delivered, {lat['slices']} slices 512² | {lat['latency_s']:.1f} s "
+        f"| last instance → outcome ({lat['outcome']}), {lat['slices']} slices 512² | {lat['latency_s']:.1f} s "
         f"(quiet period {lat['quiet_period_s']:g} s + pipeline {lat['pipeline_s']:.1f} s) | ≤ 60 s | "
         f"{'met' if lat['latency_s'] <= 60 else 'missed'} |"
     )
+    for stage in ("score", "gate"):
+        r = rss[stage]
+        print(
+            f"| {stage if stage == 'score' else 'segment + gate'} worker peak RSS, {rss['slices']} slices 512² | "
+            f"{r['peak_mb']:.0f} MB (models loaded: {r['models_mb']:.0f} MB) | ≤ 2048 MB | "
+            f"{'met' if r['peak_mb'] <= 2048 else 'missed'} |"
+        )
+    gate, ref = rss["gate"], rss["reference"]
     print(
-        f"| score worker peak RSS, {rss['slices']} slices 512² | {rss['peak_mb']:.0f} MB (models loaded: "
-        f"{rss['models_mb']:.0f} MB; {rss['seconds']:.0f} s) | ≤ 2048 MB | "
-        f"{'met' if rss['peak_mb'] <= 2048 else 'missed'} |"
+        f"| segment stage with the gate (gate {gate['gate_version']}) vs the segmenter alone, {rss['slices']} "
+        f"slices 512² | {gate['stage_s']:.1f} s vs {ref['stage_s']:.1f} s: {gate['stage_s'] / ref['stage_s']:.2f}× "
+        f"| — | |"
     )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -212,6 +212,55 @@ def test_training_writes_the_checkpoint_onnx_files_and_model_json(trained: Path)
     assert ckpt["recipe"] == "patch" and {"G", "D", "G_ema", "E", "P", "optimizers"} <= set(ckpt)
 
 
+def test_adversarial_autoencoder_family_trains_and_records_its_recipe(phantom: Path, tmp_path: Path) -> None:
+    out = tmp_path / "aae"
+    assert _train(phantom, out, "--family", "aae", "--gan-steps", "3", "--encoder-steps", "2") == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert (meta["family"], meta["patch_score"]) == ("aae", "local")
+    assert meta["training"]["steps"] == {"position": 2, "gan": 3, "encoder": 2}
+    assert "--family aae" in meta["training"]["command"]
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert len(ckpt["history"]["gan"][0]) == 5  # step, d, adversarial, r1, L1 reconstruction
+
+
+def test_aae_is_a_patch_recipe_family(phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "detector", "--data", str(phantom), "--out", str(tmp_path / "m"), "--family", "aae"]
+    assert gatekeeper(args) == 2
+    assert "--recipe patch" in capsys.readouterr().err
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in encoder (→ zeros) or generator (→ a flat patch at -1)."""
+
+    def __init__(self, shape: tuple[int, ...], value: float) -> None:
+        super().__init__()
+        self.shape, self.value = shape, value
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], *self.shape), self.value)
+
+
+def test_local_score_sees_a_small_finding_the_mean_averages_away() -> None:
+    from models.detector.networks_patch import PatchScorer, build_patch_networks
+
+    nets = build_patch_networks(3)
+    E, G = _Constant((64,), 0.0), _Constant((3, 32, 32), -1.0)
+    local = PatchScorer(G, E, nets.D, kappa=0.0, score="local").eval()  # type: ignore[arg-type]
+    mean = PatchScorer(G, E, nets.D, kappa=0.0, score="mean").eval()  # type: ignore[arg-type]
+    spot = torch.full((1, 3, 32, 32), -1.0)
+    spot[:, 2, 14:18, 14:18] = 1.0  # 16 metal pixels of 1024
+    spread = torch.full((1, 3, 32, 32), -1.0)
+    spread[:, 2] += 2.0 * (16 / 1024) ** 0.5  # the same squared residual, spread over the whole patch
+    cond = torch.zeros(1, 3)
+    with torch.no_grad():
+        assert mean(spot, cond)[1].item() == pytest.approx(mean(spread, cond)[1].item(), rel=1e-4)
+        assert local(spot, cond)[1].item() > 2.5 * local(spread, cond)[1].item()
+        edge = torch.full((1, 3, 32, 32), -1.0)
+        edge[:, 2, 0:2, 14:18] = 1.0  # the same finding in the border the local score leaves out
+        assert local(edge, cond)[1].item() < 0.5 * local(spot, cond)[1].item()
+        assert local(spot, cond)[3].shape == (1, 1, 32, 32)
+
+
 def test_resume_continues_the_checkpoint(phantom: Path, trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _train(phantom, trained, "--gan-steps", "5", "--encoder-steps", "4") == 2  # a checkpoint is there
     assert "--resume" in capsys.readouterr().err
@@ -236,7 +285,8 @@ def test_onnx_graphs_match_torch(trained: Path) -> None:
     nets.G.load_state_dict(weights["G_ema"])
     nets.E.load_state_dict(weights["E"])
     nets.D.load_state_dict(weights["D"])
-    scorer = PatchScorer(nets.G, nets.E, nets.D, kappa=1.0).eval()
+    score = json.loads((trained / "model.json").read_text())["patch_score"]
+    scorer = PatchScorer(nets.G, nets.E, nets.D, kappa=1.0, score=score).eval()
     gen = torch.Generator().manual_seed(7)
     x = torch.rand(5, 3, 32, 32, generator=gen) * 2 - 1
     cond = torch.rand(5, 3, generator=gen)

@@ -170,7 +170,10 @@ def patch_scorer_for_bench(model_dir: Path) -> tuple[PatchScorer, bool]:
         nets.G.load_state_dict(weights["G_ema"])
         nets.E.load_state_dict(weights["E"])
         nets.D.load_state_dict(weights["D"])
-    return PatchScorer(nets.G, nets.E, nets.D, kappa=float(meta.get("kappa", 1.0))).eval(), fresh
+    scorer = PatchScorer(
+        nets.G, nets.E, nets.D, kappa=float(meta.get("kappa", 1.0)), score=str(meta.get("patch_score", "mean"))
+    )
+    return scorer.eval(), fresh
 
 
 Feeds = Callable[[int, np.random.Generator], dict[str, np.ndarray]]

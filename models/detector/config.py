@@ -8,7 +8,9 @@ from pathlib import Path
 
 from service.imaging import AGGREGATIONS
 
-FAMILIES = ("dcgan", "stylegan2")
+FAMILIES = ("dcgan", "stylegan2", "aae")
+#: How the patch recipe turns a patch's reconstruction into its raw score (models/detector/networks_patch.py).
+PATCH_SCORES = ("local", "mean")
 SIZES = (64, 128, 256)
 RECIPES = ("slice", "patch")
 
@@ -26,7 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(models/detector/train_patch.py)",
     )
     p.add_argument("--size", type=int, default=64, choices=SIZES, help="slice size in pixels (default 64)")
-    p.add_argument("--family", default="dcgan", choices=FAMILIES, help="network family (default dcgan)")
+    p.add_argument(
+        "--family",
+        default="dcgan",
+        choices=FAMILIES,
+        help="network family (default dcgan): dcgan and stylegan2 are trained as a GAN, then the encoder "
+        "izi_f-style against the frozen generator (f-AnoGAN); aae (--recipe patch only) trains the DCGAN networks as "
+        "an adversarial autoencoder first (encoder and generator together: L1 reconstruction of coarse-noised "
+        "patches + adversarial + discriminator-feature matching), then the same izi_f encoder phase",
+    )
     p.add_argument(
         "--position",
         default="bpr",
@@ -68,6 +78,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--patch", type=int, default=32, choices=(32,), help="patch side in pixels (32)")
     g.add_argument("--stride", type=int, default=16, help="patch grid stride in pixels (default 16)")
+    g.add_argument(
+        "--patch-score",
+        default="local",
+        choices=PATCH_SCORES,
+        help="raw patch score before the per-bin z-score: local = the largest Gaussian-smoothed (sigma 1.5 px) "
+        "|x - G(E(x))| of the patch's inner 24 px over the CT windows (default; a small finding is not averaged "
+        "away), mean = the mean squared residual over the patch (v2); + kappa * the feature residual either way",
+    )
     g.add_argument(
         "--range-margin",
         type=float,

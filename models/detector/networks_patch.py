@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.detector.networks import DCDiscriminator, DCGenerator, Encoder
@@ -58,25 +59,77 @@ def build_patch_networks(channels: int, *, conditioned: bool = True, z_dim: int 
     )
 
 
+#: Gaussian σ (px) of the `local` score's smoothing: 2.25 mm at 1.5 mm pixels, below the smallest
+#: finding the phantom draws (a 1-cm lesion) and enough to average the CT noise of ~20 pixels.
+LOCAL_SIGMA_PX = 1.5
+#: Border (px) of the patch the `local` score ignores: there the reconstruction has no context on one side;
+#: with the default stride 16 the inner 24² squares of neighbouring patches overlap, so no pixel is missed.
+LOCAL_BORDER_PX = 4
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius 3σ."""
+    r = max(1, int(3 * sigma + 0.5))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
 class PatchScorer(nn.Module):
     """The fused patch scorer: (patches [N, C, 32, 32], cond [N, 3]) → raw score [N], residual [N],
-    feature [N], residual map [N, 1, 32, 32] (mean over channels of |x − G(E(x))|).
+    feature [N], residual map [N, 1, 32, 32].
 
-    raw score = residual + κ·feature, with residual = mean over channels and pixels of (x − G(E(x)))²
-    and feature = mean of (D.features(x) − D.features(G(E(x))))². Higher = less like the normals at
-    this body position and location; it becomes a z-score against the validation normals outside
-    the graph.
+    raw score = residual + κ·feature, with feature = mean of (D.features(x) − D.features(G(E(x))))²
+    and residual, by `score`:
+
+    * `local` (v3): the largest value, over the CT windows and the patch's inner pixels (a
+      `LOCAL_BORDER_PX` border left out), of |x − G(E(x))| smoothed with a Gaussian of σ =
+      `LOCAL_SIGMA_PX`: a 2-cm lesion in a 5-cm patch or a few metal pixels are not averaged away,
+      and the smoothing averages out the CT noise a reconstruction cannot (and should not) predict;
+      residual map = that smoothed |residual|, largest over the windows;
+    * `mean` (v2): the mean over channels and pixels of (x − G(E(x)))²; residual map = the mean over
+      channels of |x − G(E(x))|.
+
+    Higher = less like the normals at this body position and location; it becomes a z-score against
+    the validation normals outside the graph.
     """
 
-    def __init__(self, G: DCGenerator, E: Encoder, D: DCDiscriminator, *, kappa: float = 1.0) -> None:
+    def __init__(
+        self, G: DCGenerator, E: Encoder, D: DCDiscriminator, *, kappa: float = 1.0, score: str = "mean"
+    ) -> None:
         super().__init__()
+        if score not in ("local", "mean"):
+            raise ValueError(f"PatchScorer.score must be 'local' or 'mean', got {score!r}.")
         self.G, self.E, self.D = G, E, D
         self.kappa = float(kappa)
+        self.score = score
+        k = gaussian_kernel(LOCAL_SIGMA_PX)
+        self.radius = (k.numel() - 1) // 2
+        self.row_kernel: torch.Tensor
+        self.col_kernel: torch.Tensor
+        self.register_buffer("row_kernel", k.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("col_kernel", k.view(1, 1, -1, 1), persistent=False)
+
+    def smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur of [N, C, H, W] per channel (edges replicated)."""
+        n, c, h, w = x.shape
+        r = self.radius
+        flat = x.reshape(-1, 1, h, w)
+        flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), self.row_kernel)
+        flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), self.col_kernel)
+        return flat.reshape(n, c, h, w)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
         recon = self.G(self.E(x, cond), cond)
         diff = x - recon
-        residual = (diff * diff).mean(dim=(1, 2, 3))
         feature = (self.D.features(x) - self.D.features(recon)).pow(2).mean(dim=1)
+        if self.score == "local":
+            smoothed = self.smooth(diff).abs().amax(dim=1, keepdim=True)
+            b = LOCAL_BORDER_PX
+            residual = smoothed[:, :, b:-b, b:-b].amax(dim=(1, 2, 3))
+            residual_map = smoothed
+        else:
+            residual = (diff * diff).mean(dim=(1, 2, 3))
+            residual_map = diff.abs().mean(dim=1, keepdim=True)
         score = residual + self.kappa * feature
-        return score, residual, feature, diff.abs().mean(dim=1, keepdim=True)
+        return score, residual, feature, residual_map

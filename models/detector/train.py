@@ -442,6 +442,8 @@ def train_detector(args: argparse.Namespace) -> Path:
             f"--recipe {args.recipe} is trained by models.detector.train_patch "
             "(gatekeeper train detector, python -m models.detector train)"
         )
+    if args.family == "aae":
+        raise ValueError("--family aae is a patch-recipe family; use it with --recipe patch")
     check_args(args)
     args.out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.out / "train.log")

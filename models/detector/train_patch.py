@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.detector import losses
 from models.detector.config import add_arguments
@@ -68,6 +69,25 @@ MODEL_FORMAT = 2
 RECIPE = "patch"
 #: Series aggregation: mean of this many highest in-range slice scores.
 TOP_SLICES = 3
+#: Network families of this recipe: dcgan = GAN, then izi_f encoder (f-AnoGAN, v2); aae = adversarial
+#: autoencoder first (v3), then the same izi_f encoder phase.
+PATCH_FAMILIES = ("dcgan", "aae")
+#: Adversarial-autoencoder loss weights (GANomaly's order: the reconstruction dominates, the adversary
+#: and the feature matching keep the reconstructions sharp and on the normals' manifold).
+AAE_L1_WEIGHT = 20.0
+AAE_ADV_WEIGHT = 1.0
+#: Coarse noise of the AAE's inputs (Kascenas et al. 2022): drawn on a 4² grid per window, upsampled to
+#: the patch, this standard deviation in the [-1, 1] window scale; the target is the clean patch, so the
+#: autoencoder learns to put back normal tissue rather than to copy what it is shown.
+AAE_NOISE_GRID = 4
+AAE_NOISE_STD = 0.2
+
+
+def coarse_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Smooth noise [N, C, H, W]: N(0, AAE_NOISE_STD²) on an `AAE_NOISE_GRID`² grid, bilinearly upsampled."""
+    n, c, h, w = shape
+    grid = torch.randn(n, c, AAE_NOISE_GRID, AAE_NOISE_GRID, generator=generator) * AAE_NOISE_STD
+    return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).to(device)
 
 
 def geometry_from_args(args: argparse.Namespace) -> imaging.PatchGeometry:
@@ -88,8 +108,11 @@ def check_patch_args(args: argparse.Namespace) -> None:
         ValueError: naming the option.
     """
     check_args(args)
-    if args.family != "dcgan":
-        raise ValueError(f"--recipe patch trains its own 32² DCGAN; --family {args.family} is for --recipe slice")
+    if args.family not in PATCH_FAMILIES:
+        raise ValueError(
+            f"--recipe patch trains its own 32² DCGAN networks (--family dcgan or aae); --family {args.family} "
+            "is for --recipe slice"
+        )
     if args.patch != PATCH:
         raise ValueError(f"--patch must be {PATCH} (the networks' size), got {args.patch}")
     if not args.range_margin >= 0:
@@ -242,6 +265,57 @@ class PatchTrainer(Trainer):
         bar.close()
         log.info("gan: %d steps in %.0f s", self.steps["gan"], self.clock.elapsed["gan"])
 
+    # --- adversarial autoencoder (--family aae) ----------------------------------------------------------
+    def train_patch_aae(self, index: np.ndarray, cond: np.ndarray) -> None:
+        """E and G trained together on the GAN phase's budget: x̃ = x + coarse noise, x̂ = G(E(x̃)),
+        loss = 20·|x − x̂|₁ + non-saturating adversarial + κ·|D.f(x) − D.f(x̂)|²; D sees x against x̂ (R1)."""
+        self.G.train()
+        self.D.train()
+        self.E.train()
+        bar, last = self._bar("gan"), [time.monotonic(), time.monotonic()]
+        self.clock.start("gan")
+        while self._running("gan"):
+            real, c = self._sample(index, cond)
+            noisy = real + coarse_noise(real.shape, self.rng, self.device)
+            recon = self.G(self.E(noisy, c), c)
+            d_loss = losses.d_logistic_loss(self.D(real, c), self.D(recon.detach(), c))
+            self.opt_D.zero_grad(set_to_none=True)
+            d_loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
+            self.opt_D.step()
+            r1 = torch.zeros(())
+            if self.steps["gan"] % self.r1_every == 0:
+                real_r1 = real.detach().requires_grad_(True)
+                r1 = losses.r1_penalty(self.D(real_r1, c), real_r1)
+                self.opt_D.zero_grad(set_to_none=True)
+                (self.r1_gamma / 2 * r1 * self.r1_every).backward()
+                self.opt_D.step()
+            for q in self.D.parameters():
+                q.requires_grad_(False)
+            adv = losses.g_nonsaturating_loss(self.D(recon, c))
+            match = F.mse_loss(self.D.features(recon), self.D.features(real))
+            for q in self.D.parameters():
+                q.requires_grad_(True)
+            l1 = (recon - real).abs().mean()
+            loss = AAE_L1_WEIGHT * l1 + AAE_ADV_WEIGHT * adv + self.args.kappa * match
+            self.opt_G.zero_grad(set_to_none=True)
+            self.opt_E.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_G.step()
+            self.opt_E.step()
+            self.steps["gan"] += 1
+            self._ema(self.steps["gan"] * self.args.batch)
+            if self.steps["gan"] % 10 == 1:
+                self.history["gan"].append([self.steps["gan"], d_loss.item(), adv.item(), r1.item(), l1.item()])
+                if not all(math.isfinite(v) for v in self.history["gan"][-1][1:]):
+                    self.diverged = True
+                    log.error("aae: non-finite loss at step %d; stopping the AAE phase", self.steps["gan"])
+                    break
+            bar.update(1)
+            self._log_progress("gan", {"d": d_loss.detach(), "g": adv.detach(), "l1": l1.detach()}, last)
+        self.clock.stop()
+        bar.close()
+        log.info("aae: %d steps in %.0f s", self.steps["gan"], self.clock.elapsed["gan"])
+
     # --- encoder (izi_f) ------------------------------------------------------------------------------
     def train_patch_encoder(self, index: np.ndarray, cond: np.ndarray) -> None:
         G, D = self.G_ema.eval(), self.D.eval()
@@ -276,7 +350,10 @@ class PatchTrainer(Trainer):
             self._mark_done("position")
         index, cond = self.patch_index()
         log.info("patches: %d training body patches of %d px", index.shape[0], self.geometry.patch)
-        self.train_patch_gan(index, cond)
+        if self.args.family == "aae":
+            self.train_patch_aae(index, cond)
+        else:
+            self.train_patch_gan(index, cond)
         self._mark_done("gan")
         self.train_patch_encoder(index, cond)
         self._mark_done("encoder")
@@ -285,7 +362,8 @@ class PatchTrainer(Trainer):
         G = copy.deepcopy(self.G_ema).eval()
         E, D = copy.deepcopy(self.E).eval(), copy.deepcopy(self.D).eval()
         assert isinstance(G, DCGenerator) and isinstance(D, DCDiscriminator)  # built by build_patch_networks
-        return PatchScorer(G, E, D, kappa=self.args.kappa).to(self.device)
+        score = getattr(self.args, "patch_score", "mean")
+        return PatchScorer(G, E, D, kappa=self.args.kappa, score=score).to(self.device)
 
 
 def _patch_series(s: Any) -> PatchSeriesData:
@@ -449,7 +527,8 @@ def _train(args: argparse.Namespace) -> Path:
         "format": MODEL_FORMAT,
         "recipe": RECIPE,
         "kind": "ct-patch-anomaly-detector",
-        "family": "dcgan",
+        "family": args.family,
+        "patch_score": scorer.score,
         "conditioned": not args.unconditioned,
         "patch": geometry.patch,
         "channels": trainer.channels,

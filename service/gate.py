@@ -1149,7 +1149,6 @@ class Gate:
     ) -> list[Finding]:
         """The plain rules (off-target, geometry, the detector's flag when gate.json asks); appends reasons."""
         out: list[Finding] = []
-        nan = float("nan")
         rule = self.rules.get("not_abdomen", DEFAULT_RULES["not_abdomen"])
         min_area, max_bone = float(rule["min_body_area_cm2"]), float(rule["max_bone_fraction"])
         small, bony = obs.body_area_cm2 < min_area, obs.bone_fraction > max_bone
@@ -1161,18 +1160,9 @@ class Gate:
             )
             out.append(Finding("not_abdomen", obs.body_area_cm2, min_area, True, None, f"not an abdominal CT: {why}"))
             reasons.append(RouteReason.NOT_ABDOMEN)
-        found = bool(segmentation.mask.any()) and segmentation.liver_volume_ml >= min_liver_ml
-        if not found:
-            out.append(
-                Finding(
-                    "no_liver",
-                    segmentation.liver_volume_ml,
-                    min_liver_ml,
-                    True,
-                    None,
-                    f"no liver in the field of view ({segmentation.liver_volume_ml:.0f} ml found)",
-                )
-            )
+        missing = no_liver_finding(segmentation, min_liver_ml)
+        if missing is not None:
+            out.append(missing)
             reasons.append(RouteReason.NO_LIVER)
         else:
             max_end = float(self.rules.get("liver_partial", DEFAULT_RULES["liver_partial"])["max_end_ratio"])
@@ -1194,17 +1184,7 @@ class Gate:
                 )
                 reasons.append(RouteReason.LIVER_PARTIAL)
         if geometry_findings:
-            codes = ", ".join(str(f.get("code")) for f in geometry_findings)
-            out.append(
-                Finding(
-                    "geometry",
-                    float(len(geometry_findings)),
-                    nan,
-                    True,
-                    None,
-                    f"the series' geometry is irregular ({codes})",
-                )
-            )
+            out.append(geometry_finding(geometry_findings))
             reasons.append(RouteReason.GEOMETRY)
         if detector is not None and self.rules.get("detector_flag", False) and detector.score > detector.threshold:
             out.append(
@@ -1233,17 +1213,7 @@ class Gate:
         findings: list[Finding] = []
         reason: RouteReason | None = None
         if geometry_findings:
-            codes = ", ".join(str(f.get("code")) for f in geometry_findings)
-            findings.append(
-                Finding(
-                    "geometry",
-                    float(len(geometry_findings)),
-                    float("nan"),
-                    True,
-                    None,
-                    f"the series' geometry is irregular ({codes})",
-                )
-            )
+            findings.append(geometry_finding(geometry_findings))
             reason = reason or RouteReason.GEOMETRY
         if detector is not None:
             flagged = detector.score > detector.threshold
@@ -1259,21 +1229,39 @@ class Gate:
             )
             if flagged:
                 reason = reason or RouteReason.ANOMALY
-        found = bool(segmentation.mask.any()) and segmentation.liver_volume_ml >= min_liver_ml
-        if not found:
-            findings.append(
-                Finding(
-                    "no_liver",
-                    segmentation.liver_volume_ml,
-                    min_liver_ml,
-                    True,
-                    None,
-                    f"no liver in the field of view ({segmentation.liver_volume_ml:.0f} ml found)",
-                )
-            )
+        missing = no_liver_finding(segmentation, min_liver_ml)
+        if missing is not None:
+            findings.append(missing)
             reason = reason or RouteReason.NO_LIVER
         decision = GateDecision(reason is not None, reason, tuple(findings), None, None, self.version)
         return Assessment(segmentation=segmentation, decision=decision)
+
+
+def geometry_finding(geometry_findings: Sequence[dict[str, Any]]) -> Finding:
+    """The rule finding for the ingest's geometry findings (their codes in words)."""
+    codes = ", ".join(str(f.get("code")) for f in geometry_findings)
+    return Finding(
+        "geometry",
+        float(len(geometry_findings)),
+        float("nan"),
+        True,
+        None,
+        f"the series' geometry is irregular ({codes})",
+    )
+
+
+def no_liver_finding(segmentation: Segmentation, min_liver_ml: float) -> Finding | None:
+    """The `no_liver` rule's finding when the segmenter found less than `min_liver_ml` of liver, else None."""
+    if segmentation.mask.any() and segmentation.liver_volume_ml >= min_liver_ml:
+        return None
+    return Finding(
+        "no_liver",
+        segmentation.liver_volume_ml,
+        min_liver_ml,
+        True,
+        None,
+        f"no liver in the field of view ({segmentation.liver_volume_ml:.0f} ml found)",
+    )
 
 
 def read_reference(folder: Path, config: Mapping[str, Any]) -> Reference:

@@ -170,7 +170,7 @@ def test_one_run_scores_the_patch_gan_the_shipped_model_the_twin_and_the_baselin
         assert any(t.startswith(f"better than {label} on every anomaly type") for t in targets), label
 
     md = (report_dir / "report.md").read_text()
-    assert "GAN detector (patch v2)" in md and "patch recipe, 32² patches at 1.5 mm" in md
+    assert "GAN detector (patch v2)" in md and "patch recipe dcgan, local score, 32² patches at 1.5 mm" in md
     assert "## Cost (training budget and scoring time of this run)" in md and "| shipped (slice recipe" in md
     assert re.search(r"^\| fluid \| 1 \|", md, re.M)
     for png in ("roc.png", "profiles.png", "heatmaps.png"):

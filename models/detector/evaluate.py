@@ -314,7 +314,8 @@ def describe(meta: dict[str, Any]) -> str:
     if meta.get("format") == 2:
         pre = meta["preprocessing"]
         windows = "+".join(w["name"] for w in pre.get("windows", []))
-        return f"patch recipe, {pre['patch']}² patches at {pre['spacing_mm']:g} mm, {windows}"
+        family, score = meta.get("family", "dcgan"), meta.get("patch_score", "mean")
+        return f"patch recipe {family}, {score} score, {pre['patch']}² patches at {pre['spacing_mm']:g} mm, {windows}"
     return f"slice recipe, {meta.get('family')} {meta.get('size')}²"
 
 
@@ -698,7 +699,7 @@ def evaluate(
         raise ValueError("--ablation-twin needs --ablation (the twin is the ablation's conditioned counterpart)")
     detector = load_detector_method(model, METHOD_LABELS["detector"], "--model")
     if isinstance(detector, PatchModel):
-        detector.label += " (patch v2)"
+        detector.label += " (patch v3)" if detector.meta.get("family") == "aae" else " (patch v2)"
     methods: dict[str, Method] = {"detector": detector}
     if ablation_twin is not None:
         methods["twin"] = load_detector_method(ablation_twin, METHOD_LABELS["twin"], "--ablation-twin")

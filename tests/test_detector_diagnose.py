@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,38 +49,50 @@ def test_top_slices_are_the_highest_scores() -> None:
     assert top_slices(np.array([0.1, 3.0, -1.0, 2.0, 5.0])).tolist() == [4, 1, 3]
 
 
-@pytest.mark.slow
-def test_diagnose_writes_a_report_with_figures_for_each_anomaly_type(tmp_path: Path) -> None:
-    data = tmp_path / "phantoms"
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tumour series and four normal ones, 16 slices at 128²."""
+    data = tmp_path_factory.mktemp("diagnose_phantoms")
     for name, anomaly, seed in (("tumor", "tumor", 5), ("normal", "none", 6)):
-        args = ["phantom", "--out", str(data / name), "--series", "2" if anomaly == "none" else "1"]
+        args = ["phantom", "--out", str(data / name), "--series", "4" if anomaly == "none" else "1"]
         assert (
             main([*args, "--slices", "16", "--matrix", "128", "--seed", str(seed), "--anomaly", anomaly, "--quiet"])
             == 0
         )
-    out = tmp_path / "diagnosis"
-    code = main(
-        [
-            "evaluate",
-            "detector",
-            "--diagnose",
-            "--data",
-            str(data),
-            "--model",
-            str(DEFAULT_DETECTOR_DIR),
-            "--out",
-            str(out),
-        ]
-    )
+    return data
+
+
+def _diagnose(data: Path, model: Path, out: Path) -> dict:
+    code = main(["evaluate", "detector", "--diagnose", "--data", str(data), "--model", str(model), "--out", str(out)])
     assert code == 0
-    report = json.loads((out / "report.json").read_text())
+    report: dict = json.loads((out / "report.json").read_text())
     tumor = report["by_kind"]["tumor"]
     assert tumor["series"] == 1 and 0 <= tumor["residual_ratio_median"] < 50
     assert tumor["top_slices"] == 3 and 0 <= tumor["top_slices_on_anomaly"] <= 3
-    assert len([s for s in report["series"] if s["kind"] == "normal"]) == 2
+    assert len([s for s in report["series"] if s["kind"] == "normal"]) == 4
     for figure in ("input_reconstruction_residual.png", "score_profiles.png", "scan_range.png"):
         assert (out / figure).stat().st_size > 5000
         assert f"]({figure})" in (out / "report.md").read_text()
+    return report
+
+
+@pytest.mark.slow
+def test_diagnose_writes_a_report_with_figures_for_each_anomaly_type(phantoms: Path, tmp_path: Path) -> None:
+    _diagnose(phantoms, DEFAULT_DETECTOR_DIR, tmp_path / "diagnosis")
+
+
+@pytest.mark.slow
+def test_diagnose_reads_a_patch_model(phantoms: Path, tmp_path: Path) -> None:
+    """Format 2 (the patch recipe): a tiny model trained on the normals, diagnosed on the image grid."""
+    model, normals = tmp_path / "patch", tmp_path / "normals"
+    shutil.copytree(phantoms / "normal", normals)
+    (normals / "manifest.json").unlink()  # without a manifest the trainer holds out validation series itself
+    train = ["train", "detector", "--recipe", "patch", "--family", "aae", "--data", str(normals)]
+    steps = ["--gan-steps", "2", "--encoder-steps", "1", "--position-steps", "2", "--batch", "8", "--stride", "32"]
+    assert main([*train, "--out", str(model), *steps, "--jobs", "1", "--threads", "1", "--no-progress"]) == 0
+    report = _diagnose(phantoms, model, tmp_path / "diagnosis")
+    tumor = next(s for s in report["series"] if s["kind"] == "tumor")
+    assert tumor["input"]["pixels"] > 0 and np.isfinite(tumor["series_score"])
 
 
 def test_diagnose_without_phantoms_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,12 @@ at the detector the way a reader would and measures four things, each with a fig
     the scan's extent, and the series AUROC again with only the slices inside the normals' range
     (if the AUROC falls, the score rode on the range, not on the anomaly).
 
+Both model formats: the slice recipe (format 1) on its own input grid; the patch recipe (format 2)
+on the slice's image grid at `PATCH_MAP_SIZE`² — the input shown in the patch model's liver window,
+the reconstruction tiled from the patches' G(E(x)) (liver window, the overlapping patches averaged)
+and the residual map tiled from the scorer's own map (its largest value where patches overlap),
+both mapped from the body-centred field back onto the image.
+
 Input: one or more phantom runs (`manifest.json` files anywhere under `--data`; their series
 with an anomaly type and those without). Output in `--out`: report.json, report.md, figures.
 Uses ONNX Runtime only (no torch), like `gatekeeper score`.
@@ -38,7 +44,7 @@ from models.detector.metrics import auroc
 from service.errors import UsageError
 
 if TYPE_CHECKING:
-    from service.inference import Detector
+    from service.inference import Detector, PatchDetector
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +176,79 @@ def score_case(case: Case, detector: Detector) -> Scored:
         reconstructions=reconstructions,
         residual_maps=maps,
         series_score=imaging.aggregate_slice_scores(scores, detector.aggregation),
+        anomaly=anomaly,
+    )
+
+
+def _read_case(case: Case) -> Any:
+    from service.dicom_series import read_ct_series
+
+    series = read_ct_series(case.folder)
+    if len(series) != 1:
+        raise ValueError(f"{case.folder}: expected one CT series, found {len(series)}")
+    return series[0]
+
+
+def score_case_patch(case: Case, detector: PatchDetector) -> Scored:
+    """Run a patch-recipe detector (format 2) on one phantom series; everything on the image grid at
+    `PATCH_MAP_SIZE`² (see the module docstring)."""
+    import onnxruntime as ort
+
+    from models.detector.evaluate import anomaly_mask_on_grid
+    from service import imaging
+    from service.inference import PATCH_MAP_SIZE
+
+    ct = _read_case(case)
+    size, geometry = PATCH_MAP_SIZE, detector.geometry
+    liver = next((w for w in detector.meta["preprocessing"]["windows"] if w["name"] == "liver"), None)
+    window = imaging.Window(float(liver["center_hu"]), float(liver["width_hu"])) if liver else detector.windows[0]
+    channel = detector.windows.index(window) if window in detector.windows else 0
+    images, body = imaging.preprocess_slices(ct.hu, size, window)
+    positions = detector.positions(ct)
+    fields, masks, boxes = imaging.preprocess_patch_series(ct.hu, ct.pixel_spacing_mm, geometry)
+    z, slice_index, centres = detector.patch_z_scores(fields, masks, boxes, positions)
+    scores = imaging.slice_scores_from_patches(z, slice_index, ct.hu.shape[0])
+    scores = np.where(np.isfinite(scores), scores, 0.0)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    files, cpu = detector.meta["files"], ["CPUExecutionProvider"]
+    encoder = ort.InferenceSession(str(detector.model_dir / files["encoder"]), options, providers=cpu)
+    generator = ort.InferenceSession(str(detector.model_dir / files["generator"]), options, providers=cpu)
+    f, h = geometry.field_px, geometry.patch // 2
+    reconstructions = np.zeros_like(images)
+    residual_maps = np.zeros_like(images)
+    for k in range(ct.hu.shape[0]):
+        sel = np.flatnonzero(slice_index == k)
+        if not sel.size:
+            continue
+        hu = np.stack([fields[k, r - h : r + h, c - h : c + h] for r, c in centres[sel]])
+        x = np.ascontiguousarray(imaging.window_channels(hu, detector.windows), np.float32)
+        cond = np.ascontiguousarray(imaging.patch_conditions(float(positions[k]), centres[sel], boxes[k]), np.float32)
+        recon = generator.run(None, {"z": encoder.run(None, {"patches": x, "cond": cond})[0], "cond": cond})[0]
+        maps = detector.scorer.run(["residual_map"], {"patches": x, "cond": cond})[0][:, 0]
+        total, count = np.zeros((f, f), np.float32), np.zeros((f, f), np.float32)
+        peak = np.full((f, f), np.nan, np.float32)
+        for (r, c), patch, m in zip(centres[sel], recon[:, channel], maps):
+            total[r - h : r + h, c - h : c + h] += patch
+            count[r - h : r + h, c - h : c + h] += 1
+            view = peak[r - h : r + h, c - h : c + h]
+            np.fmax(view, m, out=view)
+        field_recon = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        reconstructions[k] = (
+            imaging.field_map_to_image(field_recon + 1.0, ct.hu[k], ct.pixel_spacing_mm, geometry, size) - 1.0
+        )
+        residual_maps[k] = imaging.field_map_to_image(peak, ct.hu[k], ct.pixel_spacing_mm, geometry, size)
+    anomaly = anomaly_mask_on_grid(case.seg, ct.sop_instance_uids, size) if case.seg is not None else None
+    series_score, _ = imaging.series_score_in_range(scores, positions, detector.position_low, detector.position_high)
+    return Scored(
+        case=case,
+        images=images,
+        body=body,
+        positions=positions,
+        scores=scores,
+        reconstructions=reconstructions,
+        residual_maps=residual_maps,
+        series_score=float(series_score),
         anomaly=anomaly,
     )
 
@@ -415,16 +494,22 @@ def report_markdown(analysis: dict[str, Any], figures: list[str], command: str, 
 
 def run(*, data: Path, model: Path, out: Path, command: str) -> dict[str, Any]:
     """Diagnose the detector in `model` on every phantom series under `data`; write the report to `out`."""
-    from service.inference import Detector
+    from service.inference import Detector, PatchDetector, read_model_json
 
     start = time.monotonic()
-    detector = Detector(model, batch=16)
+    patch = read_model_json(model)["format"] == 2
+    detector = PatchDetector(model) if patch else Detector(model, batch=16)
     cases = find_cases(data)
     scored = []
     for i, case in enumerate(cases, 1):
         log.info("diagnosis: series %d/%d (%s)", i, len(cases), case.kind)
-        scored.append(score_case(case, detector))
-    analysis = analyse(scored, detector.aggregation)
+        if isinstance(detector, PatchDetector):
+            scored.append(score_case_patch(case, detector))
+        else:
+            scored.append(score_case(case, detector))
+    # the patch recipe's series score is the mean of the top 3 slices within the training range
+    aggregation = "top3_mean" if isinstance(detector, PatchDetector) else detector.aggregation
+    analysis = analyse(scored, aggregation)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(scored, analysis, out)
     wall_s = time.monotonic() - start

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from service.gate import (
     write_gate,
     z_for,
 )
-from service.gate_cli import anomaly_type
+from service.gate_cli import DEFAULT_GATE_DIR, anomaly_type
 from service.segmentation import Segmenter, SegmenterInput, prepare_volume
 
 SIZE = 32  # the stub segmenter's input size
@@ -407,3 +408,15 @@ def test_manifest_entries_name_normal_anomalous_and_off_target_series() -> None:
     assert anomaly_type({"anomaly": {"type": "stent"}, "category": "anomaly"}) == "stent"
     off = {"anomaly": None, "category": "off_target", "scan_range": {"kind": "chest", "liver": "absent"}}
     assert anomaly_type(off) == "chest"  # never calibrated on as a normal series
+
+
+def test_readiness_gate_check_names_a_gate_json_that_does_not_load(tmp_path: Path) -> None:
+    from service.web.health import check_gate_dir
+
+    assert check_gate_dir(tmp_path).status == "ok"  # no gate.json: the rules-only gate
+    assert check_gate_dir(DEFAULT_GATE_DIR).status == "ok"
+    broken = tmp_path / "gate"
+    shutil.copytree(DEFAULT_GATE_DIR, broken)
+    (broken / "reference.npz").write_bytes(b"changed")
+    result = check_gate_dir(broken)
+    assert result.status == "failed" and "SHA-256" in (result.reason or "")

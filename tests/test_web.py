@@ -390,7 +390,14 @@ def test_readyz_names_each_check(env: Env) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ok"
-    assert [c["name"] for c in body["checks"]] == ["database", "broker", "detector_model", "segmenter_model", "disk"]
+    assert [c["name"] for c in body["checks"]] == [
+        "database",
+        "broker",
+        "detector_model",
+        "segmenter_model",
+        "gate",
+        "disk",
+    ]
 
 
 def test_readyz_with_a_dead_broker_is_503_naming_it(

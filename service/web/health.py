@@ -2,7 +2,7 @@
 
 Each check answers `CheckResult(name, "ok")` or `CheckResult(name, "failed", reason)`; none raises.
 They name what an operator must fix: the database (reachable, migrated), the Celery broker, the
-model files of the detector and segmenter, and free space on the disk holding `storage_dir`.
+model files of the detector and segmenter, the gate's gate.json, and free space on the disk holding `storage_dir`.
 """
 
 from __future__ import annotations
@@ -72,6 +72,20 @@ def check_model_dir(name: str, model_dir: Path) -> CheckResult:
     return CheckResult(name=name, status="ok")
 
 
+def check_gate_dir(gate_dir: Path) -> CheckResult:
+    """ok when `gate_dir` holds no gate.json (the rules-only gate) or one the gate loads: fields, reference
+    file and its SHA-256 (a gate.json that does not load would fail every series' segment task)."""
+    from service.gate import Gate
+
+    if not (Path(gate_dir) / "gate.json").is_file():
+        return CheckResult(name="gate", status="ok")
+    try:
+        Gate.load(gate_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return CheckResult(name="gate", status="failed", reason=str(exc).splitlines()[0])
+    return CheckResult(name="gate", status="ok")
+
+
 def check_disk(storage_dir: Path, *, min_free_bytes: int, max_used_fraction: float) -> CheckResult:
     """ok when the disk holding `storage_dir` has the free space the listener needs to accept stores."""
     try:
@@ -101,6 +115,7 @@ def readiness_checks(settings: Settings, sessions: sessionmaker[Session]) -> lis
         lambda: check_broker(settings.broker_url),
         lambda: check_model_dir("detector_model", settings.detector_model_dir),
         lambda: check_model_dir("segmenter_model", settings.segmenter_model_dir),
+        lambda: check_gate_dir(settings.gate_model_dir),
         lambda: check_disk(
             settings.storage_dir,
             min_free_bytes=settings.min_free_disk_bytes,

@@ -136,9 +136,20 @@ def residual_ratio(residual_maps: np.ndarray, anomaly: np.ndarray, body: np.ndar
     return inside / max(everywhere, 1e-9)
 
 
+def encoder_and_generator(model_dir: Path, meta: dict[str, Any]) -> tuple[Any, Any]:
+    """ONNX Runtime sessions (CPU) of the model's encoder.onnx and generator.onnx, as model.json names them."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    files, cpu = meta["files"], ["CPUExecutionProvider"]
+    encoder = ort.InferenceSession(str(model_dir / files["encoder"]), options, providers=cpu)
+    generator = ort.InferenceSession(str(model_dir / files["generator"]), options, providers=cpu)
+    return encoder, generator
+
+
 def score_case(case: Case, detector: Detector) -> Scored:
     """Run the detector (encoder, generator, scorer) on one phantom series."""
-    import onnxruntime as ort
 
     from models.detector.evaluate import anomaly_mask_on_grid
     from service import imaging
@@ -151,15 +162,7 @@ def score_case(case: Case, detector: Detector) -> Scored:
     images, body = imaging.preprocess_slices(ct.hu, detector.size, detector.window)
     positions = detector.positions(images, ct.locations_mm)
     scores, maps = detector.score_arrays(images, body, positions)
-    files = detector.meta["files"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    encoder = ort.InferenceSession(
-        str(detector.model_dir / files["encoder"]), options, providers=["CPUExecutionProvider"]
-    )
-    generator = ort.InferenceSession(
-        str(detector.model_dir / files["generator"]), options, providers=["CPUExecutionProvider"]
-    )
+    encoder, generator = encoder_and_generator(detector.model_dir, detector.meta)
     reconstructions = np.empty_like(images)
     for i in range(0, len(images), detector.batch):
         x = np.ascontiguousarray(images[i : i + detector.batch, None])
@@ -192,7 +195,6 @@ def _read_case(case: Case) -> Any:
 def score_case_patch(case: Case, detector: PatchDetector) -> Scored:
     """Run a patch-recipe detector (format 2) on one phantom series; everything on the image grid at
     `PATCH_MAP_SIZE`² (see the module docstring)."""
-    import onnxruntime as ort
 
     from models.detector.evaluate import anomaly_mask_on_grid
     from service import imaging
@@ -209,11 +211,7 @@ def score_case_patch(case: Case, detector: PatchDetector) -> Scored:
     z, slice_index, centres = detector.patch_z_scores(fields, masks, boxes, positions)
     scores = imaging.slice_scores_from_patches(z, slice_index, ct.hu.shape[0])
     scores = np.where(np.isfinite(scores), scores, 0.0)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    files, cpu = detector.meta["files"], ["CPUExecutionProvider"]
-    encoder = ort.InferenceSession(str(detector.model_dir / files["encoder"]), options, providers=cpu)
-    generator = ort.InferenceSession(str(detector.model_dir / files["generator"]), options, providers=cpu)
+    encoder, generator = encoder_and_generator(detector.model_dir, detector.meta)
     f, h = geometry.field_px, geometry.patch // 2
     reconstructions = np.zeros_like(images)
     residual_maps = np.zeros_like(images)

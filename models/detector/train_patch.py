@@ -220,6 +220,24 @@ class PatchTrainer(Trainer):
         return torch.from_numpy(cond[pick]).to(self.device)
 
     # --- GAN ------------------------------------------------------------------------------------------
+    def _discriminator_step(
+        self, real: torch.Tensor, fake: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One logistic D update on real against `fake` (detached), with the lazy R1 penalty every
+        `r1_every` steps of the GAN phase; returns (d_loss, r1) (r1 = 0 on the other steps)."""
+        d_loss = losses.d_logistic_loss(self.D(real, c), self.D(fake, c))
+        self.opt_D.zero_grad(set_to_none=True)
+        d_loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
+        self.opt_D.step()
+        r1 = torch.zeros(())
+        if self.steps["gan"] % self.r1_every == 0:
+            real_r1 = real.detach().requires_grad_(True)
+            r1 = losses.r1_penalty(self.D(real_r1, c), real_r1)
+            self.opt_D.zero_grad(set_to_none=True)
+            (self.r1_gamma / 2 * r1 * self.r1_every).backward()
+            self.opt_D.step()
+        return d_loss, r1
+
     def train_patch_gan(self, index: np.ndarray, cond: np.ndarray) -> None:
         B, zdim = self.args.batch, self.G.z_dim
         self.G.train()
@@ -230,17 +248,7 @@ class PatchTrainer(Trainer):
             real, c = self._sample(index, cond)
             with torch.no_grad():
                 fake = self.G(torch.randn(B, zdim, device=self.device), c)
-            d_loss = losses.d_logistic_loss(self.D(real, c), self.D(fake, c))
-            self.opt_D.zero_grad(set_to_none=True)
-            d_loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
-            self.opt_D.step()
-            r1 = torch.zeros(())
-            if self.steps["gan"] % self.r1_every == 0:
-                real_r1 = real.detach().requires_grad_(True)
-                r1 = losses.r1_penalty(self.D(real_r1, c), real_r1)
-                self.opt_D.zero_grad(set_to_none=True)
-                (self.r1_gamma / 2 * r1 * self.r1_every).backward()
-                self.opt_D.step()
+            d_loss, r1 = self._discriminator_step(real, fake, c)
             c = self._cond_only(cond)
             fake = self.G(torch.randn(B, zdim, device=self.device), c)
             for q in self.D.parameters():
@@ -278,17 +286,7 @@ class PatchTrainer(Trainer):
             real, c = self._sample(index, cond)
             noisy = real + coarse_noise(real.shape, self.rng, self.device)
             recon = self.G(self.E(noisy, c), c)
-            d_loss = losses.d_logistic_loss(self.D(real, c), self.D(recon.detach(), c))
-            self.opt_D.zero_grad(set_to_none=True)
-            d_loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
-            self.opt_D.step()
-            r1 = torch.zeros(())
-            if self.steps["gan"] % self.r1_every == 0:
-                real_r1 = real.detach().requires_grad_(True)
-                r1 = losses.r1_penalty(self.D(real_r1, c), real_r1)
-                self.opt_D.zero_grad(set_to_none=True)
-                (self.r1_gamma / 2 * r1 * self.r1_every).backward()
-                self.opt_D.step()
+            d_loss, r1 = self._discriminator_step(real, recon.detach(), c)
             for q in self.D.parameters():
                 q.requires_grad_(False)
             adv = losses.g_nonsaturating_loss(self.D(recon, c))

@@ -296,7 +296,7 @@ class PatchDetector:
 
     def positions(self, series: CTSeries) -> np.ndarray:
         """Conditioning position of each slice of `series`."""
-        images, _ = imaging.preprocess_slices(series.hu, self.position_size, self.position_window)
+        images = imaging.slice_images(series.hu, self.position_size, self.position_window)
         return series_positions(self.position_net, self.position_meta, images, series.locations_mm, 32)
 
     def patch_z_scores(

@@ -339,7 +339,7 @@ class SliceModel:
         self.meta = detector.meta
 
     def positions(self, series: CTSeries) -> np.ndarray:
-        images, _ = imaging.preprocess_slices(series.hu, self.detector.size, self.detector.window)
+        images = imaging.slice_images(series.hu, self.detector.size, self.detector.window)
         return self.detector.positions(images, series.locations_mm)
 
     def score(self, inputs: SeriesInputs) -> Scored:

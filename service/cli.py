@@ -124,13 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_log_level() -> int:
+    """`GATEKEEPER_LOG_LEVEL` (Settings.log_level); INFO when the settings do not load — the command that
+    needs them then names the bad field itself."""
+    from pydantic import ValidationError
+
+    from service.settings import ConfigFileError, Settings
+
+    try:  # not get_settings(): its cache belongs to the command
+        return int(logging.getLevelName(Settings().log_level))
+    except (ValidationError, ConfigFileError):
+        return logging.INFO
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `gatekeeper` subcommand and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from service.logs import configure_logging
 
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(logging.DEBUG if args.verbose else _settings_log_level())
     try:
         return int(args.func(args) or 0)
     except DatabaseNotReady as exc:

@@ -203,9 +203,9 @@ def _serve_extra(settings_json: str) -> None:
     from service.logs import configure_logging
 
     _die_with_parent()
-    configure_logging()
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     settings = Settings.model_validate_json(settings_json)
+    configure_logging(int(logging.getLevelName(settings.log_level)))
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     listener = Listener.start(settings, run_assembler=False, reuse_port=True)

@@ -154,3 +154,21 @@ def test_malformed_config_file_exits_2(
     [line] = exit_lines(capsys)
     assert line.startswith("gatekeeper: invalid setting GATEKEEPER_CONFIG:")
     assert "is not valid TOML" in line
+
+
+@pytest.mark.parametrize(("level", "info_shown"), [("INFO", True), ("WARNING", False)])
+def test_log_level_sets_what_a_command_logs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, level: str, info_shown: bool
+) -> None:
+    """GATEKEEPER_LOG_LEVEL reaches the root logger of every `gatekeeper` command (here: phantom's INFO line)."""
+    import logging
+
+    from service.cli import main
+
+    monkeypatch.setenv("GATEKEEPER_LOG_LEVEL", level)
+    root_level = logging.getLogger().level
+    try:
+        assert main(["phantom", "--out", str(tmp_path / "p"), "--series", "1", "--slices", "2", "--matrix", "64"]) == 0
+    finally:
+        logging.getLogger().setLevel(root_level)
+    assert ("INFO service.phantom" in capsys.readouterr().err) is info_shown

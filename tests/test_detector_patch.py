@@ -212,11 +212,16 @@ def test_training_writes_the_checkpoint_onnx_files_and_model_json(trained: Path)
     assert ckpt["recipe"] == "patch" and {"G", "D", "G_ema", "E", "P", "optimizers"} <= set(ckpt)
 
 
-def test_adversarial_autoencoder_family_trains_and_records_its_recipe(phantom: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("noise_hu", [0.0, 40.0])
+def test_adversarial_autoencoder_family_trains_and_records_its_recipe(
+    phantom: Path, tmp_path: Path, noise_hu: float
+) -> None:
     out = tmp_path / "aae"
-    assert _train(phantom, out, "--family", "aae", "--gan-steps", "3", "--encoder-steps", "2") == 0
+    noise = ["--aae-noise-hu", str(noise_hu), "--aae-noise-grid", "3"]
+    assert _train(phantom, out, "--family", "aae", "--gan-steps", "3", "--encoder-steps", "2", *noise) == 0
     meta = json.loads((out / "model.json").read_text())
     assert (meta["family"], meta["patch_score"]) == ("aae", "local")
+    assert meta["aae_noise"] == {"hu_std": noise_hu, "grid": 3, "window_std": None if noise_hu else 0.2}
     assert meta["training"]["steps"] == {"position": 2, "gan": 3, "encoder": 2}
     assert "--family aae" in meta["training"]["command"]
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -381,3 +386,23 @@ def test_field_map_lands_on_the_body_in_the_image() -> None:
     # body centre (300, 230) of 512 → (75, 57.5) of 128
     assert abs(r - 75) <= 2 and abs(c - 57.5) <= 2
     assert (small[np.isnan(small)]).size == 0
+
+
+def test_hu_noise_darkens_or_brightens_every_window_together() -> None:
+    """`--aae-noise-hu`: one smooth HU field under all windows (a lesion-like blob), unlike v3's per-channel noise."""
+    import argparse
+
+    from models.detector.train_patch import PatchTrainer
+
+    field = np.full((1, 64, 64), 60.0, np.float32)  # liver-like tissue
+    trainer = PatchTrainer.__new__(PatchTrainer)
+    trainer.args = argparse.Namespace(batch=8, aae_noise_hu=20.0, aae_noise_grid=3)  # stays inside both windows
+    trainer.geometry = imaging.PatchGeometry(stride=24)
+    trainer.device = torch.device("cpu")
+    trainer.rng = torch.Generator().manual_seed(0)
+    trainer.train_series = [type("S", (), {"hu_field": field})()]
+    real, noisy, _ = trainer._sample_noised(np.array([[0, 0, 32, 32]] * 4), np.zeros((4, 3), np.float32))
+    delta = (noisy - real).numpy()
+    abdomen, liver = delta[:, 0], delta[:, 1]
+    assert np.abs(liver).max() > 0.1  # tens of HU
+    np.testing.assert_allclose(liver, abdomen * 400 / 150, rtol=1e-3, atol=1e-4)  # same HU change in both windows

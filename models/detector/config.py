@@ -87,6 +87,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "away), mean = the mean squared residual over the patch (v2); + kappa * the feature residual either way",
     )
     g.add_argument(
+        "--aae-noise-hu",
+        type=float,
+        default=0.0,
+        help="--family aae: std in HU of the coarse noise added before windowing (one smooth field for all "
+        "windows, like a lesion); 0 (default, v3) adds std 0.2 per window channel in [-1, 1] units instead",
+    )
+    g.add_argument(
+        "--aae-noise-grid",
+        type=int,
+        default=4,
+        help="--family aae: side of the coarse noise's grid per 32-px patch (default 4: blobs of ~8 px)",
+    )
+    g.add_argument(
         "--range-margin",
         type=float,
         default=0.05,

@@ -83,11 +83,18 @@ AAE_NOISE_GRID = 4
 AAE_NOISE_STD = 0.2
 
 
-def coarse_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Smooth noise [N, C, H, W]: N(0, AAE_NOISE_STD²) on an `AAE_NOISE_GRID`² grid, bilinearly upsampled."""
+def coarse_noise(
+    shape: torch.Size | tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device,
+    *,
+    std: float = AAE_NOISE_STD,
+    grid: int = AAE_NOISE_GRID,
+) -> torch.Tensor:
+    """Smooth noise [N, C, H, W]: N(0, std²) on a `grid`² grid, bilinearly upsampled."""
     n, c, h, w = shape
-    grid = torch.randn(n, c, AAE_NOISE_GRID, AAE_NOISE_GRID, generator=generator) * AAE_NOISE_STD
-    return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).to(device)
+    coarse = torch.randn(n, c, grid, grid, generator=generator) * std
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).to(device)
 
 
 def geometry_from_args(args: argparse.Namespace) -> imaging.PatchGeometry:
@@ -117,6 +124,10 @@ def check_patch_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--patch must be {PATCH} (the networks' size), got {args.patch}")
     if not args.range_margin >= 0:
         raise ValueError(f"--range-margin must be >= 0, got {args.range_margin}")
+    if not args.aae_noise_hu >= 0:
+        raise ValueError(f"--aae-noise-hu must be >= 0, got {args.aae_noise_hu}")
+    if not 1 <= args.aae_noise_grid <= PATCH:
+        raise ValueError(f"--aae-noise-grid must be between 1 and {PATCH}, got {args.aae_noise_grid}")
     geometry_from_args(args)
 
 
@@ -143,11 +154,16 @@ def series_conditions(s: PatchSeriesData, positions: np.ndarray) -> np.ndarray:
 
 def gather_patches(fields: list[np.ndarray], rows: np.ndarray, patch: int) -> np.ndarray:
     """Window channels [B, C, patch, patch] of the patches `rows` [B, 4] = (series, slice, row, column)."""
+    return imaging.window_channels(gather_hu(fields, rows, patch))
+
+
+def gather_hu(fields: list[np.ndarray], rows: np.ndarray, patch: int) -> np.ndarray:
+    """HU [B, patch, patch] of the patches `rows` [B, 4] = (series, slice, row, column)."""
     h = patch // 2
     hu = np.empty((rows.shape[0], patch, patch), np.float32)
     for b, (si, k, r, c) in enumerate(rows):
         hu[b] = fields[si][k, r - h : r + h, c - h : c + h]
-    return imaging.window_channels(hu)
+    return hu
 
 
 class PatchTrainer(Trainer):
@@ -214,6 +230,22 @@ class PatchTrainer(Trainer):
         pick = torch.randint(index.shape[0], (self.args.batch,), generator=self.rng).numpy()
         x = gather_patches([s.hu_field for s in self.train_series], index[pick], self.geometry.patch)
         return torch.from_numpy(x).to(self.device), torch.from_numpy(cond[pick]).to(self.device)
+
+    def _sample_noised(self, index: np.ndarray, cond: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean patches, coarse-noised patches, condition) for the AAE. `--aae-noise-hu` 0: the noise is
+        added to each window channel (std `AAE_NOISE_STD` in [-1, 1] units, v3); > 0: to the HU before
+        windowing, one field for all channels — a blob darker or brighter in HU, as a lesion is."""
+        pick = torch.randint(index.shape[0], (self.args.batch,), generator=self.rng).numpy()
+        hu = gather_hu([s.hu_field for s in self.train_series], index[pick], self.geometry.patch)
+        real = torch.from_numpy(imaging.window_channels(hu)).to(self.device)
+        grid = int(self.args.aae_noise_grid)
+        if self.args.aae_noise_hu > 0:
+            noise = coarse_noise((hu.shape[0], 1, *hu.shape[1:]), self.rng, torch.device("cpu"), std=1.0, grid=grid)
+            noised_hu = hu + float(self.args.aae_noise_hu) * noise[:, 0].numpy()
+            noisy = torch.from_numpy(imaging.window_channels(noised_hu)).to(self.device)
+        else:
+            noisy = real + coarse_noise(real.shape, self.rng, self.device, grid=grid)
+        return real, noisy, torch.from_numpy(cond[pick]).to(self.device)
 
     def _cond_only(self, cond: np.ndarray) -> torch.Tensor:
         pick = torch.randint(cond.shape[0], (self.args.batch,), generator=self.rng).numpy()
@@ -283,8 +315,7 @@ class PatchTrainer(Trainer):
         bar, last = self._bar("gan"), [time.monotonic(), time.monotonic()]
         self.clock.start("gan")
         while self._running("gan"):
-            real, c = self._sample(index, cond)
-            noisy = real + coarse_noise(real.shape, self.rng, self.device)
+            real, noisy, c = self._sample_noised(index, cond)
             recon = self.G(self.E(noisy, c), c)
             d_loss, r1 = self._discriminator_step(real, recon.detach(), c)
             for q in self.D.parameters():
@@ -527,6 +558,15 @@ def _train(args: argparse.Namespace) -> Path:
         "kind": "ct-patch-anomaly-detector",
         "family": args.family,
         "patch_score": scorer.score,
+        "aae_noise": (
+            {
+                "hu_std": args.aae_noise_hu,
+                "grid": args.aae_noise_grid,
+                "window_std": None if args.aae_noise_hu > 0 else AAE_NOISE_STD,
+            }
+            if args.family == "aae"
+            else None
+        ),
         "conditioned": not args.unconditioned,
         "patch": geometry.patch,
         "channels": trainer.channels,

@@ -266,6 +266,28 @@ def test_local_score_sees_a_small_finding_the_mean_averages_away() -> None:
         assert local(spot, cond)[3].shape == (1, 1, 32, 32)
 
 
+def test_wider_local_sigma_keeps_a_lesion_and_averages_texture_away() -> None:
+    """`--local-sigma`: a 14-px disc 0.5 darker (a 3-cm lesion in the liver window) against pixel-scale
+    texture of std 0.5 (what a reconstruction cannot predict): σ 4 px separates them, σ 1.5 px less so."""
+    from models.detector.networks_patch import PatchScorer, build_patch_networks
+
+    nets = build_patch_networks(3)
+    E, G = _Constant((64,), 0.0), _Constant((3, 32, 32), 0.0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = torch.zeros(1, 3, 32, 32)
+    disc[:, :, ((yy - 16) ** 2 + (xx - 16) ** 2) < 49] = -0.5
+    texture = 0.5 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = torch.zeros(1, 3)
+    ratios = {}
+    with torch.no_grad():
+        for sigma in (1.5, 4.0):
+            scorer = PatchScorer(G, E, nets.D, kappa=0.0, score="local", sigma=sigma).eval()  # type: ignore[arg-type]
+            ratios[sigma] = scorer(disc, cond)[1].item() / scorer(texture, cond)[1].item()
+    assert ratios[4.0] > 1.5 and ratios[4.0] > 1.5 * ratios[1.5]
+    with pytest.raises(ValueError, match="sigma"):
+        PatchScorer(G, E, nets.D, score="local", sigma=0.0)  # type: ignore[arg-type]
+
+
 def test_resume_continues_the_checkpoint(phantom: Path, trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _train(phantom, trained, "--gan-steps", "5", "--encoder-steps", "4") == 2  # a checkpoint is there
     assert "--resume" in capsys.readouterr().err

@@ -36,7 +36,7 @@ import torch
 
 from models.detector.export import export_graph, load_scorer
 from models.detector.networks import Scorer, build_networks
-from models.detector.networks_patch import PATCH, PatchScorer, build_patch_networks
+from models.detector.networks_patch import LOCAL_SIGMA_PX, PATCH, PatchScorer, build_patch_networks
 from service.errors import UsageError
 from service.model_paths import DEFAULT_DETECTOR_DIR
 
@@ -171,7 +171,12 @@ def patch_scorer_for_bench(model_dir: Path) -> tuple[PatchScorer, bool]:
         nets.E.load_state_dict(weights["E"])
         nets.D.load_state_dict(weights["D"])
     scorer = PatchScorer(
-        nets.G, nets.E, nets.D, kappa=float(meta.get("kappa", 1.0)), score=str(meta.get("patch_score", "mean"))
+        nets.G,
+        nets.E,
+        nets.D,
+        kappa=float(meta.get("kappa", 1.0)),
+        score=str(meta.get("patch_score", "mean")),
+        sigma=float(meta.get("local_sigma_px") or LOCAL_SIGMA_PX),
     )
     return scorer.eval(), fresh
 

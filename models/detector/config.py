@@ -87,6 +87,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "away), mean = the mean squared residual over the patch (v2); + kappa * the feature residual either way",
     )
     g.add_argument(
+        "--local-sigma",
+        type=float,
+        default=1.5,
+        help="--patch-score local: sigma in pixels of the Gaussian that smooths |x - G(E(x))| before its peak "
+        "is taken (default 1.5 = 2.25 mm; larger averages tissue texture away, keeps a lesion-sized peak). "
+        "Scoring only: with --resume on a finished model it recalibrates and re-exports without training",
+    )
+    g.add_argument(
         "--aae-noise-hu",
         type=float,
         default=0.0,

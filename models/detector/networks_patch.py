@@ -83,8 +83,8 @@ class PatchScorer(nn.Module):
     and residual, by `score`:
 
     * `local` (v3): the largest value, over the CT windows and the patch's inner pixels (a
-      `LOCAL_BORDER_PX` border left out), of |x − G(E(x))| smoothed with a Gaussian of σ =
-      `LOCAL_SIGMA_PX`: a 2-cm lesion in a 5-cm patch or a few metal pixels are not averaged away,
+      `LOCAL_BORDER_PX` border left out), of |x − G(E(x))| smoothed with a Gaussian of σ = `sigma`
+      (default `LOCAL_SIGMA_PX`): a 2-cm lesion in a 5-cm patch or a few metal pixels are not averaged away,
       and the smoothing averages out the CT noise a reconstruction cannot (and should not) predict;
       residual map = that smoothed |residual|, largest over the windows;
     * `mean` (v2): the mean over channels and pixels of (x − G(E(x)))²; residual map = the mean over
@@ -95,15 +95,25 @@ class PatchScorer(nn.Module):
     """
 
     def __init__(
-        self, G: DCGenerator, E: Encoder, D: DCDiscriminator, *, kappa: float = 1.0, score: str = "mean"
+        self,
+        G: DCGenerator,
+        E: Encoder,
+        D: DCDiscriminator,
+        *,
+        kappa: float = 1.0,
+        score: str = "mean",
+        sigma: float = LOCAL_SIGMA_PX,
     ) -> None:
         super().__init__()
         if score not in ("local", "mean"):
             raise ValueError(f"PatchScorer.score must be 'local' or 'mean', got {score!r}.")
+        if not 0 < sigma <= 8:
+            raise ValueError(f"PatchScorer.sigma must be in (0, 8] px, got {sigma}.")
         self.G, self.E, self.D = G, E, D
         self.kappa = float(kappa)
         self.score = score
-        k = gaussian_kernel(LOCAL_SIGMA_PX)
+        self.sigma = float(sigma)
+        k = gaussian_kernel(self.sigma)
         self.radius = (k.numel() - 1) // 2
         self.row_kernel: torch.Tensor
         self.col_kernel: torch.Tensor

@@ -45,7 +45,7 @@ from models.detector.data import Dataset, PatchSeriesData, cpu_count, load_datas
 from models.detector.export import OPSET, export_patch_onnx
 from models.detector.metrics import threshold_at_false_flag_rate
 from models.detector.networks import BodyPartRegressor, DCDiscriminator, DCGenerator
-from models.detector.networks_patch import PATCH, PatchScorer, build_patch_networks
+from models.detector.networks_patch import LOCAL_SIGMA_PX, PATCH, PatchScorer, build_patch_networks
 from models.detector.train import (
     MM_PER_UNIT,
     Trainer,
@@ -392,7 +392,8 @@ class PatchTrainer(Trainer):
         E, D = copy.deepcopy(self.E).eval(), copy.deepcopy(self.D).eval()
         assert isinstance(G, DCGenerator) and isinstance(D, DCDiscriminator)  # built by build_patch_networks
         score = getattr(self.args, "patch_score", "mean")
-        return PatchScorer(G, E, D, kappa=self.args.kappa, score=score).to(self.device)
+        sigma = float(getattr(self.args, "local_sigma", LOCAL_SIGMA_PX))
+        return PatchScorer(G, E, D, kappa=self.args.kappa, score=score, sigma=sigma).to(self.device)
 
 
 def _patch_series(s: Any) -> PatchSeriesData:
@@ -558,6 +559,7 @@ def _train(args: argparse.Namespace) -> Path:
         "kind": "ct-patch-anomaly-detector",
         "family": args.family,
         "patch_score": scorer.score,
+        "local_sigma_px": scorer.sigma if scorer.score == "local" else None,
         "aae_noise": (
             {
                 "hu_std": args.aae_noise_hu,

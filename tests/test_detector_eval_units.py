@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.detector.baselines import HistogramBaseline, hu_histograms
-from models.detector.evaluate import localise, parse_compare, uncovered_to_slice_minimum
+from models.detector.evaluate import localise, parse_compare, patch_version, uncovered_to_slice_minimum
 from models.detector.metrics import paired_bootstrap_difference, roc_curve
 
 
@@ -132,3 +132,10 @@ def test_compare_names_come_from_the_option_or_the_folder() -> None:
         parse_compare(["a/model", "b/model"])
     with pytest.raises(ValueError, match="must start with a letter"):
         parse_compare(["1st=x"])
+
+
+def test_patch_version_names_the_recipe_from_model_json() -> None:
+    assert patch_version({"family": "dcgan"}) == "patch v2"
+    assert patch_version({"family": "aae"}) == "patch v3"  # before aae_noise was recorded
+    assert patch_version({"family": "aae", "aae_noise": {"hu_std": 0.0, "grid": 4}}) == "patch v3"
+    assert patch_version({"family": "aae", "aae_noise": {"hu_std": 40.0, "grid": 3}}) == "patch v4"

@@ -438,6 +438,14 @@ def load_method(model_dir: Path, label: str | None = None) -> SliceModel | Patch
     return PatchModel(detector, label, str(model_dir))
 
 
+def patch_version(meta: dict[str, Any]) -> str:
+    """Which patch recipe a format-2 model.json describes: v2 (GAN), v3 (AAE, noise per window) or v4 (AAE,
+    coarse noise in HU)."""
+    if meta.get("family") != "aae":
+        return "patch v2"
+    return "patch v4" if float((meta.get("aae_noise") or {}).get("hu_std") or 0) > 0 else "patch v3"
+
+
 def load_detector_method(model_dir: Path, label: str, option: str) -> DetectorMethod:
     """`load_method` for an option that needs a GAN detector.
 
@@ -699,7 +707,7 @@ def evaluate(
         raise ValueError("--ablation-twin needs --ablation (the twin is the ablation's conditioned counterpart)")
     detector = load_detector_method(model, METHOD_LABELS["detector"], "--model")
     if isinstance(detector, PatchModel):
-        detector.label += " (patch v3)" if detector.meta.get("family") == "aae" else " (patch v2)"
+        detector.label += f" ({patch_version(detector.meta)})"
     methods: dict[str, Method] = {"detector": detector}
     if ablation_twin is not None:
         methods["twin"] = load_detector_method(ablation_twin, METHOD_LABELS["twin"], "--ablation-twin")
@@ -1041,13 +1049,15 @@ def write_plots(report: dict[str, Any], examples: list[Example], out: Path) -> l
             neg = [r["scores"][name] for r in rows if r["type"] == "normal"]
             pos = [r["scores"][name] for r in rows if r["type"] != "normal" and kind in ("all", r["type"])]
             fpr, tpr = roc_curve(np.array(neg), np.array(pos))
-            ax.plot(fpr, tpr, label=f"{m['label']} {m['per_type'][kind]['auroc']:.2f}")
+            ax.plot(fpr, tpr, label=f"{name} {m['per_type'][kind]['auroc']:.2f}")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
         ax.set_title(f"{kind} (n={methods['detector']['per_type'][kind]['n']})", fontsize=9)
         ax.set_xlabel("false-positive rate", fontsize=8)
         ax.set_ylabel("true-positive rate", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6, loc="lower right")
+    # Panels name the methods by their short keys; the labels (long for --compare models) once, below.
+    fig.supxlabel("\n".join(f"{name}: {m['label']}" for name, m in methods.items()), fontsize=7, ha="left", x=0.01)
     fig.savefig(out / "roc.png", dpi=110)
     written.append("roc.png")
 

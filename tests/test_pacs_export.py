@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -384,6 +385,9 @@ class Orthanc:
             assert self.process is not None and self.process.poll() is None, (self.folder / "orthanc.log").read_text()
             try:
                 self.rest("/system")
+                # The DICOM server may open after the REST one: a C-STORE sent in between fails to connect
+                # (a transient failure) where the test expects Orthanc's own answer.
+                socket.create_connection(("127.0.0.1", self.dicom_port), timeout=1).close()
                 return True
             except OSError:
                 return False

@@ -233,6 +233,7 @@ class Detector:
 
 #: Series aggregation of the patch recipe: the mean of the 3 highest slice scores within the training range.
 PATCH_AGGREGATION = "top3_mean"
+PATCH_TOP_SLICES = 3
 #: Side of the evidence maps `PatchDetector` returns, in the slice's own (image) geometry.
 PATCH_MAP_SIZE = 128
 
@@ -303,6 +304,13 @@ class PatchDetector:
         self, fields: np.ndarray, masks: np.ndarray, boxes: np.ndarray, positions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """z-scores [P], slice index [P] and centres [P, 2] of every body patch of the resampled slices."""
+        raw, cond, slice_index, all_centres = self.raw_patch_scores(fields, masks, boxes, positions)
+        return imaging.patch_z_scores(raw, cond, self.normalisation), slice_index, all_centres
+
+    def raw_patch_scores(
+        self, fields: np.ndarray, masks: np.ndarray, boxes: np.ndarray, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Raw scores [P], conditions [P, 3], slice index [P] and centres [P, 2] of every body patch."""
         centres = [imaging.patch_centres(m, self.geometry) for m in masks]
         slice_index = np.concatenate([np.full(len(c), k, np.int64) for k, c in enumerate(centres)])
         all_centres = np.concatenate(centres) if centres else np.zeros((0, 2), np.int32)
@@ -322,7 +330,7 @@ class PatchDetector:
             patches = np.ascontiguousarray(imaging.window_channels(hu, self.windows), np.float32)
             raw[done : rows.stop] = self.scorer.run(["score"], {"patches": patches, "cond": cond[done : rows.stop]})[0]
             done = rows.stop
-        return imaging.patch_z_scores(raw, cond, self.normalisation), slice_index, all_centres
+        return raw, cond, slice_index, all_centres
 
     def score_series(self, series: CTSeries, *, keep_maps: bool = False) -> DetectorVerdict:
         """Score every slice of `series` and the series as a whole (maps: `PATCH_MAP_SIZE`² z-maps
@@ -332,7 +340,9 @@ class PatchDetector:
         z, slice_index, centres = self.patch_z_scores(fields, masks, boxes, positions)
         k = series.hu.shape[0]
         slices = imaging.slice_scores_from_patches(z, slice_index, k)
-        total, _ = imaging.series_score_in_range(slices, positions, self.position_low, self.position_high)
+        total, _ = imaging.series_score_in_range(
+            slices, positions, self.position_low, self.position_high, top=PATCH_TOP_SLICES
+        )
         maps = None
         if keep_maps:
             maps = np.zeros((k, PATCH_MAP_SIZE, PATCH_MAP_SIZE), np.float32)

@@ -205,6 +205,13 @@ def test_training_writes_the_checkpoint_onnx_files_and_model_json(trained: Path)
     rng = meta["position_range"]
     assert rng["low"] == pytest.approx(rng["training_min"] - 0.05) and "note" in rng
     assert len(meta["validation_series_scores"]) == 2
+    # The threshold comes from held-out scores (each series against the other's table), not in-sample ones.
+    from models.detector.metrics import threshold_at_false_flag_rate
+
+    held_out = meta["validation_series_scores_held_out"]
+    assert len(held_out) == 2 and held_out != meta["validation_series_scores"]
+    assert meta["threshold"] == pytest.approx(threshold_at_false_flag_rate(np.array(held_out), 0.05))
+    assert meta["threshold_from"].startswith("leave-one-series-out")
     assert np.asarray(meta["normalisation"]["mu"]).shape == (8, 16)
     assert meta["training"]["steps"] == {"position": 2, "gan": 3, "encoder": 2}
     assert meta["training"]["data_hash_sha256"] and "--recipe patch" in meta["training"]["command"]
@@ -428,3 +435,37 @@ def test_hu_noise_darkens_or_brightens_every_window_together() -> None:
     abdomen, liver = delta[:, 0], delta[:, 1]
     assert np.abs(liver).max() > 0.1  # tens of HU
     np.testing.assert_allclose(liver, abdomen * 400 / 150, rtol=1e-3, atol=1e-4)  # same HU change in both windows
+
+
+def test_recalibrate_gives_training_calibration_from_the_onnx_files(
+    phantom: Path, trained: Path, tmp_path: Path
+) -> None:
+    """`python -m models.detector recalibrate` scores the validation split with the ONNX files (as
+    serving does): the same normalisation table and in-sample scores training found with torch, and a
+    threshold from the held-out scores. (The held-out scores themselves are not compared: here each is
+    measured against a table fitted on one 8-slice series of a 3-step model, whose σ is near its floor,
+    so float-level differences between torch and ONNX Runtime move them.)"""
+    import shutil
+
+    from models.detector.__main__ import main as detector_main
+    from models.detector.metrics import threshold_at_false_flag_rate
+
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    before = json.loads((model / "model.json").read_text())
+    meta = before | {"threshold": 0.0, "validation_series_scores_held_out": [], "validation_series_scores": []}
+    (model / "model.json").write_text(json.dumps(meta))
+    assert detector_main(["recalibrate", "--model", str(model), "--data", str(phantom)]) == 0
+    after = json.loads((model / "model.json").read_text())
+    np.testing.assert_allclose(after["validation_series_scores"], before["validation_series_scores"], atol=1e-3)
+    np.testing.assert_allclose(after["normalisation"]["mu"], before["normalisation"]["mu"], rtol=1e-3, atol=1e-4)
+    held_out = after["validation_series_scores_held_out"]
+    assert len(held_out) == 2 and after["threshold_from"].startswith("leave-one-series-out")
+    assert after["threshold"] == pytest.approx(threshold_at_false_flag_rate(np.array(held_out), 0.05))
+
+
+def test_recalibrate_refuses_a_slice_recipe_model(phantom: Path) -> None:
+    from models.detector.calibrate_patch import recalibrate
+
+    with pytest.raises(ValueError, match="patch-recipe"):
+        recalibrate(Path("models/detector/default"), phantom)

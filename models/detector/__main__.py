@@ -7,6 +7,8 @@ python -m models.detector baseline-ae --data DIR --out DIR [--minutes N] [--seed
                                                 same options as `gatekeeper train autoencoder`)
 python -m models.detector bench --model DIR [--device cuda]    (scoring throughput, torch vs ONNX Runtime)
 python -m models.detector export --model DIR     (ONNX files again from weights.pt + model.json)
+python -m models.detector recalibrate --model DIR --data DIR   (patch recipe: threshold from held-out
+                                                validation scores, the training data's validation split)
 python -m models.detector samples --model DIR [--data DIR] --out PNG   (samples and reconstructions)
 """
 
@@ -38,6 +40,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from models.detector.export import reexport
 
         reexport(p.parse_args(argv[1:]).model)
+        return 0
+    if argv and argv[0] == "recalibrate":
+        p = argparse.ArgumentParser(prog="python -m models.detector recalibrate")
+        p.add_argument("--model", required=True, type=Path, help="patch-recipe model folder (model.json + ONNX)")
+        p.add_argument("--data", required=True, type=Path, help="the model's training data (its validation split)")
+        a = p.parse_args(argv[1:])
+        from models.detector.calibrate_patch import recalibrate
+
+        recalibrate(a.model, a.data)
         return 0
     if argv and argv[0] == "samples":
         from models.detector.samples import main as samples_main

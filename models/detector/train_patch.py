@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from models.detector import losses
+from models.detector.calibrate_patch import HELD_OUT, ValidationPatchScores, held_out_series_scores
 from models.detector.config import add_arguments
 from models.detector.data import Dataset, PatchSeriesData, cpu_count, load_dataset
 from models.detector.export import OPSET, export_patch_onnx
@@ -428,6 +429,7 @@ class PatchCalibration:
     threshold: float
     false_flag_rate: float
     validation_series_scores: list[float]
+    validation_series_scores_held_out: list[float]
     validation_in_range_slices: list[int]
 
     def as_dict(self) -> dict[str, Any]:
@@ -452,8 +454,10 @@ class PatchCalibration:
                 "is scored over all its slices)",
             },
             "threshold": self.threshold,
+            "threshold_from": HELD_OUT,
             "target_false_flag_rate": self.false_flag_rate,
             "validation_series_scores": self.validation_series_scores,
+            "validation_series_scores_held_out": self.validation_series_scores_held_out,
             "validation_in_range_slices": self.validation_in_range_slices,
         }
 
@@ -470,18 +474,19 @@ def calibrate_patch(
     table = imaging.fit_patch_normalisation(
         np.concatenate([t.scores for t in terms]), np.concatenate([t.cond for t in terms])
     )
+    low, high = lo - args.range_margin, hi + args.range_margin
+    scored = [ValidationPatchScores(t.scores, t.cond, t.slice_index, p) for p, t in zip(positions, terms)]
     series_scores, in_range = [], []
-    for s, p, t in zip(validation, positions, terms):
-        z = imaging.patch_z_scores(t.scores, t.cond, table)
-        slices = imaging.slice_scores_from_patches(z, t.slice_index, s.num_slices)
-        score, n_in = imaging.series_score_in_range(
-            slices, p, lo - args.range_margin, hi + args.range_margin, top=TOP_SLICES
-        )
+    for v in scored:
+        z = imaging.patch_z_scores(v.scores, v.cond, table)
+        slices = imaging.slice_scores_from_patches(z, v.slice_index, len(v.positions))
+        score, n_in = imaging.series_score_in_range(slices, v.positions, low, high, top=TOP_SLICES)
         series_scores.append(round(score, 5))
         in_range.append(n_in)
-    threshold = threshold_at_false_flag_rate(np.array(series_scores), args.false_flag_rate)
+    held_out = held_out_series_scores(scored, low, high, TOP_SLICES)
+    threshold = threshold_at_false_flag_rate(np.array(held_out), args.false_flag_rate)
     log.info(
-        "calibration: %d validation patches, position range [%.3f, %.3f] ± %.3f, threshold %.4g",
+        "calibration: %d validation patches, position range [%.3f, %.3f] ± %.3f, threshold %.4g (held out)",
         sum(t.scores.size for t in terms),
         lo,
         hi,
@@ -489,7 +494,14 @@ def calibrate_patch(
         threshold,
     )
     return PatchCalibration(
-        table, (lo, hi), float(args.range_margin), threshold, float(args.false_flag_rate), series_scores, in_range
+        table,
+        (lo, hi),
+        float(args.range_margin),
+        threshold,
+        float(args.false_flag_rate),
+        series_scores,
+        held_out,
+        in_range,
     )
 
 
@@ -610,6 +622,7 @@ def _train(args: argparse.Namespace) -> Path:
         "training": {
             "command": _command(args),
             "seed": args.seed,
+            "max_series": args.max_series,
             "device": str(device),
             "device_name": platform.processor(),
             "data": str(args.data),

@@ -437,18 +437,19 @@ def test_hu_noise_darkens_or_brightens_every_window_together() -> None:
     np.testing.assert_allclose(liver, abdomen * 400 / 150, rtol=1e-3, atol=1e-4)  # same HU change in both windows
 
 
-def test_recalibrate_gives_training_calibration_from_the_onnx_files(
-    phantom: Path, trained: Path, tmp_path: Path
-) -> None:
-    """`python -m models.detector recalibrate` scores the validation split with the ONNX files (as
-    serving does): the same normalisation table and in-sample scores training found with torch, and a
-    threshold from the held-out scores. (The held-out scores themselves are not compared: here each is
-    measured against a table fitted on one 8-slice series of a 3-step model, whose σ is near its floor,
-    so float-level differences between torch and ONNX Runtime move them.)"""
+def test_recalibrate_sets_the_threshold_from_held_out_onnx_scores(phantom: Path, trained: Path, tmp_path: Path) -> None:
+    """`python -m models.detector recalibrate` scores the training data's validation split with the
+    ONNX files and writes a table, in-sample scores that serving reproduces, and a threshold from the
+    held-out scores. (Training's own numbers are not compared: training scores int16-stored HU fields
+    with torch, and a 3-step model's patch scores are nearly constant, so the refitted σ sits at its
+    floor and float-level differences move the z-scores.)"""
     import shutil
 
     from models.detector.__main__ import main as detector_main
+    from models.detector.data import normal_splits
     from models.detector.metrics import threshold_at_false_flag_rate
+    from service import dicom_series
+    from service.inference import load_detector
 
     model = tmp_path / "model"
     shutil.copytree(trained, model)
@@ -457,11 +458,19 @@ def test_recalibrate_gives_training_calibration_from_the_onnx_files(
     (model / "model.json").write_text(json.dumps(meta))
     assert detector_main(["recalibrate", "--model", str(model), "--data", str(phantom)]) == 0
     after = json.loads((model / "model.json").read_text())
-    np.testing.assert_allclose(after["validation_series_scores"], before["validation_series_scores"], atol=1e-3)
-    np.testing.assert_allclose(after["normalisation"]["mu"], before["normalisation"]["mu"], rtol=1e-3, atol=1e-4)
     held_out = after["validation_series_scores_held_out"]
     assert len(held_out) == 2 and after["threshold_from"].startswith("leave-one-series-out")
     assert after["threshold"] == pytest.approx(threshold_at_false_flag_rate(np.array(held_out), 0.05))
+    assert np.asarray(after["normalisation"]["mu"]).shape == (8, 16)
+    groups = dicom_series.scan_tree(phantom)
+    splits, _ = normal_splits(phantom, groups, int(before["training"]["seed"]))
+    detector = load_detector(model)
+    served = [
+        detector.score_series(dicom_series.load_series(g)).score
+        for g in groups
+        if splits.get(g.series_instance_uid) == "validation"
+    ]
+    np.testing.assert_allclose(served, after["validation_series_scores"], rtol=1e-4, atol=1e-4)
 
 
 def test_recalibrate_refuses_a_slice_recipe_model(phantom: Path) -> None:

@@ -51,11 +51,25 @@ class ValidationPatchScores:
             )
 
 
-def series_score(v: ValidationPatchScores, table: dict[str, Any], low: float, high: float, top: int) -> float:
-    """`v`'s series score with the normalisation `table` (as serving computes it)."""
+def fit_table(validation: list[ValidationPatchScores]) -> dict[str, Any]:
+    """The normalisation table of the patches of every series in `validation`."""
+    return imaging.fit_patch_normalisation(
+        np.concatenate([v.scores for v in validation]), np.concatenate([v.cond for v in validation])
+    )
+
+
+def series_score_in_range(
+    v: ValidationPatchScores, table: dict[str, Any], low: float, high: float, top: int
+) -> tuple[float, int]:
+    """(`v`'s series score with the normalisation `table`, slices counted), as serving computes it."""
     z = imaging.patch_z_scores(v.scores, v.cond, table)
     slices = imaging.slice_scores_from_patches(z, v.slice_index, len(v.positions))
-    return imaging.series_score_in_range(slices, v.positions, low, high, top=top)[0]
+    return imaging.series_score_in_range(slices, v.positions, low, high, top=top)
+
+
+def series_score(v: ValidationPatchScores, table: dict[str, Any], low: float, high: float, top: int) -> float:
+    """`v`'s series score with the normalisation `table` (as serving computes it)."""
+    return series_score_in_range(v, table, low, high, top)[0]
 
 
 def held_out_series_scores(validation: list[ValidationPatchScores], low: float, high: float, top: int) -> list[float]:
@@ -68,10 +82,7 @@ def held_out_series_scores(validation: list[ValidationPatchScores], low: float, 
         raise ValueError(f"held-out calibration needs at least 2 validation series, got {len(validation)}.")
     out = []
     for i, v in enumerate(validation):
-        others = [w for j, w in enumerate(validation) if j != i]
-        table = imaging.fit_patch_normalisation(
-            np.concatenate([w.scores for w in others]), np.concatenate([w.cond for w in others])
-        )
+        table = fit_table([w for j, w in enumerate(validation) if j != i])
         out.append(round(series_score(v, table, low, high, top), 5))
     return out
 
@@ -110,9 +121,7 @@ def recalibrate(model_dir: Path, data: Path) -> dict[str, Any]:
         raw, cond, slice_index, _ = detector.raw_patch_scores(fields, masks, boxes, positions)
         validation.append(ValidationPatchScores(raw, cond, slice_index, positions))
     low, high, top = detector.position_low, detector.position_high, PATCH_TOP_SLICES
-    table = imaging.fit_patch_normalisation(
-        np.concatenate([v.scores for v in validation]), np.concatenate([v.cond for v in validation])
-    )
+    table = fit_table(validation)
     held_out = held_out_series_scores(validation, low, high, top)
     rate = float(meta.get("target_false_flag_rate", 0.05))
     old = meta["threshold"]

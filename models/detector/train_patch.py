@@ -40,7 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from models.detector import losses
-from models.detector.calibrate_patch import HELD_OUT, ValidationPatchScores, held_out_series_scores
+from models.detector.calibrate_patch import (
+    HELD_OUT,
+    ValidationPatchScores,
+    fit_table,
+    held_out_series_scores,
+    series_score_in_range,
+)
 from models.detector.config import add_arguments
 from models.detector.data import Dataset, PatchSeriesData, cpu_count, load_dataset
 from models.detector.export import OPSET, export_patch_onnx
@@ -471,16 +477,12 @@ def calibrate_patch(
     lo, hi = float(train_pos.min()), float(train_pos.max())
     positions = [trainer.positions(s) for s in validation]
     terms = [patch_terms(scorer, s, p, device) for s, p in zip(validation, positions)]
-    table = imaging.fit_patch_normalisation(
-        np.concatenate([t.scores for t in terms]), np.concatenate([t.cond for t in terms])
-    )
     low, high = lo - args.range_margin, hi + args.range_margin
     scored = [ValidationPatchScores(t.scores, t.cond, t.slice_index, p) for p, t in zip(positions, terms)]
+    table = fit_table(scored)
     series_scores, in_range = [], []
     for v in scored:
-        z = imaging.patch_z_scores(v.scores, v.cond, table)
-        slices = imaging.slice_scores_from_patches(z, v.slice_index, len(v.positions))
-        score, n_in = imaging.series_score_in_range(slices, v.positions, low, high, top=TOP_SLICES)
+        score, n_in = series_score_in_range(v, table, low, high, TOP_SLICES)
         series_scores.append(round(score, 5))
         in_range.append(n_in)
     held_out = held_out_series_scores(scored, low, high, TOP_SLICES)

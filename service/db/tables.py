@@ -341,6 +341,9 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    # Signed into each session cookie; raised on logout, password change and disable, so every
+    # cookie issued before no longer opens a session.
+    session_generation: Mapped[int] = mapped_column(default=0, server_default=text("0"))
 
 
 class WorklistItem(Base):

@@ -14,7 +14,9 @@ Two kinds, so that one scrape is right whichever process did the work:
   state, free disk against the listener's reserve, the model versions in use. They need no shared
   memory and survive restarts.
 
-Labels never carry patient data: AE titles, states, reasons, outcomes and model versions only.
+Labels never carry patient data: states, reasons, outcomes and model versions only, and calling AE
+titles only with `metrics_ae_title_labels` (a scrape otherwise shows `calling_ae="any"`). A scrape
+needs the bearer token `metrics_token`, or `metrics_open` (`refusal`).
 Recording never raises: a metrics failure is logged and must not break a store or a stage.
 
 A process records events in multiprocess mode when `PROMETHEUS_MULTIPROC_DIR` is in its
@@ -122,6 +124,11 @@ for _outcome in EXPORT_OUTCOMES:
     for _attempt in ATTEMPT_LABELS:
         EXPORT_ATTEMPTS.labels(outcome=_outcome, attempt=_attempt)
 
+#: The family name of ASSOCIATIONS as collected (prometheus_client drops the `_total` suffix).
+ASSOCIATIONS_NAME = "gatekeeper_associations"
+#: The `calling_ae` label value when `metrics_ae_title_labels` is off.
+ANY_AE = "any"
+
 _ae_labels: set[str] = set()
 _ae_lock = threading.Lock()
 
@@ -136,6 +143,19 @@ def _ae_label(calling_ae_title: str) -> str:
             return "other"
         _ae_labels.add(title)
         return title
+
+
+def without_ae_titles(family: Metric) -> Metric:
+    """`family` (the associations counter) summed over calling AE titles: `calling_ae="any"` per result."""
+    sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for sample in family.samples:
+        labels = {**sample.labels, "calling_ae": ANY_AE} if "calling_ae" in sample.labels else dict(sample.labels)
+        key = (sample.name, tuple(sorted(labels.items())))
+        sums[key] = sums.get(key, 0.0) + sample.value
+    merged = Metric(family.name, family.documentation, family.type, family.unit)
+    for (name, label_items), value in sums.items():
+        merged.add_sample(name, dict(label_items), value)
+    return merged
 
 
 def record_store_response(response: object) -> None:
@@ -305,6 +325,8 @@ class GatekeeperCollector(Collector):
             log.exception("could not read the metrics files in %s", directory)
         for family in EVENTS.collect():
             families.setdefault(family.name, family)
+        if not self.settings.metrics_ae_title_labels and ASSOCIATIONS_NAME in families:
+            families[ASSOCIATIONS_NAME] = without_ae_titles(families[ASSOCIATIONS_NAME])
         yield from families.values()
 
     def _database(self) -> Iterator[Metric]:
@@ -404,22 +426,38 @@ def token_matches(authorization: str | None, token: str) -> bool:
     return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
 
 
+def refusal(settings: Settings, authorization: str | None) -> str | None:
+    """Why a scrape with this Authorization header is refused (401), or None when it may read the metrics.
+
+    With `metrics_token` set, the header must be `Bearer <token>`; without one, only `metrics_open`
+    lets anyone read them (fails closed).
+    """
+    token = settings.metrics_token.get_secret_value()
+    if token:
+        return (
+            None if token_matches(authorization, token) else "metrics need the bearer token (GATEKEEPER_METRICS_TOKEN)"
+        )
+    if settings.metrics_open:
+        return None
+    return "metrics are closed: set GATEKEEPER_METRICS_TOKEN (or GATEKEEPER_METRICS_OPEN=true on a trusted network)"
+
+
 def serve_metrics(settings: Settings, sessions: sessionmaker[Session], *, port: int) -> WSGIServer:
     """Serve `scrape_registry` at http://`metrics_bind_address`:`port`/metrics in a daemon thread.
 
-    With `metrics_token` set, a request without `Authorization: Bearer <token>` gets 401. Call
-    `shutdown()` on the returned server to stop it.
+    A request that `refusal` refuses gets 401 (without a token set: every request, unless
+    `metrics_open`). Call `shutdown()` on the returned server to stop it.
 
     Raises:
         OSError: the port cannot be bound.
     """
     app = make_wsgi_app(scrape_registry(settings, sessions))
-    token = settings.metrics_token.get_secret_value()
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if token and not token_matches(environ.get("HTTP_AUTHORIZATION"), token):
+        reason = refusal(settings, environ.get("HTTP_AUTHORIZATION"))
+        if reason is not None:
             start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
-            return [b"metrics need a bearer token\n"]
+            return [reason.encode() + b"\n"]
         return app(environ, start_response)  # type: ignore[no-any-return]
 
     address = settings.metrics_bind_address

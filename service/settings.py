@@ -69,6 +69,13 @@ def check_ae_title(value: str) -> str:
     return value.rstrip()
 
 
+def _is_ipv6(value: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(value), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
 def split_list(value: Any) -> Any:
     """Turn a comma-separated environment string into a list; leave other values to pydantic."""
     if isinstance(value, str):
@@ -243,6 +250,18 @@ class Settings(BaseSettings):
     # whenever the worklist is served through TLS).
     web_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     web_cookie_secure: bool = False
+    # Minutes without a request after which a worklist login ends (besides `web_session_hours`).
+    web_session_idle_minutes: float = Field(default=30.0, gt=0)
+    # Host names (and IP addresses) the worklist answers to, as in the Host header without the port;
+    # any other Host gets 400 (DNS rebinding). Empty: `web_bind_address`, localhost, 127.0.0.1 and ::1.
+    # Behind a reverse proxy, the name users type (e.g. `gatekeeper.hospital.example`).
+    web_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Login throttling, per user name and per client address alike: after this many failed logins
+    # in a row, the next is refused (429) for `web_login_lockout_s` seconds, doubling with every
+    # further failure up to `web_login_lockout_max_s`; a successful login resets both counts.
+    web_login_free_failures: int = Field(default=5, ge=1)
+    web_login_lockout_s: float = Field(default=30.0, gt=0)
+    web_login_lockout_max_s: float = Field(default=900.0, gt=0)
     # Hours on the worklist after which an open or claimed item is shown in the warning colour.
     worklist_age_warning_h: float = Field(default=24.0, gt=0)
     # Flower, the Celery monitor (`gatekeeper flower`): IP address, TCP port and its HTTP basic-auth
@@ -259,8 +278,13 @@ class Settings(BaseSettings):
     # keep their event counters (prometheus_client's multiprocess files) so that one scrape sums them.
     # Empty: `storage_dir/metrics`.
     metrics_dir: Path | None = None
-    # Bearer token that `/metrics` (web app and `--metrics-port`) requires; empty: no login needed.
+    # Bearer token that `/metrics` (web app and `--metrics-port`) requires. Empty: `/metrics` answers
+    # 401 to everyone, unless `metrics_open` is true (then it needs no token: a trusted network only).
     metrics_token: SecretStr = SecretStr("")
+    metrics_open: bool = False
+    # Whether `gatekeeper_associations_total` names the calling AE title; false: one `calling_ae="any"`
+    # series per result, so a scrape does not list which AE titles the listener accepts.
+    metrics_ae_title_labels: bool = False
     # IP address the `--metrics-port` endpoint of `gatekeeper listen` and `gatekeeper worker` binds to.
     metrics_bind_address: str = "127.0.0.1"
 
@@ -435,6 +459,41 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
         return value
+
+    @field_validator("web_allowed_hosts", mode="before")
+    @classmethod
+    def _split_web_allowed_hosts(cls, value: Any) -> Any:
+        return split_list(value)
+
+    @field_validator("web_allowed_hosts")
+    @classmethod
+    def _check_web_allowed_hosts(cls, value: list[str]) -> list[str]:
+        hosts = [host.strip().lower() for host in value]
+        for host in hosts:
+            if not host or any(ch in host for ch in "/:@ ") and not _is_ipv6(host):
+                raise ValueError(f"{host!r} is not a host name or IP address (no scheme, port or path)")
+        return hosts
+
+    @model_validator(mode="after")
+    def _check_web_session_times(self) -> Settings:
+        if self.web_session_idle_minutes > self.web_session_hours * 60:
+            raise ValueError(
+                f"web_session_idle_minutes {self.web_session_idle_minutes:g} is longer than the whole login "
+                f"(web_session_hours {self.web_session_hours:g} h); expected at most {self.web_session_hours * 60:g}"
+            )
+        if self.web_login_lockout_max_s < self.web_login_lockout_s:
+            raise ValueError(
+                f"web_login_lockout_max_s {self.web_login_lockout_max_s:g} is below web_login_lockout_s "
+                f"{self.web_login_lockout_s:g}; expected at least that"
+            )
+        return self
+
+    @property
+    def web_trusted_hosts(self) -> list[str]:
+        """The Host names the worklist answers to: `web_allowed_hosts`, or the bind address and localhost."""
+        if self.web_allowed_hosts:
+            return list(self.web_allowed_hosts)
+        return list(dict.fromkeys([self.web_bind_address.lower(), "localhost", "127.0.0.1", "::1"]))
 
     @model_validator(mode="after")
     def _fill_metrics_dir(self) -> Settings:

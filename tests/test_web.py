@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from web_support import (
     GATE_WORDS,
     PASSWORDS,
     THRESHOLD,
+    PageClient,
     Seeded,
+    login,
     seed_database,
     serve,
     write_model_dir,
@@ -74,9 +77,10 @@ class Env:
     def __init__(self, url: str, app: Any, seeded: Seeded, sessions: Any) -> None:
         self.url, self.app, self.seeded, self.sessions = url, app, seeded, sessions
 
-    def client(self, user: str | None = None) -> httpx.Client:
+    def client(self, user: str | None = None) -> PageClient:
+        """A client that sends what the pages send (Origin, CSRF token); with `user`, their basic auth."""
         auth = (user, PASSWORDS[user]) if user else None
-        return httpx.Client(base_url=self.url, auth=auth, follow_redirects=False, timeout=30)
+        return PageClient(self.url, auth=auth, follow_redirects=False, timeout=30)
 
 
 @pytest.fixture
@@ -124,7 +128,7 @@ def test_healthz_answers_without_login(env: Env) -> None:
 
 
 def test_every_route_but_health_and_login_refuses_anonymous_requests(env: Env) -> None:
-    # /metrics is open unless GATEKEEPER_METRICS_TOKEN is set (then a bearer token; tests/test_metrics.py).
+    # /metrics takes its bearer token instead (tests/test_metrics.py).
     open_routes = {"/healthz", "/login", "/logout", "/metrics"}
     checked = 0
     with env.client() as client:
@@ -135,7 +139,8 @@ def test_every_route_but_health_and_login_refuses_anonymous_requests(env: Env) -
                 response = client.request(method, example_path(path, env))
                 if path.startswith("/api/") or path == "/readyz":
                     assert response.status_code == 401, (method, path)
-                    assert response.headers["www-authenticate"].startswith("Basic")
+                    # No challenge: a browser must never offer to remember basic-auth credentials.
+                    assert "www-authenticate" not in response.headers, (method, path)
                 else:
                     assert response.status_code == 303, (method, path)
                     assert response.headers["location"].startswith("/login?next=")
@@ -179,14 +184,16 @@ def test_login_redirects_only_within_the_site(env: Env) -> None:
 
 
 def test_a_forged_or_expired_cookie_is_not_a_login(env: Env) -> None:
-    signer = security.SessionSigner(secret=SECRET.encode(), max_age_s=3600)
+    signer = security.SessionSigner(secret=SECRET.encode(), max_age_s=3600, idle_s=600)
     alice = env.seeded.user_ids["alice"]
-    forged = security.SessionSigner(secret=b"x" * 32, max_age_s=3600).sign(alice)
-    expired = signer.sign(alice, now=0)
-    for value in (forged, expired, "garbage"):
+    forged = security.SessionSigner(secret=b"x" * 32, max_age_s=3600, idle_s=600).sign(alice, 0)
+    expired = signer.sign(alice, 0, now=0)
+    now = time.time()
+    idle = signer.sign(alice, 0, issued_at=now - 2000, now=now - 2000)  # young, unused past the 30 min default
+    for value in (forged, expired, idle, "garbage"):
         with httpx.Client(base_url=env.url, cookies={"gatekeeper_session": value}) as client:
             assert client.get("/api/me").status_code == 401
-    with httpx.Client(base_url=env.url, cookies={"gatekeeper_session": signer.sign(alice)}) as client:
+    with httpx.Client(base_url=env.url, cookies={"gatekeeper_session": signer.sign(alice, 0)}) as client:
         assert client.get("/api/me").status_code == 200
 
 
@@ -348,7 +355,10 @@ def test_bad_input_is_4xx_with_a_reason(env: Env) -> None:
         f"/api/worklist/{env.seeded.flagged_item}/claim", headers={"Origin": "https://evil.example"}
     )
     assert cross_site.status_code == 403
-    missing_slice = client.get(f"/series/{env.seeded.flagged_uid}/versions/1/slices/99.png")
+    assert client.get("/worklist").status_code == 303  # basic auth opens the API only, not pages
+    with env.client() as browser:
+        login(browser, "alice")
+        missing_slice = browser.get(f"/series/{env.seeded.flagged_uid}/versions/1/slices/99.png")
     assert missing_slice.status_code == 404
 
 
@@ -386,8 +396,9 @@ def test_a_disabled_user_is_logged_out_at_once(env: Env) -> None:
 
 
 def test_readyz_names_each_check(env: Env) -> None:
-    response = env.client("alice").get("/readyz")
+    response = env.client("alice").get("/api/readyz")  # basic auth: under /api/ only
     assert response.status_code == 200, response.text
+    assert env.client("alice").get("/readyz").status_code == 401  # the cookie only
     body = response.json()
     assert body["status"] == "ok"
     assert [c["name"] for c in body["checks"]] == [
@@ -413,7 +424,7 @@ def test_readyz_with_a_dead_broker_is_503_naming_it(
     sessions = make_session_factory(engine)
     seed_database(sessions, storage_dir=settings.storage_dir, phantoms=phantoms)
     with serve(create_app(settings, sessions)) as url:
-        response = httpx.get(f"{url}/readyz", auth=("alice", PASSWORDS["alice"]), timeout=30)
+        response = httpx.get(f"{url}/api/readyz", auth=("alice", PASSWORDS["alice"]), timeout=30)
     engine.dispose()
     assert response.status_code == 503
     checks = {c["name"]: c for c in response.json()["checks"]}

@@ -4,6 +4,7 @@ worklist items, users) and the app under a real uvicorn server on a free port.""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 import threading
 import time
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import uvicorn
@@ -33,6 +35,46 @@ from service.db.tables import (
 from service.lifecycle import SeriesState
 from service.phantom.generate import SeriesSpec, generate_series
 from service.web import security
+
+_CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
+_SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def csrf_token(client: httpx.Client) -> str:
+    """The CSRF token of `client`'s browser cookie, read from a rendered form (the login page; its
+    first GET also sets the cookie)."""
+    page = client.get("/login")
+    match = _CSRF_FIELD.search(page.text)
+    assert match, f"no csrf_token field on the login page ({page.status_code})"
+    return match.group(1)
+
+
+class PageClient(httpx.Client):
+    """An HTTP client that sends what the worklist's own pages send: `Origin` with every request, the
+    form's `csrf_token` with every form post, and `X-CSRF-Token` with every API call (needed with the
+    cookie, ignored with basic auth). Leave out `origin` to send none."""
+
+    def __init__(self, base_url: str, *, origin: str | None = "", **kwargs: object) -> None:
+        headers = {"Origin": base_url if origin == "" else origin} if origin is not None else {}
+        super().__init__(base_url=base_url, headers=headers, **kwargs)  # type: ignore[arg-type]
+        self._csrf: str | None = None
+
+    def request(self, method: str, url: httpx.URL | str, **kwargs: object) -> httpx.Response:
+        if method.upper() not in _SAFE_METHODS:
+            if self._csrf is None:
+                self._csrf = csrf_token(self)
+            if str(url).startswith("/api/"):
+                kwargs["headers"] = {"X-CSRF-Token": self._csrf, **dict(kwargs.get("headers") or {})}  # type: ignore[call-overload]
+            elif kwargs.get("json") is None and kwargs.get("content") is None:
+                kwargs["data"] = {"csrf_token": self._csrf, **dict(kwargs.get("data") or {})}  # type: ignore[call-overload]
+        return super().request(method, url, **kwargs)  # type: ignore[arg-type]
+
+
+def login(client: httpx.Client, name: str, password: str | None = None, **form: str) -> httpx.Response:
+    """POST the login form as a browser would (CSRF token of the page, Origin); `password` defaults to the seeded one."""
+    data = {"name": name, "password": password if password is not None else PASSWORDS[name], **form}
+    return client.post("/login", data=data)
+
 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "admin": "admin-password"}
 THRESHOLD = 0.5

@@ -95,6 +95,8 @@ def set_user_active(*, session: Session, name: str, active: bool) -> User:
     if user is None:
         raise NotFound(f"no user named {name!r}")
     user.active = active
+    if not active:
+        user.session_generation += 1  # every session of theirs ends, and stays ended after `enable`
     session.commit()
     log.info("user %s %s", user.id, "enabled" if active else "disabled")
     return user
@@ -111,8 +113,16 @@ def set_password(*, session: Session, name: str, password: str) -> User:
     if user is None:
         raise NotFound(f"no user named {name!r}")
     user.password_hash = security.hash_password(password)
+    user.session_generation += 1  # sessions opened with the old password end
     session.commit()
+    log.info("user %s: password changed, sessions ended", user.id)
     return user
+
+
+def end_sessions(*, session: Session, user_id: int) -> None:
+    """End every session of user `user_id` (logout: the cookie, and any copy of it, stops working)."""
+    session.execute(update(User).where(User.id == user_id).values(session_generation=User.session_generation + 1))
+    session.commit()
 
 
 def authenticate(*, session: Session, name: str, password: str) -> User | None:
@@ -130,6 +140,13 @@ def get_active_user(*, session: Session, user_id: int) -> User | None:
     """The user with this id if they exist and may log in, else None."""
     user = session.get(User, user_id)
     return user if user is not None and user.active else None
+
+
+def get_session_user(*, session: Session, user_id: int, generation: int) -> User | None:
+    """The active user of a session cookie, or None when the user is gone or disabled, or the
+    cookie's session `generation` was ended (logout, password change, disable)."""
+    user = get_active_user(session=session, user_id=user_id)
+    return user if user is not None and user.session_generation == generation else None
 
 
 # --- the worklist ----------------------------------------------------------------------------------
@@ -328,7 +345,9 @@ def _finish_claim(
     if user is None:
         raise NotFound(f"no user {user_id}")
     row = get_worklist_row(session=session, item_id=item_id)
-    allowed = row.item.claimed_by == user_id or user.role == UserRole.ADMIN
+    # Read before the UPDATE below: it refreshes `row.item` in the session (claimed_by → None on release).
+    claimed_by = row.item.claimed_by
+    allowed = claimed_by == user_id or user.role == UserRole.ADMIN
     if row.item.status != WorklistStatus.CLAIMED or not allowed:
         raise Conflict(_why_not(row, action))
     # The claimer in the WHERE clause makes this safe against a release/claim racing it.
@@ -338,7 +357,7 @@ def _finish_claim(
             .where(
                 WorklistItem.id == item_id,
                 WorklistItem.status == WorklistStatus.CLAIMED.value,
-                WorklistItem.claimed_by == row.item.claimed_by,
+                WorklistItem.claimed_by == claimed_by,
             )
             .values(**values)
         )
@@ -351,7 +370,7 @@ def _finish_claim(
     ):
         session.rollback()
         raise Conflict(f"cannot {action} worklist item {item_id}: its series version was superseded or moved on")
-    detail = {"claimed_by": row.item.claimed_by} if row.item.claimed_by != user_id else {}
+    detail = {"claimed_by": claimed_by} if claimed_by != user_id else {}
     _audit(session=session, user_id=user_id, action=audit_action, item_id=item_id, detail=detail)
     session.commit()
     log.info("worklist item %s: %s by user %s", item_id, kind, user_id)

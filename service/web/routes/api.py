@@ -1,5 +1,6 @@
 """The JSON API under `/api`: who am I, the worklist (filters, actions, assignment), one series and its
-contour feedback, the audit trail (admins). HTTP basic auth or the cookie."""
+contour feedback, the audit trail (admins). HTTP basic auth or the cookie; a state-changing call sends
+`Origin` (see `service.web.protection`), and with the cookie also the `X-CSRF-Token` header."""
 
 # No `from __future__ import annotations`: FastAPI reads the dependency types at run time.
 from typing import Annotated
@@ -8,7 +9,17 @@ from fastapi import APIRouter, Depends, Query
 
 from service.db.tables import utc_now
 from service.web import crud
-from service.web.deps import DB, CurrentUser, apply_action, same_origin, series_detail, worklist_entries
+from service.web.deps import (
+    DB,
+    MAX_AGE_H,
+    MAX_ID,
+    CurrentUser,
+    ItemId,
+    apply_action,
+    csrf_api,
+    series_detail,
+    worklist_entries,
+)
 from service.web.schemas import (
     AssignIn,
     AuditEntry,
@@ -35,7 +46,7 @@ def api_worklist(
     order: str = "desc",
     status: str = "active",
     reason: str = "",
-    older_than_h: Annotated[float | None, Query(ge=0)] = None,
+    older_than_h: Annotated[float | None, Query(ge=0, le=MAX_AGE_H, allow_inf_nan=False)] = None,
 ) -> list[WorklistEntry]:
     """Worklist entries; `status`: active (open and claimed, default), all, or a comma-separated list;
     `reason`: a comma-separated list of reasons (default: any); `older_than_h`: only items on the
@@ -47,7 +58,7 @@ def api_worklist(
 
 @router.post("/worklist/{item_id}/assign", response_model=WorklistEntry)
 def api_worklist_assign(
-    item_id: int, body: AssignIn, user: CurrentUser, session: DB, _: None = Depends(same_origin)
+    item_id: ItemId, body: AssignIn, user: CurrentUser, session: DB, _: None = Depends(csrf_api)
 ) -> WorklistEntry:
     """Assign the item to `assignee` (null: take the assignment away); admins only (403 otherwise)."""
     row = crud.assign_item(session=session, item_id=item_id, admin_id=user.id, assignee_name=body.assignee)
@@ -56,7 +67,7 @@ def api_worklist_assign(
 
 @router.post("/worklist/{item_id}/{action}", response_model=WorklistEntry)
 def api_worklist_action(
-    item_id: int, action: str, user: CurrentUser, session: DB, _: None = Depends(same_origin)
+    item_id: ItemId, action: str, user: CurrentUser, session: DB, _: None = Depends(csrf_api)
 ) -> WorklistEntry:
     """`action`: claim, release or done; answers the item as it is afterwards."""
     row = apply_action(session, item_id=item_id, action=action, user=user)
@@ -65,7 +76,10 @@ def api_worklist_action(
 
 @router.get("/series/{series_instance_uid}", response_model=SeriesDetail)
 def api_series(
-    series_instance_uid: str, user: CurrentUser, session: DB, version: Annotated[int | None, Query(ge=1)] = None
+    series_instance_uid: str,
+    user: CurrentUser,
+    session: DB,
+    version: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> SeriesDetail:
     """One series version (default: the newest) with its route, state, scores, worklist item and feedback."""
     return series_detail(session, series_instance_uid, version)
@@ -77,8 +91,8 @@ def api_series_feedback(
     body: FeedbackIn,
     user: CurrentUser,
     session: DB,
-    version: Annotated[int | None, Query(ge=1)] = None,
-    _: None = Depends(same_origin),
+    version: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    _: None = Depends(csrf_api),
 ) -> FeedbackOut:
     """Record the caller's verdict on the auto contour of the series version (default: the newest):
     yes / no / not_applicable and an optional note. The series' state does not change."""

@@ -1,4 +1,5 @@
-"""Health endpoints: `/healthz` (liveness, no login) and `/readyz` (readiness, login required)."""
+"""Health endpoints: `/healthz` (liveness, no login) and `/readyz` (readiness, login required: the session
+cookie; scripts and probes use `/api/readyz`, which also takes HTTP basic auth)."""
 
 # No `from __future__ import annotations`: FastAPI reads the dependency types at run time.
 from fastapi import APIRouter
@@ -17,6 +18,7 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=Readiness)
+@router.get("/api/readyz", response_model=Readiness)
 def readyz(user: CurrentUser, checks: ReadinessChecks) -> JSONResponse:
     """Readiness: database, broker, model files, disk; 503 naming the failed checks."""
     results = [check() for check in checks]

@@ -3,6 +3,7 @@ images and contour feedback, worklist forms, the admins' audit trail."""
 
 # No `from __future__ import annotations`: FastAPI reads the dependency types at run time.
 import logging
+import math
 from typing import Annotated
 from urllib.parse import quote, urlencode
 
@@ -14,19 +15,26 @@ from service.web import crud
 from service.web.deps import (
     ALL_REASONS,
     DB,
-    SESSION_COOKIE,
+    MAX_ID,
     AppSettings,
     BadRequest,
     CurrentUser,
+    ItemId,
     Signer,
+    SliceIndex,
     Templates,
+    Throttle,
+    TooManyAttempts,
+    Version,
     apply_action,
+    check_password,
+    csrf_form,
     safe_next,
-    same_origin,
     series_detail,
     worklist_entries,
 )
 from service.web.images import render_slice_png, resolve_stored, slice_score_svg
+from service.web.protection import SESSION_COOKIE
 from service.web.schemas import SORT_KEYS, AuditEntry, FeedbackVerdictIn, ShadowReviewAnswerIn
 
 log = logging.getLogger(__name__)
@@ -48,14 +56,24 @@ def login(
     settings: AppSettings,
     signer: Signer,
     templates: Templates,
-    name: Annotated[str, Form()],
-    password: Annotated[str, Form()],
+    throttle: Throttle,
+    name: Annotated[str, Form(max_length=256)],
+    password: Annotated[str, Form(max_length=1024)],
     next: Annotated[str, Form()] = "/worklist",
-    _: None = Depends(same_origin),
+    _: None = Depends(csrf_form),
 ) -> Response:
-    user = crud.authenticate(session=session, name=name, password=password)
+    """Check the password (throttled: 429 after repeated failures); on success set the session cookie."""
+    try:
+        user = check_password(request, session, throttle, name=name, password=password)
+    except TooManyAttempts as exc:
+        return templates.TemplateResponse(
+            request,
+            "login.html",
+            {"next": safe_next(next), "error": f"Too many failed logins: {exc}.", "user": None},
+            status_code=429,
+            headers={"Retry-After": str(math.ceil(exc.retry_after_s))},
+        )
     if user is None:
-        log.info("login refused")
         return templates.TemplateResponse(
             request,
             "login.html",
@@ -70,7 +88,7 @@ def login(
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        signer.sign(user.id),
+        signer.sign(user.id, user.session_generation),
         max_age=int(signer.max_age_s),
         httponly=True,
         samesite="lax",
@@ -81,7 +99,15 @@ def login(
 
 
 @router.post("/logout")
-def logout(_: None = Depends(same_origin)) -> Response:
+def logout(request: Request, session: DB, signer: Signer, _: None = Depends(csrf_form)) -> Response:
+    """End the session: this cookie and every copy of it (the user's other sessions too)."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    claims = signer.read(cookie) if cookie else None
+    if claims is not None and crud.get_session_user(
+        session=session, user_id=claims.user_id, generation=claims.generation
+    ):
+        crud.end_sessions(session=session, user_id=claims.user_id)
+        log.info("user %s logged out", claims.user_id)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -111,7 +137,7 @@ def worklist_page(
     """The worklist; the filter form sends `status`, `reason` and `older_than_h` (empty: no age filter)."""
     try:
         min_age_h = float(older_than_h) if older_than_h.strip() else None
-    except ValueError:
+    except ValueError:  # inf and nan parse; worklist_entries refuses them
         raise BadRequest(f"older_than_h {older_than_h!r}: expected a number of hours") from None
     entries = worklist_entries(
         session, sort=sort, order=order, status=status, reason=reason, older_than_h=min_age_h, user=user
@@ -154,7 +180,7 @@ def series_page(
     user: CurrentUser,
     session: DB,
     templates: Templates,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> Response:
     detail = series_detail(session, series_instance_uid, version)
     plot = (
@@ -171,7 +197,12 @@ def series_page(
 
 @router.get("/series/{series_instance_uid}/versions/{version}/slices/{index}.png")
 def slice_image(
-    series_instance_uid: str, version: int, index: int, user: CurrentUser, session: DB, settings: AppSettings
+    series_instance_uid: str,
+    version: Version,
+    index: SliceIndex,
+    user: CurrentUser,
+    session: DB,
+    settings: AppSettings,
 ) -> Response:
     """The slice, and beside it the slice with the detector's residual heat map (top slices only)."""
     review = crud.get_series_review(session=session, series_instance_uid=series_instance_uid, version=version)
@@ -184,12 +215,12 @@ def slice_image(
 
 @router.post("/worklist/{item_id}/assign")
 def worklist_assign_form(
-    item_id: int,
+    item_id: ItemId,
     user: CurrentUser,
     session: DB,
     assignee: Annotated[str, Form()] = "",
     next: Annotated[str, Form()] = "/worklist",
-    _: None = Depends(same_origin),
+    _: None = Depends(csrf_form),
 ) -> Response:
     """Assign the item to `assignee` (empty: take the assignment away); admins only (403 otherwise)."""
     crud.assign_item(session=session, item_id=item_id, admin_id=user.id, assignee_name=assignee.strip() or None)
@@ -202,9 +233,9 @@ def series_feedback_form(
     user: CurrentUser,
     session: DB,
     verdict: Annotated[FeedbackVerdictIn, Form()],
-    version: Annotated[int, Form(ge=1)],
+    version: Annotated[int, Form(ge=1, le=MAX_ID)],
     note: Annotated[str, Form(max_length=MAX_FEEDBACK_NOTE_LENGTH)] = "",
-    _: None = Depends(same_origin),
+    _: None = Depends(csrf_form),
 ) -> Response:
     """Record the user's verdict on the auto contour of this series version; back to the series page."""
     review = crud.get_series_review(session=session, series_instance_uid=series_instance_uid, version=version)
@@ -214,12 +245,12 @@ def series_feedback_form(
 
 @router.post("/worklist/{item_id}/shadow-review")
 def shadow_review_form(
-    item_id: int,
+    item_id: ItemId,
     user: CurrentUser,
     session: DB,
     verdict: Annotated[ShadowReviewAnswerIn, Form()],
     next: Annotated[str, Form()] = "/worklist",
-    _: None = Depends(same_origin),
+    _: None = Depends(csrf_form),
 ) -> Response:
     """Answer a shadow review (is the auto contour acceptable? yes / no); it is then done. Before the
     claim/release/done route, which would take "shadow-review" for an action."""
@@ -229,12 +260,12 @@ def shadow_review_form(
 
 @router.post("/worklist/{item_id}/{action}")
 def worklist_action_form(
-    item_id: int,
+    item_id: ItemId,
     action: str,
     user: CurrentUser,
     session: DB,
     next: Annotated[str, Form()] = "/worklist",
-    _: None = Depends(same_origin),
+    _: None = Depends(csrf_form),
 ) -> Response:
     apply_action(session, item_id=item_id, action=action, user=user)
     return RedirectResponse(safe_next(next), status_code=303)

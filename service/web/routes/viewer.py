@@ -43,7 +43,7 @@ from service.db.tables import Instance, Series
 from service.pipeline import results_dir
 from service.settings import Settings
 from service.web import crud
-from service.web.deps import DB, AppSettings, CurrentUser
+from service.web.deps import DB, AppSettings, CurrentUser, SliceIndex, Version
 from service.web.images import (
     ImageUnavailable,
     SliceCache,
@@ -259,7 +259,7 @@ Width = Annotated[float, Query(ge=1, le=8000, description="window width in HU")]
 
 @router.get("/series/{series_instance_uid}/versions/{version}/viewer.json")
 def viewer_info(
-    series_instance_uid: str, version: int, user: CurrentUser, session: DB, settings: AppSettings
+    series_instance_uid: str, version: Version, user: CurrentUser, session: DB, settings: AppSettings
 ) -> Response:
     """What the slice viewer needs for one series version; see the module docstring."""
     series = get_series_version(session=session, series_instance_uid=series_instance_uid, version=version)
@@ -308,8 +308,8 @@ def viewer_info(
 def viewer_slice(
     request: Request,
     series_instance_uid: str,
-    version: int,
-    index: int,
+    version: Version,
+    index: SliceIndex,
     user: CurrentUser,
     session: DB,
     settings: AppSettings,
@@ -330,8 +330,8 @@ def viewer_slice(
 def viewer_residual(
     request: Request,
     series_instance_uid: str,
-    version: int,
-    index: int,
+    version: Version,
+    index: SliceIndex,
     user: CurrentUser,
     session: DB,
     settings: AppSettings,
@@ -360,8 +360,8 @@ def viewer_residual(
 def viewer_contour(
     request: Request,
     series_instance_uid: str,
-    version: int,
-    index: int,
+    version: Version,
+    index: SliceIndex,
     user: CurrentUser,
     session: DB,
     settings: AppSettings,

@@ -40,6 +40,8 @@ ALERTS = REPO / "ops" / "prometheus" / "alerts.yml"
 DASHBOARD = REPO / "ops" / "grafana" / "gatekeeper.json"
 SECRET = "metrics-test-secret-key-0123456789abcdef"
 METRIC_NAME = re.compile(r"\bgatekeeper_[a-z0-9_]+\b")
+#: The bearer token of `web_settings`: /metrics is closed without one.
+TOKEN = "metrics-test-scrape-token"
 
 
 def fetch(url: str, token: str | None = None) -> tuple[int, str]:
@@ -51,10 +53,15 @@ def fetch(url: str, token: str | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def scrape(url: str, token: str | None = None) -> dict[str, float]:
+def scrape(url: str, token: str | None = TOKEN) -> dict[str, float]:
     """Every sample of a /metrics answer, by `name{label="value",...}` (labels sorted); also each family's name."""
     status, text = fetch(url, token)
     assert status == 200, text
+    return scrape_text(text)
+
+
+def scrape_text(text: str) -> dict[str, float]:
+    """`scrape` of an answer already fetched."""
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         samples.setdefault(family.name, 0.0)
@@ -68,7 +75,8 @@ def scrape(url: str, token: str | None = None) -> dict[str, float]:
 
 
 def web_settings(tmp_path: Path, database_url: str, redis_url: str, **overrides: Any) -> Settings:
-    return make_settings(tmp_path / "var", database_url, redis_url, web_secret_key=SECRET, **overrides)
+    values: dict[str, Any] = {"web_secret_key": SECRET, "metrics_token": TOKEN, **overrides}
+    return make_settings(tmp_path / "var", database_url, redis_url, **values)
 
 
 @pytest.fixture
@@ -146,12 +154,42 @@ def test_metrics_need_the_bearer_token_when_one_is_set(tmp_path: Path, database:
         assert fetch(f"{url}/healthz")[0] == 200  # nothing else changes
 
 
+def test_metrics_are_closed_without_a_token_unless_opened_explicitly(
+    tmp_path: Path, database: str, redis_url: str
+) -> None:
+    closed = web_settings(tmp_path / "closed", database, redis_url, metrics_token="")
+    with serve(create_app(closed)) as url:
+        status, text = fetch(f"{url}/metrics")
+        assert status == 401 and "GATEKEEPER_METRICS_TOKEN" in text
+    opened = web_settings(tmp_path / "open", database, redis_url, metrics_token="", metrics_open=True)
+    with serve(create_app(opened)) as url:
+        assert "gatekeeper_instances_received_total" in scrape(f"{url}/metrics", token=None)
+
+
+def test_calling_ae_titles_are_not_labels_unless_enabled(tmp_path: Path, database: str, redis_url: str) -> None:
+    from service import metrics
+
+    metrics.record_association("HIDDEN_AE_1", accepted=True)
+    metrics.record_association("HIDDEN_AE_2", accepted=False)
+    with serve(create_app(web_settings(tmp_path / "hidden", database, redis_url))) as url:
+        status, text = fetch(f"{url}/metrics", TOKEN)
+    assert status == 200 and "HIDDEN_AE" not in text
+    samples = scrape_text(text)
+    assert samples['gatekeeper_associations_total{calling_ae="any",result="accepted"}'] >= 1
+    assert samples['gatekeeper_associations_total{calling_ae="any",result="rejected"}'] >= 1
+    named = web_settings(tmp_path / "named", database, redis_url, metrics_ae_title_labels=True)
+    with serve(create_app(named)) as url:
+        assert (
+            scrape(f"{url}/metrics")['gatekeeper_associations_total{calling_ae="HIDDEN_AE_1",result="accepted"}'] >= 1
+        )
+
+
 def test_listen_metrics_port_serves_the_counters_of_the_listener_process(
     tmp_path: Path, database: str, redis_url: str
 ) -> None:
     [folder] = make_phantom(tmp_path / "phantom", slices=2, seed=42, matrix=64)
     files = ct_files(folder)
-    settings = web_settings(tmp_path, database, redis_url)
+    settings = web_settings(tmp_path, database, redis_url, metrics_ae_title_labels=True)
     metrics_port = free_port()
     log_path = tmp_path / "listen.log"
     with log_path.open("ab") as log:

@@ -112,7 +112,7 @@ def png(response: object) -> Image.Image:
 
 
 def test_viewer_json_lists_every_slice_with_scores_residuals_and_contour(env: Env) -> None:
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         response = client.get(f"{base(env.seeded.flagged_uid)}/viewer.json")
     assert response.status_code == 200
     info = response.json()
@@ -135,7 +135,7 @@ def test_viewer_json_lists_every_slice_with_scores_residuals_and_contour(env: En
 
 
 def test_viewer_json_of_an_unscored_series_orders_slices_by_position_and_has_no_contour(env: Env) -> None:
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         info = client.get(f"{base(env.seeded.geometry_uid)}/viewer.json").json()
     assert info["num_slices"] == NUM_SLICES and info["threshold"] is None
     positions = [s["position"] for s in info["slices"]]
@@ -149,7 +149,7 @@ def test_viewer_json_of_an_unscored_series_orders_slices_by_position_and_has_no_
 
 def test_slice_png_is_the_windowed_slice_and_the_window_changes_the_pixels(env: Env) -> None:
     url = f"{base(env.seeded.flagged_uid)}/viewer/slices/6.png"
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         abdomen = client.get(url)
         bone = client.get(url, params={"wl": 400, "ww": 1800})
         lung = client.get(url, params={"wl": -600, "ww": 1500})
@@ -168,7 +168,7 @@ def test_slice_png_is_the_windowed_slice_and_the_window_changes_the_pixels(env: 
 
 def test_the_browser_revalidates_a_slice_with_its_etag_and_gets_304(env: Env) -> None:
     url = f"{base(env.seeded.flagged_uid)}/viewer/slices/3.png"
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         first = client.get(url, params={"wl": 70, "ww": 150})
         again = client.get(url, params={"wl": 70, "ww": 150}, headers={"If-None-Match": first.headers["etag"]})
         other_window = client.get(url, params={"wl": 40, "ww": 400}, headers={"If-None-Match": first.headers["etag"]})
@@ -179,7 +179,7 @@ def test_the_browser_revalidates_a_slice_with_its_etag_and_gets_304(env: Env) ->
 
 def test_decoded_slices_are_cached_so_a_new_window_does_not_read_the_file_again(env: Env) -> None:
     url = f"{base(env.seeded.flagged_uid)}/viewer/slices/2.png"
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         client.get(url)
         hits, misses = SLICE_CACHE.hits, SLICE_CACHE.misses
         assert client.get(url, params={"wl": -600, "ww": 1500}).status_code == 200
@@ -188,7 +188,7 @@ def test_decoded_slices_are_cached_so_a_new_window_does_not_read_the_file_again(
 
 def test_residual_layer_is_a_transparent_heat_map_on_top_slices_only(env: Env) -> None:
     root = f"{base(env.seeded.flagged_uid)}/viewer/slices"
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         top = client.get(f"{root}/6/residual.png")
         other = client.get(f"{root}/0/residual.png")
     assert top.status_code == 200 and top.headers["content-type"] == "image/png" and top.headers["etag"]
@@ -200,7 +200,7 @@ def test_residual_layer_is_a_transparent_heat_map_on_top_slices_only(env: Env) -
 
 
 def test_contour_layer_outlines_the_stored_liver_segmentation(env: Env) -> None:
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         info = client.get(f"{base(env.seeded.flagged_uid)}/viewer.json").json()
         liver = info["contour"]["slices"]
         without = sorted(set(range(NUM_SLICES)) - set(liver))
@@ -231,7 +231,7 @@ def test_contour_layer_outlines_the_stored_liver_segmentation(env: Env) -> None:
     ],
 )
 def test_unknown_series_version_or_slice_is_404_with_a_reason(env: Env, path: str, reason: str) -> None:
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         response = client.get(path.replace("{flagged}", f"/series/{env.seeded.flagged_uid}"))
     assert response.status_code == 404
     assert reason in response.text
@@ -239,7 +239,7 @@ def test_unknown_series_version_or_slice_is_404_with_a_reason(env: Env, path: st
 
 @pytest.mark.parametrize("params", [{"ww": 0}, {"ww": -5}, {"ww": 99999}, {"wl": "abc"}, {"wl": 1e9}])
 def test_bad_window_values_are_refused(env: Env, params: dict[str, object]) -> None:
-    with env.client("alice") as client:
+    with env.browser("alice") as client:
         response = client.get(f"{base(env.seeded.flagged_uid)}/viewer/slices/0.png", params=params)
     assert response.status_code == 422
 
@@ -251,12 +251,12 @@ def test_the_viewer_needs_a_login(env: Env) -> None:
         f"{base(env.seeded.flagged_uid)}/viewer/slices/6/residual.png",
         f"{base(env.seeded.flagged_uid)}/viewer/slices/6/contour.png",
     ]
-    with env.client() as anonymous, env.client("bob") as bob:
+    with env.client() as anonymous, env.browser("bob") as bob:
         for path in paths:
             response = anonymous.get(path)
             assert response.status_code == 303, path
             assert response.headers["location"].startswith("/login?next=")
-            assert bob.get(path).status_code == 200, path  # HTTP basic auth, like every page
+            assert bob.get(path).status_code == 200, path  # the session cookie
 
 
 def test_score_plot_points_carry_their_slice_index() -> None:

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, RTStructureSetStorage
 
+from service.dicom_headers import sanitised_headers
 from service.uids import derived_uid
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,10 @@ def build_liver_rtstruct(
         with liver, each referencing its CT image; approval status UNAPPROVED. Slices without
         liver have no contour; the RT Referenced Series still names every source instance.
 
+    What it copies from the sources (patient, study, character set) is taken from sanitised copies
+    of their headers (`service.dicom_headers`), so a real CT's header deviations do not make an
+    invalid structure set.
+
     Raises:
         ValueError: no source images; they belong to more than one series, study or Frame of
             Reference, lack the geometry of a slice (ImagePositionPatient, ImageOrientationPatient,
@@ -216,6 +221,7 @@ def build_liver_rtstruct(
             vectors; `mask` does not match them in dtype or shape, or is empty; a name or version
             is empty or too long; `source_series_version` < 1. The message names the field.
     """
+    source_images = sanitised_headers(source_images)
     _check_inputs(
         source_images=source_images,
         mask=mask,

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+from service.dicom_headers import sanitised_headers
 from service.uids import derived_uid
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,16 @@ def build_liver_seg(
         type AUTOMATIC, referencing every source instance, in their Frame of Reference. Frames
         without liver are omitted; the references still name every source instance.
 
+    What the SEG copies from the sources (patient, study, character set) is taken from sanitised
+    copies of their headers (`service.dicom_headers`): an empty Specific Character Set, an over-long
+    string or a name without "^" in a real CT's header does not make an invalid SEG.
+
     Raises:
         ValueError: no source images; they belong to more than one series or Frame of Reference, or
             their sizes differ; `mask` does not match them in dtype or shape; a name or version is
             empty or too long; `source_series_version` < 1. The message names the field.
     """
+    source_images = sanitised_headers(source_images)
     _check_inputs(
         source_images=source_images,
         mask=mask,

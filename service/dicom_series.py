@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,15 @@ _SCAN_TAGS = [
     "ImageOrientationPatient",
     "InstanceNumber",
 ]
+
+#: The attributes that identify an instance, with their tags (for messages).
+IDENTIFIER_TAGS = {
+    "SOPClassUID": "(0008,0016)",
+    "SOPInstanceUID": "(0008,0018)",
+    "SeriesInstanceUID": "(0020,000E)",
+}
+#: Media Storage SOP Class of a DICOMDIR (not an instance of any series).
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 #: Image storage SOP classes we accept as CT (Enhanced CT is multi-frame: recognised, then refused).
 _CT_SOP_CLASSES = {str(CTImageStorage)}
@@ -68,6 +77,31 @@ class Instance:
     image_position: tuple[float, ...] | None
     image_orientation: tuple[float, ...] | None
     instance_number: int | None
+
+
+@dataclass(frozen=True)
+class UnidentifiedFile:
+    """A DICOM file that cannot be placed in a series: it lacks an identifying UID.
+
+    `missing` names the attribute and its tag, e.g. "SeriesInstanceUID (0020,000E)" (an anonymiser
+    that strips UIDs leaves such files). An empty SOP Class UID in the data set is not missing
+    when the file meta information names the class.
+    """
+
+    path: Path
+    missing: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.missing} is missing or empty"
+
+
+class UnidentifiedFilesError(ValueError):
+    """Files under a folder lack an identifying UID; the message names the first file and the attribute."""
+
+    def __init__(self, files: Sequence[UnidentifiedFile]) -> None:
+        self.files = list(files)
+        more = f" (and {len(files) - 1} more file{'s' if len(files) > 2 else ''})" if len(files) > 1 else ""
+        super().__init__(f"{files[0]}{more}; cannot tell which instance or series it is")
 
 
 @dataclass
@@ -139,21 +173,34 @@ def _walk_files(root: Path) -> Iterator[Path]:
 
 def _read_header(path: Path) -> Instance | None:
     """Header of one file, or None if it is not a DICOM file with a SeriesInstanceUID."""
+    found = _read_file(path)
+    return found if isinstance(found, Instance) else None
+
+
+def _read_file(path: Path) -> Instance | UnidentifiedFile | None:
+    """Header of one file; `UnidentifiedFile` for a DICOM object lacking an identifying UID; None if not DICOM."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError):
         return None  # not DICOM (a manifest, a README, a truncated file): not part of any series
-    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-    if not series_uid:
-        return None
+    meta = getattr(ds, "file_meta", None)
+    media_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip() if meta is not None else ""
+    if media_class == MEDIA_STORAGE_DIRECTORY:
+        return None  # a DICOMDIR: an index of files, not an instance
+    # An empty SOP Class UID in the data set: the file meta names the class (tolerant on input).
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip() or media_class
+    missing = _missing_identifier(ds, sop_class)
+    if missing is not None:
+        return UnidentifiedFile(path, missing)
+    series_uid = str(ds.SeriesInstanceUID).strip()
     ipp = ds.get("ImagePositionPatient")
     iop = ds.get("ImageOrientationPatient")
     number = ds.get("InstanceNumber")
     try:
         return Instance(
             path=path,
-            sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
-            sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+            sop_class_uid=sop_class,
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "") or "").strip(),
             series_instance_uid=series_uid,
             modality=str(ds.get("Modality", "") or ""),
             rows=int(ds.Rows) if "Rows" in ds else None,
@@ -166,7 +213,7 @@ def _read_header(path: Path) -> Instance | None:
         # Present but malformed geometry: keep the file so the series reports it.
         return Instance(
             path,
-            str(ds.get("SOPClassUID", "")),
+            sop_class,
             str(ds.get("SOPInstanceUID", "")),
             series_uid,
             str(ds.get("Modality", "")),
@@ -178,25 +225,63 @@ def _read_header(path: Path) -> Instance | None:
         )
 
 
+def _missing_identifier(ds: pydicom.Dataset, sop_class: str) -> str | None:
+    """The first identifying attribute (with its tag) that `ds` lacks or leaves empty, or None."""
+    values = {
+        "SOPClassUID": sop_class,
+        "SOPInstanceUID": str(ds.get("SOPInstanceUID", "") or "").strip(),
+        "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or "").strip(),
+    }
+    for keyword, value in values.items():
+        if not value:
+            return f"{keyword} {IDENTIFIER_TAGS[keyword]}"
+    return None
+
+
 def scan_tree(root: Path | str) -> list[SeriesFiles]:
     """Every DICOM series under `root` (a folder tree or one file), in order of first file found.
 
-    Non-DICOM files are skipped silently. The result includes non-CT series (e.g. the phantom's
-    DICOM-SEG ground truth); use `SeriesFiles.is_ct` or `ct_series_in` to keep the CT ones.
+    Non-DICOM files, and DICOM files without an identifying UID, are skipped silently (see
+    `scan_tree_strict` for a scan that names the latter). The result includes non-CT series (e.g.
+    the phantom's DICOM-SEG ground truth); use `SeriesFiles.is_ct` or `ct_series_in` to keep the CT ones.
 
     Raises:
         FileNotFoundError: `root` does not exist.
     """
+    return _scan(root)[0]
+
+
+def scan_tree_strict(root: Path | str) -> list[SeriesFiles]:
+    """`scan_tree`, but a DICOM file lacking an identifying UID (SOP Class, SOP Instance or Series
+    Instance UID) fails the scan instead of being left out of its series.
+
+    For the commands that make something of a folder: a series with a file silently missing would
+    be scored or segmented as if it were whole.
+
+    Raises:
+        UnidentifiedFilesError: such files were found; the message names the first file and the attribute.
+        FileNotFoundError: `root` does not exist.
+    """
+    groups, unidentified = _scan(root)
+    if unidentified:
+        raise UnidentifiedFilesError(unidentified)
+    return groups
+
+
+def _scan(root: Path | str) -> tuple[list[SeriesFiles], list[UnidentifiedFile]]:
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"no such file or folder: {root}")
     groups: dict[str, SeriesFiles] = {}
+    unidentified: list[UnidentifiedFile] = []
     for path in _walk_files(root):
-        inst = _read_header(path)
-        if inst is None:
-            continue
-        groups.setdefault(inst.series_instance_uid, SeriesFiles(inst.series_instance_uid)).instances.append(inst)
-    return list(groups.values())
+        found = _read_file(path)
+        if isinstance(found, UnidentifiedFile):
+            log.debug("%s", found)
+            unidentified.append(found)
+        elif found is not None:
+            groups.setdefault(found.series_instance_uid, SeriesFiles(found.series_instance_uid)).instances.append(found)
+    return list(groups.values()), unidentified
 
 
 def group_files(paths: Iterable[Path | str]) -> list[SeriesFiles]:
@@ -308,9 +393,10 @@ def read_ct_series(root: Path | str) -> list[CTSeries]:
 
     Raises:
         SeriesError: see `load_series`; also when `root` holds no CT series at all.
+        UnidentifiedFilesError: a DICOM file under `root` lacks an identifying UID (`scan_tree_strict`).
         FileNotFoundError: `root` does not exist.
     """
-    groups = ct_series_in(scan_tree(root))
+    groups = ct_series_in(scan_tree_strict(root))
     if not groups:
         raise SeriesError("(none)", f"no CT image series under {root}")
     return [load_series(g) for g in groups]

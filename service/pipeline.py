@@ -635,7 +635,10 @@ def segment(
       draft and detail on the "withheld" event, state `withheld`, `Series.route` None, its reason
       in `Series.route_reason`; nothing sent, not on the worklist.
 
-    An unreadable series: `worklisted` ("unreadable"). With `settings.segmentation_mode` "forward"
+    An unreadable series: `worklisted` ("unreadable"). A readable one that the segmenter or the gate
+    refuses (ValueError), or whose SEG / RT Structure Set cannot be built from its headers:
+    `worklisted` ("cannot_segment") at once, the problem in words in the item's detail, nothing sent.
+    With `settings.segmentation_mode` "forward"
     the series goes to the external node instead (`forward`) and neither `segmenter` nor `gate` is
     used (the worker passes None).
 
@@ -691,13 +694,18 @@ def segment(
             )
         return []
     clock = utc_now()
-    assessment = gate.assess(
-        series=volume,
-        segmenter=segmenter,
-        detector=evidence,
-        geometry_findings=geometry_findings,
-        min_liver_ml=settings.min_liver_ml,
-    )
+    try:
+        assessment = gate.assess(
+            series=volume,
+            segmenter=segmenter,
+            detector=evidence,
+            geometry_findings=geometry_findings,
+            min_liver_ml=settings.min_liver_ml,
+        )
+    except ValueError as exc:  # the segmenter or the gate refused this series: a person contours it
+        problem = f"the segmenter could not process the series ({type(exc).__name__}: {exc})"
+        _cannot_segment(sessions=sessions, series_id=series_id, problem=problem, detail={"worker": worker})
+        return []
     result, decision = assessment.segmentation, assessment.decision
     liver_found = bool(result.mask.any()) and result.liver_volume_ml >= settings.min_liver_ml
     facts = RouteFacts(
@@ -721,9 +729,13 @@ def segment(
         draft = None
         if result.mask.any():
             draft = draft_path(settings=settings, series_id=series_id, segmenter_version=segmenter.version)
-            _write_seg(
-                path=draft, headers=headers, mask=result.mask, segmenter=segmenter, source_series_version=version
-            )
+            try:
+                _write_seg(
+                    path=draft, headers=headers, mask=result.mask, segmenter=segmenter, source_series_version=version
+                )
+            except ValueError as exc:  # the series still goes where the route says, without a draft
+                log.warning("series id %s: no draft SEG: %s: %s", series_id, type(exc).__name__, exc)
+                draft = None
         duration = (utc_now() - clock).total_seconds()
         metrics.record_stage("segment", duration)
         detail = {
@@ -763,22 +775,34 @@ def segment(
         return []
 
     written: list[Path] = []
-    if settings.export_format in ("seg", "both") or settings.mode == "shadow":
-        written.append(folder / f"liver-seg-{segmenter.version}.dcm")
-        _write_seg(
-            path=written[-1], headers=headers, mask=result.mask, segmenter=segmenter, source_series_version=version
+    making = "SEG"
+    try:
+        if settings.export_format in ("seg", "both") or settings.mode == "shadow":
+            written.append(folder / f"liver-seg-{segmenter.version}.dcm")
+            _write_seg(
+                path=written[-1], headers=headers, mask=result.mask, segmenter=segmenter, source_series_version=version
+            )
+        if settings.export_format in ("rtstruct", "both"):
+            making = "RT Structure Set"
+            rtstruct = build_liver_rtstruct(
+                source_images=headers,
+                mask=result.mask,
+                algorithm_name=segmenter.name[:64],
+                algorithm_version=segmenter.version[:64],
+                source_series_version=version,
+                roi_name=settings.rtstruct_roi_name,
+            )
+            written.append(folder / f"liver-rtstruct-{segmenter.version}.dcm")
+            _atomic_write(written[-1], lambda tmp: rtstruct.save_as(tmp, enforce_file_format=True))
+    except ValueError as exc:  # the headers do not make a valid object: nothing is sent, a person contours it
+        problem = f"the liver {making} could not be built from the series' headers"
+        _cannot_segment(
+            sessions=sessions,
+            series_id=series_id,
+            problem=f"{problem} ({type(exc).__name__}: {exc})",
+            detail={"gate": decision.as_json(), **versions},
         )
-    if settings.export_format in ("rtstruct", "both"):
-        rtstruct = build_liver_rtstruct(
-            source_images=headers,
-            mask=result.mask,
-            algorithm_name=segmenter.name[:64],
-            algorithm_version=segmenter.version[:64],
-            source_series_version=version,
-            roi_name=settings.rtstruct_roi_name,
-        )
-        written.append(folder / f"liver-rtstruct-{segmenter.version}.dcm")
-        _atomic_write(written[-1], lambda tmp: rtstruct.save_as(tmp, enforce_file_format=True))
+        return []
     del volume, result, headers, assessment
     duration = (utc_now() - clock).total_seconds()
     metrics.record_stage("segment", duration)
@@ -838,6 +862,23 @@ def segment(
     # The series moved, or a repeat recorded an export a crash left out: queue each new one (a
     # message for an export already sent or settled does nothing).
     return [Next("export", export_id) for export_id, created in recorded if moved or created]
+
+
+def _cannot_segment(*, sessions: sessionmaker[Session], series_id: int, problem: str, detail: dict[str, Any]) -> None:
+    """A readable series that cannot be segmented or exported: to the worklist ("cannot_segment") at once.
+
+    Never raised out of the stage: a retry would meet the same series and end, after the sweeper's
+    attempts, as "unreadable" without the reason.
+    """
+    log.warning("series id %s: %s", series_id, problem)
+    with sessions.begin() as session:
+        _to_worklist(
+            session=session,
+            series_id=series_id,
+            source=S.SEGMENTING,
+            reason=RouteReason.CANNOT_SEGMENT,
+            detail={"problem": problem, **detail},
+        )
 
 
 # --- shadow mode (service/shadow.py) ----------------------------------------------------------------

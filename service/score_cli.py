@@ -52,8 +52,8 @@ def score_folders(detector: Detector | PatchDetector, folders: list[Path]) -> li
     results: list[dict[str, Any]] = []
     for folder in folders:
         try:
-            groups = dicom_series.scan_tree(folder)
-        except OSError as exc:
+            groups = dicom_series.scan_tree_strict(folder)
+        except (OSError, dicom_series.UnidentifiedFilesError) as exc:
             results.append({"folder": str(folder), "series_instance_uid": None, "error": str(exc)})
             continue
         if not groups:

@@ -6,7 +6,8 @@ models/segmenter/default, or `--model DIR` for any model that follows the contra
 an RT Structure Set with one ROI (`--format rtstruct`; ROI name `--roi-name`, default the
 `rtstruct_roi_name` setting's default "Liver"). Exit 0: file written. Exit 1: the segmenter found
 no liver (nothing written). Exit 2: bad input (no CT series, several without `--series`,
-unreadable series, an unknown `--format`).
+unreadable series, a DICOM file without its SOP Instance or Series Instance UID — the message names
+the file and the attribute —, an unknown `--format`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         roi_name = check_lo("--roi-name", args.roi_name.strip())
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    groups = dicom_series.ct_series_in(dicom_series.scan_tree(args.series_dir))
+    try:
+        groups = dicom_series.ct_series_in(dicom_series.scan_tree_strict(args.series_dir))
+    except dicom_series.UnidentifiedFilesError as exc:
+        raise UsageError(str(exc)) from None
     if args.series:
         groups = [g for g in groups if g.series_instance_uid == args.series]
     if not groups:

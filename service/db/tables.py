@@ -95,6 +95,9 @@ class RouteReason(StrEnum):
     GATE = "gate_evidence"
     LIVER_PARTIAL = "liver_partial"  # the liver is cut by the first or the last slice
     NOT_ABDOMEN = "not_abdomen"  # not an abdominal CT (head, limb …): the liver model does not apply
+    # A readable series that the segmenter could not process, or whose SEG / RT Structure Set could not
+    # be built from its headers: the worklist item's detail "problem" says what, in words.
+    CANNOT_SEGMENT = "cannot_segment"
     # Not a route: shadow mode (service/shadow.py) put an auto-routed, `withheld` series on the
     # worklist for a yes/no review of its auto contour. `WorklistItem.reason` only; the series' route stays auto.
     SHADOW_REVIEW = "shadow_review"

@@ -46,6 +46,14 @@ DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Failure: the IOD is violated (miss
 CANNOT_UNDERSTAND = 0xC000  # Failure: Cannot Understand (general)
 CANNOT_DECODE = 0xC210  # Failure: Cannot Understand — the data set could not be decoded (pynetdicom)
 
+#: The UIDs every stored instance must carry (keyword → tag); a data set without one is refused with 0xA900.
+IDENTIFYING_UIDS = {
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+}
+
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # The attributes `check_instance` reads after decoding.
 _KEYWORDS_READ = (
@@ -69,13 +77,18 @@ _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class RefusedInstance(Exception):
-    """The data set is not acknowledged; `status` is the C-STORE failure status to answer."""
+    """The data set is not acknowledged; `status` is the C-STORE failure status to answer.
 
-    def __init__(self, status: int, comment: str) -> None:
+    `offending` holds the tags of the attributes at fault, for the response's Offending Element
+    (0000,0901), e.g. (0x0020000E,) when the Series Instance UID is missing.
+    """
+
+    def __init__(self, status: int, comment: str, offending: tuple[int, ...] = ()) -> None:
         super().__init__(comment)
         self.status = status
         # DICOM Error Comment is LO: at most 64 characters.
         self.comment = comment[:64]
+        self.offending = offending
 
 
 @dataclass(frozen=True)
@@ -140,15 +153,18 @@ def check_instance(
         raise RefusedInstance(CANNOT_DECODE, f"cannot decode data set: {type(exc).__name__}") from exc
 
     uids = {}
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+    for keyword, tag in IDENTIFYING_UIDS.items():
         value = str(dataset.get(keyword, "") or "").strip().rstrip("\0")
         if not is_valid_uid(value):
-            raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} missing or not a valid UID")
+            # Never stored half-identified: an instance without its UIDs cannot be placed in a series.
+            raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} missing or not a valid UID", (tag,))
         uids[keyword] = value
     if uids["SOPClassUID"] != sop_class_uid:
-        raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request")
+        raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request", (0x00080016,))
     if uids["SOPInstanceUID"] != sop_instance_uid:
-        raise RefusedInstance(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the request")
+        raise RefusedInstance(
+            DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the request", (0x00080018,)
+        )
     if sop_class_uid in PIXEL_SOP_CLASSES:
         check_pixel_data(dataset, encapsulated=UID(transfer_syntax_uid).is_encapsulated)
 

@@ -10,7 +10,9 @@ C-STORE statuses we answer (see docs/connecting-your-pacs.md):
   copy was kept in quarantine).
 - 0xA700 Out of Resources: disk reserve reached, or the file or database write failed — retry later;
   or the data set is larger than `max_instance_bytes`, or inflates to more than `max_inflated_bytes`.
-- 0xA900 Data Set does not match SOP Class: required attribute missing, or pixel data of the wrong size.
+- 0xA900 Data Set does not match SOP Class: required attribute missing (an empty or stripped SOP Class,
+  SOP Instance, Study or Series Instance UID, named in Offending Element (0000,0901) and the Error
+  Comment: nothing of such an instance is kept), or pixel data of the wrong size.
 - 0xC210 Cannot Understand: the data set could not be decoded.
 """
 
@@ -183,9 +185,10 @@ def _store(event: Event, store: InstanceStore, limits: StoreLimits) -> int | Dat
             max_inflated_bytes=limits.max_inflated_bytes,
         )
     except RefusedInstance as exc:
+        # UIDs, the AE title and the reason only: never a value of the data set (patient data).
         log.warning("refused instance %s from %s: %s", sop_instance_uid, calling, exc.comment)
         _discard(store, writing)
-        return _failure(exc.status, exc.comment)  # 0xA900 / 0xC210, named by the check
+        return _failure(exc.status, exc.comment, exc.offending)  # 0xA900 / 0xC210, named by the check
     except Exception:  # an unforeseen failure to read what was sent: not acknowledged
         log.exception("could not check instance %s", sop_instance_uid)
         _discard(store, writing)
@@ -228,9 +231,11 @@ def recover_index(store: InstanceStore) -> int:
         return 0
 
 
-def _failure(status: int, comment: str) -> Dataset:
+def _failure(status: int, comment: str, offending: tuple[int, ...] = ()) -> Dataset:
     response = Dataset()
     response.Status = status
+    if offending:
+        response.OffendingElement = list(offending)  # (0000,0901): the attributes at fault
     response.ErrorComment = comment[:64]
     return response
 

@@ -11,6 +11,7 @@ import io
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,14 @@ class Env:
         """A client that sends what the pages send (Origin, CSRF token); with `user`, their basic auth."""
         auth = (user, PASSWORDS[user]) if user else None
         return PageClient(self.url, auth=auth, follow_redirects=False, timeout=30)
+
+    @contextmanager
+    def browser(self, user: str) -> Iterator[PageClient]:
+        """A client logged in as `user` through the login form (the session cookie: pages take no basic auth)."""
+        with self.client() as client:
+            response = login(client, user)
+            assert response.status_code == 303, response.text
+            yield client
 
 
 @pytest.fixture

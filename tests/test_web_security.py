@@ -267,7 +267,7 @@ def test_every_answer_carries_the_security_headers(env: Env) -> None:
                 assert "unsafe-inline" not in csp, path
                 assert response.headers["x-content-type-options"] == "nosniff", path
                 assert response.headers["x-frame-options"] == "DENY", path
-                assert response.headers["referrer-policy"] == "no-referrer", path
+                assert response.headers["referrer-policy"] == "same-origin", path
                 cache = response.headers["cache-control"]
                 if response.headers.get("content-type", "").startswith(("text/html", "application/json")):
                     assert "no-store" in cache or "no-cache" in cache, (path, cache)

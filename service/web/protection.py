@@ -12,7 +12,7 @@ In order:
 4. **A refreshed session cookie** when `service.web.deps.current_user` asked for one (the idle
    timeout slides with use).
 5. **Security headers on every answer**, error pages and static files included: a Content-Security-Policy
-   without inline script or style and with `frame-ancestors 'none'`, nosniff, no Referer, and
+   without inline script or style and with `frame-ancestors 'none'`, nosniff, no Referer to other sites, and
    `Cache-Control: no-store` unless the route chose otherwise (slice images: `private`).
 """
 
@@ -42,7 +42,8 @@ SECURITY_HEADERS = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # Not no-referrer: with it, Chromium sends `Origin: null` on our own form posts, which step 2 refuses.
+    "referrer-policy": "same-origin",
     "cross-origin-opener-policy": "same-origin",
     "cross-origin-resource-policy": "same-origin",
     "permissions-policy": "camera=(), microphone=(), geolocation=()",

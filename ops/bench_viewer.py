@@ -31,6 +31,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
 import io  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -257,10 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"series: {n} slices of {ds.Rows}×{ds.Columns}, {folder}")
 
         server, url = serve(create_app(settings, sessions))
-        client = httpx.Client(base_url=url, follow_redirects=False, timeout=60)
-        # Log in as the browser does: the session cookie costs an HMAC per request, HTTP basic auth a
-        # password hash (~100+ ms by design), which would swamp what is measured here.
-        login = client.post("/login", data={"name": "bench", "password": PASSWORD, "next": "/worklist"})
+        client = httpx.Client(base_url=url, follow_redirects=False, timeout=60, headers={"Origin": url})
+        # Log in as the browser does (the form's CSRF token, Origin): the session cookie costs an HMAC
+        # per request, HTTP basic auth a password hash (~100+ ms by design), which would swamp what is measured here.
+        token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)
+        if token is None:
+            raise SystemExit("no csrf_token on the login page")
+        form = {"name": "bench", "password": PASSWORD, "next": "/worklist", "csrf_token": token.group(1)}
+        login = client.post("/login", data=form)
         if login.status_code != 303:
             raise SystemExit(f"login failed: {login.status_code}")
         base = f"/series/{uid}/versions/1"

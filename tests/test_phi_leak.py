@@ -8,6 +8,9 @@ and `gatekeeper flower` run meanwhile, on a Redis of the test's own. Then every 
 received (MONITOR: the Celery messages, events and results as they passed) and every key left in it, Flower's
 /api/tasks and /api/workers, and the /metrics of the web app and of the listener's and worker's
 --metrics-port are searched for those values — raw, and inside base64 (kombu's message bodies): 0 hits.
+The segmented series' PatientName has no caret ("DOE JANE"), which highdicom warns about quoting the
+name while the SEG is built: the warning must not reach a log either (`service.logs`), which the
+fast tests at the end also check in a process of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import binascii
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -50,19 +54,22 @@ PATIENT = {
     "PatientBirthDate": "19160229",  # a real 29 February
     "AccessionNumber": "ACC-99X1Q",
 }
+#: The segmented series' PatientName: no caret, so highdicom warns, quoting it, while building the SEG.
+CARETLESS_NAME = "DOE JANE"
 # What a leak could look like: each value, each name component, and the birth date as written by Python.
-NEEDLES = ("Zzyzx", "Quornby", "PHI-7731-XQ", "19160229", "1916-02-29", "ACC-99X1Q")
+NEEDLES = ("Zzyzx", "Quornby", "PHI-7731-XQ", "19160229", "1916-02-29", "ACC-99X1Q", CARETLESS_NAME)
+METRICS_TOKEN = "phi-scan-metrics-token"
 FLOWER_AUTH = ("ops", "phi-scan-flower-password")
 _BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")
 
 
-def with_patient(folder: Path, out: Path) -> list[Path]:
-    """Copies of the CT files of `folder` carrying the distinctive patient values."""
+def with_patient(folder: Path, out: Path, **overrides: str) -> list[Path]:
+    """Copies of the CT files of `folder` carrying the distinctive patient values (`overrides` by keyword)."""
     out.mkdir(parents=True)
     paths = []
     for path in ct_files(folder):
         dataset = pydicom.dcmread(path)
-        for keyword, value in PATIENT.items():
+        for keyword, value in {**PATIENT, **overrides}.items():
             setattr(dataset, keyword, value)
         dataset.save_as(out / path.name)
         paths.append(out / path.name)
@@ -134,7 +141,11 @@ def test_no_patient_data_in_logs_broker_flower_or_metrics(
     segmenter_dir: Path,  # noqa: F811  (the fixture imported above)
 ) -> None:
     upgrade(postgres_db_url)
-    normal = with_patient(phantom(tmp_path / "normal", anomaly="none", seed=5, slices=30), tmp_path / "normal-phi")
+    normal = with_patient(
+        phantom(tmp_path / "normal", anomaly="none", seed=5, slices=30),
+        tmp_path / "normal-phi",
+        PatientName=CARETLESS_NAME,
+    )
     hip = with_patient(phantom(tmp_path / "hip", anomaly="hip_prosthesis", seed=6, slices=30), tmp_path / "hip-phi")
     uids = {"normal": series_uid(normal[0].parent), "hip": series_uid(hip[0].parent)}
     logs = tmp_path / "logs"
@@ -160,6 +171,8 @@ def test_no_patient_data_in_logs_broker_flower_or_metrics(
             flower_port=free_port(),
             flower_user=FLOWER_AUTH[0],
             flower_password=FLOWER_AUTH[1],
+            metrics_token=METRICS_TOKEN,
+            metrics_ae_title_labels=True,  # AE titles are no patient data: search the most talkative scrape
         )
         stack.enter_context(redis_monitor(redis_url, logs / "redis-monitor.txt"))
         # Flower first: it asks the workers to send task events, which is what it shows.
@@ -175,7 +188,12 @@ def test_no_patient_data_in_logs_broker_flower_or_metrics(
             stack.enter_context(process(command, settings, logs / f"{name}.log"))
         flower = f"http://127.0.0.1:{settings.flower_port}"
         wait_for(lambda: http_get(f"{flower}/api/workers", auth=FLOWER_AUTH), timeout=90, interval=0.5)
-        wait_for(lambda: http_get(f"http://127.0.0.1:{listener_metrics}/metrics"), timeout=90, interval=0.5)
+        metrics_auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        wait_for(
+            lambda: http_get(f"http://127.0.0.1:{listener_metrics}/metrics", headers=metrics_auth),
+            timeout=90,
+            interval=0.5,
+        )
 
         for files in (normal, hip):
             sent = storescu(settings.port, files)
@@ -190,7 +208,10 @@ def test_no_patient_data_in_logs_broker_flower_or_metrics(
             interval=0.5,
         )
         # The patient values did go through: the database keeps them (for the worklist's display).
-        assert {s.patient_name for uid in uids.values() for s in db.series(uid)} == {PATIENT["PatientName"]}
+        assert {name: {s.patient_name for s in db.series(uid)} for name, uid in uids.items()} == {
+            "normal": {CARETLESS_NAME},
+            "hip": {PATIENT["PatientName"]},
+        }
         ids = {name: db.series(uid)[-1].id for name, uid in uids.items()}
 
         # Flower saw the pipeline's tasks (events on), so searching its API means something.
@@ -202,9 +223,10 @@ def test_no_patient_data_in_logs_broker_flower_or_metrics(
         served = {
             "flower /api/tasks": flower_tasks,
             "flower /api/workers": http_get(f"{flower}/api/workers?refresh=1", auth=FLOWER_AUTH) or "",
-            "web /metrics": http_get(f"http://127.0.0.1:{settings.web_port}/metrics") or "",
-            "listen --metrics-port": http_get(f"http://127.0.0.1:{listener_metrics}/metrics") or "",
-            "worker --metrics-port": http_get(f"http://127.0.0.1:{worker_metrics}/metrics") or "",
+            "web /metrics": http_get(f"http://127.0.0.1:{settings.web_port}/metrics", headers=metrics_auth) or "",
+            "listen --metrics-port": http_get(f"http://127.0.0.1:{listener_metrics}/metrics", headers=metrics_auth)
+            or "",
+            "worker --metrics-port": http_get(f"http://127.0.0.1:{worker_metrics}/metrics", headers=metrics_auth) or "",
         }
         for name in ("web /metrics", "listen --metrics-port", "worker --metrics-port"):
             assert "gatekeeper_instances_received_total" in served[name], name
@@ -227,3 +249,33 @@ def test_no_patient_data_in_logs_broker_flower_or_metrics(
     ]
     assert leaks == []
     db.close()
+
+
+# --- warnings (fast: a process of their own) -------------------------------------------------------
+
+WARN = """
+import warnings
+{setup}
+from highdicom.valuerep import check_person_name
+check_person_name("DOE JANE")  # highdicom: `The string "DOE JANE" is unlikely to represent ...`
+warnings.warn('attribute PatientName "DOE JANE" looks odd', UserWarning)  # any library's warning
+warnings.warn("attribute PatientID 'PHI-7731-XQ' looks odd", UserWarning)
+"""
+
+
+def run_warnings(setup: str) -> str:
+    """Everything a fresh Python process writes while two libraries warn about patient values."""
+    result = subprocess.run(
+        [sys.executable, "-c", WARN.format(setup=setup)], capture_output=True, text=True, timeout=120, check=True
+    )
+    return result.stdout + result.stderr
+
+
+def test_warnings_that_quote_patient_values_never_reach_the_log() -> None:
+    unprotected = run_warnings("")
+    assert "DOE JANE" in unprotected and "PHI-7731-XQ" in unprotected  # what Python does by itself
+    logged = run_warnings("from service.logs import configure_logging\nconfigure_logging()")
+    leaks = [needle for needle in (CARETLESS_NAME, "DOE", "JANE", "PHI-7731-XQ") if needle in logged]
+    assert leaks == [], logged
+    assert logged.count("WARNING py.warnings") == 2 and 'attribute PatientName "…" looks odd' in logged, logged
+    assert "unlikely to represent" not in logged  # highdicom's is silenced outright

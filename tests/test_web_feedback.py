@@ -8,12 +8,11 @@ assignee or an admin), the caller's own items first, and the age colour after th
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import test_web
 from sqlalchemy import select
 from test_web import Env
-from web_support import PASSWORDS, serve
+from web_support import PASSWORDS, PageClient, login, serve
 
 from service.db.tables import AuditEvent, ContourFeedback, Series
 from service.web.app import create_app
@@ -193,8 +192,8 @@ def test_items_waiting_longer_than_the_setting_get_the_age_colour(env: Env) -> N
     flagged, geometry = env.seeded.flagged_item, env.seeded.geometry_item  # 2 h and 20 min
 
     def warned(url: str) -> dict[int, bool]:
-        with httpx.Client(base_url=url, timeout=30) as browser:
-            browser.post("/login", data={"name": "alice", "password": PASSWORDS["alice"]})
+        with PageClient(url, timeout=30) as browser:
+            login(browser, "alice")
             text = browser.get("/worklist").text
         return {item: f'age-warning" data-item-id="{item}"' in text for item in (flagged, geometry)}
 

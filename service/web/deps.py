@@ -111,7 +111,7 @@ Throttle = Annotated[security.LoginThrottle, Depends(login_throttle)]
 # Numbers in paths, bounded so that a huge one is a 422, not a database error.
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 Version = Annotated[int, PathParam(ge=1, le=MAX_ID)]
-SliceIndex = Annotated[int, PathParam(ge=0, le=MAX_ID)]
+SliceIndex = Annotated[int, PathParam(ge=-MAX_ID, le=MAX_ID)]  # -1: 404, "the series has no slice -1"
 
 
 def current_user(request: Request, session: DB, signer: Signer, throttle: Throttle) -> User:

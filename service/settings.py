@@ -256,6 +256,10 @@ class Settings(BaseSettings):
     # any other Host gets 400 (DNS rebinding). Empty: `web_bind_address`, localhost, 127.0.0.1 and ::1.
     # Behind a reverse proxy, the name users type (e.g. `gatekeeper.hospital.example`).
     web_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # IP addresses of the reverse proxy in front of the worklist (TLS), whose X-Forwarded-For and
+    # X-Forwarded-Proto are believed, so that login throttling and the log see the user's address.
+    # Empty: the headers are ignored (the peer address is the client's).
+    web_proxy_addresses: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Login throttling, per user name and per client address alike: after this many failed logins
     # in a row, the next is refused (429) for `web_login_lockout_s` seconds, doubling with every
     # further failure up to `web_login_lockout_max_s`; a successful login resets both counts.
@@ -460,10 +464,20 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
         return value
 
-    @field_validator("web_allowed_hosts", mode="before")
+    @field_validator("web_allowed_hosts", "web_proxy_addresses", mode="before")
     @classmethod
     def _split_web_allowed_hosts(cls, value: Any) -> Any:
         return split_list(value)
+
+    @field_validator("web_proxy_addresses")
+    @classmethod
+    def _check_web_proxy_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"{address!r} is not an IPv4 or IPv6 address (the reverse proxy's)") from None
+        return value
 
     @field_validator("web_allowed_hosts")
     @classmethod

@@ -362,6 +362,8 @@ def test_the_security_settings_are_checked(tmp_path: Path) -> None:
         Settings(storage_dir=tmp_path, web_session_hours=1, web_session_idle_minutes=90)
     with pytest.raises(ValueError, match="web_allowed_hosts"):
         Settings(storage_dir=tmp_path, web_allowed_hosts="https://gatekeeper.example/")
+    with pytest.raises(ValueError, match="web_proxy_addresses"):
+        Settings(storage_dir=tmp_path, web_proxy_addresses="proxy.example")
     with pytest.raises(ValueError, match="web_login_lockout_max_s"):
         Settings(storage_dir=tmp_path, web_login_lockout_s=60, web_login_lockout_max_s=30)
     default: Any = Settings(storage_dir=tmp_path, web_bind_address="10.1.2.3")

@@ -160,6 +160,8 @@ def run_web(args: argparse.Namespace) -> int:
 
     settings = load_settings_or_exit()
     check_database(settings)  # unreachable or un-migrated: one line naming the fix, exit 2
+    if args.host:  # the Host allow-list's default follows the address actually bound
+        settings = settings.model_copy(update={"web_bind_address": args.host})
     try:
         app = create_app(settings)
     except InsecureSettings as exc:
@@ -168,7 +170,17 @@ def run_web(args: argparse.Namespace) -> int:
     port = args.port or settings.web_port
     log.info("worklist on http://%s:%s", host, port)
     # Access log off: URLs hold Series Instance UIDs. log_config None keeps our logging set-up.
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, proxy_headers=False)
+    # X-Forwarded-* only from the reverse proxy named in the settings (docs/security.md).
+    proxies = settings.web_proxy_addresses
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
+    )
     return 0
 
 

@@ -176,6 +176,17 @@ def write_liver_seg(*, storage_dir: Path, series_id: int, folder: Path, headers:
     seg.save_as(target, enforce_file_format=True)
 
 
+def wait_until(page: Any, expression: str, *, timeout_s: float = 60.0) -> None:
+    """Wait until the JavaScript `expression` is true in `page`, polling with `page.evaluate` (the
+    DevTools protocol, which the app's Content-Security-Policy does not restrict, unlike the polling of
+    `page.wait_for_function`, which evaluates a string in the page and is refused without 'unsafe-eval')."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"still false after {timeout_s:.0f} s: {expression}")
+        page.wait_for_timeout(50)
+
+
 def serve(app: Any) -> tuple[Any, str]:
     """Run `app` under uvicorn in a thread on a free port (the access log off, as in production)."""
     import socket

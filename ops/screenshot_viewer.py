@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_viewer import PASSWORD, find_series, seed, serve  # noqa: E402
+from bench_viewer import PASSWORD, find_series, seed, serve, wait_until  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 page.click("button[type=submit]")
                 expect(page.locator("#viewer")).to_have_attribute("data-ready", "true", timeout=60_000)
                 shown = page.locator("#viewer-index").inner_text()
-                page.wait_for_function(f"document.querySelector('#viewer').dataset.loaded === '{shown}'")
+                wait_until(page, f"document.querySelector('#viewer').dataset.loaded === '{shown}'")
                 page.evaluate("window.scrollTo(0, 0)")  # bounding boxes in page coordinates
                 plot_and_viewer = page.locator("svg.score-plot").bounding_box()
                 viewer_box = page.locator("section.viewer").bounding_box()
@@ -102,13 +102,15 @@ def main(argv: list[str] | None = None) -> int:
                 page.locator("#viewer-overlay-residual").check()
                 page.locator("#viewer-overlay-contour").check()
                 page.locator("#viewer button[data-preset=liver]").click()
-                page.wait_for_function(
+                wait_until(
+                    page,
                     "[...document.querySelectorAll('#viewer .viewer-stage img')]"
-                    ".every(img => img.hidden || (img.complete && img.naturalWidth > 0))"
+                    ".every(img => img.hidden || (img.complete && img.naturalWidth > 0))",
                 )
-                page.wait_for_function(  # the layers' load handlers unhide them
+                wait_until(  # the layers' load handlers unhide them
+                    page,
                     "!document.querySelector('img.viewer-residual').hidden"
-                    " && !document.querySelector('img.viewer-contour').hidden"
+                    " && !document.querySelector('img.viewer-contour').hidden",
                 )
                 page.locator("section.viewer").screenshot(path=str(args.out / "viewer-overlays.png"))
                 browser.close()

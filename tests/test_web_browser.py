@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_web import make_settings
-from web_support import ANOMALY, GATE_WORDS, PASSWORDS, seed_database, serve, write_phantom
+from web_support import ANOMALY, GATE_WORDS, PASSWORDS, seed_database, serve, wait_until, write_phantom
 
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, WorklistItem
@@ -70,8 +70,9 @@ def test_a_dosimetrist_logs_in_opens_a_flagged_series_and_claims_it(worklist: tu
             expect(page.locator("section#gate ul.findings")).to_contain_text(GATE_WORDS)
             images = page.locator("figure.slice img")
             expect(images).to_have_count(3)
-            page.wait_for_function(
-                "[...document.querySelectorAll('figure.slice img')].every(img => img.complete && img.naturalWidth > 64)"
+            wait_until(
+                page,
+                "[...document.querySelectorAll('figure.slice img')].every(img => img.complete && img.naturalWidth > 64)",
             )
 
             page.locator("section.worklist-item button.claim").click()

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 from test_web import Env, make_settings
-from web_support import ANOMALY, NUM_SLICES, PASSWORDS, THRESHOLD, seed_database, serve, write_phantom
+from web_support import ANOMALY, NUM_SLICES, PASSWORDS, THRESHOLD, seed_database, serve, wait_until, write_phantom
 
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, Series
@@ -337,9 +337,10 @@ def test_a_dosimetrist_scrolls_windows_and_toggles_overlays_in_the_slice_viewer(
             page.locator("#viewer-overlay-contour").check()
             expect(contour).to_be_visible()
             expect(residual).to_be_visible()
-            page.wait_for_function(
+            wait_until(
+                page,
                 "[...document.querySelectorAll('#viewer .viewer-stage img')]"
-                ".every(img => img.hidden || (img.complete && img.naturalWidth === 64))"
+                ".every(img => img.hidden || (img.complete && img.naturalWidth === 64))",
             )
             page.screenshot(path=str(ARTIFACTS / "viewer-overlays.png"), full_page=True)
             page.locator("#viewer-overlay-residual").uncheck()
@@ -384,6 +385,4 @@ def url_of(env: Env, index: int) -> str:
 
 def wait_for_slice(page: object, index: int) -> None:
     """Wait until the slice layer shows slice `index`, loaded (the viewer sets data-loaded on load)."""
-    page.wait_for_function(  # type: ignore[attr-defined]
-        f"document.querySelector('#viewer').dataset.loaded === '{index}'"
-    )
+    wait_until(page, f"document.querySelector('#viewer').dataset.loaded === '{index}'")

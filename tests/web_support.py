@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -68,6 +69,17 @@ class PageClient(httpx.Client):
             elif kwargs.get("json") is None and kwargs.get("content") is None:
                 kwargs["data"] = {"csrf_token": self._csrf, **dict(kwargs.get("data") or {})}  # type: ignore[call-overload]
         return super().request(method, url, **kwargs)  # type: ignore[arg-type]
+
+
+def wait_until(page: Any, expression: str, *, timeout_s: float = 60.0) -> None:
+    """Wait until the JavaScript `expression` is true in `page`, polling with `page.evaluate` (the
+    DevTools protocol, which the app's Content-Security-Policy does not restrict, unlike the polling of
+    `page.wait_for_function`, which evaluates a string in the page and is refused without 'unsafe-eval')."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout_s:.0f} s: {expression}")
+        page.wait_for_timeout(50)
 
 
 def login(client: httpx.Client, name: str, password: str | None = None, **form: str) -> httpx.Response:

@@ -422,14 +422,12 @@ def observe(
     the slices from the liver's first to its last slice ± the network's context and 2). Views are skipped
     when the main segmentation finds no liver (nothing to agree on).
     """
-    from service.segmentation import resize_mask
-
     bands = dict(DEFAULT_BANDS, **(bands or {}))
-    volume = segmenter.prepare(series.hu)
+    volume, framing = segmenter.prepare(series)
     probs, features = segmenter.probabilities_of_volume(volume)
-    segmentation = segmenter.segmentation_from(series, probs, features)
-    k, size = series.num_slices, volume.shape[-1]
-    pixel_mm = float(np.mean(series.pixel_spacing_mm)) * series.hu.shape[-1] / size
+    segmentation = segmenter.segmentation_from(series, probs, features, framing)
+    k = series.num_slices
+    pixel_mm = float(np.mean(framing.spacing_mm))
     obs = Observation(num_slices=k, slice_spacing_mm=series.slice_spacing_mm)
     if detector is not None:
         obs.gan_score = float(detector.score)
@@ -447,14 +445,14 @@ def observe(
     above = probs > segmenter.threshold
     obs.liver_outside_fraction, obs.liver_pieces = probability_pieces(above)
     obs.metal_profile = metal_pixels(series.hu, float(bands["metal_hu"])).astype(np.float64)
-    hu_small = np.stack([imaging.resize(s, (size, size)) for s in series.hu])
+    hu_small = framing.to_field(series.hu)
     obs.body_area_cm2, obs.bone_fraction = body_composition(hu_small, pixel_mm)
     # Densities in and around the liver on a 3×3 in-plane mean: noise (a low-dose scan) a third as large,
     # while a lesion or a rim of fluid of a centimetre (3–4 pixels here) survives.
     hu_small = ndimage.uniform_filter(hu_small, size=(1, 3, 3))
     extra: list[np.ndarray] = []
     if mask.any():
-        liver_small = resize_mask(mask, size)
+        liver_small = framing.mask_to_field(mask)
         obs.liver_hu_hist = liver_hu_histogram(hu_small, liver_small)
         obs.fluid_fraction, obs.fluid_profile = fluid_rim(
             hu_small, liver_small, pixel_mm, bands["fluid_hu"], float(bands["fluid_rim_mm"])

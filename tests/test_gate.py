@@ -44,7 +44,7 @@ from service.gate import (
     z_for,
 )
 from service.gate_cli import DEFAULT_GATE_DIR, anomaly_type
-from service.segmentation import Segmenter, SegmenterInput, prepare_volume
+from service.segmentation import Framing, Segmenter, SegmenterInput, frame_series, prepare_volume
 
 SIZE = 32  # the stub segmenter's input size
 
@@ -200,8 +200,9 @@ class StubSegmenter(Segmenter):
         self.threshold = 0.5
         self.version, self.name = "stub", "stub"
 
-    def prepare(self, hu: np.ndarray) -> np.ndarray:
-        return prepare_volume(hu, self.input)
+    def prepare(self, series: CTSeries) -> tuple[np.ndarray, Framing]:
+        framing = frame_series(series.hu, series.pixel_spacing_mm, self.input)
+        return prepare_volume(series.hu, self.input, framing), framing
 
     def probabilities_of_volume(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         hu = volume * 500.0 - 200.0

@@ -12,6 +12,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="model folder (checkpoint, segmenter.onnx, model.json)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--recipe",
+        choices=("phantom", "synth"),
+        default="phantom",
+        help="phantom: train on --data's contoured series; synth: domain randomisation on rendered phantom tissue "
+        "maps (--data gives the validation series only) (default phantom)",
+    )
+    p.add_argument(
+        "--pixel-spacing",
+        type=float,
+        default=None,
+        help="the network's pixel size in mm in a body-centred field (default: 3.2 with --recipe synth; the "
+        "legacy whole-matrix resize with --recipe phantom)",
+    )
+    p.add_argument("--bank-patients", type=int, default=120, help="synth: phantom patients to render (default 120)")
+    p.add_argument(
+        "--bank-per-patient", type=int, default=40, help="synth: 3-slice tissue stacks per patient (default 40)"
+    )
     p.add_argument("--size", type=int, default=128, help="network input size in pixels, multiple of 16 (default 128)")
     p.add_argument("--base", type=int, default=16, help="channels of the first U-Net level (default 16)")
     p.add_argument("--context", type=int, default=1, help="neighbouring slices on each side as input (default 1)")

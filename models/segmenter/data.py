@@ -22,7 +22,7 @@ import numpy as np
 from models.detector.data import _manifest_splits, scan_parallel
 from models.segmenter.contours import LiverContour, find_liver_contours
 from service import dicom_series
-from service.segmentation import SegmenterInput, prepare_volume, resize_mask
+from service.segmentation import SegmenterInput, frame_series, prepare_volume
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,30 @@ def _load_one(args: tuple[dicom_series.SeriesFiles, LiverContour, SegmenterInput
         mask = contour.volume_for(series)
     except ValueError as exc:  # SeriesError, ContourError
         return str(exc)
+    framing = frame_series(series.hu, series.pixel_spacing_mm, spec)
     return SegSeries(
         series.series_instance_uid,
-        prepare_volume(series.hu, spec).astype(np.float16),
-        resize_mask(mask, spec.size),
+        prepare_volume(series.hu, spec, framing).astype(np.float16),
+        framing.mask_to_field(mask),
         folder=str(series.folder),
     )
 
 
 def load_dataset(
-    root: Path | str, spec: SegmenterInput, *, jobs: int = 1, seed: int = 0, max_series: int | None = None
+    root: Path | str,
+    spec: SegmenterInput,
+    *,
+    jobs: int = 1,
+    seed: int = 0,
+    max_series: int | None = None,
+    min_train: int = 2,
 ) -> SegDataset:
     """Contoured normal series under `root`, prepared at `spec.size`².
 
+    `min_train` 0: a folder of validation series alone will do (the synth recipe renders its training data).
+
     Raises:
-        ValueError: fewer than 2 usable training series or no validation series.
+        ValueError: fewer than `min_train` usable training series or no validation series.
     """
     root = Path(root)
     groups = scan_parallel(root, jobs)
@@ -119,10 +128,10 @@ def load_dataset(
             skipped.append(item)
             continue
         (validation if splits[g.series_instance_uid] == "validation" else train).append(item)
-    if len(train) < 2 or not validation:
+    if len(train) < min_train or not validation:
         raise ValueError(
             f"{root}: {len(train)} training and {len(validation)} validation CT series with liver "
-            "contours usable; need at least 2 and 1"
+            f"contours usable; need at least {min_train} and 1"
         )
     log.info(
         "data: %d training series (%d slices), %d validation series (%d slices), %d skipped, from %s",

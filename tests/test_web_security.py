@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,21 @@ def test_disable_then_enable_does_not_bring_old_sessions_back(env: Env) -> None:
         assert not copied_cookie_works(env, copy)
     with env.browser("bob") as fresh:
         assert fresh.get("/api/me").json()["name"] == "bob"
+
+
+def test_a_used_session_cookie_is_reissued_with_its_idle_clock_restarted(env: Env) -> None:
+    signer = env.app.state.signer
+    alice = env.seeded.user_ids["alice"]
+    now = time.time()
+    old = signer.sign(alice, 0, issued_at=now - 600, now=now - 600)  # last used 10 min ago
+    response = httpx.get(f"{env.url}/api/me", cookies={"gatekeeper_session": old})
+    assert response.status_code == 200
+    fresh = response.cookies["gatekeeper_session"]
+    claims = signer.read(fresh)
+    assert claims is not None and claims.issued_at == int(now - 600) and claims.seen_at >= int(now)
+    assert "httponly" in response.headers["set-cookie"].lower()
+    recent = signer.sign(alice, 0, now=now)  # used just now: not re-issued
+    assert "gatekeeper_session" not in httpx.get(f"{env.url}/api/me", cookies={"gatekeeper_session": recent}).cookies
 
 
 def test_the_session_cookie_is_refreshed_with_use_and_ends_when_idle() -> None:

@@ -14,7 +14,9 @@ What each repair does:
   its default for an empty or unknown one) and the copy declares what they need: nothing (the
   default repertoire) when every value is ASCII, else ISO_IR 192 (UTF-8), which holds any text.
 - A value longer than its VR allows (PS3.5 Table 6.2-1) is cut to the maximum; a DS or IS value is
-  rewritten as the same number in at most 16 / 12 characters.
+  rewritten as the same number in at most 16 / 12 characters. Control characters in a one-line text
+  value become spaces; a CS value is upper-cased, other characters than A–Z, 0–9, space and "_"
+  become "_"; a Patient's Sex other than M, F or O is emptied.
 - A person name without "^" is read as the family name alone (PS3.5 6.2.1.1: trailing separators
   may be omitted) and written with a trailing "^", which says so unambiguously; more than five
   components or three component groups are cut.
@@ -72,6 +74,13 @@ UTF8 = "ISO_IR 192"
 _PIXEL_GROUP = 0x7FE0
 _PERSON_NAME_COMPONENTS = 5
 _PERSON_NAME_GROUPS = 3
+# Text VRs of one line: control characters (a CR/LF pasted into a name) become spaces.
+_SINGLE_LINE = frozenset({"AE", "AS", "CS", "DT", "LO", "SH"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# CS: upper-case letters, digits, space and underscore only (PS3.5 6.2).
+_NOT_CS = re.compile(r"[^A-Z0-9 _]")
+#: Enumerated values of Patient's Sex (0010,0040); anything else is emptied (it is Type 2).
+PATIENT_SEX = frozenset({"M", "F", "O"})
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 
@@ -102,6 +111,10 @@ def sanitised_header(source: Dataset) -> Dataset:
         if media_class:
             copy.SOPClassUID = media_class
             repaired.add("SOPClassUID (from the file meta)")
+    sex = str(copy.get("PatientSex", "") or "").strip()
+    if sex and sex not in PATIENT_SEX:
+        copy.PatientSex = ""
+        repaired.add("PatientSex")
     for keyword in TYPE_2_PATIENT_STUDY:
         if keyword not in copy:
             setattr(copy, keyword, "")
@@ -157,13 +170,17 @@ def _sanitised_element(element: DataElement, repaired: set[str]) -> DataElement:
 def _cut(vr: str) -> Callable[[object], str]:
     def fix(value: object) -> str:
         text = str(value)
+        if vr in _SINGLE_LINE:
+            text = _CONTROL.sub(" ", text)
+        if vr == "CS":
+            text = _NOT_CS.sub("_", text.upper())
         return text[: MAX_LENGTH[vr]] if len(text) > MAX_LENGTH[vr] else text
 
     return fix
 
 
 def _fix_person_name(value: object) -> str:
-    text = str(value)
+    text = _CONTROL.sub(" ", str(value))
     groups = text.split("=")[:_PERSON_NAME_GROUPS]
     fixed = []
     for group in groups:

@@ -71,7 +71,8 @@ def test_empty_specific_character_set_of_a_real_ct_gives_a_valid_seg(tmp_path: P
 
 
 def test_odd_header_values_of_a_real_ct_give_a_valid_seg_and_rtstruct(tmp_path: Path) -> None:
-    """Unknown character set, over-long strings, names without "^", a dashed date, missing Type 2 attributes."""
+    """Unknown character set, over-long strings, names without "^", a dashed date, a sex spelled out, a
+    line break in a one-line string, missing Type 2 attributes."""
 
     def damage(ds: pydicom.Dataset) -> None:
         ds.SpecificCharacterSet = "ISO_IR 999"  # no such repertoire
@@ -79,8 +80,9 @@ def test_odd_header_values_of_a_real_ct_give_a_valid_seg_and_rtstruct(tmp_path: 
         ds.ReferringPhysicianName = "DR SMITH"
         ds.PatientID = "P" * 80  # LO: at most 64
         ds.AccessionNumber = "A" * 30  # SH: at most 16
-        ds.StudyDescription = "S" * 90  # LO
+        ds.StudyDescription = "ABDOMEN\r\n" + "S" * 90  # LO: one line, at most 64
         ds.StudyDate = "2022-12-08"  # DA written with dashes
+        ds.PatientSex = "Female"  # CS, enumerated M / F / O
         del ds.PatientBirthDate, ds.StudyID  # Type 2, absent
 
     ct = copy_series(realct_case("slab-3mm-30") / "ct", tmp_path / "ct", damage)
@@ -95,6 +97,7 @@ def test_odd_header_values_of_a_real_ct_give_a_valid_seg_and_rtstruct(tmp_path: 
         assert str(back.PatientName) == "DOE JANE^" and str(back.ReferringPhysicianName) == "DR SMITH^"
         assert back.PatientID == "P" * 64 and back.AccessionNumber == "A" * 16
         assert back.StudyDate == "20221208" and back.StudyID == "" and back.PatientBirthDate == ""
+        assert back.PatientSex == "" and back.StudyDescription == ("ABDOMEN  " + "S" * 90)[:64]
         assert "SpecificCharacterSet" not in back  # every value is ASCII: the default repertoire
     assert str(headers[0].PatientName) == "DOE JANE"  # the sources are not changed
 

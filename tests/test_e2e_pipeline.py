@@ -1,11 +1,12 @@
 """End to end, real everything: PostgreSQL, Redis, the listener and a Celery worker in their own
-processes, the worklist web app, Orthanc as the PACS, DCMTK storescu as the scanner's PACS.
+processes, the worklist web app, Orthanc as the PACS, DCMTK storescu as the scanner's PACS — and the
+shipped models: detector, segmenter and the calibrated gate (models/gate/default), as a new site runs them.
 
-A normal series ends with a SEG in Orthanc that references it; an anomalous one (hip prosthesis,
-which the shipped detector flags far above its threshold) is segmented too and ends on the worklist
-with reason "anomaly", its per-slice scores, the gate's findings and a draft SEG that is never sent. Then the worker is killed with SIGKILL while it scores a
-series; a new worker and the sweeper still route that series exactly once. With
-`export_format` "both" a normal series ends with its SEG and its RT Structure Set in Orthanc.
+A normal abdomen-range series ends with a SEG in Orthanc that references it; a gross stent is segmented
+too and ends on the worklist, the gate's metal finding in words among its reasons, with a draft SEG
+that is never sent. Then the worker is killed with SIGKILL while it scores a series; a new worker and
+the sweeper still route that series exactly once. With `export_format` "both" a normal series ends
+with its SEG and its RT Structure Set in Orthanc.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from test_pacs_export import orthanc
 
 from service.db.tables import Export, SeriesEvent, SeriesScore, WorklistItem
 from service.lifecycle import SeriesState
+from service.phantom.generate import SeriesSpec, generate_series
 from service.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -102,7 +104,46 @@ def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+#: The gate the pipeline uses unless configured otherwise: the shipped, calibrated one.
+SHIPPED_GATE_DIR = Settings.model_fields["gate_model_dir"].default
+
+
+@pytest.fixture(scope="module")
+def abdomen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Phantoms the shipped gate was calibrated for: a clinic "abdomen" scan range (the whole liver in
+    view, 2.5–5 mm slices) at 256², normal and with a gross stent; and a copy of the normal one in a
+    series of its own (new UIDs, same pixels), for the worker that is killed."""
+    out = tmp_path_factory.mktemp("abdomen")
+    folders = {}
+    for name, anomaly, grade, seed in (("normal", None, None, 7), ("stent", "stent", "gross", 8)):
+        spec = SeriesSpec(
+            folder=name,
+            patient_seed=seed,
+            series_seed=1000 + seed,
+            anomaly=anomaly,
+            grade=grade,
+            matrix=256,
+            scan_range="abdomen",
+        )
+        folders[name] = out / generate_series(spec, out)["folder"]
+    folders["copy"] = relabelled(folders["normal"], out / "copy")
+    return folders
+
+
+def relabelled(folder: Path, out: Path) -> Path:
+    """The CT files of `folder` as a new series: new Series and SOP Instance UIDs, nothing else changed."""
+    out.mkdir(parents=True)
+    series_uid = pydicom.uid.generate_uid()
+    for path in ct_files(folder):
+        dataset = pydicom.dcmread(path)
+        dataset.SeriesInstanceUID = series_uid
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        dataset.save_as(out / path.name)
+    return out
+
+
 def phantom(out: Path, *, anomaly: str, seed: int, slices: int) -> Path:
+    """A phantom series made by `gatekeeper phantom` (128², `slices` slices); its folder."""
     from service.cli import main
 
     assert (
@@ -149,13 +190,11 @@ def process(command: list[str], settings: Settings, log_path: Path) -> Iterator[
         log.close()
 
 
-def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_killed_worker_routes_once(
-    tmp_path: Path, postgres_db_url: str, redis_url: str, segmenter_dir: Path
+def test_normal_series_gets_a_seg_in_the_pacs_a_stent_the_worklist_and_a_killed_worker_routes_once(
+    tmp_path: Path, postgres_db_url: str, redis_url: str, segmenter_dir: Path, abdomen: dict[str, Path]
 ) -> None:
     upgrade(postgres_db_url)
-    normal = phantom(tmp_path / "normal", anomaly="none", seed=5, slices=30)
-    hip = phantom(tmp_path / "hip", anomaly="hip_prosthesis", seed=6, slices=30)
-    victim = phantom(tmp_path / "victim", anomaly="none", seed=9, slices=60)
+    normal, stent, victim = abdomen["normal"], abdomen["stent"], abdomen["copy"]
     db = Db(postgres_db_url)
 
     def state(uid: str) -> str | None:
@@ -175,6 +214,7 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
             export_timeout_s=10,
             export_queue=f"test.export.{tmp_path.name}.{free_port()}",
             segmenter_model_dir=segmenter_dir,
+            gate_model_dir=SHIPPED_GATE_DIR,
             pipeline_stuck_after_s=8,
             pipeline_sweep_interval_s=1,
             web_port=free_port(),
@@ -195,19 +235,19 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
             process([gatekeeper_executable(), "web"], settings, tmp_path / "web.log"),
             process(worker_command, settings, tmp_path / "worker1.log") as worker,
         ):
-            for folder in (normal, hip):
+            for folder in (normal, stent):
                 sent = storescu(settings.port, ct_files(folder))
                 assert sent.returncode == 0, sent.stdout[-2000:] + sent.stderr[-2000:]
             wait_for(
                 lambda: (
                     state(series_uid(normal)) == SeriesState.DELIVERED
-                    and state(series_uid(hip)) == SeriesState.WORKLISTED
+                    and state(series_uid(stent)) == SeriesState.WORKLISTED
                 ),
-                timeout=180,
+                timeout=300,
                 interval=0.5,
             )
 
-            # The normal series: its SEG is in the PACS and references it.
+            # The normal series: the shipped gate let it through; its SEG is in the PACS and references it.
             [normal_row] = db.series(series_uid(normal))
             with db.sessions() as session:
                 [export] = session.scalars(select(Export).where(Export.series_id == normal_row.id)).all()
@@ -217,29 +257,30 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
             assert tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == series_uid(normal)
             assert normal_row.route == "auto"
 
-            # The anomalous series: on the worklist for "anomaly", with its per-slice scores.
-            [hip_row] = db.series(series_uid(hip))
+            # The stent: on the worklist by the shipped gate's fused evidence, metal among its findings.
+            [stent_row] = db.series(series_uid(stent))
             with db.sessions() as session:
-                [item] = session.scalars(select(WorklistItem).where(WorklistItem.series_id == hip_row.id)).all()
-                [score] = session.scalars(select(SeriesScore).where(SeriesScore.series_id == hip_row.id)).all()
-            assert item.reason == "anomaly" and score.flagged and len(score.slices) == 30
-            assert hip_row.route_reason == "anomaly"
+                [item] = session.scalars(select(WorklistItem).where(WorklistItem.series_id == stent_row.id)).all()
+                [score] = session.scalars(select(SeriesScore).where(SeriesScore.series_id == stent_row.id)).all()
+            assert item.reason == stent_row.route_reason == "gate_evidence"
+            assert item.detail["gate_version"] == json.loads((SHIPPED_GATE_DIR / "gate.json").read_text())["version"]
+            assert len(score.slices) == len(ct_files(stent))
             # Segmented too: the draft is stored, never sent (no export, nothing of it in the PACS).
             with db.sessions() as session:
-                assert session.scalars(select(Export).where(Export.series_id == hip_row.id)).all() == []
+                assert session.scalars(select(Export).where(Export.series_id == stent_row.id)).all() == []
             assert item.detail["draft"] and (settings.storage_dir / item.detail["draft"]).is_file()
             assert len(pacs.rest("/instances")) == 1  # the normal series' SEG only
 
-            # ... and the worklist web app shows it.
+            # ... and the worklist web app shows it, the metal finding in words.
             request = urllib.request.Request(
                 f"http://127.0.0.1:{settings.web_port}/api/worklist",
                 headers={"Authorization": "Basic " + base64.b64encode(f"dosi:{PASSWORD}".encode()).decode()},
             )
             worklist = wait_for(lambda: _get_json(request), timeout=30)
-            [entry] = [e for e in worklist if e["series_instance_uid"] == series_uid(hip)]
-            assert entry["reason"] == "anomaly" and entry["score"] > entry["threshold"]
+            [entry] = [e for e in worklist if e["series_instance_uid"] == series_uid(stent)]
+            assert entry["reason"] == "gate_evidence"
             words = {f["signal"]: f["words"] for f in entry["findings"]}  # the fired findings, in plain words
-            assert "GAN anomaly score" in words["gan"]
+            assert "metal-density pixels" in words["metal"]
 
             # kill -9 the worker while it scores a series.
             sent = storescu(settings.port, ct_files(victim))
@@ -277,11 +318,11 @@ def test_normal_series_gets_a_seg_in_the_pacs_anomalous_one_the_worklist_and_a_k
 
 
 def test_export_format_both_delivers_the_seg_and_the_rtstruct_to_the_pacs(
-    tmp_path: Path, postgres_db_url: str, redis_url: str, segmenter_dir: Path
+    tmp_path: Path, postgres_db_url: str, redis_url: str, segmenter_dir: Path, abdomen: dict[str, Path]
 ) -> None:
     """GATEKEEPER_EXPORT_FORMAT=both: a normal series ends delivered, and Orthanc holds its SEG and its RTSTRUCT."""
     upgrade(postgres_db_url)
-    normal = phantom(tmp_path / "normal", anomaly="none", seed=5, slices=30)
+    normal = abdomen["normal"]
     db = Db(postgres_db_url)
     with orthanc(tmp_path / "orthanc") as pacs:
         pacs.start()
@@ -296,6 +337,7 @@ def test_export_format_both_delivers_the_seg_and_the_rtstruct_to_the_pacs(
             export_timeout_s=10,
             export_queue=f"test.export.{tmp_path.name}.{free_port()}",
             segmenter_model_dir=segmenter_dir,
+            gate_model_dir=SHIPPED_GATE_DIR,
             pipeline_sweep_interval_s=1,
             export_format="both",
             rtstruct_roi_name="Liver (auto)",
@@ -327,7 +369,8 @@ def test_export_format_both_delivers_the_seg_and_the_rtstruct_to_the_pacs(
         assert "liver" in roi["ROIName"].lower()
         [frame] = rtstruct["ReferencedFrameOfReferenceSequence"]
         [series] = frame["RTReferencedStudySequence"][0]["RTReferencedSeriesSequence"]
-        assert series["SeriesInstanceUID"] == series_uid(normal) and len(series["ContourImageSequence"]) == 30
+        assert series["SeriesInstanceUID"] == series_uid(normal)
+        assert len(series["ContourImageSequence"]) == len(ct_files(normal))
     for name in (settings.score_queue, settings.segment_queue, settings.export_queue, settings.pipeline_queue):
         __import__("redis").Redis.from_url(redis_url).delete(name)
     db.close()

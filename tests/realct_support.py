@@ -8,6 +8,7 @@ scanner output in many encodings.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -17,7 +18,8 @@ import pydicom
 import pytest
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-REALCT_DIR = REPO_DIR.parent / "shared" / "realct"
+#: GATEKEEPER_REALCT_DIR overrides it, for a clone made elsewhere (`../shared/tools/clean-clone-test` clones into /tmp).
+REALCT_DIR = Path(os.environ.get("GATEKEEPER_REALCT_DIR") or REPO_DIR.parent / "shared" / "realct")
 #: The real CT cases (folder names under REALCT_DIR): each has ct/*.dcm and liver.seg.dcm.
 REALCT_CASES = ("siemens-j2k-20", "slab-3mm-30")
 

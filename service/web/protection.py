@@ -115,7 +115,7 @@ class SecurityMiddleware:
         path: str = scope.get("path", "")
         host = host_name(headers.get("host", ""))
         if host not in self.trusted_hosts:
-            await self._refuse(send, path, 400, f"unknown Host {host[:100]!r}: not one of the allowed host names")
+            await self._refuse(send, path, 400, f"unknown Host {host[:100]!r}: not in GATEKEEPER_WEB_ALLOWED_HOSTS")
             return
         reason = cross_site_reason(scope["method"], headers)
         if reason is not None:

@@ -69,3 +69,14 @@ def test_the_modules_once_missing_from_the_base_are_declared(module: str) -> Non
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = {_normalise(Requirement(r).name) for r in project["dependencies"]}
     assert {_normalise(d) for d in packages_distributions()[module]} & base
+
+
+def test_tracked_files_stay_under_40_mb() -> None:
+    """Shipped models and small report figures only: candidate checkpoints and big artefacts live in git history."""
+    import subprocess
+
+    names = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    )
+    total = sum((REPO / n).stat().st_size for n in names if n and (REPO / n).is_file())
+    assert total <= 40 * 1024 * 1024, f"tracked files hold {total / 2**20:.1f} MiB; keep them at most 40 MiB"

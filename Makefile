@@ -7,8 +7,9 @@ DEMO_CMD ?= $(VENV)/bin/gatekeeper demo
 # DICOM tools the tests use: DCMTK (storescu), dicom3tools (dciodvfy), Orthanc (a PACS to send to),
 # openssl (self-signed certificates for the DICOM TLS test), libGL/GLib for OpenCV (rt-utils: RTSTRUCT contours),
 # chromium (the worklist's browser test; Playwright cannot download a browser here), docker-compose
-# (validates docker-compose.yml; needs no Docker engine).
-SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl libgl1 libglib2.0-0 chromium docker-compose
+# (validates docker-compose.yml; needs no Docker engine), and PostgreSQL and Redis (the tests use the
+# running servers on 127.0.0.1, or start throwaway ones from these binaries when nothing answers).
+SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl libgl1 libglib2.0-0 chromium docker-compose postgresql redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv system-deps lint test demo
@@ -27,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 system-deps:
 	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v openssl >/dev/null && { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null && \
 		/sbin/ldconfig -p | grep -q 'libGL.so.1 ' && /sbin/ldconfig -p | grep -q 'libgthread-2.0.so.0 ' && \
-		test -x /usr/bin/chromium && command -v docker-compose >/dev/null; then \
-		echo "system-deps: storescu, dciodvfy, openssl, Orthanc, libGL, GLib, chromium and docker-compose are installed"; \
+		test -x /usr/bin/chromium && command -v docker-compose >/dev/null && \
+		command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "system-deps: storescu, dciodvfy, openssl, Orthanc, libGL, GLib, chromium, docker-compose, PostgreSQL and Redis are installed"; \
 	else \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \

@@ -40,7 +40,7 @@ from ingest_support import (
 )
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-from web_support import serve
+from web_support import PageClient, login, serve
 
 from service import contours, pipeline
 from service.db.tables import ContourObject, ContourStatus, PoolEntry, WorklistItem, WorklistStatus
@@ -266,9 +266,11 @@ def test_pooled_contours_export_to_a_folder_the_segmenter_trains_on(
         listed = client.get("/api/worklist", params={"status": "contoured"}).json()
         assert sorted(e["series_instance_uid"] for e in listed) == sorted(p.series_instance_uid for p in phantoms)
         assert {e["status"] for e in listed} == {"contoured"}
-        page = client.get("/worklist", params={"status": "contoured"})
+        browser = PageClient(base_url, timeout=30)  # pages take the login cookie, never basic auth
+        assert login(browser, "dana", "dana-password").status_code in (200, 303)
+        page = browser.get("/worklist", params={"status": "contoured"})
         assert page.status_code == 200 and page.text.count("returned contour in the training pool") == 3
-        refused = client.post(f"/api/worklist/{listed[0]['id']}/claim")
+        refused = browser.post(f"/api/worklist/{listed[0]['id']}/claim")
         assert refused.status_code == 409 and "its contour came back" in refused.json()["detail"]
 
     monkeypatch.setenv("GATEKEEPER_DATABASE_URL", url)

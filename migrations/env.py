@@ -1,6 +1,6 @@
 """Alembic environment: runs the revisions under `versions/` against one database.
 
-The URL is not configured in a file: `service.db_cli.alembic_config` puts it into
+The URL is not configured in a file: `service.commands.db.alembic_config` puts it into
 `config.attributes["sqlalchemy.url"]`.
 """
 

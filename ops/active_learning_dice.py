@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in [k for k in os.environ if k.startswith("GATEKEEPER_")]:
         del os.environ[key]
     os.environ["GATEKEEPER_STORAGE_DIR"] = str(args.work / "var")
-    from service.cli import main as gatekeeper
+    from service.commands.main import main as gatekeeper
 
     t0, c0 = time.monotonic(), cpu_seconds()
     folders = make_data(args.work, args)

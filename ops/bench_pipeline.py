@@ -132,7 +132,7 @@ def latency(work: Path, slices: int, segmenter: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")} | settings_environment(settings)
     log = (work / "serve.log").open("wb")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--no-web"],
+        [sys.executable, "-m", "service.commands.main", "serve", "--no-web"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -131,7 +131,7 @@ def route_of(ct_dir: Path, *, segmenter_dir: Path, gate_dir: Path, detector_dir:
 
 
 def evaluate_case(case: Path, *, segmenter_dir: Path, gate_dir: Path, detector_dir: Path, work: Path) -> dict[str, Any]:
-    from service.cli import main as gatekeeper
+    from service.commands.main import main as gatekeeper
 
     ct_dir = case / "ct"
     out = work / f"{case.name}.seg.dcm"
@@ -160,7 +160,7 @@ def evaluate_case(case: Path, *, segmenter_dir: Path, gate_dir: Path, detector_d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from service.score_cli import DEFAULT_MODEL_DIR as DEFAULT_DETECTOR_DIR
+    from service.commands.score import DEFAULT_MODEL_DIR as DEFAULT_DETECTOR_DIR
     from service.segmentation import DEFAULT_MODEL_DIR as DEFAULT_SEGMENTER_DIR
     from service.segmentation import Segmenter
     from service.settings import Settings

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_viewer import serve  # noqa: E402
 
-from service.demo import DEMO_PASSWORD, DEMO_USER  # noqa: E402
+from service.commands.demo import DEMO_PASSWORD, DEMO_USER  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 

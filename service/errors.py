@@ -1,7 +1,7 @@
 """Errors a `gatekeeper` command ends with: one line on stderr and exit code 2, never a traceback.
 
 A leaf module: it imports nothing from the project, so every command module — in `service/` and in
-`models/` — can raise these without importing the `gatekeeper` command itself (`service.cli`).
+`models/` — can raise these without importing the `gatekeeper` command itself (`service.commands.main`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Recording never raises: a metrics failure is logged and must not break a store o
 
 A process records events in multiprocess mode when `PROMETHEUS_MULTIPROC_DIR` is in its
 environment before prometheus_client is first imported: `gatekeeper listen` and `gatekeeper worker`
-export it (`service.ingest_cli.use_metrics_dir`) before they import this module.
+export it (`service.commands.ingest.use_metrics_dir`) before they import this module.
 """
 
 from __future__ import annotations

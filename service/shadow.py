@@ -17,7 +17,7 @@ the department keeps contouring as before:
 The answers are `ContourFeedback` rows (service/feedback.py). `shadow_report` puts the newest
 answer of each series version against the gate's decision (`Series.route`): the agreement table,
 and the gate's sensitivity and specificity for "not acceptable" with percentile-bootstrap 95 %
-CIs. `gatekeeper report shadow [--json]` prints it (service/shadow_cli.py).
+CIs. `gatekeeper report shadow [--json]` prints it (service/commands/shadow.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from alembic import command
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import db_cli, dcmtk
+from service import dcmtk
+from service.commands import db as db_cli
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Instance, Series, SeriesEvent
 from service.ingest.listener import Listener
@@ -41,7 +42,7 @@ def upgrade(database_url: str) -> None:
 
 def make_phantom(out: Path, *, slices: int, seed: int, series: int = 1, matrix: int = 128) -> list[Path]:
     """Generate phantom series under `out`; return the series folders."""
-    from service.cli import main
+    from service.commands.main import main
 
     assert (
         main(

@@ -96,7 +96,7 @@ def test_serve_refuses_an_empty_postgres_database_and_migrates_its_own_sqlite(
     result = run_gatekeeper(serve, database_url=postgres_db_url, storage=tmp_path)
     assert_one_line(result, "has no gatekeeper tables (or is behind); run `gatekeeper db upgrade`")
 
-    from service.serve import migrate_sqlite
+    from service.commands.serve import migrate_sqlite
     from service.settings import Settings
 
     settings = Settings(storage_dir=tmp_path / "var")  # the default: SQLite under storage_dir

@@ -45,7 +45,7 @@ from test_e2e_pipeline import phantom, series_uid
 from test_model_registry import models_list, status_of
 from test_pacs_export import Orthanc, gatekeeper_env, orthanc
 
-from service.cli import main
+from service.commands.main import main
 from service.contours import load_pool_mask
 from service.db.tables import ContourObject, Export, PoolEntry, Series, SeriesEvent, SeriesScore, WorklistItem
 from service.lifecycle import SeriesState

@@ -70,7 +70,7 @@ class Phantom:
 
 def make_phantoms(out: Path, *, series: int, seed: int, slices: int, matrix: int) -> list[Phantom]:
     """`gatekeeper phantom` series (seeds chosen so that each shows the liver) and their truth."""
-    from service.cli import main
+    from service.commands.main import main
 
     command = ["phantom", "--out", str(out), "--series", str(series), "--slices", str(slices)]
     assert main([*command, "--seed", str(seed), "--matrix", str(matrix), "--quiet"]) == 0
@@ -224,7 +224,7 @@ def worklist(db: Db, series_id: int) -> None:
 def test_pooled_contours_export_to_a_folder_the_segmenter_trains_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.cli import main
+    from service.commands.main import main
 
     phantoms = make_phantoms(tmp_path / "phantoms", series=3, seed=11, slices=10, matrix=64)
     url = f"sqlite:///{tmp_path / 'gatekeeper.db'}"
@@ -318,7 +318,7 @@ def process(command: list[str], settings: Settings, log_path: Path) -> Iterator[
 
 def gatekeeper_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
     """`gatekeeper ARGS` run in this process (the settings come from the environment); its JSON output."""
-    from service.cli import main
+    from service.commands.main import main
 
     capsys.readouterr()
     assert main(args) == 0

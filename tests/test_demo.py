@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo import keep_running, stay_up
+from service.commands.demo import keep_running, stay_up
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def test_stay_up_returns_when_a_process_ends() -> None:
 _WAITER = textwrap.dedent(
     """
     import signal, subprocess, sys
-    from service.demo import stay_up
+    from service.commands.demo import stay_up
 
     # As a job started in the background by a shell (CI): SIGINT ignored, so no KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

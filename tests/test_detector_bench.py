@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from detector_support import untrained_detector  # noqa: E402
 
-from service.cli import main as gatekeeper  # noqa: E402
+from service.commands.main import main as gatekeeper  # noqa: E402
 
 
 def test_bench_score_quick_reports_ratios_work_peak_and_series_time(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models.detector.diagnose import lesion_contrast, residual_ratio, top_slices
-from service.cli import main
+from service.commands.main import main
 from service.model_paths import DEFAULT_DETECTOR_DIR
 
 

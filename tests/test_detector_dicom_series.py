@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from service import dicom_series
-from service.cli import main as gatekeeper
+from service.commands.main import main as gatekeeper
 from service.dicom_series import SeriesError
 
 

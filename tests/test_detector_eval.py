@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from detector_support import SIZE, labelled_run, untrained_detector  # noqa: E402
 
-from service.cli import main as gatekeeper  # noqa: E402
+from service.commands.main import main as gatekeeper  # noqa: E402
 
 torch.set_num_threads(1)  # fastest on a shared 2-core machine
 

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from detector_support import labelled_run  # noqa: E402
 
-from service.cli import main as gatekeeper  # noqa: E402
+from service.commands.main import main as gatekeeper  # noqa: E402
 from service.model_paths import DEFAULT_DETECTOR_DIR  # noqa: E402
 
 torch.set_num_threads(1)  # a shared 2-core machine

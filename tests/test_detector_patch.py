@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from service import imaging
-from service.cli import main as gatekeeper
+from service.commands.main import main as gatekeeper
 
 torch = pytest.importorskip("torch")
 

@@ -21,7 +21,7 @@ pytest.importorskip("torch")  # to export the untrained detector
 
 from detector_support import untrained_detector  # noqa: E402
 
-from service.cli import main as gatekeeper  # noqa: E402
+from service.commands.main import main as gatekeeper  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from models.detector.bench import load_scorer  # noqa: E402
-from service.cli import main as gatekeeper  # noqa: E402
+from service.commands.main import main as gatekeeper  # noqa: E402
 
 torch.set_num_threads(1)  # fastest on a shared 2-core machine
 SIZE = 64

@@ -55,7 +55,7 @@ def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     if (DEFAULT_MODEL_DIR / "model.json").exists():
         return DEFAULT_MODEL_DIR
-    from service.cli import main
+    from service.commands.main import main
     from service.phantom.generate import SeriesSpec, generate_run
 
     data, out = tmp_path_factory.mktemp("segdata"), tmp_path_factory.mktemp("segmodel")
@@ -144,7 +144,7 @@ def relabelled(folder: Path, out: Path) -> Path:
 
 def phantom(out: Path, *, anomaly: str, seed: int, slices: int) -> Path:
     """A phantom series made by `gatekeeper phantom` (128², `slices` slices); its folder."""
-    from service.cli import main
+    from service.commands.main import main
 
     assert (
         main(

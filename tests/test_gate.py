@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from service import imaging
+from service.commands.gate import DEFAULT_GATE_DIR, anomaly_type
 from service.db.tables import RouteReason
 from service.dicom_series import CTSeries
 from service.gate import (
@@ -43,7 +44,6 @@ from service.gate import (
     write_gate,
     z_for,
 )
-from service.gate_cli import DEFAULT_GATE_DIR, anomaly_type
 from service.segmentation import Framing, Segmenter, SegmenterInput, frame_series, prepare_volume
 
 SIZE = 32  # the stub segmenter's input size

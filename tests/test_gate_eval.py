@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main as gatekeeper
+from service.commands.main import main as gatekeeper
 from service.gate import SIGNALS, Gate
 from service.phantom.generate import SeriesSpec, generate_run
 

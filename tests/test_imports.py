@@ -13,8 +13,8 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Cycles in modules that another change of issue 11 is rewriting: service/web/cli.py still imports
-# UsageError from service.cli (it should import it from service.errors). Remove the entry once it does.
+# Cycles in modules that another change of issue 11 is rewriting: service/commands/web.py still imports
+# UsageError from service.commands.main (it should import it from service.errors). Remove the entry once it does.
 KNOWN_CYCLES: list[list[str]] = []
 
 

@@ -30,8 +30,8 @@ from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from service import ingest_cli
 from service.celery_app import MATCH_CONTOURS_TASK
+from service.commands import ingest as ingest_cli
 from service.db.tables import QuarantinedInstance
 from service.lifecycle import SeriesState
 from service.settings import get_settings

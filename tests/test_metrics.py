@@ -230,6 +230,6 @@ def test_building_the_command_line_does_not_load_prometheus_client() -> None:
     """`gatekeeper listen` and `worker` export their metrics folder before prometheus_client loads."""
     import sys
 
-    code = "import sys; from service.cli import build_parser; build_parser(); print('prometheus_client' in sys.modules)"
+    code = "import sys; from service.commands.main import build_parser; build_parser(); print('prometheus_client' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.stdout.strip() == "False", result.stderr

@@ -12,8 +12,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service import db_cli
-from service.cli import UsageError
+from service.commands import db as db_cli
+from service.commands.main import UsageError
 from service.db.session import make_engine
 from service.db.tables import Base
 from service.settings import get_settings

@@ -34,7 +34,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from test_cli_database import assert_one_line, run_gatekeeper
 
-from service.cli import main
+from service.commands.main import main
 from service.db.tables import ModelEvent, ModelStatus, ModelVersion, SeriesEvent, SeriesScore
 from service.model_registry import RegistryError, verify_files
 from service.settings import Settings, get_settings, settings_environment

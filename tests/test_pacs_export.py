@@ -33,7 +33,7 @@ from ingest_support import (
 )
 from sqlalchemy import select, update
 
-from service.cli import main
+from service.commands.main import main
 from service.db.tables import Export, ExportAttempt, ExportState, utc_now
 from service.dicom_seg import build_liver_seg
 from service.dicom_send import (

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from service.cli import main
+from service.commands.main import main
 from service.phantom.anatomy import Label, Patient
 from service.phantom.anomalies import ANOMALY_TYPES, SEVERITY_GRADES, SEVERITY_RANGES, grade_of, make_anomaly
 from service.phantom.generate import (
@@ -31,7 +31,7 @@ from service.phantom.generate import (
 from service.phantom.scanner import OFF_TARGET_RANGES, SCAN_RANGES, Scanner
 from service.phantom.truth import load_manifest, load_series
 
-GATEKEEPER = [sys.executable, "-m", "service.cli"]
+GATEKEEPER = [sys.executable, "-m", "service.commands.main"]
 
 
 @pytest.fixture(scope="module")

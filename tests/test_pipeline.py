@@ -65,7 +65,7 @@ class StubSegmenter:
 
 @pytest.fixture(scope="module")
 def detector() -> Detector:
-    from service.score_cli import DEFAULT_MODEL_DIR
+    from service.commands.score import DEFAULT_MODEL_DIR
 
     return Detector(DEFAULT_MODEL_DIR, batch=8)
 
@@ -73,7 +73,7 @@ def detector() -> Detector:
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("pipeline-phantoms")
-    from service.cli import main
+    from service.commands.main import main
 
     folders = {}
     for name, anomaly, seed in (("normal", "none", 5), ("hip", "hip_prosthesis", 6)):

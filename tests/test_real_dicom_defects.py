@@ -26,7 +26,7 @@ from realct_support import copy_series, dciodvfy_errors, realct_case
 from sqlalchemy import select
 
 from service import dicom_series, pipeline
-from service.cli import main
+from service.commands.main import main
 from service.db.tables import Instance, WorklistItem
 from service.dicom_rtstruct import build_liver_rtstruct
 from service.dicom_seg import build_liver_seg
@@ -244,8 +244,8 @@ def test_real_series_whose_seg_cannot_be_built_goes_to_the_worklist_with_the_rea
             assessment.decision = GateDecision(False, None, (), None, None, "gate-test-pass")
             return assessment
 
+    from service.commands.score import DEFAULT_MODEL_DIR
     from service.inference import Detector
-    from service.score_cli import DEFAULT_MODEL_DIR
     from service.segmentation import DEFAULT_MODEL_DIR as SEGMENTER_DIR
     from service.segmentation import Segmenter
 

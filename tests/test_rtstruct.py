@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from test_dicom_seg import dciodvfy_errors
 
-from service.cli import main as gatekeeper
+from service.commands.main import main as gatekeeper
 from service.dicom_rtstruct import (
     SERIES_DESCRIPTION,
     build_liver_rtstruct,

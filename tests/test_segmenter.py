@@ -21,7 +21,7 @@ from models.segmenter.contours import find_liver_contours, read_rtstruct_liver, 
 from models.segmenter.evaluate_gate import Mahalanobis, aurc, optimal_aurc, review_outcome  # noqa: E402
 from models.segmenter.network import SegmenterExport, UNet  # noqa: E402
 from service import dicom_series  # noqa: E402
-from service.cli import main as gatekeeper  # noqa: E402
+from service.commands.main import main as gatekeeper  # noqa: E402
 from service.phantom.anatomy import Label  # noqa: E402
 from service.phantom.generate import SeriesSpec, generate_run  # noqa: E402
 from service.phantom.truth import load_manifest, load_series  # noqa: E402

@@ -146,7 +146,7 @@ def test_randomiser_gives_windowed_slices_in_the_serving_framing(bank) -> None: 
 
 
 def test_synth_recipe_trains_exports_and_records_itself(tmp_path: Path) -> None:
-    from service.cli import main as gatekeeper
+    from service.commands.main import main as gatekeeper
     from service.phantom.generate import SeriesSpec, generate_run
 
     data = tmp_path / "val"

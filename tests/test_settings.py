@@ -163,7 +163,7 @@ def test_log_level_sets_what_a_command_logs(
     """GATEKEEPER_LOG_LEVEL reaches the root logger of every `gatekeeper` command (here: phantom's INFO line)."""
     import logging
 
-    from service.cli import main
+    from service.commands.main import main
 
     monkeypatch.setenv("GATEKEEPER_LOG_LEVEL", level)
     root_level = logging.getLogger().level

@@ -314,7 +314,7 @@ def run_report(
     args: list[str], url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], storage: Path
 ) -> tuple[int, str, str]:
     """`gatekeeper report shadow ARGS` in this process, on the database at `url`: (exit code, stdout, stderr)."""
-    from service.cli import main
+    from service.commands.main import main
 
     monkeypatch.setenv("GATEKEEPER_DATABASE_URL", url)
     monkeypatch.setenv("GATEKEEPER_STORAGE_DIR", str(storage))

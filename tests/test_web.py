@@ -463,7 +463,7 @@ def test_passwords_are_salted_scrypt_hashes() -> None:
 def test_users_command_adds_lists_and_disables(
     tmp_path: Path, postgres_db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from service.cli import main
+    from service.commands.main import main
 
     upgrade(postgres_db_url)  # the users commands check that the database is migrated
     engine = make_engine(postgres_db_url)

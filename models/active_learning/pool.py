@@ -134,7 +134,7 @@ def register_candidate(
     Raises:
         UsageError: the registry refuses it (the message says why).
     """
-    from service.models_cli import default_actor
+    from service.commands.models import default_actor
 
     try:
         record, _ = register(

@@ -2,7 +2,7 @@
 `gatekeeper bench score` (no torch import until a command runs).
 
 `register_commands` is the entry point of the group `gatekeeper.commands` (pyproject.toml) that the
-`gatekeeper` command (`service.cli`) calls with its command groups.
+`gatekeeper` command (`service.commands.main`) calls with its command groups.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.detector.metrics import auroc
+from service.commands.gate import DEFAULT_GATE_DIR, anomaly_type, map_with_progress, read_manifests
 from service.errors import UsageError
-from service.gate_cli import DEFAULT_GATE_DIR, anomaly_type, map_with_progress, read_manifests
 from service.model_paths import DEFAULT_DETECTOR_DIR
 
 if TYPE_CHECKING:
@@ -188,10 +188,10 @@ class _Job:
 
 
 def _score_one(job: _Job) -> SeriesResult:
-    """Detector, gate and Dice on one series, with this process's models (`service.gate_cli.load_models`)."""
+    """Detector, gate and Dice on one series, with this process's models (`service.commands.gate.load_models`)."""
     from models.segmenter.contours import ContourError, NoLiver, read_seg_liver
     from service import dicom_series
-    from service.gate_cli import evidence_of, models
+    from service.commands.gate import evidence_of, models
     from service.segmentation import dice
 
     t0 = time.monotonic()

@@ -5,7 +5,7 @@ A command that needs the database calls `require_database(settings)` (a long-run
 engines are built elsewhere, such as the listener's): an unreachable database, or one without the
 gatekeeper's tables at the newest Alembic revision, ends the command with one line and exit code 2
 (`DatabaseNotReady`) instead of a traceback from the first query. Migrating is `gatekeeper db
-upgrade` (`service.db_cli`), with the configuration `alembic_config` builds here; no alembic.ini.
+upgrade` (`service.commands.db`), with the configuration `alembic_config` builds here; no alembic.ini.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def web_available() -> bool:
 
 def child_commands(settings: Settings, *, queues: str, web: bool) -> dict[str, list[str]]:
     """The command line of each child process, by name."""
-    gatekeeper = [sys.executable, "-m", "service.cli"]
+    gatekeeper = [sys.executable, "-m", "service.commands.main"]
     commands = {
         "listener": [*gatekeeper, "listen"],
         "worker": [*gatekeeper, "worker", "--queues", queues],

@@ -74,23 +74,23 @@ def register_plugins(groups: dict[str, argparse._SubParsersAction[argparse.Argum
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gatekeeper --help` stays fast and one broken module names itself.
-    from service import (
-        contours_cli,
-        db_cli,
+    from service.commands import (
+        contours,
+        db,
         demo,
-        exports_cli,
-        feedback_cli,
-        gate_cli,
-        ingest_cli,
-        models_cli,
-        score_cli,
-        segment_cli,
+        exports,
+        feedback,
+        gate,
+        ingest,
+        models,
+        phantom,
+        score,
+        segment,
         serve,
-        shadow_cli,
-        status_cli,
+        shadow,
+        status,
+        web,
     )
-    from service.phantom import cli as phantom_cli
-    from service.web import cli as web_cli
 
     parser = _ArgumentParser(
         prog="gatekeeper",
@@ -104,22 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_subparsers(dest="command", metavar="COMMAND", required=True),
     )
     demo.register(subparsers)
-    phantom_cli.register(subparsers)
-    db_cli.register(subparsers)
-    ingest_cli.register(subparsers)
+    phantom.register(subparsers)
+    db.register(subparsers)
+    ingest.register(subparsers)
     serve.register(subparsers)
-    exports_cli.register(subparsers)
-    score_cli.register(subparsers)
+    exports.register(subparsers)
+    score.register(subparsers)
     groups = {"train": _add_group(subparsers, "train"), "evaluate": _add_group(subparsers, "evaluate")}
-    segment_cli.register(subparsers)
+    segment.register(subparsers)
     groups["bench"] = _add_group(subparsers, "bench")
-    web_cli.register(subparsers)
-    feedback_cli.register(subparsers)
-    contours_cli.register(subparsers)
-    status_cli.register(subparsers)
-    shadow_cli.register(subparsers)
-    models_cli.register(subparsers)
-    gate_cli.register(subparsers)
+    web.register(subparsers)
+    feedback.register(subparsers)
+    contours.register(subparsers)
+    status.register(subparsers)
+    shadow.register(subparsers)
+    models.register(subparsers)
+    gate.register(subparsers)
     register_plugins(groups)
     return parser
 
@@ -158,6 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m service.cli` (how `gatekeeper serve` starts its children): UsageError comes from
+    # `python -m service.commands.main` (how `gatekeeper serve` starts its children): UsageError comes from
     # service.errors, so this module run as __main__ catches the very class the commands raise.
     sys.exit(main())

@@ -152,7 +152,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.phantom.cli import prepare_output
+    from service.commands.phantom import prepare_output
     from service.phantom.generate import SeriesSpec, generate_run
     from service.settings import Settings, settings_environment
 
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")}
     env.update(settings_environment(settings))
-    gatekeeper = [sys.executable, "-m", "service.cli"]
+    gatekeeper = [sys.executable, "-m", "service.commands.main"]
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 

@@ -60,6 +60,9 @@ def _add_group(
 def register_plugins(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]) -> None:
     """Call every `gatekeeper.commands` entry point, in name order, with the command groups.
 
+    `groups` maps `train`, `evaluate` and `bench` to their sub-commands and `top` to the top-level
+    commands (a plugin's own command, e.g. `gatekeeper commission`).
+
     A plugin that cannot be loaded (a broken install) is logged and skipped, so that the
     production commands still run; its commands are then missing from `gatekeeper --help`.
     """
@@ -120,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     shadow.register(subparsers)
     models.register(subparsers)
     gate.register(subparsers)
+    groups["top"] = subparsers
     register_plugins(groups)
     return parser
 

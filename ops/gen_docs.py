@@ -82,6 +82,33 @@ def _clean_comment(lines: list[str]) -> str:
     return text.removeprefix("---").strip()
 
 
+#: A comment line `# === Title: what the group holds.` in the settings class starts a group of settings.
+GROUP_MARK = "==="
+
+
+def setting_groups(cls: type) -> list[tuple[str, list[str]]]:
+    """The groups of fields of `cls` in class order: (the `# ===` header's text, the field names under it).
+
+    Fields before the first header form a group with an empty title.
+    """
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments, _ = _comments_by_line(source)
+    class_def = ast.parse(source).body[0]
+    assert isinstance(class_def, ast.ClassDef)
+    headers = sorted(
+        (line, text.removeprefix(GROUP_MARK).strip()) for line, text in comments.items() if text.startswith(GROUP_MARK)
+    )
+    groups: list[tuple[str, list[str]]] = []
+    for node in class_def.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        title = next((text for line, text in reversed(headers) if line < node.lineno), "")
+        if not groups or groups[-1][0] != title:
+            groups.append((title, []))
+        groups[-1][1].append(node.target.id)
+    return groups
+
+
 def documented_assignments(cls: type) -> dict[str, str]:
     """For each annotated or plain assignment in `cls`'s body, the comment that documents it.
 
@@ -110,7 +137,7 @@ def documented_assignments(cls: type) -> dict[str, str]:
         inline = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
         above: list[str] = []
         line = node.lineno - 1
-        while line >= 1 and line in comments and line not in code_lines:
+        while line >= 1 and line in comments and line not in code_lines and not comments[line].startswith(GROUP_MARK):
             above.insert(0, comments[line])
             line -= 1
         owner = name
@@ -224,26 +251,35 @@ def format_default(value: Any) -> str:
 
 
 def render_settings() -> str:
-    """The settings reference table of `service.settings.Settings`, one row per field."""
+    """The settings reference of `service.settings.Settings`: one table per group of settings, one row per field."""
     prefix = str(Settings.model_config.get("env_prefix", ""))
     comments = documented_assignments(Settings)
+    groups = setting_groups(Settings)
     out = [
-        f"{len(Settings.model_fields)} settings, in the order of `service/settings.py`.",
-        "",
-        "| setting | environment variable | type | default | meaning |",
-        "| --- | --- | --- | --- | --- |",
+        f"{len(Settings.model_fields)} settings in {len(groups)} groups, in the order of `service/settings.py`: "
+        + ", ".join(title.split(":")[0] for title, _ in groups)
+        + ".",
     ]
-    for name, field in Settings.model_fields.items():
-        kind = format_type(field.annotation)
-        bounds = format_constraints(field.metadata)
-        if bounds:
-            kind = f"{kind} ({bounds})"
-        description = field.description or comments.get(name, "") or "*(no description in service/settings.py)*"
-        default = field.get_default(call_default_factory=True)
-        out.append(
-            f"| `{name}` | `{prefix}{name.upper()}` | {_one_line(kind)} | {format_default(default)} | "
-            f"{_one_line(description)} |"
-        )
+    for title, names in groups:
+        name, _, meaning = title.partition(":")
+        out += ["", f"### {name.strip()}", ""]
+        if meaning.strip():
+            out += [meaning.strip()[0].upper() + meaning.strip()[1:], ""]
+        out += ["| setting | environment variable | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
+        for field_name in names:
+            field = Settings.model_fields[field_name]
+            kind = format_type(field.annotation)
+            bounds = format_constraints(field.metadata)
+            if bounds:
+                kind = f"{kind} ({bounds})"
+            description = (
+                field.description or comments.get(field_name, "") or "*(no description in service/settings.py)*"
+            )
+            default = field.get_default(call_default_factory=True)
+            out.append(
+                f"| `{field_name}` | `{prefix}{field_name.upper()}` | {_one_line(kind)} | {format_default(default)} | "
+                f"{_one_line(description)} |"
+            )
     return "\n".join(out)
 
 

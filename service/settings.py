@@ -11,9 +11,11 @@ Values come from, highest priority first:
 List fields take a TOML array in the file, and a comma-separated string in the environment
 (`GATEKEEPER_ALLOWED_AE_TITLES=CT1,CT2`).
 
-This is the only module that reads the process environment. To add a setting, add a typed field
-with a default and a comment that states its meaning and unit; validators below show how to check
-a value and say what was expected.
+This is the only module that reads the process environment. The fields are grouped by concern
+(storage, listener, PACS, export, pipeline, models, web, monitoring), each group under a `# ===`
+comment line that `docs/settings.md` takes its sections from. To add a setting, add a typed field
+with a default and a comment that states its meaning and unit to its group; validators below show
+how to check a value and say what was expected.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
+    # === Storage and services: where files, the database and the broker live.
     # Folder for received DICOM files, the default SQLite database and the default broker.
     storage_dir: Path = Path("./var")
     # SQLAlchemy URL; `postgresql://` URLs use psycopg 3. Empty: SQLite file `storage_dir/gatekeeper.db`.
@@ -96,6 +99,7 @@ class Settings(BaseSettings):
     # on `storage_dir/broker.db`, which needs no server but suits one machine only.
     broker_url: str = ""
 
+    # === Listener: the DICOM listener (`gatekeeper listen`), its access control and limits.
     # Our own DICOM Application Entity title, as the senders address us.
     ae_title: str = "GATEKEEPER"
     # TCP port of the DICOM listener.
@@ -113,7 +117,6 @@ class Settings(BaseSettings):
     # Quiet period per calling AE title, overriding `quiet_period_s` for that sender (seconds);
     # TOML table `[quiet_period_s_by_ae]`, or JSON in the environment: `{"SLOW_PACS": 60}`.
     quiet_period_s_by_ae: dict[str, float] = Field(default_factory=dict)
-
     # Most associations the listener serves at once; more are rejected (transient, local limit).
     max_associations: int = Field(default=16, ge=1, le=1000)
     # Largest P-DATA PDU we accept, in bytes; 0: no limit. Larger PDUs cost less Python per byte.
@@ -135,14 +138,21 @@ class Settings(BaseSettings):
     tls_ca_path: Path | None = None
     # TCP port of the TLS listener (2762 is the port IANA assigns to DICOM over TLS).
     tls_port: int = Field(default=2762, ge=1, le=65535)
-
-    # Celery queue that completed series versions are sent to.
-    pipeline_queue: str = Field(default="gatekeeper.series", min_length=1)
-    # Seconds a series may stay `queued` without a worker confirming it before it is sent again.
-    queue_resend_after_s: float = Field(default=300.0, gt=0)
+    # Largest data set one C-STORE may carry, in bytes as sent (before any inflation). A larger one is
+    # not kept in memory past this size and is answered 0xA700 (Refused: Out of Resources). A listener
+    # may hold about three copies of an instance per association at once: size memory accordingly.
+    max_instance_bytes: int = Field(default=1_073_741_824, ge=1024)
+    # Largest size a Deflated Explicit VR Little Endian data set may inflate to, in bytes; inflation
+    # stops there and the instance is answered 0xA700 (a decompression bomb never reaches memory).
+    max_inflated_bytes: int = Field(default=1_073_741_824, ge=1024)
+    # Seconds a file in `storage_dir/tmp` must be untouched before the listener deletes it as the
+    # leftover of a failed store (never acknowledged); a live one is seconds old. Checked at start-up
+    # and every `orphan_tmp_age_s` after.
+    orphan_tmp_age_s: float = Field(default=60.0, gt=0)
     # Seconds between two rounds of the listener's assembler (series completion, queueing, resends).
     sweeper_interval_s: float = Field(default=1.0, gt=0)
 
+    # === PACS: where results go (C-STORE), and DICOM TLS to it.
     # The PACS that receives our DICOM-SEGs by C-STORE: its AE title, host name or IP address, and
     # TCP port. Export refuses to run while pacs_host or pacs_ae_title is empty (no destination).
     pacs_ae_title: str = ""
@@ -155,6 +165,8 @@ class Settings(BaseSettings):
     pacs_tls_ca_path: Path | None = None
     pacs_tls_cert_path: Path | None = None
     pacs_tls_key_path: Path | None = None
+
+    # === Export: what is sent to the PACS and how it is retried; the contours that come back.
     # Our calling AE title when we send to the PACS; empty: ae_title.
     export_ae_title: str = ""
     # Seconds to wait for the PACS in one export: to connect and associate, for the C-STORE
@@ -174,7 +186,7 @@ class Settings(BaseSettings):
     export_format: Literal["seg", "rtstruct", "both"] = "seg"
     # ROIName of the liver in that RT Structure Set: 1 to 64 characters (DICOM LO), no backslash.
     rtstruct_roi_name: str = "Liver"
-    # --- Returned contours (service/contours.py). Names of the liver structure in RT Structure Sets
+    # Returned contours (service/contours/). Names of the liver structure in RT Structure Sets
     # (ROIName) and Segmentations (SegmentLabel) sent back by the TPS or PACS, compared without letter
     # case or surrounding blanks; the first name of this list found in an object wins. Comma-separated
     # in the environment (GATEKEEPER_LIVER_STRUCTURE_NAMES). Never empty.
@@ -183,26 +195,15 @@ class Settings(BaseSettings):
         min_length=1,
     )
 
-    # --- The pipeline (service/pipeline.py): score -> route -> segment -> SEG -> export, or worklist.
+    # === Pipeline: score -> route -> segment -> SEG -> export, or worklist (service/pipeline/).
+    # Celery queue that completed series versions are sent to.
+    pipeline_queue: str = Field(default="gatekeeper.series", min_length=1)
+    # Seconds a series may stay `queued` without a worker confirming it before it is sent again.
+    queue_resend_after_s: float = Field(default=300.0, gt=0)
     # Celery queues of the detector (GPU workers) and of the segmenter; `pipeline_queue` is the light
     # default queue (start of the pipeline), `export_queue` the deliveries.
     score_queue: str = Field(default="gatekeeper.score", min_length=1)
     segment_queue: str = Field(default="gatekeeper.segment", min_length=1)
-    # Model folders (model.json + ONNX files) of the detector and of the liver segmenter. The pipeline's
-    # workers run the model registry's active versions (service/model_registry.py); these folders are
-    # registered as the active ones on first use when the registry has none of a kind.
-    detector_model_dir: Path = _REPO_DIR / "models" / "detector" / "default"
-    segmenter_model_dir: Path = _REPO_DIR / "models" / "segmenter" / "default"
-    # The gate's folder (gate.json: its calibrated thresholds and fusion rule, service/gate.py), used
-    # like the model folders above. Without a gate.json there, and none registered, the workers use
-    # the rules-only gate (the detector's flag, the geometry, no liver).
-    gate_model_dir: Path = _REPO_DIR / "models" / "gate" / "default"
-    # Slices per ONNX Runtime call when scoring; bounds the memory of one call.
-    score_batch: int = Field(default=16, ge=1, le=1024)
-    # Highest-scoring slices whose residual map is kept for the reviewer, and the side (pixels) of
-    # the stored, downsampled map.
-    top_slices: int = Field(default=5, ge=0, le=100)
-    residual_map_size: int = Field(default=64, ge=8, le=512)
     # How the auto route segments. "internal": the worker runs the segmenter of
     # segmenter_model_dir and sends the DICOM-SEG to the PACS. "forward": the worker sends every
     # stored instance of the series by C-STORE (one association) to an external auto-segmentation
@@ -237,10 +238,28 @@ class Settings(BaseSettings):
     pipeline_max_requeues: int = Field(default=3, ge=1)
     # Seconds between two rounds of the pipeline sweeper (in the listener's assembler thread).
     pipeline_sweep_interval_s: float = Field(default=10.0, gt=0)
+
+    # === Models: the detector, segmenter and gate folders the workers run, and how they run them.
+    # Model folders (model.json + ONNX files) of the detector and of the liver segmenter. The pipeline's
+    # workers run the model registry's active versions (service/model_registry.py); these folders are
+    # registered as the active ones on first use when the registry has none of a kind.
+    detector_model_dir: Path = _REPO_DIR / "models" / "detector" / "default"
+    segmenter_model_dir: Path = _REPO_DIR / "models" / "segmenter" / "default"
+    # The gate's folder (gate.json: its calibrated thresholds and fusion rule, service/gate.py), used
+    # like the model folders above. Without a gate.json there, and none registered, the workers use
+    # the rules-only gate (the detector's flag, the geometry, no liver).
+    gate_model_dir: Path = _REPO_DIR / "models" / "gate" / "default"
+    # Slices per ONNX Runtime call when scoring; bounds the memory of one call.
+    score_batch: int = Field(default=16, ge=1, le=1024)
+    # Highest-scoring slices whose residual map is kept for the reviewer, and the side (pixels) of
+    # the stored, downsampled map.
+    top_slices: int = Field(default=5, ge=0, le=100)
+    residual_map_size: int = Field(default=64, ge=8, le=512)
+
+    # === Web: the worklist web app (`gatekeeper web`), its sessions and login throttling.
     # TCP port of the worklist web app that `gatekeeper serve` starts.
     web_port: int = Field(default=8000, ge=1, le=65535)
-
-    # The worklist web app (`gatekeeper web`): IP address it binds to (its port is `web_port`).
+    # IP address the worklist web app (`gatekeeper web`) binds to (its port is `web_port`).
     web_bind_address: str = "127.0.0.1"
     # Key that signs the worklist's session cookies, at least 32 characters (`openssl rand -hex 32`).
     # Empty: only with the embedded SQLite database (development), where each process makes a random
@@ -268,17 +287,17 @@ class Settings(BaseSettings):
     web_login_lockout_max_s: float = Field(default=900.0, gt=0)
     # Hours on the worklist after which an open or claimed item is shown in the warning colour.
     worklist_age_warning_h: float = Field(default=24.0, gt=0)
+
+    # === Monitoring: Flower, logs and metrics.
     # Flower, the Celery monitor (`gatekeeper flower`): IP address, TCP port and its HTTP basic-auth
     # account. `gatekeeper flower` refuses to start while the user or the password is empty.
     flower_bind_address: str = "127.0.0.1"
     flower_port: int = Field(default=5555, ge=1, le=65535)
     flower_user: str = ""
     flower_password: SecretStr = SecretStr("")
-
     # Level of the root logger.
     log_level: LogLevel = "INFO"
-
-    # --- Metrics (Prometheus; service/metrics.py). Folder where the listener and worker processes
+    # Metrics (Prometheus; service/metrics.py). Folder where the listener and worker processes
     # keep their event counters (prometheus_client's multiprocess files) so that one scrape sums them.
     # Empty: `storage_dir/metrics`.
     metrics_dir: Path | None = None
@@ -291,19 +310,6 @@ class Settings(BaseSettings):
     metrics_ae_title_labels: bool = False
     # IP address the `--metrics-port` endpoint of `gatekeeper listen` and `gatekeeper worker` binds to.
     metrics_bind_address: str = "127.0.0.1"
-
-    # --- Limits of the DICOM listener (with max_associations and the ACSE/DIMSE/network timeouts above).
-    # Largest data set one C-STORE may carry, in bytes as sent (before any inflation). A larger one is
-    # not kept in memory past this size and is answered 0xA700 (Refused: Out of Resources). A listener
-    # may hold about three copies of an instance per association at once: size memory accordingly.
-    max_instance_bytes: int = Field(default=1_073_741_824, ge=1024)
-    # Largest size a Deflated Explicit VR Little Endian data set may inflate to, in bytes; inflation
-    # stops there and the instance is answered 0xA700 (a decompression bomb never reaches memory).
-    max_inflated_bytes: int = Field(default=1_073_741_824, ge=1024)
-    # Seconds a file in `storage_dir/tmp` must be untouched before the listener deletes it as the
-    # leftover of a failed store (never acknowledged); a live one is seconds old. Checked at start-up
-    # and every `orphan_tmp_age_s` after.
-    orphan_tmp_age_s: float = Field(default=60.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

@@ -99,6 +99,17 @@ def _bold_after(name: str, value: str, text: str) -> bool:
     return re.search(rf"`?{re.escape(name)}`?\s+\*\*{re.escape(value)}\*\*", text) is not None
 
 
+def test_every_setting_is_in_a_named_group_of_its_concern() -> None:
+    groups = _gen_docs().setting_groups(Settings)
+    titles = [title.split(":")[0] for title, _ in groups]
+    assert titles == ["Storage and services", "Listener", "PACS", "Export", "Pipeline", "Models", "Web", "Monitoring"]
+    assert sorted(name for _, names in groups for name in names) == sorted(Settings.model_fields)
+    by_group = {title.split(":")[0]: names for title, names in groups}
+    assert all(name.startswith("pacs_") for name in by_group["PACS"])
+    assert all(name.startswith(("web_", "worklist_")) for name in by_group["Web"])
+    assert all(name.startswith(("metrics_", "flower_", "log_")) for name in by_group["Monitoring"])
+
+
 def test_readme_real_ct_dice_is_the_committed_report() -> None:
     report = _report(REAL_CT_REPORT)
     readme = _readme()

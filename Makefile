@@ -12,7 +12,7 @@ DEMO_CMD ?= $(VENV)/bin/gatekeeper demo
 SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl libgl1 libglib2.0-0 chromium docker-compose postgresql redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps lint test demo
+.PHONY: venv system-deps lint test test-fast demo
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ lint: venv
 
 test: system-deps venv lint
 	$(VENV)/bin/pytest
+
+# The unit tier for the inner loop (under 3 minutes): no servers, no DICOM tools, no browser, no
+# training; tests that use PostgreSQL or Redis are marked integration by tests/conftest.py.
+test-fast: venv
+	$(VENV)/bin/pytest -q -m "not integration and not slow"
 
 demo: system-deps venv
 	$(DEMO_CMD)

@@ -161,3 +161,15 @@ def redis_url() -> Iterator[str]:
         return
     with throwaway_redis() as url:
         yield url
+
+
+#: Fixtures that need a running server: a test that uses one is in the integration tier.
+SERVER_FIXTURES = frozenset({"postgres_url", "postgres_db_url", "redis_url"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses a server fixture `integration`, so that `make test-fast` (the unit tier,
+    `-m "not integration and not slow"`) never waits on PostgreSQL or Redis."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import shutil
 import signal
 import socket
@@ -152,9 +153,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.commands.phantom import prepare_output
-    from service.phantom.generate import SeriesSpec, generate_run
-    from service.settings import Settings, settings_environment
+    from service.settings import settings_environment
 
     if args.slices is not None and args.slices < 8:
         raise UsageError(f"--slices must be >= 8 for a useful demo, got {args.slices}")
@@ -162,52 +161,13 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     out: Path = args.out.resolve()
     study = out / "study"
-    prepare_output(study, force=True)  # the demo replaces its own previous study
-    for folder in ("var", "orthanc"):
-        shutil.rmtree(out / folder, ignore_errors=True)
-
-    print(
-        f"[demo] writing the phantom study ({len(DEMO_SERIES)} series, {args.slices or 'abdominal scan range'} slices, "
-        f"{args.matrix}x{args.matrix}) under {study}",
-        flush=True,
-    )
-    specs = [
-        SeriesSpec(
-            folder=f"{i + 1:02d}_{label}",
-            patient_seed=args.seed + i,
-            series_seed=args.seed * 10 + i,
-            anomaly=anomaly,
-            grade=grade if args.slices is None else None,
-            scan_range="abdomen" if args.slices is None else None,
-            num_slices=args.slices,
-            matrix=args.matrix,
-        )
-        for i, (label, anomaly, grade, _) in enumerate(DEMO_SERIES)
-    ]
-    manifest = generate_run(specs, study, progress=False, meta={"protocol": "demo", "seed": args.seed})
+    manifest = _write_study(args, study)
     series_uids = [entry["series_instance_uid"] for entry in manifest["series"]]
 
     orthanc_http, orthanc_dicom, dicom_port, web_port = free_port(), free_port(), free_port(), free_port()
-    settings = Settings(
-        storage_dir=out / "var",
-        port=dicom_port,
-        web_port=web_port,
-        quiet_period_s=3.0,
-        allowed_ae_titles=[CALLING_AE],
-        allowed_networks=[ipaddress.ip_network("127.0.0.0/8")],
-        pacs_host="127.0.0.1",
-        pacs_port=orthanc_dicom,
-        pacs_ae_title="ORTHANC",
-        min_free_disk_bytes=200_000_000,
-        export_retry_initial_s=5,
-        export_retry_max_s=30,
-        pipeline_sweep_interval_s=2,
-    )
-    import os
-
+    settings = _demo_settings(out, dicom_port=dicom_port, web_port=web_port, orthanc_dicom=orthanc_dicom)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEKEEPER_")}
     env.update(settings_environment(settings))
-    gatekeeper = [sys.executable, "-m", "service.commands.main"]
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -215,77 +175,17 @@ def run(args: argparse.Namespace) -> int:
         sigint_handler = signal.getsignal(signal.SIGINT)
         if sigint_handler is not None:  # put back last, after every child is stopped (see below)
             stack.callback(signal.signal, signal.SIGINT, sigint_handler)
-        (out / "orthanc").mkdir(parents=True)
-        config = {
-            "Name": "demo-pacs",
-            "StorageDirectory": str(out / "orthanc" / "db"),
-            "IndexDirectory": str(out / "orthanc" / "db"),
-            "HttpPort": orthanc_http,
-            "DicomPort": orthanc_dicom,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-        }
-        (out / "orthanc" / "orthanc.json").write_text(json.dumps(config))
-        orthanc_log = stack.enter_context((logs / "orthanc.log").open("wb"))
-        orthanc = subprocess.Popen(
-            [orthanc_exe, str(out / "orthanc" / "orthanc.json")], stdout=orthanc_log, stderr=subprocess.STDOUT
-        )
-        stack.callback(_stop, orthanc)
-
-        def orthanc_up() -> bool:
-            if orthanc.poll() is not None:
-                raise UsageError(f"Orthanc ended at start; see {logs / 'orthanc.log'}")
-            try:
-                _rest(orthanc_http, "/system")
-                return True
-            except OSError:
-                return False
-
-        _wait(orthanc_up, 60, "Orthanc to start")
+        orthanc = _start_orthanc(stack, orthanc_exe, out, logs, http_port=orthanc_http, dicom_port=orthanc_dicom)
         print(
             f"[demo] Orthanc (the PACS) is up: DICOM port {orthanc_dicom}, http://127.0.0.1:{orthanc_http}/", flush=True
         )
-
-        serve_log = stack.enter_context((logs / "gatekeeper.log").open("wb"))
-        subprocess.run([*gatekeeper, "db", "upgrade"], env=env, check=True, stdout=serve_log, stderr=subprocess.STDOUT)
-        subprocess.run(
-            [*gatekeeper, "users", "add", DEMO_USER, "--role", "dosimetrist", "--password-stdin"],
-            env=env,
-            input=(DEMO_PASSWORD + "\n").encode(),
-            stdout=serve_log,
-            stderr=subprocess.STDOUT,
-        )
-        serve = subprocess.Popen([*gatekeeper, "serve"], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
-        stack.callback(_stop, serve)
-
-        def listening() -> bool:
-            if serve.poll() is not None:
-                raise UsageError(f"gatekeeper serve ended at start; see {logs / 'gatekeeper.log'}")
-            try:
-                socket.create_connection(("127.0.0.1", dicom_port), timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-
-        _wait(listening, 90, "gatekeeper serve to listen")
+        serve = _start_gatekeeper(stack, env, logs, dicom_port=dicom_port)
         print(
             f"[demo] gatekeeper serve is up: DICOM port {dicom_port}, worklist http://127.0.0.1:{web_port}/ "
             f"(log in as {DEMO_USER} / {DEMO_PASSWORD}); log {logs / 'gatekeeper.log'}",
             flush=True,
         )
-
-        for entry in manifest["series"]:
-            files = [str(study / entry["folder"] / name) for name in entry["files"]]
-            sent = subprocess.run(
-                [storescu, "-aet", CALLING_AE, "-aec", settings.ae_title, "127.0.0.1", str(dicom_port), *files],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if sent.returncode != 0:
-                raise UsageError(f"storescu failed for {entry['folder']}: {sent.stderr.strip()[-500:]}")
+        _push(storescu, manifest, study, called_ae=settings.ae_title, dicom_port=dicom_port)
         pushed = time.monotonic()
         print(f"[demo] pushed {len(series_uids)} series with storescu; waiting for the pipeline ...", flush=True)
 
@@ -313,6 +213,137 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0 if ok else 1
+
+
+def _write_study(args: argparse.Namespace, study: Path) -> dict[str, Any]:
+    """Write the demo's phantom study (`DEMO_SERIES`) under `study`, replacing the previous run's files,
+    and return its manifest."""
+    from service.commands.phantom import prepare_output
+    from service.phantom.generate import SeriesSpec, generate_run
+
+    prepare_output(study, force=True)  # the demo replaces its own previous study
+    for folder in ("var", "orthanc"):
+        shutil.rmtree(study.parent / folder, ignore_errors=True)
+    print(
+        f"[demo] writing the phantom study ({len(DEMO_SERIES)} series, {args.slices or 'abdominal scan range'} slices, "
+        f"{args.matrix}x{args.matrix}) under {study}",
+        flush=True,
+    )
+    specs = [
+        SeriesSpec(
+            folder=f"{i + 1:02d}_{label}",
+            patient_seed=args.seed + i,
+            series_seed=args.seed * 10 + i,
+            anomaly=anomaly,
+            grade=grade if args.slices is None else None,
+            scan_range="abdomen" if args.slices is None else None,
+            num_slices=args.slices,
+            matrix=args.matrix,
+        )
+        for i, (label, anomaly, grade, _) in enumerate(DEMO_SERIES)
+    ]
+    return generate_run(specs, study, progress=False, meta={"protocol": "demo", "seed": args.seed})
+
+
+def _demo_settings(out: Path, *, dicom_port: int, web_port: int, orthanc_dicom: int) -> Any:
+    """The settings of the demo's `gatekeeper serve`: SQLite under `out/var`, exports to the demo's Orthanc."""
+    from service.settings import Settings
+
+    return Settings(
+        storage_dir=out / "var",
+        port=dicom_port,
+        web_port=web_port,
+        quiet_period_s=3.0,
+        allowed_ae_titles=[CALLING_AE],
+        allowed_networks=[ipaddress.ip_network("127.0.0.0/8")],
+        pacs_host="127.0.0.1",
+        pacs_port=orthanc_dicom,
+        pacs_ae_title="ORTHANC",
+        min_free_disk_bytes=200_000_000,
+        export_retry_initial_s=5,
+        export_retry_max_s=30,
+        pipeline_sweep_interval_s=2,
+    )
+
+
+def _start_orthanc(
+    stack: ExitStack, orthanc_exe: str, out: Path, logs: Path, *, http_port: int, dicom_port: int
+) -> subprocess.Popen[bytes]:
+    """Start Orthanc (the demo's PACS) with a throwaway configuration under `out/orthanc`; wait until its
+    REST API answers. It is stopped when `stack` closes."""
+    (out / "orthanc").mkdir(parents=True)
+    config = {
+        "Name": "demo-pacs",
+        "StorageDirectory": str(out / "orthanc" / "db"),
+        "IndexDirectory": str(out / "orthanc" / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+    }
+    (out / "orthanc" / "orthanc.json").write_text(json.dumps(config))
+    orthanc_log = stack.enter_context((logs / "orthanc.log").open("wb"))
+    orthanc = subprocess.Popen(
+        [orthanc_exe, str(out / "orthanc" / "orthanc.json")], stdout=orthanc_log, stderr=subprocess.STDOUT
+    )
+    stack.callback(_stop, orthanc)
+
+    def orthanc_up() -> bool:
+        if orthanc.poll() is not None:
+            raise UsageError(f"Orthanc ended at start; see {logs / 'orthanc.log'}")
+        try:
+            _rest(http_port, "/system")
+            return True
+        except OSError:
+            return False
+
+    _wait(orthanc_up, 60, "Orthanc to start")
+    return orthanc
+
+
+def _start_gatekeeper(stack: ExitStack, env: dict[str, str], logs: Path, *, dicom_port: int) -> subprocess.Popen[bytes]:
+    """Migrate the demo database, add the demo user and start `gatekeeper serve`; wait until the listener
+    accepts connections. It is stopped when `stack` closes."""
+    gatekeeper = [sys.executable, "-m", "service.commands.main"]
+    serve_log = stack.enter_context((logs / "gatekeeper.log").open("wb"))
+    subprocess.run([*gatekeeper, "db", "upgrade"], env=env, check=True, stdout=serve_log, stderr=subprocess.STDOUT)
+    subprocess.run(
+        [*gatekeeper, "users", "add", DEMO_USER, "--role", "dosimetrist", "--password-stdin"],
+        env=env,
+        input=(DEMO_PASSWORD + "\n").encode(),
+        stdout=serve_log,
+        stderr=subprocess.STDOUT,
+    )
+    serve = subprocess.Popen([*gatekeeper, "serve"], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+    stack.callback(_stop, serve)
+
+    def listening() -> bool:
+        if serve.poll() is not None:
+            raise UsageError(f"gatekeeper serve ended at start; see {logs / 'gatekeeper.log'}")
+        try:
+            socket.create_connection(("127.0.0.1", dicom_port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    _wait(listening, 90, "gatekeeper serve to listen")
+    return serve
+
+
+def _push(storescu: str, manifest: dict[str, Any], study: Path, *, called_ae: str, dicom_port: int) -> None:
+    """Send every series of the study to the listener with DCMTK `storescu`, one association per series."""
+    for entry in manifest["series"]:
+        files = [str(study / entry["folder"] / name) for name in entry["files"]]
+        sent = subprocess.run(
+            [storescu, "-aet", CALLING_AE, "-aec", called_ae, "127.0.0.1", str(dicom_port), *files],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if sent.returncode != 0:
+            raise UsageError(f"storescu failed for {entry['folder']}: {sent.stderr.strip()[-500:]}")
 
 
 def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, Any]] | None:

@@ -3,6 +3,8 @@
     gatekeeper contours list [--json]      every received RT Structure Set / Segmentation, its status and why
     gatekeeper pool list [--json] [--all]  the training pool (one entry per CT series; --all: superseded too)
     gatekeeper pool export DIR             the pool as CT + liver SEG folders for `gatekeeper train segmenter --data DIR`
+    gatekeeper pool suggest --budget K [--strategy gan|gate|entropy|diverse|random] [--json]
+                                           the uncontoured series to contour first (`service.suggest`)
 
 `pool list --json` prints a JSON list of objects with at least `series_instance_uid` and
 `contour_sop_instance_uid` (other tools rely on it). The layouts are described in `service.contours`.
@@ -44,6 +46,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export.add_argument("out", type=Path, metavar="DIR", help="a new or empty folder")
     export.set_defaults(func=run_pool_export)
+    suggest = pool_commands.add_parser(
+        "suggest", help="rank the uncontoured series (and the open worklist) by the value of a manual contour"
+    )
+    suggest.add_argument("--budget", type=int, required=True, metavar="K", help="how many series to suggest")
+    suggest.add_argument(
+        "--strategy", default="gate", help="gan | gate | entropy | diverse | random (default gate; service.suggest)"
+    )
+    suggest.add_argument("--seed", type=int, default=0, help="the random strategy's seed (default 0)")
+    suggest.add_argument("--json", action="store_true", help="machine-readable output")
+    suggest.set_defaults(func=run_pool_suggest)
 
 
 def run_contours_list(args: argparse.Namespace) -> int:
@@ -133,3 +145,44 @@ def run_pool_export(args: argparse.Namespace) -> int:
     if len(entries) < 3:
         print("note: `gatekeeper train segmenter --data` needs at least 3 contoured series (2 train, 1 validation)")
     return 0
+
+
+def run_pool_suggest(args: argparse.Namespace) -> int:
+    """Print the `--budget` series to contour first under `--strategy`, with their evidence; exit 0.
+
+    Raises:
+        UsageError: a budget < 1 or an unknown strategy.
+        DatabaseNotReady: the database does not answer or is not migrated.
+    """
+    from service.db.schema import open_database
+    from service.suggest import check_request, suggest
+
+    try:
+        check_request(strategy=args.strategy, budget=args.budget)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    settings = load_settings_or_exit()
+    with open_database(settings) as sessions:
+        rows = suggest(sessions=sessions, settings=settings, strategy=args.strategy, budget=args.budget, seed=args.seed)
+    if args.json:
+        print(json.dumps([row.as_json() for row in rows], indent=1))
+        return 0
+    if not rows:
+        print("no series without a contour to suggest")
+        return 0
+    print(f"{'rank':>4} {'score':>9} {'detector':>9} {'gate':>9} {'entropy':>8} {'worklist':<9} series_instance_uid")
+    for row in rows:
+        e = row.evidence
+        detector = (
+            e["detector_score"] / e["detector_threshold"] if e["detector_score"] and e["detector_threshold"] else None
+        )
+        gate = e["gate_fused"] / e["gate_fused_threshold"] if e["gate_fused"] and e["gate_fused_threshold"] else None
+        print(
+            f"{row.rank:>4} {_cell(row.score, 9)} {_cell(detector, 9)} {_cell(gate, 9)} {_cell(e['entropy'], 8)} "
+            f"{e['worklist_status'] or '-':<9} {row.series_instance_uid}"
+        )
+    return 0
+
+
+def _cell(x: float | None, width: int) -> str:
+    return f"{x:>{width}.3f}" if x is not None else f"{'-':>{width}}"

@@ -2,7 +2,7 @@
 
 gatekeeper phantom --out DIR --series N --slices K --seed S [--anomaly TYPE]
 gatekeeper phantom dataset --out DIR [--large] [--seed S]
-gatekeeper phantom dataset --clinic --out DIR [--series N] [--matrix 256] [--jobs 2]
+gatekeeper phantom dataset --clinic --out DIR [--series N] [--matrix 256] [--jobs 2] [--site NAME]
 
 `--clinic` writes the clinic-like mix (`generate.clinic_specs`): a `validation` split of normal
 series (12 % of N; for calibrating a gate only) and a `test` split of N series (default 500) of
@@ -12,6 +12,10 @@ each of off-target scans, the rest normal. In its manifest.json each series has 
 `scan_range.kind`: "abdomen", "abdomen_pelvis", or, for off-target series, "chest" (no liver in
 the field of view), "pelvis" (no liver) or "liver_partial" (the scan starts or ends through the
 liver). The seed protocol's series (without --clinic) are unchanged.
+
+`--site NAME` acquires the clinic mix with another site's protocol and patients
+(`service.phantom.sites`; docs/phantom-sites.md has the numbers). Without it (or with
+`--site default`) the output is the same as before sites existed.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from service.phantom.generate import (
     severity_summary,
     spec_summary,
 )
+from service.phantom.sites import DEFAULT_SITE, SITES
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,6 +91,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "anomalies, off-target scan ranges) instead",
     )
     p.add_argument(
+        "--site",
+        default=DEFAULT_SITE.name,
+        help="with 'dataset --clinic': acquire the mix as this site does, with its own patients "
+        "(patient seeds disjoint from every other site's); docs/phantom-sites.md has the numbers. "
+        + "; ".join(f"{site.name}: {site.summary}" for site in SITES.values())
+        + f" (default {DEFAULT_SITE.name})",
+    )
+    p.add_argument(
         "--split",
         choices=["train", "validation", "test"],
         default=None,
@@ -121,6 +134,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--large, --clinic and --split apply to 'gatekeeper phantom dataset' only")
     if args.large and args.split not in (None, "test"):
         raise UsageError("--large builds a test set only; --split must be test or absent")
+    if args.site not in SITES:
+        raise UsageError(f"unknown --site {args.site!r}; expected one of: {', '.join(SITES)}")
+    if args.site != DEFAULT_SITE.name and not args.clinic:
+        raise UsageError("--site applies to 'gatekeeper phantom dataset --clinic' only")
     if args.clinic:
         if args.large:
             raise UsageError("--clinic and --large are different sets; choose one")
@@ -160,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 test_series=args.series or CLINIC_TEST_SERIES,
                 matrix=args.matrix,
                 noise_sigma=args.noise_sigma,
+                site=SITES[args.site],
             )
             if args.split:
                 specs = [s for s in specs if s.split == args.split]
@@ -197,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.clinic:
         meta["severity_summary"] = severity_summary(specs)
+    if args.site != DEFAULT_SITE.name:  # the default site's manifest stays as it was
+        meta["site"] = args.site
     manifest = generate_run(specs, args.out, jobs=args.jobs, progress=not args.quiet, meta=meta)
     print_manifest(manifest, args.out)
     return 0

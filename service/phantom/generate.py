@@ -46,8 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from service.phantom.anatomy import Label, Patient
+from service.phantom.anatomy import Patient
 from service.phantom.anomalies import ANOMALY_TYPES, SEVERITY_GRADES, Anomaly, make_anomaly
+from service.phantom.canvas import Label
 from service.phantom.dicom import SeriesIdentity, anomaly_segmentation, ct_datasets, organ_segmentation, write_ct_slice
 from service.phantom.scanner import (
     OFF_TARGET_RANGES,
@@ -57,6 +58,7 @@ from service.phantom.scanner import (
     plan_clinic_geometry,
     plan_geometry,
 )
+from service.phantom.sites import DEFAULT_SITE, SITES, SiteProfile, site_profile
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,10 @@ class SeriesSpec:
     grade: str | None = None
     #: Clinic scan range (`scanner.SCAN_RANGES`); None: the seed protocol's scan planning.
     scan_range: str | None = None
+    #: Site profile (`sites.SITES`) whose protocol acquires a clinic series.
+    site: str = DEFAULT_SITE.name
+    #: Contrast phase of a series without an anomaly ("portal_venous" or "non_contrast").
+    phase: str = "portal_venous"
 
     def __post_init__(self) -> None:
         if self.anomaly is not None and self.anomaly not in ANOMALY_TYPES:
@@ -108,6 +114,14 @@ class SeriesSpec:
             raise ValueError(f"matrix must be >= 32, got {self.matrix}.")
         if not self.noise_sigma >= 0:
             raise ValueError(f"noise_sigma must be >= 0 HU, got {self.noise_sigma}.")
+        if self.site not in SITES:
+            raise ValueError(f"site must be one of {', '.join(SITES)}, got {self.site!r}.")
+        if self.site != DEFAULT_SITE.name and self.scan_range is None:
+            raise ValueError(f"site {self.site!r} applies to a clinic scan range only (scan_range is None).")
+        if self.phase not in ("portal_venous", "non_contrast"):
+            raise ValueError(f"phase must be 'portal_venous' or 'non_contrast', got {self.phase!r}.")
+        if self.phase != "portal_venous" and self.anomaly is not None:
+            raise ValueError(f"phase applies to a series without an anomaly; {self.anomaly!r} brings its own.")
 
 
 def plan_series(spec: SeriesSpec) -> tuple[Patient, Anomaly | None, ScanGeometry]:
@@ -118,7 +132,9 @@ def plan_series(spec: SeriesSpec) -> tuple[Patient, Anomaly | None, ScanGeometry
     if spec.scan_range is None:
         geometry = plan_geometry(patient, rng, num_slices=spec.num_slices, matrix=spec.matrix, anomaly=anomaly)
     else:
-        geometry = plan_clinic_geometry(patient, rng, kind=spec.scan_range, matrix=spec.matrix, anomaly=anomaly)
+        geometry = plan_clinic_geometry(
+            patient, rng, kind=spec.scan_range, matrix=spec.matrix, anomaly=anomaly, site=site_profile(spec.site)
+        )
     return patient, anomaly, geometry
 
 
@@ -154,12 +170,18 @@ def generate_series(spec: SeriesSpec, out: Path, on_slice: Callable[[], None] | 
             planned (a bug in the planning; report the seed).
     """
     patient, anomaly, geometry = plan_series(spec)
-    scanner = Scanner(patient, geometry, anomaly, noise_sigma=spec.noise_sigma, seed=spec.series_seed)
+    site = site_profile(spec.site)
+    scanner = Scanner(
+        patient, geometry, anomaly, noise_sigma=spec.noise_sigma, seed=spec.series_seed, site=site, phase=spec.phase
+    )
     identity = SeriesIdentity(patient_seed=spec.patient_seed, series_seed=spec.series_seed)
-    phase = anomaly.phase_label if anomaly is not None else "portal_venous"
+    phase = anomaly.phase_label if anomaly is not None else spec.phase
     region = _DESCRIPTION_REGION.get(spec.scan_range or "", "ABDOMEN")
     description = f"{region} NC 3D" if phase == "non_contrast" else f"{region} PV 3D"
     datasets = ct_datasets(identity, geometry, series_description=description)
+    if site is not DEFAULT_SITE:
+        for ds in datasets:
+            ds.ConvolutionKernel = site.convolution_kernel
 
     folder = out / spec.folder
     (folder / "ground_truth").mkdir(parents=True, exist_ok=True)
@@ -195,6 +217,8 @@ def generate_series(spec: SeriesSpec, out: Path, on_slice: Callable[[], None] | 
             "report this seed."
         )
     category = "anomaly" if anomaly is not None else ("normal" if scan_range["liver"] == "complete" else "off_target")
+    # The default site's entries stay as they were before sites existed (no "site" key).
+    site_entry = {} if site is DEFAULT_SITE else {"site": _site_entry(site)}
     return {
         "folder": spec.folder,
         "split": spec.split,
@@ -232,6 +256,17 @@ def generate_series(spec: SeriesSpec, out: Path, on_slice: Callable[[], None] | 
             "anatomical_position": [round(u, 4) for u in geometry.u_positions],
         },
         "files": files,
+        **site_entry,
+    }
+
+
+def _site_entry(site: SiteProfile) -> dict[str, Any]:
+    """What a non-default site changed, for the manifest entry of each of its series."""
+    return {
+        "name": site.name,
+        "convolution_kernel": site.convolution_kernel,
+        "noise_factor": site.noise_factor,
+        "in_plane_blur_mm": site.in_plane_blur_mm,
     }
 
 
@@ -412,8 +447,11 @@ CLINIC_ANOMALOUS_FRACTION = 0.15
 CLINIC_OFF_TARGET_FRACTION = 0.014  # of each off-target scan range
 #: Share of normal (and most anomalous) clinic series scanned down through the pelvis.
 CLINIC_PELVIS_SHARE = 0.35
-#: Clinic patient and series seeds come from [1e6, 2e6): the seed protocol uses [0, 1e6).
-CLINIC_SEED_OFFSET = 1_000_000
+#: Clinic patient and series seeds come from [1e6, 2e6) at the default site (other sites: their
+#: `seed_offset`, 2e6 and up): the seed protocol uses [0, 1e6).
+CLINIC_SEED_OFFSET = DEFAULT_SITE.seed_offset
+#: How many seeds each site draws its patients and series from.
+SITE_SEED_RANGE = 1_000_000
 
 
 def clinic_plan(test_series: int) -> list[tuple[str, str | None, str | None, str | None]]:
@@ -449,7 +487,12 @@ def clinic_plan(test_series: int) -> list[tuple[str, str | None, str | None, str
 
 
 def clinic_specs(
-    *, seed: int, test_series: int = CLINIC_TEST_SERIES, matrix: int, noise_sigma: float
+    *,
+    seed: int,
+    test_series: int = CLINIC_TEST_SERIES,
+    matrix: int,
+    noise_sigma: float,
+    site: SiteProfile = DEFAULT_SITE,
 ) -> list[SeriesSpec]:
     """The clinic-like mix, deterministic for a seed: unseen patients, mostly normal.
 
@@ -460,20 +503,30 @@ def clinic_specs(
     its own synthetic patient, drawn from [1e6, 2e6): disjoint from `dataset_specs`' patients.
     The test split is shuffled, so the folder numbers say nothing about what is in them.
 
+    `site` (`sites.SITES`) acquires the mix with its protocol and its own patients: seeds from
+    [site.seed_offset, site.seed_offset + 1e6), disjoint from every other site's, and
+    `site.non_contrast_share` of the series without an anomaly rendered without contrast. The
+    default site's mix is the one this function always made.
+
     Raises:
         ValueError: if `test_series` is too small for the mix (see `clinic_plan`).
     """
-    rng = np.random.default_rng([seed, 0xC11, test_series])
+    stream = [seed, 0xC11, test_series] + ([] if site is DEFAULT_SITE else [site.code])
+    rng = np.random.default_rng(stream)
     plan = clinic_plan(test_series)
     n_validation = sum(1 for split, *_ in plan if split == "validation")
     order = np.concatenate([np.arange(n_validation), n_validation + rng.permutation(len(plan) - n_validation)])
     plan = [plan[i] for i in order]
-    patient_seeds = CLINIC_SEED_OFFSET + rng.choice(CLINIC_SEED_OFFSET, size=len(plan), replace=False)
-    series_seeds = CLINIC_SEED_OFFSET + rng.choice(CLINIC_SEED_OFFSET, size=len(plan), replace=False)
+    patient_seeds = site.seed_offset + rng.choice(SITE_SEED_RANGE, size=len(plan), replace=False)
+    series_seeds = site.seed_offset + rng.choice(SITE_SEED_RANGE, size=len(plan), replace=False)
     pelvis = rng.uniform(size=len(plan)) < CLINIC_PELVIS_SHARE
+    # Drawn last, so the draws above are the same as before sites existed.
+    non_contrast = rng.uniform(size=len(plan)) < site.non_contrast_share
     specs = []
     counters: dict[str, int] = {}
-    for (split, anomaly, grade, off_target), p, q, down in zip(plan, patient_seeds, series_seeds, pelvis):
+    for (split, anomaly, grade, off_target), p, q, down, plain in zip(
+        plan, patient_seeds, series_seeds, pelvis, non_contrast
+    ):
         counters[split] = counters.get(split, 0) + 1
         if off_target is not None:
             scan_range, label = off_target, off_target
@@ -491,6 +544,8 @@ def clinic_specs(
                 split=split,
                 grade=grade,
                 scan_range=scan_range,
+                site=site.name,
+                phase="non_contrast" if plain and anomaly is None else "portal_venous",
             )
         )
     return specs

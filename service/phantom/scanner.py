@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft
 
-from service.phantom.anatomy import Canvas, Patient, hu_lookup
+from service.phantom.anatomy import Patient
 from service.phantom.anomalies import Anomaly, Truncation
+from service.phantom.canvas import Canvas, hu_lookup
+from service.phantom.sites import DEFAULT_SITE, SiteProfile
 
 RESCALE_INTERCEPT = -1024.0
 MAX_STORED = 4095  # 12 bits stored
@@ -26,9 +28,10 @@ SLICE_THICKNESS_WEIGHTS = (0.08, 0.12, 0.3, 0.25, 0.25)
 SCAN_RANGES: tuple[str, ...] = ("abdomen", "abdomen_pelvis", "chest", "pelvis", "liver_partial")
 #: Scan ranges without the whole liver in the field of view.
 OFF_TARGET_RANGES: tuple[str, ...] = ("chest", "pelvis", "liver_partial")
-#: Slice thicknesses of the clinic mix (mm) and how often each is chosen.
-CLINIC_THICKNESSES_MM = (2.5, 3.0, 5.0)
-CLINIC_THICKNESS_WEIGHTS = (0.3, 0.3, 0.4)
+#: Slice thicknesses of the default site's clinic mix (mm) and how often each is chosen
+#: (other sites: `sites.SiteProfile.slice_thicknesses_mm`).
+CLINIC_THICKNESSES_MM = DEFAULT_SITE.slice_thicknesses_mm
+CLINIC_THICKNESS_WEIGHTS = DEFAULT_SITE.slice_thickness_weights
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,15 @@ def plan_geometry(
 
 
 def plan_clinic_geometry(
-    patient: Patient, rng: np.random.Generator, *, kind: str, matrix: int, anomaly: Anomaly | None
+    patient: Patient,
+    rng: np.random.Generator,
+    *,
+    kind: str,
+    matrix: int,
+    anomaly: Anomaly | None,
+    site: SiteProfile = DEFAULT_SITE,
 ) -> ScanGeometry:
-    """A clinic scan range of `kind` (one of `SCAN_RANGES`), 2.5–5 mm slices.
+    """A clinic scan range of `kind` (one of `SCAN_RANGES`), slices and FOV as `site` chooses them.
 
     - abdomen: from the lung bases or the liver dome to between the lower kidney poles and the
       iliac crest (≈ 25–40 cm);
@@ -125,7 +134,9 @@ def plan_clinic_geometry(
     - pelvis: from below the liver (the iliac crests) through the femoral heads (no liver);
     - liver_partial: the scan starts or ends through the liver (30–70 % of the way down it).
 
-    The range is widened to cover what `anomaly` needs (`Anomaly.required_range`).
+    The range is widened to cover what `anomaly` needs (`Anomaly.required_range`). The slice
+    thickness is drawn from `site.slice_thicknesses_mm` (default site: 2.5–5 mm), the field of view
+    with `site.fov_margin` within `site.fov_limits_mm`.
 
     Raises:
         ValueError: for an unknown `kind`, or a matrix under 32 pixels.
@@ -135,7 +146,7 @@ def plan_clinic_geometry(
     if matrix < 32:
         raise ValueError(f"matrix must be >= 32 pixels, got {matrix}.")
     length = patient.length_mm
-    thickness = float(rng.choice(CLINIC_THICKNESSES_MM, p=CLINIC_THICKNESS_WEIGHTS))
+    thickness = float(rng.choice(site.slice_thicknesses_mm, p=site.slice_thickness_weights))
     dome, liver_end = patient.u_dome_right, patient.u_liver_end
     if rng.uniform() < 0.5:
         top = float(rng.uniform(0.0, 0.08))  # from the lung bases
@@ -164,13 +175,24 @@ def plan_clinic_geometry(
         lo, hi = min(lo, max(0.0, need[0] - 0.01)), max(hi, min(1.0, need[1] + 0.01))
     num_slices = max(8, int((hi - lo) * length / thickness) + 1)
     u = lo + np.arange(num_slices) * thickness / length
-    return _frame(patient, rng, u, thickness, matrix, anomaly)
+    return _frame(patient, rng, u, thickness, matrix, anomaly, site=site)
 
 
 def _frame(
-    patient: Patient, rng: np.random.Generator, u: np.ndarray, thickness: float, matrix: int, anomaly: Anomaly | None
+    patient: Patient,
+    rng: np.random.Generator,
+    u: np.ndarray,
+    thickness: float,
+    matrix: int,
+    anomaly: Anomaly | None,
+    *,
+    site: SiteProfile = DEFAULT_SITE,
 ) -> ScanGeometry:
-    """Place slices at levels `u` on the table and choose the field of view that holds the body."""
+    """Place slices at levels `u` on the table and choose the field of view that holds the body.
+
+    The FOV is the body's extent times a margin drawn from `site.fov_margin`, within
+    `site.fov_limits_mm` (the seed protocol and the default site: 307–461 mm).
+    """
     length = patient.length_mm
     u_start = float(u[0])
     z_top = float(rng.uniform(-150.0, 150.0))  # where the table happened to be
@@ -180,10 +202,11 @@ def _frame(
     half_width = patient.max_half_width(u_lo, u_hi)
     half_depth = max(patient.outer_half_axes(v)[1] for v in np.linspace(u_lo, u_hi, 9))
     reach = float(np.hypot(half_width * 0.92, half_depth * 0.75))  # superellipse's far corner
-    fov = float(np.clip(2.0 * reach * rng.uniform(1.04, 1.15), 0.6 * 512, 0.9 * 512))
+    fov_min, fov_max = site.fov_limits_mm
+    fov = float(np.clip(2.0 * reach * rng.uniform(*site.fov_margin), fov_min, fov_max))
     center = (float(rng.normal(0.0, 6.0)), float(rng.normal(-5.0, 8.0)))  # patient off-centre a little
     if isinstance(anomaly, Truncation):
-        fov = float(np.clip(2.0 * half_width * anomaly.fov_fraction, 0.6 * 512, 0.9 * 512))
+        fov = float(np.clip(2.0 * half_width * anomaly.fov_fraction, fov_min, fov_max))
         if fov >= 2.0 * half_width * 0.95:  # still fits: the patient lies off-centre, 25 mm past the edge
             center = (float(rng.choice([-1, 1]) * (fov / 2 + 25.0 - half_width)), center[1])
     spacing = fov / matrix
@@ -214,7 +237,11 @@ class Scanner:
         *,
         noise_sigma: float,
         seed: int,
+        site: SiteProfile = DEFAULT_SITE,
+        phase: str = "portal_venous",
     ) -> None:
+        """`phase`: the contrast phase of a series without an anomaly (an anomaly brings its own);
+        `site`: the reconstruction kernel (in-plane blur, noise grain) and noise factor."""
         if not noise_sigma >= 0:
             raise ValueError(f"noise_sigma must be >= 0 HU, got {noise_sigma}.")
         self.patient = patient
@@ -237,8 +264,7 @@ class Scanner:
         if isinstance(anomaly, Truncation):
             anomaly.fov_radius = g.fov_radius
             anomaly.center = (-bx, -by)
-        phase = anomaly.phase if anomaly is not None else "portal_venous"
-        self.hu_lut, self.texture_lut = hu_lookup(phase)
+        self.hu_lut, self.texture_lut = hu_lookup(anomaly.phase if anomaly is not None else phase)
         for tissue, shift in patient.hu_jitter.items():
             self.hu_lut[tissue] += shift
         self.hu_lut[25] += patient.marrow_hu_shift  # Tissue.BONE_MARROW
@@ -246,17 +272,17 @@ class Scanner:
             anomaly.adjust_hu(self.hu_lut, self.texture_lut)
         # Noise: CT noise power spectrum ~ f · apodisation², normalised so the pixel std is sigma.
         size_factor = float(np.clip((2 * patient.max_half_width() / 340.0) ** 0.8, 0.7, 1.7))
-        self.noise_sigma = noise_sigma * size_factor * (anomaly.noise_factor if anomaly else 1.0)
+        self.noise_sigma = noise_sigma * site.noise_factor * size_factor * (anomaly.noise_factor if anomaly else 1.0)
         f = np.sqrt(fft.fftfreq(g.rows)[:, None] ** 2 + fft.rfftfreq(g.columns)[None, :] ** 2)
         f_full = np.sqrt(fft.fftfreq(g.rows)[:, None] ** 2 + fft.fftfreq(g.columns)[None, :] ** 2)
-        f_cut = 0.28 * min(1.0, 0.7 / ps)  # cycles/pixel; finer for coarse pixels
+        f_cut = 0.28 * min(1.0, 0.7 / ps) * site.noise_cutoff_factor  # cycles/pixel; finer for coarse pixels
 
         def nps_amplitude(freq: np.ndarray) -> np.ndarray:
             return np.sqrt(freq / f_cut) * np.exp(-((freq / f_cut) ** 2))
 
         # Pixel variance = mean of |filter|² over the full spectrum: normalise that to 1.
         self._noise_filter = (nps_amplitude(f) / np.sqrt(np.mean(nps_amplitude(f_full) ** 2))).astype(np.float32)
-        blur_mm = float(np.hypot(0.45, 0.09 * g.slice_thickness))  # in-plane MTF + partial volume
+        blur_mm = float(np.hypot(site.in_plane_blur_mm, 0.09 * g.slice_thickness))  # in-plane MTF + partial volume
         self._blur = np.exp(-2.0 * (np.pi * blur_mm / ps * f) ** 2).astype(np.float32)
 
     def _render(self, u: float) -> tuple[Canvas, np.ndarray, np.ndarray, np.ndarray | None]:

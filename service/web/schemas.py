@@ -14,9 +14,10 @@ from urllib.parse import quote
 from pydantic import BaseModel, Field, ValidationError
 
 from service.db.tables import MAX_FEEDBACK_NOTE_LENGTH, SeriesScore, User
+from service.suggest import informativeness
 from service.web.crud import AuditRow, FeedbackRow, SeriesReview, WorklistRow
 
-SORT_KEYS = ("age", "patient", "study_date", "description", "reason", "score", "status")
+SORT_KEYS = ("age", "patient", "study_date", "description", "reason", "score", "status", "informative")
 
 
 class SliceRange(BaseModel):
@@ -368,6 +369,8 @@ def sort_entries(entries: list[WorklistEntry], *, key: str, descending: bool) ->
             if e.status in ("open", "claimed", "done", "contoured")
             else 4
         ),
+        # Most informative first (`service.suggest.informativeness`): the gate's fused evidence ÷ threshold.
+        "informative": lambda e: informativeness(detail=e.detail, score=e.score, threshold=e.threshold),
     }
     if key not in getters:
         raise ValueError(f"sort key {key!r}: expected one of {', '.join(SORT_KEYS)}")

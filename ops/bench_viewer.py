@@ -156,7 +156,7 @@ def write_liver_seg(*, storage_dir: Path, series_id: int, folder: Path, headers:
     import highdicom as hd
 
     from service.dicom_seg import build_liver_seg
-    from service.phantom.anatomy import Label
+    from service.phantom.canvas import Label
     from service.pipeline import results_dir
     from service.settings import Settings
 

@@ -20,8 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from service.imaging import ABDOMEN_WINDOW, apply_window  # noqa: E402
-from service.phantom.anatomy import Label, Patient  # noqa: E402
+from service.phantom.anatomy import Patient  # noqa: E402
 from service.phantom.anomalies import ANOMALY_TYPES, make_anomaly  # noqa: E402
+from service.phantom.canvas import Label  # noqa: E402
 from service.phantom.scanner import RESCALE_INTERCEPT, Scanner, plan_geometry  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from service.dicom_seg import SERIES_DESCRIPTION, build_liver_seg
-from service.phantom.anatomy import Label
+from service.phantom.canvas import Label
 from service.phantom.generate import SeriesSpec, generate_series
 
 ALGORITHM = {"algorithm_name": "CT Gatekeeper liver U-Net", "algorithm_version": "sha256:0123456789abcdef"}

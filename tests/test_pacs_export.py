@@ -52,7 +52,7 @@ from service.pacs_export import (
     retry_delay_s,
     retry_export,
 )
-from service.phantom.anatomy import Label
+from service.phantom.canvas import Label
 from service.phantom.generate import SeriesSpec, generate_series
 from service.settings import Settings, get_settings, load_settings_or_exit
 

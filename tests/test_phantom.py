@@ -17,8 +17,9 @@ import pytest
 from scipy import ndimage
 
 from service.commands.main import main
-from service.phantom.anatomy import Label, Patient
+from service.phantom.anatomy import Patient
 from service.phantom.anomalies import ANOMALY_TYPES, SEVERITY_GRADES, SEVERITY_RANGES, grade_of, make_anomaly
+from service.phantom.canvas import Label
 from service.phantom.generate import (
     SeriesSpec,
     clinic_plan,

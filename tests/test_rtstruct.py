@@ -21,7 +21,7 @@ from service.dicom_rtstruct import (
     rtstruct_uids,
 )
 from service.dicom_seg import seg_uids
-from service.phantom.anatomy import Label
+from service.phantom.canvas import Label
 from service.phantom.generate import SeriesSpec, generate_series
 from service.settings import Settings
 

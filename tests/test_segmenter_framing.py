@@ -106,7 +106,8 @@ def bank():  # type: ignore[no-untyped-def]
 
 def test_bank_holds_tissue_stacks_with_liver_and_varied_patients(bank) -> None:  # type: ignore[no-untyped-def]
     from models.segmenter.synth import BANK_GRID, varied_patient
-    from service.phantom.anatomy import Patient, Tissue
+    from service.phantom.anatomy import Patient
+    from service.phantom.canvas import Tissue
 
     assert bank.tissue.shape == (6, 3, BANK_GRID, BANK_GRID)
     assert bank.liver.any(axis=(1, 2)).sum() >= 3  # most stacks are drawn around the liver
@@ -118,7 +119,7 @@ def test_bank_holds_tissue_stacks_with_liver_and_varied_patients(bank) -> None: 
 
 def test_randomised_hu_cover_the_contrast_phases_and_realistic_slices_keep_the_phantom_table() -> None:
     from models.segmenter.synth import draw_hu
-    from service.phantom.anatomy import TISSUE_HU, Tissue
+    from service.phantom.canvas import TISSUE_HU, Tissue
 
     gen = torch.Generator().manual_seed(0)
     realistic = torch.zeros(400, dtype=torch.bool)

@@ -24,7 +24,7 @@ from web_support import ANOMALY, NUM_SLICES, PASSWORDS, THRESHOLD, seed_database
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, Series
 from service.dicom_seg import build_liver_seg
-from service.phantom.anatomy import Label
+from service.phantom.canvas import Label
 from service.pipeline import results_dir
 from service.settings import Settings
 from service.web.app import create_app

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from service.phantom.anatomy import TISSUE_HU, Canvas, Label, Patient, Tissue
+from service.phantom.anatomy import Patient
+from service.phantom.canvas import TISSUE_HU, Canvas, Label, Tissue
 from service.segmentation import FRAMING_MARGIN, SegmenterInput
 
 log = logging.getLogger(__name__)

@@ -14,242 +14,11 @@ contrast-phase change is a table swap, and the label map is exact by constructio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import IntEnum
+from dataclasses import dataclass
 
 import numpy as np
 
-
-class Tissue(IntEnum):
-    """What a pixel is made of; each has a HU value per contrast phase (see `TISSUE_HU`)."""
-
-    AIR = 0
-    SKIN = 1
-    FAT = 2
-    MUSCLE = 3
-    LUNG = 4
-    LUNG_VESSEL = 5
-    BLOOD_POOL = 6
-    MYOCARDIUM = 7
-    LIVER = 8
-    LIVER_VESSEL = 9
-    SPLEEN = 10
-    KIDNEY_CORTEX = 11
-    KIDNEY_MEDULLA = 12
-    URINE = 13
-    AORTA = 14
-    IVC = 15
-    STOMACH_WALL = 16
-    STOMACH_CONTENT = 17
-    GAS = 18
-    BOWEL_WALL = 19
-    BOWEL_CONTENT = 20
-    STOOL = 21
-    PANCREAS = 22
-    BILE = 23
-    BONE_CORTEX = 24
-    BONE_MARROW = 25
-    DISC = 26
-    CSF = 27
-    CARTILAGE = 28
-    TABLE_SHELL = 29
-    TABLE_FOAM = 30
-    METAL = 31
-    LESION = 32
-    ASCITES = 33
-    LESION_CORE = 34  # necrotic centre of a heterogeneous tumour
-
-
-#: HU per tissue: (portal-venous phase, non-contrast phase, texture amplitude in HU).
-#: Normal series are portal-venous; the `contrast_phase` anomaly renders non-contrast.
-TISSUE_HU: dict[Tissue, tuple[float, float, float]] = {
-    Tissue.AIR: (-1000, -1000, 0),
-    Tissue.SKIN: (35, 35, 4),
-    Tissue.FAT: (-100, -100, 8),
-    Tissue.MUSCLE: (55, 50, 6),
-    Tissue.LUNG: (-855, -855, 25),
-    Tissue.LUNG_VESSEL: (120, 40, 10),
-    Tissue.BLOOD_POOL: (150, 42, 4),
-    Tissue.MYOCARDIUM: (105, 48, 5),
-    Tissue.LIVER: (110, 60, 5),
-    Tissue.LIVER_VESSEL: (175, 45, 6),
-    Tissue.SPLEEN: (120, 50, 5),
-    Tissue.KIDNEY_CORTEX: (180, 35, 6),
-    Tissue.KIDNEY_MEDULLA: (155, 32, 6),  # nephrographic by ~70 s
-    Tissue.URINE: (8, 8, 3),
-    Tissue.AORTA: (165, 45, 4),
-    Tissue.IVC: (145, 42, 5),
-    Tissue.STOMACH_WALL: (75, 42, 5),
-    Tissue.STOMACH_CONTENT: (15, 15, 6),
-    Tissue.GAS: (-990, -990, 5),
-    Tissue.BOWEL_WALL: (80, 42, 6),
-    Tissue.BOWEL_CONTENT: (25, 25, 10),
-    Tissue.STOOL: (5, 5, 60),
-    Tissue.PANCREAS: (100, 45, 8),
-    Tissue.BILE: (8, 8, 3),
-    Tissue.BONE_CORTEX: (1000, 1000, 90),
-    Tissue.BONE_MARROW: (230, 230, 40),
-    Tissue.DISC: (90, 90, 8),
-    Tissue.CSF: (15, 15, 3),
-    Tissue.CARTILAGE: (140, 140, 15),
-    Tissue.TABLE_SHELL: (180, 180, 0),
-    Tissue.TABLE_FOAM: (-880, -880, 0),
-    Tissue.METAL: (3000, 3000, 0),
-    Tissue.LESION: (60, 35, 8),
-    Tissue.ASCITES: (8, 8, 3),
-    Tissue.LESION_CORE: (22, 20, 10),
-}
-
-
-class Label(IntEnum):
-    """Ground-truth structures; the value is the segment number in the ground-truth DICOM-SEG."""
-
-    LIVER = 1
-    SPLEEN = 2
-    KIDNEY_RIGHT = 3
-    KIDNEY_LEFT = 4
-    AORTA = 5
-    IVC = 6
-    STOMACH = 7
-    BOWEL = 8
-    BONE = 9
-    LUNG = 10
-    URINARY_BLADDER = 11
-    GALLBLADDER = 12
-    HEART = 13
-    PANCREAS = 14
-
-
-def hu_lookup(phase: str) -> tuple[np.ndarray, np.ndarray]:
-    """(HU per tissue, texture amplitude per tissue) as float32 arrays for a contrast phase.
-
-    Raises:
-        ValueError: for a phase other than 'portal_venous' or 'non_contrast'.
-    """
-    column = {"portal_venous": 0, "non_contrast": 1}.get(phase)
-    if column is None:
-        raise ValueError(f"phase must be 'portal_venous' or 'non_contrast', got {phase!r}.")
-    hu = np.zeros(256, np.float32)
-    tex = np.zeros(256, np.float32)
-    for tissue, values in TISSUE_HU.items():
-        hu[tissue] = values[column]
-        tex[tissue] = values[2]
-    return hu, tex
-
-
-class SmoothField:
-    """A smooth random 3-D scalar field with unit variance, evaluated one axial slice at a time.
-
-    Built from Gaussian radial basis functions on a regular lattice (spacing `step_xy` mm in-plane,
-    `step_z` mm along the body) with iid normal weights. A slice costs two small matrix products.
-    """
-
-    def __init__(
-        self, rng: np.random.Generator, half_extent: float, z_extent: float, step_xy: float, step_z: float
-    ) -> None:
-        self.cx = np.arange(-half_extent - 2 * step_xy, half_extent + 2 * step_xy + 1e-6, step_xy)
-        self.cz = np.arange(-2 * step_z, z_extent + 2 * step_z + 1e-6, step_z)
-        self.step_xy = step_xy
-        self.step_z = step_z
-        self.coef = rng.standard_normal((self.cz.size, self.cx.size, self.cx.size)).astype(np.float32)
-
-    def _basis(self, coords: np.ndarray) -> np.ndarray:
-        """Row-normalised basis matrix (len(coords) × lattice size) for in-plane coordinates in mm."""
-        b = np.exp(-0.5 * ((coords[:, None] - self.cx[None, :]) / self.step_xy) ** 2)
-        basis: np.ndarray = (b / np.linalg.norm(b, axis=1, keepdims=True)).astype(np.float32)
-        return basis
-
-    def bind(self, y_mm: np.ndarray, x_mm: np.ndarray) -> None:
-        """Fix the pixel grid (row and column coordinates in mm) that `at` evaluates on."""
-        self._basis_y = self._basis(np.asarray(y_mm, np.float64))
-        self._basis_x = self._basis(np.asarray(x_mm, np.float64))
-
-    def at(self, s_mm: float) -> np.ndarray:
-        """The field on the bound grid, on the slice `s_mm` below the top of the model."""
-        s_mm = float(np.clip(s_mm, self.cz[0], self.cz[-1]))  # beyond the lattice the field is flat
-        wz = np.exp(-0.5 * ((s_mm - self.cz) / self.step_z) ** 2)
-        wz = (wz / np.linalg.norm(wz)).astype(np.float32)
-        plane = np.tensordot(wz, self.coef, axes=1)
-        on_grid: np.ndarray = self._basis_y @ plane @ self._basis_x.T
-        return on_grid
-
-
-@dataclass
-class Canvas:
-    """The two maps being painted for one slice, plus the (deformed) coordinates of every pixel.
-
-    `x` and `y` are the patient coordinates of each pixel in mm relative to the body centre,
-    after the patient's smooth deformation; painting later overrides painting earlier.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    x0: float  # x of column 0 (undeformed), mm
-    y0: float  # y of row 0 (undeformed), mm
-    spacing: float  # mm per pixel
-    margin: float  # largest deformation, mm
-    tissue: np.ndarray = field(init=False)
-    label: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tissue = np.zeros(self.x.shape, np.uint8)
-        self.label = np.zeros(self.x.shape, np.uint8)
-
-    def box(self, cx: float, cy: float, half_x: float, half_y: float) -> tuple[slice, slice] | None:
-        """Pixel rows/columns that can hold a shape within ±half_x, ±half_y mm of (cx, cy)."""
-        m = self.margin + 2 * self.spacing
-        c0 = max(0, int((cx - half_x - m - self.x0) / self.spacing))
-        c1 = min(self.x.shape[1], int((cx + half_x + m - self.x0) / self.spacing) + 2)
-        r0 = max(0, int((cy - half_y - m - self.y0) / self.spacing))
-        r1 = min(self.x.shape[0], int((cy + half_y + m - self.y0) / self.spacing) + 2)
-        if c0 >= c1 or r0 >= r1:
-            return None
-        return slice(r0, r1), slice(c0, c1)
-
-    def ellipse(
-        self, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0
-    ) -> tuple[tuple[slice, slice], np.ndarray] | None:
-        """Squared normalised radius of a rotated ellipse on its bounding box (< 1 is inside)."""
-        if rx <= 0.3 or ry <= 0.3:
-            return None
-        half = max(rx, ry)
-        box = self.box(cx, cy, half, half)
-        if box is None:
-            return None
-        dx = self.x[box] - cx
-        dy = self.y[box] - cy
-        if angle:
-            c, s = np.cos(angle), np.sin(angle)
-            dx, dy = c * dx + s * dy, -s * dx + c * dy
-        return box, (dx / rx) ** 2 + (dy / ry) ** 2
-
-    def paint(self, box: tuple[slice, slice], where: np.ndarray, tissue: Tissue, label: int | None = None) -> None:
-        """Set `tissue` (and `label`, if given) on the pixels of `box` where `where` is true."""
-        self.tissue[box][where] = tissue
-        if label is not None:
-            self.label[box][where] = label
-
-    def paint_ellipse(
-        self,
-        cx: float,
-        cy: float,
-        rx: float,
-        ry: float,
-        tissue: Tissue,
-        label: int | None = None,
-        angle: float = 0.0,
-        inside: np.ndarray | None = None,
-    ) -> tuple[tuple[slice, slice], np.ndarray] | None:
-        """Paint a filled ellipse, optionally only where the full-size mask `inside` is true."""
-        shape = self.ellipse(cx, cy, rx, ry, angle)
-        if shape is None:
-            return None
-        box, r2 = shape
-        where = r2 < 1.0
-        if inside is not None:
-            where &= inside[box]
-        self.paint(box, where, tissue, label)
-        return box, r2
+from service.phantom.canvas import Canvas, Label, SmoothField, Tissue
 
 
 def _profile(u: float, u0: float, u1: float) -> float:
@@ -267,6 +36,33 @@ def _lerp(u: float, knots: Sequence[float], values: Sequence[float]) -> float:
 BODY_KNOTS = [0.0, 0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.0]
 BODY_HALF_WIDTH = [158, 160, 152, 146, 150, 165, 174, 172]  # lean adult, mm
 BODY_HALF_DEPTH = [112, 112, 108, 103, 101, 103, 106, 106]
+
+
+#: The whole canvas, as a `Canvas.paint` box.
+FULL = (slice(None), slice(None))
+
+
+@dataclass(frozen=True)
+class Section:
+    """The body's cross-section at one level u (mm, relative to the body centre), shared by the painting
+    steps of `Patient.render`: the superellipse exponent `n` with |x|^n and |y|^n per pixel, the cavity's
+    and the muscle wall's half-axes, the cavity mask and the wall's superellipse value (< 1 inside), and
+    the vertebral body (centre y, half-width, half-depth)."""
+
+    u: float
+    s_mm: float
+    n: float
+    px: np.ndarray
+    py: np.ndarray
+    ia: float
+    ib: float
+    la: float
+    lb: float
+    cavity: np.ndarray
+    wall_out: np.ndarray
+    vb_y: float
+    vb_rx: float
+    vb_ry: float
 
 
 class Patient:
@@ -409,11 +205,28 @@ class Patient:
         fat, and bones are painted last among the hard structures.
         """
         s_mm = u * self.length_mm
-        s = self.size
-        x, y = canvas.x, canvas.y
-        c = canvas
+        section, outer = self._paint_body(u, s_mm, canvas)
+        self._paint_table(u, canvas)
+        dome = self._subdiaphragm(u, section.ia, section.ib, canvas)
+        self._paint_thorax(section, dome, canvas)
+        abdomen = section.cavity & dome
+        self._paint_liver(section, abdomen, canvas)
+        self._paint_upper_abdomen(section, abdomen, canvas)
+        self._paint_kidneys(section, canvas)
+        self._paint_bowel(section, canvas)
+        self._paint_bladder(section, canvas)
+        self._paint_great_vessels(section, canvas)
+        self._paint_back_muscles(section, canvas)
+        self._paint_spine(section, canvas)
+        self._paint_ribs(section, canvas)
+        self._paint_pelvis(section, canvas)
+        return self.texture.at(s_mm), outer < 1.0
 
-        # Body: skin / subcutaneous fat / muscle wall / cavity, from three nested superellipses.
+    def _paint_body(self, u: float, s_mm: float, c: Canvas) -> tuple[Section, np.ndarray]:
+        """Skin, subcutaneous fat, the muscle wall and the cavity, from three nested superellipses;
+        return the section's geometry and the skin's superellipse value (< 1 inside the body)."""
+        s = self.size
+        x, y = c.x, c.y
         n = 2.4
         ax, bant, bpost = self.outer_half_axes(u)
         la, lb = self.lean_half_axes(u)
@@ -425,84 +238,92 @@ class Patient:
         skin_in = px / (ax - 2.0) ** n + py * np.where(ant, (bant - 2.0) ** -n, (bpost - 2.0) ** -n)
         wall_out = px / la**n + py / lb**n
         cavity = px / ia**n + py / ib**n < 1.0
-        full = (slice(None), slice(None))
-        c.paint(full, outer < 1.0, Tissue.SKIN)
-        c.paint(full, skin_in < 1.0, Tissue.FAT)
-        c.paint(full, wall_out < 1.0, Tissue.MUSCLE)
+        c.paint(FULL, outer < 1.0, Tissue.SKIN)
+        c.paint(FULL, skin_in < 1.0, Tissue.FAT)
+        c.paint(FULL, wall_out < 1.0, Tissue.MUSCLE)
         # Fat planes in the wall: between the flank muscles (obliques, transversus), and the linea
         # alba separating the two rectus muscles in front.
         ma, mb = (la + ia) / 2, (lb + ib) / 2
         plane = np.abs(px / ma**n + py / mb**n - 1.0) < n * 0.8 / ma
-        c.paint(full, plane & (np.abs(x) > 0.55 * la) & (wall_out < 1.0), Tissue.FAT)
-        c.paint(full, (np.abs(x) < 2.0 * s) & (y < 0) & (wall_out < 1.0), Tissue.FAT)
-        c.paint(full, cavity, Tissue.FAT)
-
-        # The table under the back.
-        ty = self.table_y(u) + 0.0008 * x**2
-        table_zone = np.abs(x) < 215.0 * max(s, 0.9)
-        c.paint(full, table_zone & (y > ty) & (y < ty + 3.0), Tissue.TABLE_SHELL)
-        c.paint(full, table_zone & (y >= ty + 3.0) & (y < ty + 35.0), Tissue.TABLE_FOAM)
-        c.paint(full, table_zone & (y >= ty + 35.0) & (y < ty + 38.0), Tissue.TABLE_SHELL)
-
+        c.paint(FULL, plane & (np.abs(x) > 0.55 * la) & (wall_out < 1.0), Tissue.FAT)
+        c.paint(FULL, (np.abs(x) < 2.0 * s) & (y < 0) & (wall_out < 1.0), Tissue.FAT)
+        c.paint(FULL, cavity, Tissue.FAT)
         vb_y, vb_rx, vb_ry = self.vertebral_body(u)
+        section = Section(u, s_mm, n, px, py, ia, ib, la, lb, cavity, wall_out, vb_y, vb_rx, vb_ry)
+        return section, outer
 
-        # Thorax above the diaphragm: lungs and heart fill what the domes leave free.
-        dome = self._subdiaphragm(u, ia, ib, c)
-        if u < self.u_dome_left + 0.14:
-            lung = cavity & ~dome
-            c.paint(full, lung, Tissue.LUNG, Label.LUNG)
-            if u < 0.15:
-                hp = _profile(u, -0.2, 0.16)
-                shape = c.paint_ellipse(
-                    0.18 * ia,
-                    -0.30 * ib,
-                    0.50 * ia * hp,
-                    0.45 * ib * hp,
-                    Tissue.MYOCARDIUM,
-                    Label.HEART,
-                    angle=-0.5,
-                    inside=~dome,
-                )
-                if shape is not None:
-                    box, r2 = shape
-                    c.paint(box, (r2 < 0.55) & ~dome[box], Tissue.BLOOD_POOL, Label.HEART)
-            # Lung vessels: a fine tubular network only inside the lung.
-            vessels = np.abs(self.vessels.at(s_mm)) < 0.07
-            c.paint(full, lung & vessels, Tissue.LUNG_VESSEL, Label.LUNG)
+    def _paint_table(self, u: float, c: Canvas) -> None:
+        """The patient table under the back: two shells around a foam core."""
+        x, y = c.x, c.y
+        ty = self.table_y(u) + 0.0008 * x**2
+        table_zone = np.abs(x) < 215.0 * max(self.size, 0.9)
+        c.paint(FULL, table_zone & (y > ty) & (y < ty + 3.0), Tissue.TABLE_SHELL)
+        c.paint(FULL, table_zone & (y >= ty + 3.0) & (y < ty + 35.0), Tissue.TABLE_FOAM)
+        c.paint(FULL, table_zone & (y >= ty + 35.0) & (y < ty + 38.0), Tissue.TABLE_SHELL)
 
-        abdomen = cavity & dome
+    def _paint_thorax(self, sec: Section, dome: np.ndarray, c: Canvas) -> None:
+        """Above the diaphragm: lungs (with their vessels) and heart fill what the domes leave free."""
+        u, ia, ib = sec.u, sec.ia, sec.ib
+        if u >= self.u_dome_left + 0.14:
+            return
+        lung = sec.cavity & ~dome
+        c.paint(FULL, lung, Tissue.LUNG, Label.LUNG)
+        if u < 0.15:
+            hp = _profile(u, -0.2, 0.16)
+            shape = c.paint_ellipse(
+                0.18 * ia,
+                -0.30 * ib,
+                0.50 * ia * hp,
+                0.45 * ib * hp,
+                Tissue.MYOCARDIUM,
+                Label.HEART,
+                angle=-0.5,
+                inside=~dome,
+            )
+            if shape is not None:
+                box, r2 = shape
+                c.paint(box, (r2 < 0.55) & ~dome[box], Tissue.BLOOD_POOL, Label.HEART)
+        # Lung vessels: a fine tubular network only inside the lung.
+        vessels = np.abs(self.vessels.at(sec.s_mm)) < 0.07
+        c.paint(FULL, lung & vessels, Tissue.LUNG_VESSEL, Label.LUNG)
 
-        # Liver: big right lobe under the right dome, left lobe across the midline in front.
+    def _paint_liver(self, sec: Section, abdomen: np.ndarray, c: Canvas) -> None:
+        """Liver: big right lobe under the right dome, left lobe across the midline in front, its
+        vessels (part of the liver contour) and the gallbladder (not part of it)."""
+        u, ia, ib, s = sec.u, sec.ia, sec.ib, self.size
         u0 = self.u_dome_right - 0.005
         right_lobe = self.liver_right_lobe(u)
-        if right_lobe is not None:
-            cx, cy, rx, ry, angle = right_lobe
-            shape = c.paint_ellipse(cx, cy, rx, ry, Tissue.LIVER, Label.LIVER, angle=angle, inside=abdomen)
-            lp = _profile(u, u0 + 0.01, u0 + 0.17) * self.liver_left_lobe
-            if lp > 0:
-                c.paint_ellipse(
-                    0.02 * ia,
-                    -0.50 * ib,
-                    0.55 * ia * lp,
-                    0.32 * ib * min(lp, 1.0),
-                    Tissue.LIVER,
-                    Label.LIVER,
-                    angle=0.25,
-                    inside=abdomen,
-                )
-            # Hepatic and portal vessels inside the liver belong to the liver contour.
-            if shape is not None:
-                vessels = np.abs(self.liver_vessels.at(s_mm)) < 0.09
-                in_liver = c.label == Label.LIVER
-                c.paint(full, in_liver & vessels, Tissue.LIVER_VESSEL, Label.LIVER)
-            # Gallbladder on the visceral surface (not part of the liver contour).
-            gp = _profile(u, u0 + 0.14, u0 + 0.24)
-            if gp > 0:
-                c.paint_ellipse(
-                    -0.25 * ia, -0.05 * ib, 18.0 * s * gp, 15.0 * s * gp, Tissue.BILE, Label.GALLBLADDER, inside=abdomen
-                )
+        if right_lobe is None:
+            return
+        cx, cy, rx, ry, angle = right_lobe
+        shape = c.paint_ellipse(cx, cy, rx, ry, Tissue.LIVER, Label.LIVER, angle=angle, inside=abdomen)
+        lp = _profile(u, u0 + 0.01, u0 + 0.17) * self.liver_left_lobe
+        if lp > 0:
+            c.paint_ellipse(
+                0.02 * ia,
+                -0.50 * ib,
+                0.55 * ia * lp,
+                0.32 * ib * min(lp, 1.0),
+                Tissue.LIVER,
+                Label.LIVER,
+                angle=0.25,
+                inside=abdomen,
+            )
+        # Hepatic and portal vessels inside the liver belong to the liver contour.
+        if shape is not None:
+            vessels = np.abs(self.liver_vessels.at(sec.s_mm)) < 0.09
+            in_liver = c.label == Label.LIVER
+            c.paint(FULL, in_liver & vessels, Tissue.LIVER_VESSEL, Label.LIVER)
+        # Gallbladder on the visceral surface (not part of the liver contour).
+        gp = _profile(u, u0 + 0.14, u0 + 0.24)
+        if gp > 0:
+            c.paint_ellipse(
+                -0.25 * ia, -0.05 * ib, 18.0 * s * gp, 15.0 * s * gp, Tissue.BILE, Label.GALLBLADDER, inside=abdomen
+            )
 
-        # Stomach, left upper quadrant, gas rising to the front (the patient lies supine).
+    def _paint_upper_abdomen(self, sec: Section, abdomen: np.ndarray, c: Canvas) -> None:
+        """Stomach (gas rising to the front: the patient lies supine), spleen and pancreas."""
+        u, ia, ib, s = sec.u, sec.ia, sec.ib, self.size
         sp = _profile(u, *self.u_stomach) * self.stomach_fill
         if sp > 0.05:
             cx, cy = 0.38 * ia, -0.22 * ib
@@ -534,7 +355,7 @@ class Patient:
         if pp > 0:
             c.paint_ellipse(
                 0.12 * ia,
-                vb_y - vb_ry - 38.0 * s,
+                sec.vb_y - sec.vb_ry - 38.0 * s,
                 0.34 * ia,
                 11.0 * s * pp,
                 Tissue.PANCREAS,
@@ -543,7 +364,9 @@ class Patient:
                 inside=abdomen,
             )
 
-        # Kidneys: cortex rim, medulla, a renal sinus with fat and urine facing the midline.
+    def _paint_kidneys(self, sec: Section, c: Canvas) -> None:
+        """Kidneys: cortex rim, medulla, a renal sinus with fat and urine facing the midline."""
+        u, s, cavity = sec.u, self.size, sec.cavity
         kl = 112.0 * s * self.kidney_scale / self.length_mm
         for side, u_top, label in (
             (1, self.u_kidney_left, Label.KIDNEY_LEFT),
@@ -552,7 +375,7 @@ class Patient:
             kp = _profile(u, u_top, u_top + kl)
             if kp <= 0.05:
                 continue
-            kx, ky = side * (vb_rx + 42.0 * s), vb_y - 5.0 * s
+            kx, ky = side * (sec.vb_rx + 42.0 * s), sec.vb_y - 5.0 * s
             shape = c.paint_ellipse(
                 kx, ky, 31.0 * s * kp, 22.0 * s * kp, Tissue.KIDNEY_CORTEX, label, angle=side * 0.55, inside=cavity
             )
@@ -575,45 +398,51 @@ class Patient:
                     inside=cavity,
                 )
 
-        # Bowel: loops in whatever space of the lower abdomen is still fat, gas in some of them.
-        if 0.30 < u < 0.97:
-            free = (c.tissue == Tissue.FAT) & cavity
-            inner_cavity = px / (ia - 6.0) ** n + py / (ib - 6.0) ** n < 1.0
-            f = self.bowel.at(s_mm)
-            density = _profile(u, 0.28, 1.05) ** 0.5
-            loops = (np.abs(f) < 0.50 * density) & free & inner_cavity
-            lumen = np.abs(f) < 0.41 * density
-            gas = self.gas.at(s_mm) > 1.1
-            c.paint(full, loops, Tissue.BOWEL_WALL, Label.BOWEL)
-            c.paint(full, loops & lumen, Tissue.BOWEL_CONTENT, Label.BOWEL)
-            c.paint(full, loops & lumen & gas, Tissue.GAS, Label.BOWEL)
-            # Colon: ascending (right) and descending (left) in the flanks, with mottled stool.
-            for side, (c0, c1) in ((-1, (0.38, 0.82)), (1, (0.30, 0.80))):
-                cp = _profile(u, c0 - 0.03, c1 + 0.03)
-                if cp > 0:
-                    shape = c.paint_ellipse(
-                        side * 0.68 * ia, 0.05 * ib, 24.0 * s, 21.0 * s, Tissue.BOWEL_WALL, Label.BOWEL, inside=cavity
-                    )
-                    if shape is not None:
-                        box, r2 = shape
-                        lumen_c = (r2 < 0.75) & cavity[box]
-                        c.paint(box, lumen_c, Tissue.STOOL, Label.BOWEL)
-                        c.paint(box, lumen_c & (gas[box] | (c.y[box] < 0.05 * ib - 12.0 * s)), Tissue.GAS, Label.BOWEL)
+    def _paint_bowel(self, sec: Section, c: Canvas) -> None:
+        """Bowel loops in whatever space of the lower abdomen is still fat, gas in some of them, and
+        the ascending and descending colon in the flanks with mottled stool."""
+        u, s_mm, n, ia, ib, s, cavity = sec.u, sec.s_mm, sec.n, sec.ia, sec.ib, self.size, sec.cavity
+        if not 0.30 < u < 0.97:
+            return
+        free = (c.tissue == Tissue.FAT) & cavity
+        inner_cavity = sec.px / (ia - 6.0) ** n + sec.py / (ib - 6.0) ** n < 1.0
+        f = self.bowel.at(s_mm)
+        density = _profile(u, 0.28, 1.05) ** 0.5
+        loops = (np.abs(f) < 0.50 * density) & free & inner_cavity
+        lumen = np.abs(f) < 0.41 * density
+        gas = self.gas.at(s_mm) > 1.1
+        c.paint(FULL, loops, Tissue.BOWEL_WALL, Label.BOWEL)
+        c.paint(FULL, loops & lumen, Tissue.BOWEL_CONTENT, Label.BOWEL)
+        c.paint(FULL, loops & lumen & gas, Tissue.GAS, Label.BOWEL)
+        for side, (c0, c1) in ((-1, (0.38, 0.82)), (1, (0.30, 0.80))):
+            cp = _profile(u, c0 - 0.03, c1 + 0.03)
+            if cp > 0:
+                shape = c.paint_ellipse(
+                    side * 0.68 * ia, 0.05 * ib, 24.0 * s, 21.0 * s, Tissue.BOWEL_WALL, Label.BOWEL, inside=cavity
+                )
+                if shape is not None:
+                    box, r2 = shape
+                    lumen_c = (r2 < 0.75) & cavity[box]
+                    c.paint(box, lumen_c, Tissue.STOOL, Label.BOWEL)
+                    c.paint(box, lumen_c & (gas[box] | (c.y[box] < 0.05 * ib - 12.0 * s)), Tissue.GAS, Label.BOWEL)
 
-        # Urinary bladder in the pelvis, in front.
-        bp = _profile(u, 0.83, 1.08) * self.bladder_fill
+    def _paint_bladder(self, sec: Section, c: Canvas) -> None:
+        """The urinary bladder in the pelvis, in front."""
+        bp = _profile(sec.u, 0.83, 1.08) * self.bladder_fill
         if bp > 0.05:
             c.paint_ellipse(
                 0.0,
-                -0.35 * ib,
-                0.30 * ia * bp**0.5,
-                0.42 * ib * bp**0.5,
+                -0.35 * sec.ib,
+                0.30 * sec.ia * bp**0.5,
+                0.42 * sec.ib * bp**0.5,
                 Tissue.URINE,
                 Label.URINARY_BLADDER,
-                inside=cavity,
+                inside=sec.cavity,
             )
 
-        # Great vessels: aorta left of midline in front of the spine, IVC to the right.
+    def _paint_great_vessels(self, sec: Section, c: Canvas) -> None:
+        """Aorta left of the midline in front of the spine, IVC to the right; both split into the iliacs."""
+        u, s, vb_y, vb_ry = sec.u, self.size, sec.vb_y, sec.vb_ry
         if u < self.u_bifurcation:
             c.paint_ellipse(*self.aorta_center(u), self.aorta_radius, self.aorta_radius, Tissue.AORTA, Label.AORTA)
         else:
@@ -641,23 +470,27 @@ class Patient:
                     Label.IVC,
                 )
 
-        # Muscles of the back and the psoas, on top of cavity fat.
+    def _paint_back_muscles(self, sec: Section, c: Canvas) -> None:
+        """Muscles of the back and the psoas, on top of cavity fat."""
+        u, s = sec.u, self.size
         for side in (-1, 1):
             c.paint_ellipse(
-                side * 36.0 * s, vb_y + vb_ry + 20.0 * s, 30.0 * s, 30.0 * s, Tissue.MUSCLE, inside=wall_out < 1.0
+                side * 36.0 * s,
+                sec.vb_y + sec.vb_ry + 20.0 * s,
+                30.0 * s,
+                30.0 * s,
+                Tissue.MUSCLE,
+                inside=sec.wall_out < 1.0,
             )
             pp = float(np.clip((u - 0.40) / 0.30, 0, 1)) if u < 0.86 else 0.0
             if pp > 0:
                 c.paint_ellipse(
-                    side * (vb_rx + 12.0 * s + 20.0 * s * pp),
-                    vb_y - 4.0 * s - 10.0 * s * pp,
+                    side * (sec.vb_rx + 12.0 * s + 20.0 * s * pp),
+                    sec.vb_y - 4.0 * s - 10.0 * s * pp,
                     24.0 * s * pp,
                     20.0 * s * pp,
                     Tissue.MUSCLE,
                 )
-
-        self._paint_skeleton(u, s_mm, c, vb_y, vb_rx, vb_ry, ia, ib, px, py, n)
-        return self.texture.at(s_mm), outer < 1.0
 
     def _subdiaphragm(self, u: float, ia: float, ib: float, c: Canvas) -> np.ndarray:
         """Pixels below the diaphragm at level u: two domes that widen toward the feet."""
@@ -679,23 +512,9 @@ class Patient:
                 out[box] |= r2 < 1.0
         return out
 
-    def _paint_skeleton(
-        self,
-        u: float,
-        s_mm: float,
-        c: Canvas,
-        vb_y: float,
-        vb_rx: float,
-        vb_ry: float,
-        ia: float,
-        ib: float,
-        px: np.ndarray,
-        py: np.ndarray,
-        n: float,
-    ) -> None:
-        """Vertebrae (bodies, discs, canal, posterior elements), ribs, sacrum, pelvis, femora."""
-        s = self.size
-        full = (slice(None), slice(None))
+    def _paint_spine(self, sec: Section, c: Canvas) -> None:
+        """Vertebrae (bodies, discs, canal, posterior elements) above the sacrum, or the sacrum."""
+        u, s_mm, s, vb_y, vb_rx, vb_ry = sec.u, sec.s_mm, self.size, sec.vb_y, sec.vb_rx, sec.vb_ry
         phase = (s_mm / self.vertebra_period + self.vertebra_phase) % 1.0
         if u < self.u_sacrum:
             if phase < 0.18:
@@ -731,6 +550,9 @@ class Patient:
                 c.paint(box, r2 < 0.6, Tissue.BONE_MARROW, Label.BONE)
             c.paint_ellipse(0.0, sy + vb_ry * 0.5, 7.0 * s, 4.0 * s, Tissue.CSF)
 
+    def _paint_ribs(self, sec: Section, c: Canvas) -> None:
+        """Ribs, with their costal cartilage in front."""
+        u, s_mm, s, n, px, py, ia, ib = sec.u, sec.s_mm, self.size, sec.n, sec.px, sec.py, sec.ia, sec.ib
         # Ribs: each runs from the spine around the flank, descending toward the front; an axial
         # slice cuts each rib where its height matches, giving arcs inside the muscle wall.
         if u < 0.40:
@@ -753,16 +575,18 @@ class Patient:
                 bony = on & (theta < 2.35)
                 rib_mask |= bony
                 cartilage |= on & ~bony
-            c.paint(full, rib_mask, Tissue.BONE_CORTEX, Label.BONE)
-            c.paint(full, rib_mask & marrow, Tissue.BONE_MARROW, Label.BONE)
-            c.paint(full, cartilage, Tissue.CARTILAGE)
+            c.paint(FULL, rib_mask, Tissue.BONE_CORTEX, Label.BONE)
+            c.paint(FULL, rib_mask & marrow, Tissue.BONE_MARROW, Label.BONE)
+            c.paint(FULL, cartilage, Tissue.CARTILAGE)
 
+    def _paint_pelvis(self, sec: Section, c: Canvas) -> None:
+        """Iliac wings with the gluteal and iliacus muscles, acetabula and femoral heads."""
+        u, s, ia, ib, vb_y, vb_rx = sec.u, self.size, sec.ia, sec.ib, sec.vb_y, sec.vb_rx
         # Iliac wings: bony plates from the sacroiliac joint flaring forward and outward, gluteal
         # muscles behind them and the iliacus muscle on their inner face.
         ip = _profile(u, 0.64, 0.92)
         if ip > 0:
-            la, lb = self.lean_half_axes(u)
-            wall_out = px / la**n + py / lb**n
+            wall_out = sec.wall_out
             reach = 0.55 + 0.45 * np.sqrt(ip)  # the wing is longest at the iliac crest's middle
             for side in (-1, 1):
                 x0, y0 = side * (vb_rx + 14.0 * s), vb_y + 8.0 * s  # sacroiliac joint

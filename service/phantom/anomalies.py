@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from service.phantom.anatomy import TISSUE_HU, Canvas, Label, Patient, Tissue
+from service.phantom.anatomy import Patient
+from service.phantom.canvas import TISSUE_HU, Canvas, Label, Tissue
 
 #: Every anomaly the phantom can inject; the first three are the ones the product card names.
 ANOMALY_TYPES: tuple[str, ...] = (

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
-from service.phantom.anatomy import Label
+from service.phantom.canvas import Label
 from service.phantom.scanner import RESCALE_INTERCEPT, ScanGeometry
 from service.uids import derived_uid
 

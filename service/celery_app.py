@@ -15,7 +15,7 @@ contour    `gatekeeper.pipeline.match_contours`         `Series.id` (stored     
 
 Ingest publishes *start* for every completed series version; each pipeline stage publishes the
 next one after its transaction committed (`service.pipeline`); the tasks themselves are
-registered on a worker's app by `service.pipeline_tasks`. The app is built once per process by
+registered on a worker's app by `service.pipeline.tasks`. The app is built once per process by
 the command that runs it (`listen`, `serve`, `worker`, `exports retry`, `flower`), never inside a
 request or a task.
 """

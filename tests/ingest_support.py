@@ -18,7 +18,7 @@ from service.commands import db as db_cli
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Instance, Series, SeriesEvent
 from service.ingest.listener import Listener
-from service.pipeline_tasks import listener_jobs
+from service.pipeline.tasks import listener_jobs
 from service.settings import Settings
 
 # DCMTK's tools, not the pynetdicom console scripts of the same names (service/dcmtk.py).

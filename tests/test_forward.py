@@ -36,7 +36,7 @@ from service.celery_app import SEGMENT_SERIES_TASK
 from service.db.tables import Series, SeriesEvent, utc_now
 from service.dicom_send import Destination, Outcome, send_files
 from service.lifecycle import SeriesState
-from service.pipeline_tasks import register_pipeline_tasks
+from service.pipeline.tasks import register_pipeline_tasks
 from service.settings import Settings, get_settings, load_settings_or_exit
 
 FORWARD_DETAIL_KEYS = {"destination", "instances", "duration_s", "reason"}

@@ -150,7 +150,9 @@ def test_worker_takes_the_series_and_sweeper_resends_a_lost_message(
     assert db.series()[0].state == SeriesState.SCORING
     assert db.event_kinds(series.id).count("scoring") == 1
     assert broker.llen(settings.score_queue) == 1  # the score stage was queued once
-    assert "service.pipeline: series id" in (tmp_path / "worker.log").read_text()  # our log lines are not swallowed
+    assert (
+        "service.pipeline.starting: series id" in (tmp_path / "worker.log").read_text()
+    )  # our log lines are not swallowed
     broker.delete(settings.score_queue)
     db.close()
 

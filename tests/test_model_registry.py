@@ -429,7 +429,7 @@ def test_workers_load_the_active_gate_rules_only_until_there_is_one_and_follow_a
     from service.db.session import make_engine, make_session_factory
     from service.db.tables import ModelKind
     from service.model_registry import promote, register
-    from service.pipeline_tasks import Models
+    from service.pipeline.tasks import Models
 
     def gate_folder(name: str, version: str, reference: bytes | None = None) -> Path:
         folder = tmp_path / name

@@ -19,7 +19,17 @@ from ingest_support import Db, ct_files, make_settings, running_listener, stores
 from sqlalchemy import select, update
 
 from service import pipeline
-from service.db.tables import Export, ExportState, RouteReason, Series, SeriesEvent, SeriesScore, WorklistItem, utc_now
+from service.db.tables import (
+    Export,
+    ExportState,
+    Instance,
+    RouteReason,
+    Series,
+    SeriesEvent,
+    SeriesScore,
+    WorklistItem,
+    utc_now,
+)
 from service.dicom_send import Outcome, SendResult
 from service.gate import Finding, Gate, GateDecision
 from service.inference import Detector
@@ -386,7 +396,7 @@ def test_unreadable_series_goes_to_the_worklist(
     settings, db = env
     series_id = ingest(settings, db, phantoms["normal"])
     with db.sessions() as session:  # a stored file goes bad on disk
-        path = settings.storage_dir / session.scalars(select(pipeline.Instance.relative_path)).first()
+        path = settings.storage_dir / session.scalars(select(Instance.relative_path)).first()
     path.write_bytes(path.read_bytes()[:2000])
     pipeline.start(sessions=db.sessions, series_id=series_id, worker="test")
     pipeline.score(sessions=db.sessions, settings=settings, series_id=series_id, detector=detector)

@@ -157,7 +157,7 @@ def run_listen(args: argparse.Namespace) -> int:
     from service.db.schema import check_database
     from service.ingest.listener import Listener
     from service.metrics import serve_metrics
-    from service.pipeline_tasks import listener_jobs
+    from service.pipeline.tasks import listener_jobs
 
     if not args.verbose:
         # pynetdicom narrates every association and message at INFO; our own lines say what matters.
@@ -377,7 +377,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from service.celery_app import make_celery_app, queue_names
     from service.db.schema import require_database
     from service.metrics import serve_metrics
-    from service.pipeline_tasks import register_pipeline_tasks
+    from service.pipeline.tasks import register_pipeline_tasks
 
     logical = [name.strip() for name in args.queues.split(",") if name.strip()]
     try:

@@ -1,7 +1,7 @@
 """The Celery tasks: one per stage of `service.pipeline`, registered on a worker's app; and the sweeper.
 
 Task and queue names, the app and the publisher live in `service.celery_app`; the stages themselves
-(what each reads and writes) in `service.pipeline`. Each task's only argument is an internal id,
+(what each reads and writes) in the stage modules of `service.pipeline`. Each task's only argument is an internal id,
 never patient data. Each task re-checks the series state in the database before working, so a
 duplicate or late message does nothing; the next stage is queued only after the stage's
 transaction committed. A worker process asks the model registry for the active detector, segmenter
@@ -26,7 +26,7 @@ from celery import Celery
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import model_registry, pipeline
+from service import model_registry
 from service.celery_app import (
     DELIVER_SEG_TASK,
     MATCH_CONTOURS_TASK,
@@ -43,6 +43,7 @@ from service.db.tables import ExportState, ModelKind
 from service.dicom_send import ExportNotConfiguredError
 from service.gate import Gate
 from service.pacs_export import deliver, next_in_line
+from service.pipeline import contouring, exporting, scoring, segmenting, starting, sweeper
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -152,12 +153,12 @@ def register_pipeline_tasks(
 
     @app.task(name=PROCESS_SERIES_TASK, ignore_result=True, acks_late=True)
     def process_series(series_id: int) -> None:
-        then(pipeline.start(sessions=sessions, series_id=int(series_id), worker=worker_name))
+        then(starting.start(sessions=sessions, series_id=int(series_id), worker=worker_name))
 
     @app.task(name=SCORE_SERIES_TASK, ignore_result=True, acks_late=True)
     def score_series(series_id: int) -> None:
         then(
-            pipeline.score(
+            scoring.score(
                 sessions=sessions,
                 settings=settings,
                 series_id=int(series_id),
@@ -173,7 +174,7 @@ def register_pipeline_tasks(
         segmenter = models.segmenter() if internal else None
         gate = models.gate() if internal else None
         # One export message per object written (export_format "both": the SEG and the RTSTRUCT).
-        for nxt in pipeline.segment(
+        for nxt in segmenting.segment(
             sessions=sessions,
             settings=settings,
             series_id=int(series_id),
@@ -185,7 +186,7 @@ def register_pipeline_tasks(
 
     @app.task(name=MATCH_CONTOURS_TASK, ignore_result=True, acks_late=True)
     def match_contours(series_id: int) -> None:
-        then(pipeline.match_contours(sessions=sessions, settings=settings, series_id=int(series_id)))
+        then(contouring.match_contours(sessions=sessions, settings=settings, series_id=int(series_id)))
 
     @app.task(name=DELIVER_SEG_TASK, bind=True, ignore_result=True, max_retries=None, acks_late=True)
     def deliver_seg(self: Any, export_id: int) -> None:
@@ -215,11 +216,11 @@ def register_pipeline_tasks(
             raise self.retry(countdown=delivery.retry_after_s, queue=settings.export_queue)
         if delivery.state in (ExportState.DELIVERED, ExportState.FAILED):
             # The pipeline moves the series after its export settled.
-            pipeline.export_settled(sessions=sessions, export_id=int(export_id), worker=worker_name)
+            exporting.export_settled(sessions=sessions, export_id=int(export_id), worker=worker_name)
 
 
 class PipelineSweeper:
-    """Runs `pipeline.sweep` at most every `pipeline_sweep_interval_s`; called by the listener's assembler."""
+    """Runs `service.pipeline.sweeper.sweep` at most every `pipeline_sweep_interval_s`; called by the listener's assembler."""
 
     def __init__(self, *, publisher: Publisher, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
@@ -227,15 +228,15 @@ class PipelineSweeper:
         self.publisher = publisher
         self._last = float("-inf")
 
-    def __call__(self, now: Any = None) -> pipeline.SweepReport | None:
+    def __call__(self, now: Any = None) -> sweeper.SweepReport | None:
         if time.monotonic() - self._last < self.settings.pipeline_sweep_interval_s:
             return None
         self._last = time.monotonic()
-        return pipeline.sweep(sessions=self.sessions, settings=self.settings, publisher=self.publisher, now=now)
+        return sweeper.sweep(sessions=self.sessions, settings=self.settings, publisher=self.publisher, now=now)
 
 
 class ContourQueuer:
-    """Runs `pipeline.queue_contours` every round of the listener's assembler (returned contours)."""
+    """Runs `service.pipeline.contouring.queue_contours` every round of the listener's assembler (returned contours)."""
 
     def __init__(self, *, publisher: Publisher, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
@@ -243,7 +244,7 @@ class ContourQueuer:
         self.publisher = publisher
 
     def __call__(self, now: Any = None) -> list[int]:
-        return pipeline.queue_contours(
+        return contouring.queue_contours(
             sessions=self.sessions, settings=self.settings, publisher=self.publisher, now=now
         )
 

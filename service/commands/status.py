@@ -4,7 +4,8 @@
 
 What it shows: series versions per state with the oldest in each; series stuck in a working
 state; messages waiting in each broker queue; failed and pending exports; free disk against the
-listener's reserve; the detector's and segmenter's versions. Each problem that needs a person is a
+listener's reserve; the detector's and segmenter's versions; the active gate's version and the
+population it was calibrated on (the shipped phantom mix, or the site's own series). Each problem that needs a person is a
 *finding*, listed at the end.
 
 There is no worker heartbeat: a worker that died or hangs shows as series that stay in a working
@@ -30,6 +31,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.calibration_population import read_active_gate
 from service.db.tables import Export, ExportState, Series, utc_now
 from service.lifecycle import FINAL_STATES, WORKING_STATES, SeriesState
 from service.settings import Settings, load_settings_or_exit
@@ -124,14 +126,37 @@ def collect_status(
     now: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """The status as plain data (what `--json` prints); `broker`: queue depths, or why it is unreachable."""
-    # Imported when run, not when `gatekeeper` builds its parser: they load prometheus_client, which
-    # `gatekeeper listen` and `worker` must only load after exporting their metrics folder.
-    from service.metrics import WAITING_STATES, disk_space, model_versions, state_since, waiting_since
-    from service.pacs_export import list_exports
-
     now = now or utc_now()
     findings: list[Finding] = []
-    stuck_after = settings.pipeline_stuck_after_s
+    series = _series_status(sessions=sessions, stuck_after=settings.pipeline_stuck_after_s, now=now, findings=findings)
+    exports = _export_status(sessions=sessions, now=now, findings=findings)
+    if isinstance(broker, str):
+        findings.append(Finding("broker_unreachable", f"broker unreachable: {broker}"))
+    disk = _disk_status(settings, findings)
+    models = _model_status(settings, findings)
+    gate = _gate_status(settings=settings, sessions=sessions, findings=findings)
+    return {
+        "generated_at": now.isoformat(),
+        **series,
+        "worker_heartbeat": HEARTBEAT_NOTE,
+        "broker": {"reachable": not isinstance(broker, str), "queues": broker if isinstance(broker, dict) else {}},
+        "exports": exports,
+        "disk": disk,
+        "models": models,
+        "gate": gate,
+        "findings": [asdict(f) for f in findings],
+        "needs_attention": bool(findings),
+    }
+
+
+def _series_status(
+    *, sessions: sessionmaker[Session], stuck_after: float, now: dt.datetime, findings: list[Finding]
+) -> dict[str, Any]:
+    """`series` (count and oldest age per state), `stuck_series` and `waiting_for_worker`; findings for both."""
+    # Imported when run, not when `gatekeeper` builds its parser: they load prometheus_client, which
+    # `gatekeeper listen` and `worker` must only load after exporting their metrics folder.
+    from service.metrics import WAITING_STATES, state_since, waiting_since
+
     current = Series.superseded.is_(False)
     with sessions() as session:
         by_state = session.execute(
@@ -147,9 +172,6 @@ def collect_status(
             .where(current, Series.state.in_([s.value for s in WAITING_STATES]))
             .order_by(waiting_since())
         ).all()
-        pending, oldest_pending = session.execute(
-            select(func.count(), func.min(Export.pending_since)).where(Export.state == ExportState.PENDING.value)
-        ).one()
 
     series = {
         state: {"count": count, "oldest_age_s": _age(since, now)}
@@ -184,7 +206,24 @@ def collect_status(
                 f"{_duration(not_taken[0]['age_s'])}",
             )
         )
+    return {
+        "series": series,
+        "stuck_series": stuck,
+        "waiting_for_worker": {
+            "count": len(waiting_rows),
+            "oldest_age_s": _age(waiting_rows[0][2], now) if waiting_rows else None,
+        },
+    }
 
+
+def _export_status(*, sessions: sessionmaker[Session], now: dt.datetime, findings: list[Finding]) -> dict[str, Any]:
+    """Failed exports (a finding) and the pending ones' count and oldest age."""
+    from service.pacs_export import list_exports
+
+    with sessions() as session:
+        pending, oldest_pending = session.execute(
+            select(func.count(), func.min(Export.pending_since)).where(Export.state == ExportState.PENDING.value)
+        ).one()
     failed = [
         {key: row[key] for key in ("id", "series_id", "attempts", "last_status", "last_reason", "destination")}
         for row in list_exports(sessions=sessions, state=ExportState.FAILED)
@@ -198,30 +237,37 @@ def collect_status(
                 + (" ..." if len(failed) > 5 else ""),
             )
         )
+    return {"failed": failed, "pending": pending, "oldest_pending_age_s": _age(oldest_pending, now)}
 
-    if isinstance(broker, str):
-        findings.append(Finding("broker_unreachable", f"broker unreachable: {broker}"))
 
-    disk: dict[str, Any]
+def _disk_status(settings: Settings, findings: list[Finding]) -> dict[str, Any]:
+    """Free space on the storage disk against the listener's reserve; a finding near or past it."""
+    from service.metrics import disk_space
+
     try:
         space = disk_space(settings)
-        disk = {
-            "path": str(space.path),
-            "free_bytes": space.free_bytes,
-            "total_bytes": space.total_bytes,
-            "reserve_bytes": space.reserve_bytes,
-        }
-        if space.free_bytes < DISK_WARNING_FACTOR * space.reserve_bytes:
-            findings.append(
-                Finding(
-                    "disk_low",
-                    f"{_bytes(space.free_bytes)} free under {space.path}; the listener refuses stores below "
-                    f"{_bytes(space.reserve_bytes)}",
-                )
-            )
     except OSError as exc:
-        disk = {"path": str(settings.storage_dir), "problem": str(exc)}
         findings.append(Finding("disk_unreadable", f"cannot read the storage disk: {exc}"))
+        return {"path": str(settings.storage_dir), "problem": str(exc)}
+    if space.free_bytes < DISK_WARNING_FACTOR * space.reserve_bytes:
+        findings.append(
+            Finding(
+                "disk_low",
+                f"{_bytes(space.free_bytes)} free under {space.path}; the listener refuses stores below "
+                f"{_bytes(space.reserve_bytes)}",
+            )
+        )
+    return {
+        "path": str(space.path),
+        "free_bytes": space.free_bytes,
+        "total_bytes": space.total_bytes,
+        "reserve_bytes": space.reserve_bytes,
+    }
+
+
+def _model_status(settings: Settings, findings: list[Finding]) -> list[dict[str, Any]]:
+    """The detector's and segmenter's versions; a finding for an unreadable model folder."""
+    from service.metrics import model_versions
 
     models = []
     for version in model_versions(settings):
@@ -236,27 +282,19 @@ def collect_status(
         )
         if version.problem and not (version.model == "segmenter" and settings.segmentation_mode == "forward"):
             findings.append(Finding("model_unreadable", f"{version.model} model: {version.problem}"))
+    return models
 
-    return {
-        "generated_at": now.isoformat(),
-        "series": series,
-        "stuck_series": stuck,
-        "waiting_for_worker": {
-            "count": len(waiting_rows),
-            "oldest_age_s": _age(waiting_rows[0][2], now) if waiting_rows else None,
-        },
-        "worker_heartbeat": HEARTBEAT_NOTE,
-        "broker": {"reachable": not isinstance(broker, str), "queues": broker if isinstance(broker, dict) else {}},
-        "exports": {
-            "failed": failed,
-            "pending": pending,
-            "oldest_pending_age_s": _age(oldest_pending, now),
-        },
-        "disk": disk,
-        "models": models,
-        "findings": [asdict(f) for f in findings],
-        "needs_attention": bool(findings),
-    }
+
+def _gate_status(*, settings: Settings, sessions: sessionmaker[Session], findings: list[Finding]) -> dict[str, Any]:
+    """The active gate's version and the population it was calibrated on (`calibration_population`).
+
+    A gate.json that cannot be read is a finding (every series' segment task would fail on it).
+    """
+    with sessions() as session:
+        gate = read_active_gate(session=session, settings=settings)
+    if gate.problem:
+        findings.append(Finding("gate_unreadable", f"gate: {gate.problem}"))
+    return gate.to_json()
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -293,6 +331,9 @@ def format_report(report: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"Disk: unreadable ({disk['problem']})")
+    gate = report.get("gate")
+    if gate:
+        lines.append(f"Gate: {gate['version']} ({gate['source']}); calibrated on {gate['calibrated_on']}")
     for model in report["models"]:
         lines.append(
             f"Model {model['model']}: "

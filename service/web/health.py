@@ -2,7 +2,8 @@
 
 Each check answers `CheckResult(name, "ok")` or `CheckResult(name, "failed", reason)`; none raises.
 They name what an operator must fix: the database (reachable, migrated), the Celery broker, the
-model files of the detector and segmenter, the gate's gate.json, and free space on the disk holding `storage_dir`.
+model files of the detector and segmenter, the active gate's gate.json (its `detail` also says which
+population it was calibrated on), and free space on the disk holding `storage_dir`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.calibration_population import read_active_gate
 from service.settings import Settings
 from service.web.schemas import CheckResult
 
@@ -86,6 +88,19 @@ def check_gate_dir(gate_dir: Path) -> CheckResult:
     return CheckResult(name="gate", status="ok")
 
 
+def check_active_gate(sessions: sessionmaker[Session], settings: Settings) -> CheckResult:
+    """`check_gate_dir` on the gate the pipeline uses (the registry's active version, else the settings'
+    folder), with `detail`: its version, where it came from and the population it was calibrated on."""
+    try:
+        with sessions() as session:
+            gate = read_active_gate(session=session, settings=settings)
+    except SQLAlchemyError as exc:
+        log.warning("readiness: cannot read the active gate version: %s", type(exc).__name__)
+        return CheckResult(name="gate", status="failed", reason="cannot read the active gate version (database)")
+    result = check_gate_dir(gate.folder) if gate.folder is not None else CheckResult(name="gate", status="ok")
+    return result.model_copy(update={"detail": gate.to_json()})
+
+
 def check_disk(storage_dir: Path, *, min_free_bytes: int, max_used_fraction: float) -> CheckResult:
     """ok when the disk holding `storage_dir` has the free space the listener needs to accept stores."""
     try:
@@ -115,7 +130,7 @@ def readiness_checks(settings: Settings, sessions: sessionmaker[Session]) -> lis
         lambda: check_broker(settings.broker_url),
         lambda: check_model_dir("detector_model", settings.detector_model_dir),
         lambda: check_model_dir("segmenter_model", settings.segmenter_model_dir),
-        lambda: check_gate_dir(settings.gate_model_dir),
+        lambda: check_active_gate(sessions, settings),
         lambda: check_disk(
             settings.storage_dir,
             min_free_bytes=settings.min_free_disk_bytes,

@@ -315,11 +315,13 @@ class UserOut(BaseModel):
 
 
 class CheckResult(BaseModel):
-    """One readiness check: `ok` or `failed`, and why it failed."""
+    """One readiness check: `ok` or `failed`, why it failed, and what it found (the gate: its version and
+    the population it was calibrated on)."""
 
     name: str
     status: str  # ok | failed
     reason: str | None = None
+    detail: dict[str, Any] | None = None
 
 
 class Readiness(BaseModel):

@@ -10,6 +10,7 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from service.calibration_population import read_active_gate
 from service.db.tables import MAX_FEEDBACK_NOTE_LENGTH, UserRole
 from service.web import crud
 from service.web.deps import (
@@ -162,6 +163,7 @@ def worklist_page(
             "age_warning_s": settings.worklist_age_warning_h * 3600.0,
             "age_warning_h": settings.worklist_age_warning_h,
             "assignees": assignees,
+            "gate": read_active_gate(session=session, settings=settings),
         },
     )
 

@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--by", default=None, help="who registers the candidates (default: your login name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     g = p.add_argument_group("training sizes (defaults: the active detector's recipe)")
+    g.add_argument("--detector-family", default=None, help="detector network family (default: the active one's)")
     g.add_argument("--detector-size", type=int, default=None, choices=(64, 128, 256), help="detector slice size")
     g.add_argument("--detector-batch", type=int, default=32, help="detector batch (multiple of 4; default 32)")
     g.add_argument(
@@ -164,6 +165,7 @@ def _run_stages(
         shipped_detector = json.loads((active[ModelKind.DETECTOR][1] / "model.json").read_text())
         recipe = train.DetectorRecipe.like(
             shipped_detector,
+            family=args.detector_family,
             size=args.detector_size,
             minutes=args.minutes,
             steps=args.detector_steps,

@@ -72,10 +72,17 @@ class DetectorRecipe:
 
     @classmethod
     def like(
-        cls, shipped: Mapping[str, Any], *, size: int | None, minutes: float, steps: int | None, batch: int
+        cls,
+        shipped: Mapping[str, Any],
+        *,
+        family: str | None,
+        size: int | None,
+        minutes: float,
+        steps: int | None,
+        batch: int,
     ) -> DetectorRecipe:
         return cls(
-            family=str(shipped.get("family") or "stylegan2"),
+            family=str(family or shipped.get("family") or "stylegan2"),
             size=int(size or shipped.get("size") or 128),
             position=str((shipped.get("position") or {}).get("method") or "bpr"),
             minutes=minutes,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from models.commission.leakage import leaked_series
 from models.detector.data import scan_parallel
 from models.segmenter.contours import find_liver_contours
 from service import dicom_series
@@ -176,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
     groups_by_uid = _manifest_groups(args.data)
     scanned = scan_parallel(args.data, 1)
     contours = find_liver_contours(scanned)
+    reported = [g.series_instance_uid for g in dicom_series.ct_series_in(scanned) if g.series_instance_uid in contours]
+    leak = leaked_series(reported, {f"--model {name}": folder for name, folder in models.items()})
+    if leak is not None:
+        raise UsageError(leak)
     phantom: dict[str, list[dict[str, Any]]] = {}
     for files in dicom_series.ct_series_in(scanned):
         split, group = groups_by_uid.get(files.series_instance_uid, ("all", "unknown"))

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.commission.leakage import leaked_series
 from models.detector.metrics import auroc
 from service.commands.gate import DEFAULT_GATE_DIR, anomaly_type, map_with_progress, read_manifests
 from service.errors import UsageError
@@ -688,6 +689,12 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_jobs(args.data, splits, args.jobs)
         if not plan:
             raise UsageError(f"--data {args.data}: no CT series" + (f" in split {sorted(splits)}" if splits else ""))
+        leak = leaked_series(
+            [j.files.series_instance_uid for j in plan],
+            {"--gate": gate_dir, "--segmenter": seg_dir, "--detector": det_dir},
+        )
+        if leak is not None:
+            raise UsageError(leak)
         log.info("evaluating the gate on %d series with %d process(es)", len(plan), args.jobs)
         init = (str(seg_dir), str(det_dir), str(gate_dir))
         results = list(map_with_progress(_score_one, plan, args.jobs, init, "evaluate gate"))

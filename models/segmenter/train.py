@@ -209,6 +209,8 @@ def write_model_json(
             "data_command": _data_command(Path(data.source)),
             "train_series": len(data.train),
             "validation_series": len(data.validation),
+            "trained_on_series": sorted(s.series_instance_uid for s in data.train),
+            "calibrated_on_series": sorted(s.series_instance_uid for s in data.validation),
             "train_slices": sum(s.num_slices for s in data.train),
             "command": "gatekeeper train segmenter " + " ".join(shlex.quote(a) for a in sys.argv[3:])
             if sys.argv[1:3] == ["train", "segmenter"]

@@ -284,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
         "split": args.split,
         "series": len(used),
         "hash": data_hash(used),
+        "calibrated_on_series": sorted(g.series_instance_uid for g in used),
         "seconds_per_series": round(sum(seconds) / max(len(seconds), 1), 2),
     }
     command = "gatekeeper calibrate gate " + " ".join(shlex.quote(a) for a in sys.argv[3:])

@@ -239,20 +239,66 @@ def build_liver_rtstruct(
     now = dt.datetime.now(dt.UTC).astimezone()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
+    ds = _empty_file_dataset(sop_instance_uid)
+    _add_sop_common_patient_and_study(ds, first, sop_instance_uid=sop_instance_uid, date=date, time=time)
+    _add_series_frame_of_reference_and_equipment(
+        ds,
+        first,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        date=date,
+        time=time,
+        manufacturer=manufacturer,
+        algorithm_name=algorithm_name,
+        device_serial_number=device_serial_number,
+        software_versions=software_versions or algorithm_version,
+    )
+    _add_structure_set(
+        ds,
+        source_images,
+        roi_name=roi_name,
+        roi_generation_description=f"{algorithm_name} {algorithm_version}"[:MAX_LO_LENGTH],
+        date=date,
+        time=time,
+    )
+    contours = _liver_contours(source_images, mask)
+    ds.ROIContourSequence = [_liver_roi_contour(contours)]
+    ds.RTROIObservationsSequence = [_liver_roi_observation()]
+    # Approval: nobody has reviewed it
+    ds.ApprovalStatus = "UNAPPROVED"
+
+    log.info(
+        "built liver RTSTRUCT %s: %d contours on %d of %d slices",
+        sop_instance_uid,
+        len(contours),
+        int(mask.any(axis=(1, 2)).sum()),
+        len(source_images),
+    )
+    return ds
+
+
+def _empty_file_dataset(sop_instance_uid: str) -> pydicom.FileDataset:
+    """An empty RT Structure Set file dataset: file meta (explicit VR little endian) and preamble only."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTStructureSetStorage
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = pydicom.FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    return pydicom.FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
 
-    # SOP Common
+
+def _add_sop_common_patient_and_study(
+    ds: Dataset, first: pydicom.Dataset, *, sop_instance_uid: str, date: str, time: str
+) -> None:
+    """SOP Common (character set of the source), Patient and General Study modules: the source's values.
+
+    Type 2 elements are empty where the source has none; optional ones are left out.
+    """
     if "SpecificCharacterSet" in first:
         ds.SpecificCharacterSet = first.SpecificCharacterSet
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = sop_instance_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    # Patient and General Study: the source's (type 2 elements empty where the source has none)
     for keyword in (
         "PatientName",
         "PatientID",
@@ -269,22 +315,47 @@ def build_liver_rtstruct(
     for keyword in ("StudyDescription", "IssuerOfPatientID", "PatientAge"):
         if first.get(keyword):
             setattr(ds, keyword, first.get(keyword))
-    # RT Series
+
+
+def _add_series_frame_of_reference_and_equipment(
+    ds: Dataset,
+    first: pydicom.Dataset,
+    *,
+    series_instance_uid: str,
+    series_number: int,
+    date: str,
+    time: str,
+    manufacturer: str,
+    algorithm_name: str,
+    device_serial_number: str,
+    software_versions: str,
+) -> None:
+    """RT Series (ours), Frame of Reference (the CT's) and General Equipment (us) modules."""
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = series_instance_uid
     ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = SERIES_DESCRIPTION
     ds.OperatorsName = ""
-    # Frame of Reference: the CT's
     ds.FrameOfReferenceUID = first.FrameOfReferenceUID
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
-    # General Equipment
     ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = algorithm_name
     ds.DeviceSerialNumber = device_serial_number
-    ds.SoftwareVersions = software_versions or algorithm_version
-    # Structure Set
+    ds.SoftwareVersions = software_versions
+
+
+def _add_structure_set(
+    ds: Dataset,
+    source_images: Sequence[pydicom.Dataset],
+    *,
+    roi_name: str,
+    roi_generation_description: str,
+    date: str,
+    time: str,
+) -> None:
+    """Structure Set module: the references to every source image and the one liver ROI."""
+    first = source_images[0]
     ds.InstanceNumber = 1
     ds.StructureSetLabel = STRUCTURE_SET_LABEL
     ds.StructureSetName = roi_name
@@ -297,21 +368,32 @@ def build_liver_rtstruct(
     roi.ROIName = roi_name
     roi.ROIDescription = STRUCTURE_SET_DESCRIPTION
     roi.ROIGenerationAlgorithm = "AUTOMATIC"
-    roi.ROIGenerationDescription = f"{algorithm_name} {algorithm_version}"[:MAX_LO_LENGTH]
+    roi.ROIGenerationDescription = roi_generation_description
     ds.StructureSetROISequence = [roi]
-    # ROI Contour
+
+
+def _liver_contours(source_images: Sequence[pydicom.Dataset], mask: np.ndarray) -> list[Dataset]:
+    """The CLOSED_PLANAR contour items of every slice with liver, numbered from 1 in slice order."""
     contours: list[Dataset] = []
     for index, image in enumerate(source_images):
         if not mask[index].any():
             continue
         for points in mask_contours(mask[index]):
             contours.append(_contour_item(image, points, number=len(contours) + 1))
+    return contours
+
+
+def _liver_roi_contour(contours: list[Dataset]) -> Dataset:
+    """The ROI Contour Sequence item of the liver ROI: its display colour and `contours`."""
     roi_contour = Dataset()
     roi_contour.ReferencedROINumber = LIVER_ROI_NUMBER
     roi_contour.ROIDisplayColor = list(LIVER_DISPLAY_COLOR)
     roi_contour.ContourSequence = contours
-    ds.ROIContourSequence = [roi_contour]
-    # RT ROI Observations
+    return roi_contour
+
+
+def _liver_roi_observation() -> Dataset:
+    """The RT ROI Observations Sequence item of the liver ROI: ORGAN, coded SCT 10200004 Liver."""
     observation = Dataset()
     observation.ObservationNumber = 1
     observation.ReferencedROINumber = LIVER_ROI_NUMBER
@@ -321,18 +403,7 @@ def build_liver_rtstruct(
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = liver.value, liver.scheme_designator, liver.meaning
     observation.RTROIIdentificationCodeSequence = [code]
-    ds.RTROIObservationsSequence = [observation]
-    # Approval: nobody has reviewed it
-    ds.ApprovalStatus = "UNAPPROVED"
-
-    log.info(
-        "built liver RTSTRUCT %s: %d contours on %d of %d slices",
-        sop_instance_uid,
-        len(contours),
-        int(mask.any(axis=(1, 2)).sum()),
-        len(source_images),
-    )
-    return ds
+    return observation
 
 
 def _referenced_frame_of_reference(source_images: Sequence[pydicom.Dataset]) -> Dataset:

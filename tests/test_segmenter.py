@@ -17,12 +17,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.segmenter.contours import find_liver_contours, read_rtstruct_liver, read_seg_liver  # noqa: E402
+from models.segmenter.contours import find_liver_contours, read_liver_contour  # noqa: E402
 from models.segmenter.evaluate_gate import Mahalanobis, aurc, optimal_aurc, review_outcome  # noqa: E402
 from models.segmenter.network import SegmenterExport, UNet  # noqa: E402
 from service import dicom_series  # noqa: E402
 from service.commands.main import main as gatekeeper  # noqa: E402
-from service.phantom.anatomy import Label  # noqa: E402
+from service.phantom.canvas import Label  # noqa: E402
 from service.phantom.generate import SeriesSpec, generate_run  # noqa: E402
 from service.phantom.truth import load_manifest, load_series  # noqa: E402
 from service.segmentation import DEFAULT_MODEL_DIR, Segmenter, dice  # noqa: E402
@@ -96,9 +96,10 @@ def test_seg_liver_segment_is_read_by_code_and_matches_the_ground_truth(phantom:
     manifest = load_manifest(phantom)
     entry = manifest["series"][0]
     truth = load_series(phantom, entry)
-    contour = read_seg_liver(phantom / entry["folder"] / entry["organs_seg"])
+    files = dicom_series.ct_series_in(dicom_series.scan_tree(phantom / entry["folder"]))[0]
+    contour = read_liver_contour(phantom / entry["folder"] / entry["organs_seg"], files)
     assert contour.series_instance_uid == entry["series_instance_uid"]
-    series = dicom_series.load_series(dicom_series.ct_series_in(dicom_series.scan_tree(phantom / entry["folder"]))[0])
+    series = dicom_series.load_series(files)
     volume = contour.volume_for(series)
     assert volume.any()
     np.testing.assert_array_equal(volume, truth.labels == Label.LIVER)
@@ -114,13 +115,13 @@ def test_rtstruct_liver_is_rasterised_by_rt_utils_onto_the_ct_slices(phantom: Pa
         shutil.copy(phantom / entry["folder"] / name, ct_only / name)
     files = dicom_series.ct_series_in(dicom_series.scan_tree(ct_only))[0]
     series = dicom_series.load_series(files)
-    truth = read_seg_liver(phantom / entry["folder"] / entry["organs_seg"]).volume_for(series)
+    truth = read_liver_contour(phantom / entry["folder"] / entry["organs_seg"], files).volume_for(series)
     rt = RTStructBuilder.create_new(dicom_series_path=str(ct_only))
     by_uid = dict(zip(series.sop_instance_uids, truth))
     order = [str(ds.SOPInstanceUID) for ds in rt.series_data]  # rt-utils' own slice order
     rt.add_roi(mask=np.stack([by_uid[u] for u in order], axis=-1), name="Liver")
     rt.save(str(tmp_path / "rtstruct.dcm"))
-    contour = read_rtstruct_liver(tmp_path / "rtstruct.dcm", files)
+    contour = read_liver_contour(tmp_path / "rtstruct.dcm", files)
     got = contour.volume_for(series)
     assert dice(got, truth) > 0.9  # polygon round trip: boundary pixels may differ
     # The same file is found and matched by its referenced series when scanning the tree.

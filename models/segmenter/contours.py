@@ -2,28 +2,32 @@
 
 A contour object is matched to its CT series by the referenced SeriesInstanceUID (SEG:
 ReferencedSeriesSequence; RTSTRUCT: ReferencedFrameOfReferenceSequence → RT Referenced Study →
-RT Referenced Series), never by folder or file name. The liver is the SEG segment whose
-property type is SCT 10200004 (Liver) or whose label is "liver" in any letter case, and the
-RTSTRUCT ROI named "liver" in any letter case ("Liver", "LIVER"). Masks are rasterised by the
-libraries (highdicom, rt-utils), not by code here.
+RT Referenced Series), never by folder or file name. The liver is the SEG segment labelled
+"liver" in any letter case, else the one whose property type is SCT 10200004 (Liver), and the
+RTSTRUCT ROI named "liver" in any letter case ("Liver", "LIVER"). The masks are read by the same
+code as returned contours in production (`service.contours.read_liver_mask`: highdicom, rt-utils).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 
 from service import dicom_series
+from service.contours import ContourProblem, contour_references, ct_headers, read_liver_mask
+from service.db.tables import ContourStatus
 
 log = logging.getLogger(__name__)
 
-LIVER_SCT_CODE = "10200004"
+#: The name map of training data: the ROI or segment named "Liver" in any letter case (a SEG segment
+#: of type SCT 10200004 Liver counts too, see `service.contours.liver_structure`).
+LIVER_NAMES = ("Liver",)
 
 
 class ContourError(ValueError):
@@ -70,71 +74,33 @@ class LiverContour:
         return out
 
 
-def _is_liver_name(name: str) -> bool:
-    return name.strip().lower() == "liver"
+def read_liver_contour(
+    path: Path, series_files: dicom_series.SeriesFiles, headers: Sequence[pydicom.Dataset] | None = None
+) -> LiverContour:
+    """The liver of the SEG or RT Structure Set at `path` on `series_files`' CT slices.
 
-
-def read_seg_liver(path: Path) -> LiverContour:
-    """The liver segment of a DICOM-SEG.
-
-    Raises:
-        ContourError: no liver segment, or no referenced series.
-    """
-    seg = hd.seg.segread(path)
-    numbers = [
-        d.SegmentNumber
-        for d in seg.SegmentSequence
-        if any(str(c.CodeValue) == LIVER_SCT_CODE for c in d.SegmentedPropertyTypeCodeSequence)
-        or _is_liver_name(str(d.SegmentLabel))
-    ]
-    if not numbers:
-        labels = ", ".join(str(d.SegmentLabel) for d in seg.SegmentSequence)
-        raise NoLiver(f"{path.name}: no liver segment (SCT {LIVER_SCT_CODE} or label 'Liver'); has {labels}")
-    refs = getattr(seg, "ReferencedSeriesSequence", None)
-    if not refs:
-        raise ContourError(f"{path.name}: SEG has no ReferencedSeriesSequence")
-    series_uid = str(refs[0].SeriesInstanceUID)
-    sop_uids = [str(r.ReferencedSOPInstanceUID) for r in refs[0].ReferencedInstanceSequence]
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=sop_uids, segment_numbers=[int(numbers[0])], assert_missing_frames_are_empty=True
-    )[..., 0]
-    return LiverContour(series_uid, Path(path), {u: pixels[i].astype(bool) for i, u in enumerate(sop_uids)})
-
-
-def read_rtstruct_liver(path: Path, series_files: dicom_series.SeriesFiles) -> LiverContour:
-    """The liver ROI of an RT Structure Set, rasterised on `series_files`' slices by rt-utils.
+    Read by the service's one liver reader (`service.contours.read_liver_mask`) with the name
+    map `LIVER_NAMES`: rt-utils rasterises an RTSTRUCT, highdicom places a SEG's frames.
+    `headers`: the series' CT headers in volume order (`service.contours.ct_headers`) when the
+    caller has them already; None: read from `series_files`.
 
     Raises:
-        ContourError: no ROI named liver, or rt-utils cannot map the contours onto the series.
+        NoLiver: no ROI or segment is the liver.
+        ContourError: the file is not a contour object we can read, or it cannot be placed on the series.
     """
-    from rt_utils import RTStruct  # opencv-based; imported only when an RTSTRUCT is met
-    from rt_utils.image_helper import get_slice_position
-
     ds = pydicom.dcmread(path)
-    names = [str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", [])]
-    liver = [n for n in names if _is_liver_name(n)]
-    if not liver:
-        raise NoLiver(f"{path.name}: no ROI named 'Liver'; has {', '.join(names) or 'none'}")
-    images = [pydicom.dcmread(i.path) for i in series_files.instances]
-    images.sort(key=get_slice_position)  # the order rt-utils' masks follow
     try:
-        volume = RTStruct(images, ds).get_roi_mask_by_name(liver[0])  # [rows, columns, slices]
-    except Exception as exc:  # noqa: BLE001 — rt-utils raises plain Exception for bad geometry
-        raise ContourError(f"{path.name}: cannot rasterise ROI {liver[0]!r}: {exc}") from None
+        if headers is None:
+            headers = ct_headers(instance.path for instance in series_files.instances)
+        _, mask = read_liver_mask(ds, headers, LIVER_NAMES)
+    except ContourProblem as problem:
+        error = NoLiver if problem.status == ContourStatus.NO_LIVER else ContourError
+        raise error(f"{Path(path).name}: {problem.reason}") from None
     return LiverContour(
         series_files.series_instance_uid,
         Path(path),
-        {str(img.SOPInstanceUID): volume[:, :, i].astype(bool) for i, img in enumerate(images)},
+        {str(header.SOPInstanceUID): mask[n] for n, header in enumerate(headers)},
     )
-
-
-def rtstruct_series_uid(ds: pydicom.Dataset) -> str | None:
-    """The CT SeriesInstanceUID an RT Structure Set refers to, or None."""
-    try:
-        study = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-        return str(study.RTReferencedSeriesSequence[0].SeriesInstanceUID)
-    except (AttributeError, IndexError):
-        return None
 
 
 def find_liver_contours(groups: list[dicom_series.SeriesFiles]) -> dict[str, LiverContour]:
@@ -150,16 +116,20 @@ def find_liver_contours(groups: list[dicom_series.SeriesFiles]) -> dict[str, Liv
         (i for g in groups for i in g.instances if i.sop_class_uid in (SegmentationStorage, RTStructureSetStorage)),
         key=lambda i: str(i.path),
     )
+    cached_uid: str | None = None  # the CT series whose headers are in `cached_headers`
+    cached_headers: list[pydicom.Dataset] = []
     for inst in objects:
         try:
-            if inst.sop_class_uid == SegmentationStorage:
-                contour = read_seg_liver(inst.path)
-            else:
-                ds = pydicom.dcmread(inst.path, stop_before_pixels=True)
-                uid = rtstruct_series_uid(ds)
-                if uid is None or uid not in ct_by_uid:
-                    raise ContourError(f"{inst.path.name}: refers to no CT series that was found")
-                contour = read_rtstruct_liver(inst.path, ct_by_uid[uid])
+            refs = contour_references(pydicom.dcmread(inst.path, stop_before_pixels=True))
+            uids = [uid for uid in refs.series_instance_uids if uid in ct_by_uid]
+            if not uids:
+                raise ContourError(f"{inst.path.name}: refers to no CT series that was found")
+            if uids[0] != cached_uid:  # a series' contour objects lie side by side in path order
+                cached_uid, cached_headers = uids[0], ct_headers(i.path for i in ct_by_uid[uids[0]].instances)
+            contour = read_liver_contour(inst.path, ct_by_uid[uids[0]], cached_headers)
+        except ContourProblem as exc:  # the CT series' headers (`ct_headers`)
+            log.warning("skipping contour: %s: %s", inst.path.name, exc.reason)
+            continue
         except NoLiver as exc:
             log.debug("no liver: %s", exc)
             continue

@@ -190,7 +190,7 @@ class _Job:
 
 def _score_one(job: _Job) -> SeriesResult:
     """Detector, gate and Dice on one series, with this process's models (`service.commands.gate.load_models`)."""
-    from models.segmenter.contours import ContourError, NoLiver, read_seg_liver
+    from models.segmenter.contours import ContourError, NoLiver, read_liver_contour
     from service import dicom_series
     from service.commands.gate import evidence_of, models
     from service.segmentation import dice
@@ -209,7 +209,7 @@ def _score_one(job: _Job) -> SeriesResult:
     truth = None
     if job.contour is not None:
         try:
-            truth = read_seg_liver(Path(job.contour)).volume_for(series)
+            truth = read_liver_contour(Path(job.contour), job.files).volume_for(series)
         except NoLiver:
             truth = None
         except (ContourError, OSError, ValueError) as exc:

@@ -44,11 +44,13 @@ def _run_train(args: argparse.Namespace) -> int:
 def register_evaluate(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `evaluate gate` and `evaluate candidate` (a registered segmenter or detector against the active one)."""
     from models.active_learning.config import add_candidate_arguments
+    from models.active_learning.curve import register as register_active_learning
     from models.segmenter.evaluate import register as register_segmenter
     from models.segmenter.evaluate_gate import register
 
     register(what)
     register_segmenter(what)
+    register_active_learning(what)
     c = what.add_parser(
         "candidate",
         help="compare a candidate model version with the active one on a fixed held-out phantom set",

@@ -137,6 +137,35 @@ def run(args: argparse.Namespace) -> int:
     return _run_stages(args, split, normals, abnormal, contours, progress, t_start)
 
 
+def _register_candidates(
+    sessions: Any, settings: Any, folders: dict[str, Path | None], *, args: argparse.Namespace, split: Any
+) -> dict[str, str | None]:
+    """Register every model folder commissioning made as a *candidate* in the model registry; return the
+    version per kind (None where no model was made, e.g. no segmenter without --contours)."""
+    from models.active_learning.pool import register_candidate
+    from service.db.tables import ModelKind
+
+    candidates: dict[str, str | None] = {}
+    for name, folder in folders.items():
+        if folder is None:
+            candidates[name] = None
+            continue
+        record = register_candidate(
+            sessions=sessions,
+            settings=settings,
+            kind=ModelKind(name),
+            folder=folder,
+            actor=args.by,
+            training_data={
+                "commission": str(args.out.resolve()),
+                "split_fingerprint": split.fingerprint,
+                "pool_entry_ids": [],
+            },
+        )
+        candidates[name] = record.version
+    return candidates
+
+
 def _run_stages(
     args: argparse.Namespace,
     split: Any,
@@ -146,7 +175,7 @@ def _run_stages(
     progress: bool,
     t_start: float,
 ) -> int:
-    from models.active_learning.pool import active_folder, register_candidate
+    from models.active_learning.pool import active_folder
     from models.commission import calibrate, evaluate, train
     from service.db.schema import open_database
     from service.db.tables import ModelKind
@@ -236,24 +265,7 @@ def _run_stages(
 
         t0 = time.monotonic()
         folders = {"detector": det_dir, "gate": gate_dir, "segmenter": fine.folder}
-        candidates: dict[str, str | None] = {}
-        for name, folder in folders.items():
-            if folder is None:
-                candidates[name] = None
-                continue
-            record = register_candidate(
-                sessions=sessions,
-                settings=settings,
-                kind=ModelKind(name),
-                folder=folder,
-                actor=args.by,
-                training_data={
-                    "commission": str(args.out.resolve()),
-                    "split_fingerprint": split.fingerprint,
-                    "pool_entry_ids": [],
-                },
-            )
-            candidates[name] = record.version
+        candidates = _register_candidates(sessions, settings, folders, args=args, split=split)
         _stage("register", t0, ", ".join(f"{k} {v}" for k, v in candidates.items() if v) + " as candidates")
 
     t0 = time.monotonic()

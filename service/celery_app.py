@@ -33,7 +33,7 @@ PROCESS_SERIES_TASK = "gatekeeper.pipeline.process_series"
 SCORE_SERIES_TASK = "gatekeeper.pipeline.score_series"
 SEGMENT_SERIES_TASK = "gatekeeper.pipeline.segment_series"
 DELIVER_SEG_TASK = "gatekeeper.export.deliver_seg"
-# Returned contours (service/contours.py): light work, on the light default queue.
+# Returned contours (service/contours/): light work, on the light default queue.
 MATCH_CONTOURS_TASK = "gatekeeper.pipeline.match_contours"
 
 #: stage → (task name, the setting that names its queue)

@@ -49,7 +49,7 @@ class SeriesState(StrEnum):
     COMPLETE = "complete"  # the quiet period passed; the series is not yet handed on
     QUEUED = "queued"  # handed to the pipeline; no worker has taken it yet
     STORED = "stored"  # complete, but not an image series for the pipeline (SEG, RT Structure Set)
-    # The pipeline (service/pipeline.py): score → segment → the gate decides: the PACS or the worklist.
+    # The pipeline (service/pipeline/): score → segment → the gate decides: the PACS or the worklist.
     SCORING = "scoring"  # a score worker is running the detector on it
     SCORED = "scored"  # scores stored (`SeriesScore`); the route is being decided
     SEGMENTING = "segmenting"  # a worker is running the segmenter and the gate (forward mode: sending it)
@@ -65,7 +65,7 @@ class SeriesState(StrEnum):
     WORKLISTED = "worklisted"  # on the manual-contouring worklist (`WorklistItem`)
     CLAIMED = "claimed"  # a dosimetrist has claimed the worklist item
     DONE = "done"  # the dosimetrist marked the item done
-    # Returned contours (service/contours.py): the TPS or PACS sent back a liver contour for it.
+    # Returned contours (service/contours/): the TPS or PACS sent back a liver contour for it.
     CONTOURED = "contoured"  # a returned contour was matched; the series is in the training pool
 
 

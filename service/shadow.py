@@ -1,6 +1,6 @@
 """Shadow mode: the gate runs on real traffic before go-live, and the dosimetrists' answers measure it.
 
-With `Settings.mode` "shadow" the pipeline (service/pipeline.py) does everything it does live —
+With `Settings.mode` "shadow" the pipeline (service/pipeline/) does everything it does live —
 score, segment every readable series, let the gate decide, write the SEG / RT Structure Set — but
 sends nothing to the PACS or the forward node (`service.dicom_send` refuses every destination), so
 the department keeps contouring as before:

@@ -404,7 +404,7 @@ def test_seg_and_rt_structure_set_are_stored_and_indexed_not_queued(
         uids = [str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in (seg, rtstruct)]
         for uid in uids:
             wait_for(lambda uid=uid: db.series(uid) and db.series(uid)[0].state == SeriesState.STORED)
-        # Not queued for scoring: only the returned-contour stage (service/contours.py), once per series.
+        # Not queued for scoring: only the returned-contour stage (service/contours/), once per series.
         tasks = wait_for(lambda: t if len(t := queued_tasks(redis_url, settings.pipeline_queue)) >= 2 else None, 30)
     assert {db.series(uid)[0].modality for uid in uids} == {"SEG", "RTSTRUCT"}
     assert tasks == [MATCH_CONTOURS_TASK, MATCH_CONTOURS_TASK]

@@ -236,7 +236,7 @@ def test_a_shadow_review_is_not_claimed_and_its_answer_leaves_the_series_withhel
 
 
 def test_a_returned_contour_moves_only_a_worklist_series_to_contoured() -> None:
-    """`contoured` (service/contours.py) follows the worklist states only, and itself (a later contour)."""
+    """`contoured` (service/contours/) follows the worklist states only, and itself (a later contour)."""
     sources = {source for source, targets in ALLOWED_TRANSITIONS.items() if SeriesState.CONTOURED in targets}
     assert sources == {SeriesState.WORKLISTED, SeriesState.CLAIMED, SeriesState.DONE, SeriesState.CONTOURED}
     assert ALLOWED_TRANSITIONS[SeriesState.CONTOURED] == frozenset({SeriesState.CONTOURED})

@@ -346,7 +346,7 @@ class Assembler:
         self.store = store
         self.settings = settings
         self.publisher = publisher
-        # Further periodic jobs of this thread, e.g. the pipeline's sweeper (`service.pipeline_tasks`).
+        # Further periodic jobs of this thread, e.g. the pipeline's sweeper (`service.pipeline.tasks`).
         self.sweepers = list(sweepers)
         self.started_at = utc_now()
         self._stop = threading.Event()
@@ -415,7 +415,7 @@ class Listener:
 
         With `run_assembler`, a background thread completes quiet series, queues complete ones with
         `publisher` and runs each of `sweepers` every round (the command that starts the listener
-        builds them: `service.pipeline_tasks.listener_jobs`); without it, the DICOM server only.
+        builds them: `service.pipeline.tasks.listener_jobs`); without it, the DICOM server only.
 
         Raises:
             ValueError: the access allow-lists are empty (fail closed), or an assembler without a publisher.

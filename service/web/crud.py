@@ -445,7 +445,7 @@ def gate_decision(*, session: Session, series_id: int) -> dict[str, Any] | None:
     """The gate's newest decision on series version `series_id`, as the pipeline recorded it; None if none.
 
     The detail of the event that routed it after segmentation ("routed" to the worklist,
-    "exporting", "withheld", "export_failed"; service/pipeline.py `segment`): `gate` (the decision,
+    "exporting", "withheld", "export_failed"; service/pipeline/segmenting.py `segment`): `gate` (the decision,
     `GateDecision.as_json`: every finding with value, threshold, slices and plain words), `draft`
     (the draft SEG, relative to `storage_dir`, or None), and `gate_version`, `segmenter_version`,
     `detector_version`. Series routed before the gate decided after segmentation have none.

@@ -1,4 +1,4 @@
-"""The gate (service/gate.py): each signal on synthetic arrays, the calibration and fusion, gate.json checks
+"""The gate (service/gate/): each signal on synthetic arrays, the calibration and fusion, gate.json checks
 that name the field, the words a dosimetrist reads, and the whole decision — with a stub segmenter, so no
 ONNX model runs — on a normal, a metal, a liver-less, a cut-off and a head series."""
 

@@ -26,8 +26,8 @@ def untrained_detector(
     """Export a detector with fresh weights to `out` (scorer.onnx … + a minimal model.json); return `out`."""
     import torch
 
-    from models.detector.export import export_onnx
-    from models.detector.networks import Scorer, build_networks
+    from models.detector.stylegan2.export import export_onnx
+    from models.detector.stylegan2.networks import Scorer, build_networks
 
     torch.manual_seed(seed)
     nets = build_networks(family, size, conditioned=conditioned)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.detector.calibrate_patch import ValidationPatchScores, held_out_series_scores, series_score
+from models.detector.patch.calibrate import ValidationPatchScores, held_out_series_scores, series_score
 from service import imaging
 
 

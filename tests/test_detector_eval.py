@@ -58,7 +58,7 @@ def autoencoder(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_autoencoder_learns_is_calibrated_on_validation_normals_and_exports_faithfully(autoencoder: Path) -> None:
-    from models.detector.autoencoder import load_scorer
+    from models.detector.autoencoder.train import load_scorer
 
     meta = json.loads((autoencoder / "model.json").read_text())
     assert meta["kind"] == "ct-slice-autoencoder" and meta["size"] == SIZE
@@ -219,7 +219,7 @@ def test_a_matched_twin_carries_the_conditioning_target(
 
 
 def test_anomaly_mask_on_the_model_grid_covers_the_affected_slices(run_dir: Path) -> None:
-    from models.detector.evaluate import anomaly_mask_on_grid
+    from models.detector.evaluation.localisation import anomaly_mask_on_grid
     from service.phantom.truth import load_series
 
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -61,7 +61,7 @@ def dae(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_coarse_noise_is_low_resolution_and_shifted() -> None:
-    from models.detector.autoencoder import coarse_noise
+    from models.detector.autoencoder.networks import coarse_noise
 
     gen = torch.Generator().manual_seed(0)
     noise = coarse_noise(4, 64, 8, 0.2, gen)
@@ -75,7 +75,8 @@ def test_coarse_noise_is_low_resolution_and_shifted() -> None:
 
 
 def test_dae_is_calibrated_on_validation_normals_and_exports_faithfully(dae: Path) -> None:
-    from models.detector.autoencoder import DenoisingScorer, load_scorer
+    from models.detector.autoencoder.networks import DenoisingScorer
+    from models.detector.autoencoder.train import load_scorer
 
     meta = json.loads((dae / "model.json").read_text())
     assert meta["kind"] == "ct-slice-autoencoder" and meta["architecture"] == "unet"

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from models.detector.baselines import HistogramBaseline, hu_histograms
-from models.detector.evaluate import localise, parse_compare, patch_version, uncovered_to_slice_minimum
+from models.detector.evaluate import parse_compare
+from models.detector.evaluation.localisation import localise
 from models.detector.metrics import paired_bootstrap_difference, roc_curve
+from models.detector.patch.scoring import patch_version, uncovered_to_slice_minimum
 
 
 def _slices(k: int, rng: np.random.Generator, *, lung: bool = False, metal: bool = False) -> np.ndarray:

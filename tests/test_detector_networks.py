@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from models.detector.export import export_onnx  # noqa: E402
-from models.detector.networks import BodyPartRegressor, ModulatedConv2d, Scorer, build_networks  # noqa: E402
+from models.detector.stylegan2.export import export_onnx  # noqa: E402
+from models.detector.stylegan2.networks import BodyPartRegressor, ModulatedConv2d, Scorer, build_networks  # noqa: E402
 
 torch.set_num_threads(1)  # fastest on a shared 2-core machine
 

@@ -253,7 +253,7 @@ class _Constant(torch.nn.Module):
 
 
 def test_local_score_sees_a_small_finding_the_mean_averages_away() -> None:
-    from models.detector.networks_patch import PatchScorer, build_patch_networks
+    from models.detector.patch.networks import PatchScorer, build_patch_networks
 
     nets = build_patch_networks(3)
     E, G = _Constant((64,), 0.0), _Constant((3, 32, 32), -1.0)
@@ -276,7 +276,7 @@ def test_local_score_sees_a_small_finding_the_mean_averages_away() -> None:
 def test_wider_local_sigma_keeps_a_lesion_and_averages_texture_away() -> None:
     """`--local-sigma`: a 14-px disc 0.5 darker (a 3-cm lesion in the liver window) against pixel-scale
     texture of std 0.5 (what a reconstruction cannot predict): σ 4 px separates them, σ 1.5 px less so."""
-    from models.detector.networks_patch import PatchScorer, build_patch_networks
+    from models.detector.patch.networks import PatchScorer, build_patch_networks
 
     nets = build_patch_networks(3)
     E, G = _Constant((64,), 0.0), _Constant((3, 32, 32), 0.0)
@@ -310,8 +310,8 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_onnx_graphs_match_torch(trained: Path) -> None:
-    from models.detector.export import _DiscriminatorWithFeatures
-    from models.detector.networks_patch import PatchScorer, build_patch_networks
+    from models.detector.onnx_graph import DiscriminatorWithFeatures
+    from models.detector.patch.networks import PatchScorer, build_patch_networks
 
     weights = torch.load(trained / "weights.pt", map_location="cpu", weights_only=False)
     assert weights["recipe"] == "patch"
@@ -329,7 +329,7 @@ def test_onnx_graphs_match_torch(trained: Path) -> None:
         "patch_scorer.onnx": (scorer, {"patches": x, "cond": cond}),
         "encoder.onnx": (nets.E.eval(), {"patches": x, "cond": cond}),
         "generator.onnx": (nets.G.eval(), {"z": z, "cond": cond}),
-        "discriminator.onnx": (_DiscriminatorWithFeatures(nets.D).eval(), {"patches": x, "cond": cond}),
+        "discriminator.onnx": (DiscriminatorWithFeatures(nets.D).eval(), {"patches": x, "cond": cond}),
     }
     for name, (module, feeds) in cases.items():
         with torch.no_grad():
@@ -421,7 +421,7 @@ def test_hu_noise_darkens_or_brightens_every_window_together() -> None:
     """`--aae-noise-hu`: one smooth HU field under all windows (a lesion-like blob), unlike v3's per-channel noise."""
     import argparse
 
-    from models.detector.train_patch import PatchTrainer
+    from models.detector.patch.train import PatchTrainer
 
     field = np.full((1, 64, 64), 60.0, np.float32)  # liver-like tissue
     trainer = PatchTrainer.__new__(PatchTrainer)
@@ -474,7 +474,7 @@ def test_recalibrate_sets_the_threshold_from_held_out_onnx_scores(phantom: Path,
 
 
 def test_recalibrate_refuses_a_slice_recipe_model(phantom: Path) -> None:
-    from models.detector.calibrate_patch import recalibrate
+    from models.detector.patch.calibrate import recalibrate
 
     with pytest.raises(ValueError, match="patch-recipe"):
         recalibrate(Path("models/detector/default"), phantom)

@@ -68,7 +68,7 @@ def test_auroc_and_auprc_on_known_cases() -> None:
 
 def test_position_normalisation_follows_a_position_trend_and_global_is_constant() -> None:
     torch = pytest.importorskip("torch")  # noqa: F841 — calibrate imports the torch scorer
-    from models.detector.calibrate import position_normalisation
+    from models.detector.stylegan2.calibrate import position_normalisation
 
     rng = np.random.default_rng(3)
     p = rng.uniform(0, 1, 2000)

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.detector.bench import load_scorer  # noqa: E402
+from models.detector.stylegan2.export import load_scorer  # noqa: E402
 from service.commands.main import main as gatekeeper  # noqa: E402
 
 torch.set_num_threads(1)  # fastest on a shared 2-core machine
@@ -295,7 +295,7 @@ def test_evaluate_reports_auroc_per_anomaly_type(trained: tuple[Path, float], ph
 
 
 def test_reexport_from_weights_gives_the_same_graphs(trained: tuple[Path, float], tmp_path: Path) -> None:
-    from models.detector.export import reexport
+    from models.detector.stylegan2.export import reexport
 
     out, _ = trained
     copy = tmp_path / "m"

@@ -26,6 +26,7 @@ from typing import Any
 
 from models.active_learning.pool import active_folder, find_pool, register_candidate
 from models.detector.data import normal_splits, scan_parallel
+from models.detector.family import train_detector
 from service import dicom_series
 from service.db.tables import ModelKind
 from service.errors import UsageError
@@ -104,7 +105,6 @@ def base_series_hash(manifest: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Build the combined folder, train by `train detector`'s recipe, register the candidate. Exit 0."""
-    from models.detector.cli import run_training
     from models.detector.data import cpu_count
     from service.db.schema import open_database
 
@@ -122,7 +122,7 @@ def run_cli(args: argparse.Namespace) -> int:
         pool_series = sum(1 for e in manifest["series"] if e.get("pool"))
         log.info("training the detector (%s recipe) with %d pool series counted as normal", args.recipe, pool_series)
         training = argparse.Namespace(**{**vars(args), "data": folder})
-        rc = run_training(training)
+        rc = train_detector(training)
         if rc != 0:
             return rc
         record = register_candidate(

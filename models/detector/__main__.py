@@ -27,31 +27,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     if argv and argv[0] == "train":
-        from models.detector.train_patch import main as train_main  # both recipes (--recipe)
-
-        return train_main(argv[1:])
+        return _train(argv[1:])
     if argv and argv[0] == "baseline-ae":
-        from models.detector.autoencoder import main as autoencoder_main
+        from models.detector.autoencoder.train import main as autoencoder_main
 
         return autoencoder_main(argv[1:])
     if argv and argv[0] == "export":
         p = argparse.ArgumentParser(prog="python -m models.detector export")
         p.add_argument("--model", required=True, type=Path, help="model folder with model.json and weights.pt")
-        from models.detector.export import reexport
-
-        reexport(p.parse_args(argv[1:]).model)
-        return 0
+        return _export(p.parse_args(argv[1:]).model)
     if argv and argv[0] == "recalibrate":
         p = argparse.ArgumentParser(prog="python -m models.detector recalibrate")
         p.add_argument("--model", required=True, type=Path, help="patch-recipe model folder (model.json + ONNX)")
         p.add_argument("--data", required=True, type=Path, help="the model's training data (its validation split)")
         a = p.parse_args(argv[1:])
-        from models.detector.calibrate_patch import recalibrate
+        from models.detector.patch.calibrate import recalibrate
 
         recalibrate(a.model, a.data)
         return 0
     if argv and argv[0] == "samples":
-        from models.detector.samples import main as samples_main
+        from models.detector.stylegan2.samples import main as samples_main
 
         return samples_main(argv[1:])
     if argv and argv[0] == "bench":
@@ -80,6 +75,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(__doc__, file=sys.stderr)
     return 2
+
+
+def _train(argv: Sequence[str]) -> int:
+    """`train`: the family of `--recipe` (default slice), as `gatekeeper train detector` without the pool."""
+    from models.detector.config import add_arguments
+    from models.detector.family import train_detector
+    from service.errors import UsageError
+
+    parser = argparse.ArgumentParser(prog="python -m models.detector train", description="Train the detector.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return train_detector(args)
+    except UsageError as exc:
+        print(f"train detector: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _export(model_dir: Path) -> int:
+    """`export`: the ONNX files of `model_dir` again from weights.pt, by the family its model.json names."""
+    from models.detector.family import family_of, read_meta
+
+    family = family_of(read_meta(model_dir))
+    if family.export is None:
+        print(f"export: the {family.name} family has no re-export (train it again)", file=sys.stderr)
+        return 2
+    family.export(model_dir)
+    return 0
 
 
 if __name__ == "__main__":

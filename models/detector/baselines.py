@@ -1,31 +1,23 @@
-"""Baselines the detector is evaluated against, scored without torch (numpy and ONNX Runtime only).
+"""The baseline every detector is evaluated against, scored without torch (numpy and ONNX Runtime only).
 
 * `HistogramBaseline` — a HU-histogram statistic. Per slice, the fractions of body pixels in fixed
   HU bins (air … metal), square-rooted to steady their variance. Fitted on normal slices: per
   slice-position bin, the mean and spread of every feature; a slice's distance is the mean squared
   z-score of its features against its position bin, itself standardised by the distances of the
   training slices in that bin (≈ 0 typical, larger = more unusual). No network, no training.
-* `AutoencoderBaseline` — an autoencoder's reconstruction error, exported by
-  `models/detector/autoencoder.py` (`autoencoder.onnx` + `model.json`, the detector's
-  preprocessing): the plain conv autoencoder (slice error = mean squared error inside the body mask)
-  or the coarse-noise denoising autoencoder (model.json `noise.kind` "coarse"; slice error = the
-  largest smoothed residual inside the body); either normalised on validation normals inside the
-  graph; residual map = |x − AE(x)| inside the mask.
+(The autoencoder baselines are a family of their own: `models.detector.autoencoder`.)
 
 Series scores aggregate slice scores with `service.imaging.aggregate_slice_scores`, like the detector.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from service import imaging
 
@@ -61,8 +53,6 @@ HU_BIN_EDGES = (
 POSITION_BINS = 10
 #: Floor of a feature's spread (in √fraction units), so a bin no training slice uses stays finite.
 MIN_FEATURE_SIGMA = 0.01
-#: Kind string in the autoencoder's model.json.
-AUTOENCODER_KIND = "ct-slice-autoencoder"
 
 
 def hu_histograms(hu: np.ndarray, edges: Sequence[float] = HU_BIN_EDGES) -> np.ndarray:
@@ -182,50 +172,3 @@ class HistogramBaseline:
             "train_series": self.train_series,
             "train_slices": self.train_slices,
         }
-
-
-class AutoencoderBaseline:
-    """A loaded autoencoder baseline, plain or coarse-noise denoising (ONNX Runtime session built once).
-
-    Raises (constructor):
-        FileNotFoundError: no model.json or ONNX file in `model_dir`.
-        ValueError: model.json is not an autoencoder's or lacks a field (message names it).
-    """
-
-    def __init__(self, model_dir: Path | str, *, providers: Sequence[str] | None = None, batch: int = 32) -> None:
-        self.model_dir = Path(model_dir)
-        path = self.model_dir / "model.json"
-        self.meta = json.loads(path.read_text())
-        if self.meta.get("kind") != AUTOENCODER_KIND:
-            raise ValueError(f"{path}: kind {self.meta.get('kind')!r}; expected {AUTOENCODER_KIND!r}")
-        for key in ("size", "aggregation", "threshold", "preprocessing", "files"):
-            if key not in self.meta:
-                raise ValueError(f"{path}: field {key!r} missing")
-        self.size = int(self.meta["size"])
-        self.threshold = float(self.meta["threshold"])
-        self.aggregation = str(self.meta["aggregation"])
-        pre = self.meta["preprocessing"]
-        self.window = imaging.Window(float(pre["window_center_hu"]), float(pre["window_width_hu"]))
-        self.batch = batch
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(self.model_dir / self.meta["files"]["autoencoder"]),
-            options,
-            providers=list(providers) if providers else ["CPUExecutionProvider"],
-        )
-
-    def score_arrays(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised slice scores [k] and residual maps [k, S, S] for preprocessed slices."""
-        scores, maps = [], []
-        for i in range(0, images.shape[0], self.batch):
-            score, _, residual_map = self.session.run(
-                None,
-                {
-                    "image": np.ascontiguousarray(images[i : i + self.batch, None], np.float32),
-                    "mask": np.ascontiguousarray(masks[i : i + self.batch, None], np.float32),
-                },
-            )
-            scores.append(score)
-            maps.append(residual_map[:, 0])
-        return np.concatenate(scores), np.concatenate(maps)

@@ -47,24 +47,15 @@ def _run(args: argparse.Namespace) -> int:
         from models.active_learning.detector import run_cli as run_pool
 
         return run_pool(args)
-    return run_training(args)
+    from models.detector.family import train_detector
 
-
-def run_training(args: argparse.Namespace) -> int:
-    """Train the detector of `args.recipe` on `args.data` (what `train detector` runs)."""
-    if args.recipe == "patch":
-        from models.detector.train_patch import run_cli as run_patch
-
-        return run_patch(args)
-    from models.detector.train import run_cli
-
-    return run_cli(args)
+    return train_detector(args)
 
 
 def _run_autoencoder(args: argparse.Namespace) -> int:
-    from models.detector.autoencoder import run_cli
+    from models.detector.family import FAMILIES
 
-    return run_cli(args)
+    return FAMILIES["autoencoder"].train(args)
 
 
 def register_evaluate(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

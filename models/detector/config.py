@@ -9,7 +9,7 @@ from pathlib import Path
 from service.imaging import AGGREGATIONS
 
 FAMILIES = ("dcgan", "stylegan2", "aae")
-#: How the patch recipe turns a patch's reconstruction into its raw score (models/detector/networks_patch.py).
+#: How the patch recipe turns a patch's reconstruction into its raw score (models/detector/patch/networks.py).
 PATCH_SCORES = ("local", "mean")
 SIZES = (64, 128, 256)
 RECIPES = ("slice", "patch")
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=RECIPES,
         help="slice = whole slices at --size, abdomen window (default; the shipped model); patch = v2: "
         "32-px patches at 1.5 mm of the body-centred slice, abdomen + liver + metal windows "
-        "(models/detector/train_patch.py)",
+        "(models/detector/patch/train.py)",
     )
     p.add_argument("--size", type=int, default=64, choices=SIZES, help="slice size in pixels (default 64)")
     p.add_argument(

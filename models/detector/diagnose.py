@@ -17,7 +17,8 @@ at the detector the way a reader would and measures four things, each with a fig
     the scan's extent, and the series AUROC again with only the slices inside the normals' range
     (if the AUROC falls, the score rode on the range, not on the anomaly).
 
-Both model formats: the slice recipe (format 1) on its own input grid; the patch recipe (format 2)
+Every family with an encoder and a generator, each scoring a case in its own `diagnosis.py` (picked
+by model.json): the slice recipe (format 1) on its own input grid; the patch recipe (format 2)
 on the slice's image grid at `PATCH_MAP_SIZE`² — the input shown in the patch model's liver window,
 the reconstruction tiled from the patches' G(E(x)) (liver window, the overlapping patches averaged)
 and the residual map tiled from the scorer's own map (its largest value where patches overlap),
@@ -33,48 +34,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy import ndimage, stats
 
+from models.detector.diagnosis_inputs import Case, Scored
+from models.detector.family import family_of, read_meta
 from models.detector.metrics import auroc
 from service.errors import UsageError
-
-if TYPE_CHECKING:
-    from service.inference import Detector, PatchDetector
 
 log = logging.getLogger(__name__)
 
 #: Width of the ring of surrounding tissue the anomaly's contrast is measured against, model pixels.
 RING_PX = 3
-
-
-@dataclass(frozen=True)
-class Case:
-    """One phantom series: its folder, anomaly type ("normal" if none), affected slices and anomaly SEG."""
-
-    folder: Path
-    kind: str
-    affected: tuple[int, ...]
-    seg: Path | None
-
-
-@dataclass
-class Scored:
-    """What the detector made of one series (model grid, head → feet)."""
-
-    case: Case
-    images: np.ndarray  # [k, S, S] model input in [-1, 1]
-    body: np.ndarray  # [k, S, S] bool
-    positions: np.ndarray  # [k]
-    scores: np.ndarray  # [k] normalised slice scores
-    reconstructions: np.ndarray  # [k, S, S]
-    residual_maps: np.ndarray  # [k, S, S]
-    series_score: float
-    anomaly: np.ndarray | None  # [k, S, S] bool, for anomalous series
 
 
 def find_cases(root: Path) -> list[Case]:
@@ -134,121 +108,6 @@ def residual_ratio(residual_maps: np.ndarray, anomaly: np.ndarray, body: np.ndar
     inside = float(residual_maps[anomaly].mean())
     everywhere = float(residual_maps[affected][body[affected]].mean())
     return inside / max(everywhere, 1e-9)
-
-
-def encoder_and_generator(model_dir: Path, meta: dict[str, Any]) -> tuple[Any, Any]:
-    """ONNX Runtime sessions (CPU) of the model's encoder.onnx and generator.onnx, as model.json names them."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    files, cpu = meta["files"], ["CPUExecutionProvider"]
-    encoder = ort.InferenceSession(str(model_dir / files["encoder"]), options, providers=cpu)
-    generator = ort.InferenceSession(str(model_dir / files["generator"]), options, providers=cpu)
-    return encoder, generator
-
-
-def score_case(case: Case, detector: Detector) -> Scored:
-    """Run the detector (encoder, generator, scorer) on one phantom series."""
-
-    from models.detector.evaluate import anomaly_mask_on_grid
-    from service import imaging
-    from service.dicom_series import read_ct_series
-
-    series = read_ct_series(case.folder)
-    if len(series) != 1:
-        raise ValueError(f"{case.folder}: expected one CT series, found {len(series)}")
-    [ct] = series
-    images, body = imaging.preprocess_slices(ct.hu, detector.size, detector.window)
-    positions = detector.positions(images, ct.locations_mm)
-    scores, maps = detector.score_arrays(images, body, positions)
-    encoder, generator = encoder_and_generator(detector.model_dir, detector.meta)
-    reconstructions = np.empty_like(images)
-    for i in range(0, len(images), detector.batch):
-        x = np.ascontiguousarray(images[i : i + detector.batch, None])
-        p = np.ascontiguousarray(positions[i : i + detector.batch], np.float32)
-        z = encoder.run(None, {"image": x, "position": p})[0]
-        reconstructions[i : i + detector.batch] = generator.run(None, {"z": z, "position": p})[0][:, 0]
-    anomaly = anomaly_mask_on_grid(case.seg, ct.sop_instance_uids, detector.size) if case.seg is not None else None
-    return Scored(
-        case=case,
-        images=images,
-        body=body,
-        positions=positions,
-        scores=scores,
-        reconstructions=reconstructions,
-        residual_maps=maps,
-        series_score=imaging.aggregate_slice_scores(scores, detector.aggregation),
-        anomaly=anomaly,
-    )
-
-
-def _read_case(case: Case) -> Any:
-    from service.dicom_series import read_ct_series
-
-    series = read_ct_series(case.folder)
-    if len(series) != 1:
-        raise ValueError(f"{case.folder}: expected one CT series, found {len(series)}")
-    return series[0]
-
-
-def score_case_patch(case: Case, detector: PatchDetector) -> Scored:
-    """Run a patch-recipe detector (format 2) on one phantom series; everything on the image grid at
-    `PATCH_MAP_SIZE`² (see the module docstring)."""
-
-    from models.detector.evaluate import anomaly_mask_on_grid
-    from service import imaging
-    from service.inference import PATCH_MAP_SIZE
-
-    ct = _read_case(case)
-    size, geometry = PATCH_MAP_SIZE, detector.geometry
-    liver = next((w for w in detector.meta["preprocessing"]["windows"] if w["name"] == "liver"), None)
-    window = imaging.Window(float(liver["center_hu"]), float(liver["width_hu"])) if liver else detector.windows[0]
-    channel = detector.windows.index(window) if window in detector.windows else 0
-    images, body = imaging.preprocess_slices(ct.hu, size, window)
-    positions = detector.positions(ct)
-    fields, masks, boxes = imaging.preprocess_patch_series(ct.hu, ct.pixel_spacing_mm, geometry)
-    z, slice_index, centres = detector.patch_z_scores(fields, masks, boxes, positions)
-    scores = imaging.slice_scores_from_patches(z, slice_index, ct.hu.shape[0])
-    scores = np.where(np.isfinite(scores), scores, 0.0)
-    encoder, generator = encoder_and_generator(detector.model_dir, detector.meta)
-    f, h = geometry.field_px, geometry.patch // 2
-    reconstructions = np.zeros_like(images)
-    residual_maps = np.zeros_like(images)
-    for k in range(ct.hu.shape[0]):
-        sel = np.flatnonzero(slice_index == k)
-        if not sel.size:
-            continue
-        hu = np.stack([fields[k, r - h : r + h, c - h : c + h] for r, c in centres[sel]])
-        x = np.ascontiguousarray(imaging.window_channels(hu, detector.windows), np.float32)
-        cond = np.ascontiguousarray(imaging.patch_conditions(float(positions[k]), centres[sel], boxes[k]), np.float32)
-        recon = generator.run(None, {"z": encoder.run(None, {"patches": x, "cond": cond})[0], "cond": cond})[0]
-        maps = detector.scorer.run(["residual_map"], {"patches": x, "cond": cond})[0][:, 0]
-        total, count = np.zeros((f, f), np.float32), np.zeros((f, f), np.float32)
-        peak = np.full((f, f), np.nan, np.float32)
-        for (r, c), patch, m in zip(centres[sel], recon[:, channel], maps):
-            total[r - h : r + h, c - h : c + h] += patch
-            count[r - h : r + h, c - h : c + h] += 1
-            view = peak[r - h : r + h, c - h : c + h]
-            np.fmax(view, m, out=view)
-        field_recon = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        reconstructions[k] = (
-            imaging.field_map_to_image(field_recon + 1.0, ct.hu[k], ct.pixel_spacing_mm, geometry, size) - 1.0
-        )
-        residual_maps[k] = imaging.field_map_to_image(peak, ct.hu[k], ct.pixel_spacing_mm, geometry, size)
-    anomaly = anomaly_mask_on_grid(case.seg, ct.sop_instance_uids, size) if case.seg is not None else None
-    series_score, _ = imaging.series_score_in_range(scores, positions, detector.position_low, detector.position_high)
-    return Scored(
-        case=case,
-        images=images,
-        body=body,
-        positions=positions,
-        scores=scores,
-        reconstructions=reconstructions,
-        residual_maps=residual_maps,
-        series_score=float(series_score),
-        anomaly=anomaly,
-    )
 
 
 def top_slices(scores: np.ndarray, n: int = 3) -> np.ndarray:
@@ -491,22 +350,21 @@ def report_markdown(analysis: dict[str, Any], figures: list[str], command: str, 
 
 
 def run(*, data: Path, model: Path, out: Path, command: str) -> dict[str, Any]:
-    """Diagnose the detector in `model` on every phantom series under `data`; write the report to `out`."""
-    from service.inference import Detector, PatchDetector, read_model_json
+    """Diagnose the detector in `model` on every phantom series under `data`; write the report to `out`.
 
+    Raises:
+        ValueError: the model's family has no diagnosis, or a case cannot be read (messages name it).
+    """
     start = time.monotonic()
-    patch = read_model_json(model)["format"] == 2
-    detector = PatchDetector(model) if patch else Detector(model, batch=16)
+    family = family_of(read_meta(model))
+    if family.diagnose is None:
+        raise ValueError(f"{model}: the {family.name} family has no diagnosis (it has no encoder and generator)")
+    score_case, aggregation = family.diagnose(model)
     cases = find_cases(data)
     scored = []
     for i, case in enumerate(cases, 1):
         log.info("diagnosis: series %d/%d (%s)", i, len(cases), case.kind)
-        if isinstance(detector, PatchDetector):
-            scored.append(score_case_patch(case, detector))
-        else:
-            scored.append(score_case(case, detector))
-    # the patch recipe's series score is the mean of the top 3 slices within the training range
-    aggregation = "top3_mean" if isinstance(detector, PatchDetector) else detector.aggregation
+        scored.append(score_case(case))
     analysis = analyse(scored, aggregation)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(scored, analysis, out)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.detector.networks import DCDiscriminator, DCGenerator, Encoder
+from models.detector.stylegan2.networks import DCDiscriminator, DCGenerator, Encoder
 
 #: Patch side in pixels the networks are built for.
 PATCH = 32

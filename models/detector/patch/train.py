@@ -15,7 +15,7 @@ What it changes relative to the slice recipe (`train.py`; docs/detector.md, "Dia
 Phases, each with its share of `--minutes` (or a fixed number of steps): `position` (body-part
 regression, as in `train.py`, on the slice recipe's `--size`² images), `gan` (non-saturating
 logistic loss, lazy R1 on reals, EMA of G), `encoder` (izi_f with G_ema and D frozen), then
-calibration on the validation normals and export (`export.export_patch_onnx`, model.json format 2).
+calibration on the validation normals and export (`patch.export.export_patch_onnx`, model.json format 2).
 One checkpoint dict (`checkpoint.pt`, with "recipe": "patch") every `--checkpoint-every` s and after
 every phase; `--resume` continues it.
 """
@@ -28,9 +28,7 @@ import json
 import logging
 import math
 import platform
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,21 +37,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.detector import losses
-from models.detector.calibrate_patch import (
+from models.detector.data import Dataset, PatchSeriesData, cpu_count, load_dataset
+from models.detector.metrics import threshold_at_false_flag_rate
+from models.detector.onnx_graph import OPSET
+from models.detector.patch.calibrate import (
     HELD_OUT,
     ValidationPatchScores,
     fit_table,
     held_out_series_scores,
     series_score_in_range,
 )
-from models.detector.config import add_arguments
-from models.detector.data import Dataset, PatchSeriesData, cpu_count, load_dataset
-from models.detector.export import OPSET, export_patch_onnx
-from models.detector.metrics import threshold_at_false_flag_rate
-from models.detector.networks import BodyPartRegressor, DCDiscriminator, DCGenerator
-from models.detector.networks_patch import LOCAL_SIGMA_PX, PATCH, PatchScorer, build_patch_networks
-from models.detector.train import (
+from models.detector.patch.export import export_patch_onnx
+from models.detector.patch.networks import LOCAL_SIGMA_PX, PATCH, PatchScorer, build_patch_networks
+from models.detector.stylegan2 import losses
+from models.detector.stylegan2.networks import BodyPartRegressor, DCDiscriminator, DCGenerator
+from models.detector.stylegan2.train import (
     MM_PER_UNIT,
     Trainer,
     _Clock,
@@ -61,7 +59,6 @@ from models.detector.train import (
     _position_quality,
     _versions,
     check_args,
-    train_detector,
 )
 from service import imaging
 from service.errors import UsageError
@@ -527,6 +524,33 @@ def train_patch_detector(args: argparse.Namespace) -> Path:
         handler.close()
 
 
+def _preprocessing(geometry: imaging.PatchGeometry, position_size: int) -> dict[str, Any]:
+    """model.json's `preprocessing`: how serving must cut, window and condition the patches
+    (`service.imaging.preprocess_patch_series`), and the body-part regression's input."""
+    return {
+        "function": "service.imaging.preprocess_patch_series",
+        "spacing_mm": geometry.spacing_mm,
+        "field_mm": geometry.field_mm,
+        "field_px": geometry.field_px,
+        "centring": "centre of the body mask's bounding box (native resolution)",
+        "patch": geometry.patch,
+        "stride": geometry.stride,
+        "patch_centres": "service.imaging.patch_centres (centre pixel inside the body mask)",
+        "cond": "service.imaging.patch_conditions (position, x, y in the body's box; clipped to [0, 1])",
+        "windows": [{"name": name, "center_hu": w.center, "width_hu": w.width} for name, w in imaging.PATCH_WINDOWS],
+        "scale": "windowed [0,1] * 2 - 1 per channel (service.imaging.window_channels)",
+        "body_threshold_hu": imaging.BODY_THRESHOLD_HU,
+        "air_hu_outside_image": imaging.AIR_HU,
+        "training_storage": "HU fields rounded to int16",
+        "position_input": {
+            "function": "service.imaging.preprocess_slices",
+            "size": position_size,
+            "window_center_hu": imaging.ABDOMEN_WINDOW.center,
+            "window_width_hu": imaging.ABDOMEN_WINDOW.width,
+        },
+    }
+
+
 def _train(args: argparse.Namespace) -> Path:
     t0 = time.monotonic()
     device = torch.device(args.device)
@@ -589,30 +613,7 @@ def _train(args: argparse.Namespace) -> Path:
         "z_dim": trainer.G.z_dim,
         "kappa": args.kappa,
         "cond": ["position", "x", "y"],
-        "preprocessing": {
-            "function": "service.imaging.preprocess_patch_series",
-            "spacing_mm": geometry.spacing_mm,
-            "field_mm": geometry.field_mm,
-            "field_px": geometry.field_px,
-            "centring": "centre of the body mask's bounding box (native resolution)",
-            "patch": geometry.patch,
-            "stride": geometry.stride,
-            "patch_centres": "service.imaging.patch_centres (centre pixel inside the body mask)",
-            "cond": "service.imaging.patch_conditions (position, x, y in the body's box; clipped to [0, 1])",
-            "windows": [
-                {"name": name, "center_hu": w.center, "width_hu": w.width} for name, w in imaging.PATCH_WINDOWS
-            ],
-            "scale": "windowed [0,1] * 2 - 1 per channel (service.imaging.window_channels)",
-            "body_threshold_hu": imaging.BODY_THRESHOLD_HU,
-            "air_hu_outside_image": imaging.AIR_HU,
-            "training_storage": "HU fields rounded to int16",
-            "position_input": {
-                "function": "service.imaging.preprocess_slices",
-                "size": args.size,
-                "window_center_hu": imaging.ABDOMEN_WINDOW.center,
-                "window_width_hu": imaging.ABDOMEN_WINDOW.width,
-            },
-        },
+        "preprocessing": _preprocessing(geometry, args.size),
         "position": {
             "method": "naive" if args.unconditioned else args.position,
             "mm_per_unit": MM_PER_UNIT,
@@ -633,6 +634,8 @@ def _train(args: argparse.Namespace) -> Path:
             "train_slices": int(sum(s.num_slices for s in data.train)),
             "train_patches": int(sum(s.centres.shape[0] for s in trainer.train_series)),
             "validation_series": len(data.validation),
+            "trained_on_series": sorted(s.series_instance_uid for s in data.train),
+            "calibrated_on_series": sorted(s.series_instance_uid for s in data.validation),
             "skipped_series": data.skipped,
             "steps": trainer.steps,
             "seconds": {k: round(v, 1) for k, v in trainer.clock.elapsed.items()},
@@ -669,21 +672,4 @@ def run_cli(args: argparse.Namespace) -> int:
         train_patch_detector(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m models.detector train ...` — either recipe (`--recipe`) without the service CLI (GPU machines)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m models.detector train",
-        description="Train the detector (--recipe slice: the shipped recipe, train.py; --recipe patch: v2, this module).",
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        (train_patch_detector if args.recipe == RECIPE else train_detector)(args)
-    except ValueError as exc:
-        print(f"train detector: error: {exc}", file=sys.stderr)
-        return 2
     return 0

@@ -16,7 +16,7 @@ import torch
 
 from models.detector.data import SeriesData
 from models.detector.metrics import auroc, threshold_at_false_flag_rate  # noqa: F401 — re-exported
-from models.detector.networks import Scorer
+from models.detector.stylegan2.networks import Scorer
 from service import imaging
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.detector.export import load_scorer
+from models.detector.stylegan2.export import load_scorer
 
 
 def render(model_dir: Path, out: Path, data: Path | None = None, columns: int = 8, seed: int = 0) -> Path:
@@ -47,7 +47,7 @@ def render(model_dir: Path, out: Path, data: Path | None = None, columns: int = 
                 from service import imaging
 
                 raw = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=False)
-                from models.detector.networks import BodyPartRegressor
+                from models.detector.stylegan2.networks import BodyPartRegressor
 
                 net = BodyPartRegressor(int(meta["size"]))
                 net.load_state_dict(raw["P"])

@@ -24,7 +24,7 @@ comparison) or `--steps`.
 Writes to `--out`: `autoencoder.onnx` (image [N,1,S,S], mask [N,1,S,S] → score [N], error [N],
 residual_map [N,1,S,S] = |x − AE(x)| in the body; opset 17, dynamic batch), `model.json` (kind
 `ct-slice-autoencoder`, `noise` says which baseline) and `weights.pt` (state dict + args, for the
-parity test). Scored without torch by `models.detector.baselines.AutoencoderBaseline`.
+parity test). Scored without torch by `models.detector.autoencoder.scoring.AutoencoderBaseline`.
 """
 
 from __future__ import annotations
@@ -37,157 +37,28 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from models.detector.baselines import AUTOENCODER_KIND
+from models.detector.autoencoder.networks import (
+    DAE_SMOOTH_SIGMA_PX,
+    NOISE_KINDS,
+    AutoencoderScorer,
+    build_scorer,
+    coarse_noise,
+)
+from models.detector.autoencoder.scoring import AUTOENCODER_KIND
 from models.detector.config import add_autoencoder_arguments
-from models.detector.data import SeriesData, cpu_count, load_dataset
-from models.detector.export import OPSET, export_graph
+from models.detector.data import Dataset, SeriesData, cpu_count, load_dataset
 from models.detector.metrics import threshold_at_false_flag_rate
+from models.detector.onnx_graph import OPSET, export_graph
 from service import imaging
 from service.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-
-class ConvAutoencoder(nn.Module):
-    """Image [N,1,S,S] in [-1, 1] → reconstruction: four stride-2 convs down to S/16, a dense
-    bottleneck of `latent` numbers (so it cannot copy its input), and the mirror image up."""
-
-    def __init__(self, size: int, *, latent: int = 128, width: int = 32) -> None:
-        super().__init__()
-        if size % 16:
-            raise ValueError(f"size must be a multiple of 16, got {size}.")
-        chans = [1, width, 2 * width, 4 * width, 4 * width]
-        down: list[nn.Module] = []
-        for a, b in zip(chans, chans[1:]):
-            down += [nn.Conv2d(a, b, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-        self.down = nn.Sequential(*down)
-        self.grid = size // 16
-        flat = chans[-1] * self.grid * self.grid
-        self.to_latent = nn.Linear(flat, latent)
-        self.from_latent = nn.Linear(latent, flat)
-        up: list[nn.Module] = []
-        rev = chans[::-1]
-        for i, (a, b) in enumerate(zip(rev, rev[1:])):
-            last = i == len(rev) - 2
-            up += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(a, b, 3, padding=1)]
-            if not last:
-                up.append(nn.LeakyReLU(0.2))
-        self.up = nn.Sequential(*up)
-        self.channels = chans[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.to_latent(self.down(x).flatten(1))
-        h = F.leaky_relu(self.from_latent(z), 0.2).reshape(-1, self.channels, self.grid, self.grid)
-        return torch.tanh(self.up(h))
-
-
-#: Gaussian smoothing (σ, px) of the DAE's residual before its slice error takes the body's maximum.
-DAE_SMOOTH_SIGMA_PX = 2.0
-#: Noise kinds of `--noise`.
-NOISE_KINDS = ("none", "coarse")
-
-
-class DenoisingUNet(nn.Module):
-    """Image [N,1,S,S] in [-1, 1] → denoised image: a U-Net (Kascenas et al. 2022's DAE, slimmed for
-    2 CPU cores): per level two 3×3 convs with LeakyReLU, 2×2 average pooling down, nearest upsampling
-    and a skip connection up, `levels` levels of `width`·2^level channels, a 1×1 conv out (linear)."""
-
-    def __init__(self, size: int, *, width: int = 16, levels: int = 4) -> None:
-        super().__init__()
-        if levels < 2 or size % 2 ** (levels - 1):
-            raise ValueError(f"size must be a multiple of {2 ** (levels - 1)} for {levels} levels, got {size}.")
-        chans = [width * 2**i for i in range(levels)]
-
-        def block(a: int, b: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(a, b, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(b, b, 3, padding=1), nn.LeakyReLU(0.2)
-            )
-
-        self.down = nn.ModuleList([block(1, chans[0])] + [block(a, b) for a, b in zip(chans, chans[1:])])
-        self.up = nn.ModuleList([block(b + a, a) for a, b in zip(chans[:-1], chans[1:])][::-1])
-        self.out = nn.Conv2d(chans[0], 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        h = x
-        for i, block in enumerate(self.down):
-            if i:
-                h = F.avg_pool2d(h, 2)
-            h = block(h)
-            skips.append(h)
-        for block, skip in zip(self.up, skips[-2::-1]):
-            h = block(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), skip], dim=1))
-        out: torch.Tensor = self.out(h)
-        return out
-
-
-def coarse_noise(n: int, size: int, resolution: int, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Kascenas et al.'s coarse noise [n, 1, size, size]: N(0, std²) at `resolution`², upsampled
-    bilinearly to `size`², rolled by a random offset so the coarse grid does not sit still."""
-    coarse = torch.randn(n, 1, resolution, resolution, generator=generator) * std
-    noise = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    dr, dc = (int(v) for v in torch.randint(size, (2,), generator=generator))
-    return torch.roll(noise, shifts=(dr, dc), dims=(2, 3))
-
-
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(round(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
-
-
-class AutoencoderScorer(nn.Module):
-    """(image, body mask) → normalised slice score, raw error, residual map (what `autoencoder.onnx` computes)."""
-
-    norm: torch.Tensor  # buffer [2]
-
-    def __init__(self, ae: ConvAutoencoder) -> None:
-        super().__init__()
-        self.ae = ae
-        self.register_buffer("norm", torch.tensor([0.0, 1.0]))  # μ, σ of the error on validation normals
-
-    def errors(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        diff = (x - self.ae(x)) * mask
-        area = mask.sum(dim=(1, 2, 3)).clamp(min=1.0)
-        return (diff * diff).sum(dim=(1, 2, 3)) / area, diff.abs()
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        error, residual_map = self.errors(x, mask)
-        return (error - self.norm[0]) / self.norm[1], error, residual_map
-
-
-class DenoisingScorer(AutoencoderScorer):
-    """(image, body mask) → normalised slice score, raw error, residual map of the coarse-noise DAE:
-    error = max inside the body of |x − DAE(x)| smoothed (Gaussian σ = `DAE_SMOOTH_SIGMA_PX`)."""
-
-    kernel: torch.Tensor  # buffer [1, 1, K, K]
-
-    def __init__(self, dae: DenoisingUNet, *, sigma_px: float = DAE_SMOOTH_SIGMA_PX) -> None:
-        nn.Module.__init__(self)
-        self.ae = dae  # type: ignore[assignment]  # the same role as the plain autoencoder's network
-        self.register_buffer("norm", torch.tensor([0.0, 1.0]))
-        self.register_buffer("kernel", _gaussian_kernel(sigma_px))
-
-    def errors(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        residual_map = ((x - self.ae(x)) * mask).abs()
-        smooth = F.conv2d(residual_map, self.kernel, padding=self.kernel.shape[-1] // 2)
-        return (smooth * mask).amax(dim=(1, 2, 3)), residual_map
-
-
-def build_scorer(args: argparse.Namespace | dict[str, object]) -> AutoencoderScorer:
-    """The scorer the options ask for: `--noise none` → conv autoencoder, `coarse` → U-Net DAE."""
-    a = vars(args) if isinstance(args, argparse.Namespace) else args
-    if a.get("noise", "none") == "coarse":
-        return DenoisingScorer(DenoisingUNet(int(str(a["size"]))))
-    return AutoencoderScorer(ConvAutoencoder(int(str(a["size"])), latent=int(str(a["latent"]))))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -230,19 +101,9 @@ def series_errors(
     return out
 
 
-def train_autoencoder(args: argparse.Namespace) -> Path:
-    """Train, calibrate on validation normals, export; return the model folder.
-
-    Raises:
-        ValueError: impossible arguments or unusable data (message names the option or series).
-    """
-    check_args(args)
-    t0 = time.monotonic()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    data = load_dataset(args.data, args.size, jobs=args.jobs or cpu_count(), seed=args.seed, max_series=args.max_series)
+def fit(args: argparse.Namespace, data: Dataset, device: torch.device) -> tuple[AutoencoderScorer, list[float], float]:
+    """Train the scorer of `args` on `data.train` until `--steps` or `--minutes`; return it, the loss per
+    step and the training seconds."""
     images = torch.from_numpy(np.concatenate([s.images for s in data.train])[:, None]).to(device)
     masks = torch.from_numpy(np.concatenate([s.masks for s in data.train])[:, None]).to(device)
     n = images.shape[0]
@@ -273,20 +134,27 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
     train_seconds = time.monotonic() - t_train
     log.info("autoencoder (noise %s): %d steps in %.0f s", args.noise, step, train_seconds)
 
-    errors = series_errors(scorer, data.validation, device)
-    flat = np.concatenate(errors)
-    mu, sigma = float(flat.mean()), float(max(flat.std(), 1e-12))
-    scorer.norm.copy_(torch.tensor([mu, sigma]))
-    val_scores = [imaging.aggregate_slice_scores((e - mu) / sigma, args.aggregation) for e in errors]
-    threshold = threshold_at_false_flag_rate(np.array(val_scores), args.false_flag_rate)
+    return scorer, history, train_seconds
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    scorer = scorer.cpu().eval()
-    x = torch.rand(2, 1, args.size, args.size) * 2 - 1
-    m = (torch.rand(2, 1, args.size, args.size) > 0.3).float()
-    export_graph(scorer, (x, m), args.out / "autoencoder.onnx", ["image", "mask"], ["score", "error", "residual_map"])
-    args_dict = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-    torch.save({"scorer": scorer.state_dict(), "args": args_dict}, args.out / "weights.pt")
+
+def model_json(
+    args: argparse.Namespace,
+    data: Dataset,
+    device: torch.device,
+    *,
+    history: list[float],
+    normalisation: tuple[float, float],
+    threshold: float,
+    val_scores: list[float],
+    train_seconds: float,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """The model.json of a trained autoencoder: what it is, its normalisation (μ, σ of the validation
+    slice errors), threshold and how it was trained."""
+    mu, sigma = normalisation
+    denoising = args.noise == "coarse"
+    n = sum(s.num_slices for s in data.train)
+    step = len(history)
     w = max(1, len(history) // 10)
     command = "gatekeeper train autoencoder " + " ".join(
         f"--{k.replace('_', '-')} {v}"
@@ -338,10 +206,12 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
             "train_series": len(data.train),
             "train_slices": n,
             "validation_series": len(data.validation),
+            "trained_on_series": sorted(s.series_instance_uid for s in data.train),
+            "calibrated_on_series": sorted(s.series_instance_uid for s in data.validation),
             "steps": step,
             "batch": args.batch,
             "train_seconds": round(train_seconds, 1),
-            "wall_seconds": round(time.monotonic() - t0, 1),
+            "wall_seconds": round(wall_seconds, 1),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "metrics": {
@@ -352,6 +222,49 @@ def train_autoencoder(args: argparse.Namespace) -> Path:
             }
         },
     }
+    return model
+
+
+def train_autoencoder(args: argparse.Namespace) -> Path:
+    """Train, calibrate on validation normals, export; return the model folder.
+
+    Raises:
+        ValueError: impossible arguments or unusable data (message names the option or series).
+    """
+    check_args(args)
+    t0 = time.monotonic()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data = load_dataset(args.data, args.size, jobs=args.jobs or cpu_count(), seed=args.seed, max_series=args.max_series)
+    scorer, history, train_seconds = fit(args, data, device)
+
+    errors = series_errors(scorer, data.validation, device)
+    flat = np.concatenate(errors)
+    mu, sigma = float(flat.mean()), float(max(flat.std(), 1e-12))
+    scorer.norm.copy_(torch.tensor([mu, sigma]))
+    val_scores = [imaging.aggregate_slice_scores((e - mu) / sigma, args.aggregation) for e in errors]
+    threshold = threshold_at_false_flag_rate(np.array(val_scores), args.false_flag_rate)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    scorer = scorer.cpu().eval()
+    x = torch.rand(2, 1, args.size, args.size) * 2 - 1
+    m = (torch.rand(2, 1, args.size, args.size) > 0.3).float()
+    export_graph(scorer, (x, m), args.out / "autoencoder.onnx", ["image", "mask"], ["score", "error", "residual_map"])
+    args_dict = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    torch.save({"scorer": scorer.state_dict(), "args": args_dict}, args.out / "weights.pt")
+    model = model_json(
+        args,
+        data,
+        device,
+        history=history,
+        normalisation=(mu, sigma),
+        threshold=threshold,
+        val_scores=val_scores,
+        train_seconds=train_seconds,
+        wall_seconds=time.monotonic() - t0,
+    )
     (args.out / "model.json").write_text(json.dumps(model, indent=1))
     log.info("autoencoder written to %s (threshold %.4g) in %.0f s", args.out, threshold, time.monotonic() - t0)
     out: Path = args.out

@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.detector import calibrate as cal
-from models.detector import losses
 from models.detector.config import add_arguments
 from models.detector.data import Dataset, SeriesData, cpu_count, load_dataset
-from models.detector.export import OPSET, export_onnx
-from models.detector.networks import BodyPartRegressor, Scorer, build_networks
+from models.detector.onnx_graph import OPSET
+from models.detector.stylegan2 import calibrate as cal
+from models.detector.stylegan2 import losses
+from models.detector.stylegan2.export import export_onnx
+from models.detector.stylegan2.networks import BodyPartRegressor, Scorer, build_networks
 from service import imaging
 from service.errors import UsageError
 
@@ -439,7 +440,7 @@ def train_detector(args: argparse.Namespace) -> Path:
     """
     if getattr(args, "recipe", "slice") != "slice":
         raise ValueError(
-            f"--recipe {args.recipe} is trained by models.detector.train_patch "
+            f"--recipe {args.recipe} is trained by models.detector.patch.train "
             "(gatekeeper train detector, python -m models.detector train)"
         )
     if args.family == "aae":
@@ -551,6 +552,8 @@ def _train(args: argparse.Namespace) -> Path:
             "train_series": len(data.train),
             "train_slices": int(sum(s.num_slices for s in data.train)),
             "validation_series": len(data.validation),
+            "trained_on_series": sorted(s.series_instance_uid for s in data.train),
+            "calibrated_on_series": sorted(s.series_instance_uid for s in data.validation),
             "skipped_series": data.skipped,
             "steps": trainer.steps,
             "seconds": {k: round(v, 1) for k, v in trainer.clock.elapsed.items()},
@@ -583,8 +586,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m models.detector.train ...` — the same command without the service CLI (GPU machines)."""
-    parser = argparse.ArgumentParser(prog="python -m models.detector.train", description=__doc__.splitlines()[0])
+    """`python -m models.detector.stylegan2.train ...` — the same command without the service CLI (GPU machines)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m models.detector.stylegan2.train", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

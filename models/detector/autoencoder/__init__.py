@@ -1,0 +1,1 @@
+"""The autoencoder baselines (plain conv autoencoder, coarse-noise denoising U-Net); entry points in `api`."""

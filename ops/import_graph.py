@@ -1,16 +1,16 @@
-"""Which way the imports of `service/` and `models/` flow: cycles among service modules, service → models.
+"""Which way the imports of `service/` and `models/` flow: import cycles, and service → models.
 
 The house rule (STYLE.md, habit 14): `models/` may import `service/`; `service/` never imports
-`models/`, not even inside a function; and no service module is part of an import cycle (a cycle
-is what makes people hide imports inside functions). This script reads every module with `ast`,
+`models/`, not even inside a function; and no module of either package is part of an import cycle
+(a cycle is what makes people hide imports inside functions). This script reads every module with `ast`,
 without importing anything, and counts every import statement: at module level, inside functions,
 under `if TYPE_CHECKING:` and under `if __name__ == "__main__":` alike.
 
     .venv/bin/python ops/import_graph.py [--root DIR]
 
-Prints each cycle that contains a service module (its modules, and one closed path with the line
-of each import), each import of `models` from `service`, and, for information only, cycles among
-`models/` modules alone. Exit 1 when there is a service cycle or a service → models import, else 0.
+Prints each cycle that contains a service module, each cycle among `models/` modules alone (for
+both: its modules, and one closed path with the line of each import) and each import of `models`
+from `service`. Exit 1 when there is any of them, else 0.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ImportGraph:
 
 @dataclass
 class Report:
-    """What breaks the rule: service cycles and service → models imports; models-only cycles for information."""
+    """What breaks the rule: cycles with a service module, service → models imports, cycles among models."""
 
     service_cycles: list[list[str]]
     service_to_models: list[Edge]
@@ -60,7 +60,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.service_cycles and not self.service_to_models
+        return not self.service_cycles and not self.service_to_models and not self.models_cycles
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -225,7 +225,7 @@ def format_report(graph: ImportGraph, report: Report) -> str:
     for e in report.service_to_models:
         lines.append(f"service imports models: {e.source} -> {e.target}  ({graph.modules[e.source]}:{e.line})")
     for group in report.models_cycles:
-        lines += [f"models cycle (not a failure): {', '.join(group)}", *path_lines(group)]
+        lines += [f"models cycle: {', '.join(group)}", *path_lines(group)]
     lines.append("ok: imports flow one way" if report.ok else "FAILED: see above")
     return "\n".join(lines)
 

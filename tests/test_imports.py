@@ -1,4 +1,5 @@
-"""Imports flow one way (STYLE.md habit 14): no service module in an import cycle, service never imports models.
+"""Imports flow one way (STYLE.md habit 14): no module of service/ or models/ in an import cycle, service never
+imports models.
 
 The graph is read with `ast` by ops/import_graph.py, function-local imports included.
 """
@@ -71,3 +72,22 @@ def test_the_script_exits_1_on_a_finding_and_0_without(tmp_path: Path) -> None:
     (tmp_path / "service" / "a.py").write_text("def f():\n    import models.m\n")
     found = subprocess.run(script, capture_output=True, text=True, timeout=60)
     assert found.returncode == 1 and "service imports models: service.a -> models.m" in found.stdout
+
+
+def test_no_models_module_is_in_an_import_cycle() -> None:
+    import_graph = _import_graph()
+    graph, report = import_graph.check(ROOT)
+    paths = [" -> ".join([e.source for e in import_graph.cycle_path(graph, g)] + [g[0]]) for g in report.models_cycles]
+    assert paths == []
+
+
+def test_a_cycle_among_models_modules_fails_the_script(tmp_path: Path) -> None:
+    (tmp_path / "service").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.py").write_text("from models import b\n")
+    (tmp_path / "models" / "b.py").write_text("def f():\n    from models.a import thing\n")
+    import_graph = _import_graph()
+    graph, report = import_graph.check(tmp_path)
+    assert report.models_cycles == [["models.a", "models.b"]] and report.service_cycles == []
+    assert "models cycle: models.a, models.b" in import_graph.format_report(graph, report)
+    assert import_graph.main(["--root", str(tmp_path)]) == 1

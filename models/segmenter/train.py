@@ -24,7 +24,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +362,122 @@ def synth_recipe(
     return make_draw, synthetic_dice, extra
 
 
+@dataclass
+class _Fit:
+    """The state of one training run that a checkpoint keeps: the network, its optimiser, the step,
+    the best validation score so far with its weights, the validation history and both random states."""
+
+    net: UNet
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    gen: torch.Generator
+    ckpt_path: Path
+    step: int = 0
+    best: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    t0: float = 0.0
+
+    def resume(self) -> None:
+        """Continue from `ckpt_path` (every state as saved)."""
+        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        self.net.load_state_dict(ckpt["net"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.step, self.best, self.best_state = ckpt["step"], ckpt["best"], ckpt["best_state"]
+        self.history = ckpt["history"]
+        self.rng.bit_generator.state = ckpt["rng"]
+        self.gen.set_state(ckpt["gen"])
+        log.info("resumed at step %d (best validation Dice %.4f)", self.step, self.best)
+
+    def save(self, args: argparse.Namespace) -> None:
+        """Write the checkpoint atomically (a .tmp file, then a rename)."""
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "net": self.net.state_dict(),
+                "opt": self.opt.state_dict(),
+                "step": self.step,
+                "best": self.best,
+                "best_state": self.best_state,
+                "history": self.history,
+                "rng": self.rng.bit_generator.state,
+                "gen": self.gen.get_state(),
+                "args": vars(args) | {"data": str(args.data), "out": str(args.out)},
+            },
+            tmp,
+        )
+        tmp.replace(self.ckpt_path)
+
+    def check(
+        self,
+        data: SegDataset,
+        spec: SegmenterInput,
+        device: torch.device,
+        extra_validation: Callable[[UNet], float] | None,
+    ) -> None:
+        """Validate now, log it in `history`, and keep the weights when the score is the best so far."""
+        scores = validate(self.net, data.validation, spec.context_slices, device)
+        mean = float(np.mean(scores))
+        entry = {
+            "step": self.step,
+            "validation_dice_mean": mean,
+            "validation_dice_min": float(np.min(scores)),
+            "seconds": round(time.monotonic() - self.t0, 1),
+        }
+        score = mean
+        if extra_validation is not None:
+            entry["synthetic_dice_mean"] = extra_validation(self.net)
+            score = (mean + entry["synthetic_dice_mean"]) / 2.0
+        self.history.append(entry)
+        log.info(
+            "step %d: %s",
+            self.step,
+            ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k.endswith(("mean", "min"))),
+        )
+        if score > self.best:
+            self.best = score
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+
+
+def _train_steps(
+    fit: _Fit,
+    args: argparse.Namespace,
+    schedule: Schedule,
+    draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    validation: Callable[[], None],
+) -> None:
+    """Cosine-scheduled AdamW steps until `schedule.steps` or `args.minutes`; validate every
+    `schedule.val_every` steps and at the end, checkpoint every `args.checkpoint_every` seconds."""
+    fit.t0 = time.monotonic()
+    last_ckpt = fit.t0
+    bar = tqdm(total=schedule.steps, initial=fit.step, desc="segmenter", unit="step", disable=args.no_progress)
+    fit.net.train()
+    while fit.step < schedule.steps:
+        if time.monotonic() - fit.t0 > args.minutes * 60:
+            log.warning("time cap of %.0f min reached at step %d of %d", args.minutes, fit.step, schedule.steps)
+            break
+        for group in fit.opt.param_groups:
+            group["lr"] = schedule.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * fit.step / schedule.steps)))
+        x, y = draw(args.batch)
+        loss = loss_fn(fit.net(x.to(device)), y.to(device))
+        fit.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
+        fit.opt.step()
+        fit.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if fit.step % schedule.val_every == 0:
+            validation()
+        if time.monotonic() - last_ckpt > args.checkpoint_every:
+            fit.save(args)
+            last_ckpt = time.monotonic()
+    bar.close()
+    if not fit.history or fit.history[-1]["step"] != fit.step:
+        validation()
+    fit.save(args)
+
+
 def fit_and_export(
     args: argparse.Namespace,
     *,
@@ -396,95 +512,20 @@ def fit_and_export(
 
     net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=schedule.lr, weight_decay=1e-4)
-    step, best = 0, -1.0
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = []
-    ckpt_path = args.out / "checkpoint.pt"
-    if args.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["opt"])
-        step, best, best_state, history = ckpt["step"], ckpt["best"], ckpt["best_state"], ckpt["history"]
-        rng.bit_generator.state = ckpt["rng"]
-        gen.set_state(ckpt["gen"])
-        log.info("resumed at step %d (best validation Dice %.4f)", step, best)
-
-    def save() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "net": net.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "best": best,
-                "best_state": best_state,
-                "history": history,
-                "rng": rng.bit_generator.state,
-                "gen": gen.get_state(),
-                "args": vars(args) | {"data": str(args.data), "out": str(args.out)},
-            },
-            tmp,
-        )
-        tmp.replace(ckpt_path)
-
-    def check() -> None:
-        nonlocal best, best_state
-        scores = validate(net, data.validation, spec.context_slices, device)
-        mean = float(np.mean(scores))
-        entry = {
-            "step": step,
-            "validation_dice_mean": mean,
-            "validation_dice_min": float(np.min(scores)),
-            "seconds": round(time.monotonic() - t0, 1),
-        }
-        score = mean
-        if extra_validation is not None:
-            entry["synthetic_dice_mean"] = extra_validation(net)
-            score = (mean + entry["synthetic_dice_mean"]) / 2.0
-        history.append(entry)
-        log.info(
-            "step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k.endswith(("mean", "min")))
-        )
-        if score > best:
-            best, best_state = score, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-
-    t0 = time.monotonic()
-    last_ckpt = t0
-    bar = tqdm(total=schedule.steps, initial=step, desc="segmenter", unit="step", disable=args.no_progress)
-    net.train()
-    while step < schedule.steps:
-        if time.monotonic() - t0 > args.minutes * 60:
-            log.warning("time cap of %.0f min reached at step %d of %d", args.minutes, step, schedule.steps)
-            break
-        for group in opt.param_groups:
-            group["lr"] = schedule.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / schedule.steps)))
-        x, y = draw(args.batch)
-        loss = loss_fn(net(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % schedule.val_every == 0:
-            check()
-        if time.monotonic() - last_ckpt > args.checkpoint_every:
-            save()
-            last_ckpt = time.monotonic()
-    bar.close()
-    if not history or history[-1]["step"] != step:
-        check()
-    save()
-    assert best_state is not None  # check() has run, and any Dice (>= 0) beats the initial best of -1
-    net.load_state_dict(best_state)
+    fit = _Fit(net, opt, rng, gen, args.out / "checkpoint.pt")
+    if args.resume and fit.ckpt_path.is_file():
+        fit.resume()
+    _train_steps(fit, args, schedule, draw, device, lambda: fit.check(data, spec, device, extra_validation))
+    assert fit.best_state is not None  # check() has run, and any Dice (>= 0) beats the initial best of -1
+    net.load_state_dict(fit.best_state)
     scores = validate(net, data.validation, spec.context_slices, device)
     metrics = {
         "validation_dice_mean": float(np.mean(scores)),
         "validation_dice_min": float(np.min(scores)),
         "validation_dice_per_series": [round(s, 4) for s in scores],
-        "history": history,
-        "trained_steps": step,
-        "training_seconds": round(time.monotonic() - t0, 1),
+        "history": fit.history,
+        "trained_steps": fit.step,
+        "training_seconds": round(time.monotonic() - fit.t0, 1),
     }
     parity = export(net, spec, args.out)
     meta = write_model_json(

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from service import dicom_series
 from service.errors import UsageError
-from service.model_paths import DEFAULT_DETECTOR_DIR
+from service.model_paths import DEFAULT_DETECTOR_DIR, DEFAULT_GATE_DIR
 
 if TYPE_CHECKING:
     from service.gate import Gate, Observation
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The gate shipped with the code (`Settings.gate_model_dir` defaults here too).
-DEFAULT_GATE_DIR = Path(__file__).resolve().parent.parent / "models" / "gate" / "default"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service import imaging
-from service.commands.gate import DEFAULT_GATE_DIR, anomaly_type
+from service.commands.gate import anomaly_type
 from service.db.tables import RouteReason
 from service.dicom_series import CTSeries
 from service.gate import (
@@ -44,6 +44,7 @@ from service.gate import (
     write_gate,
     z_for,
 )
+from service.model_paths import DEFAULT_GATE_DIR
 from service.segmentation import Framing, Segmenter, SegmenterInput, frame_series, prepare_volume
 
 SIZE = 32  # the stub segmenter's input size

@@ -49,9 +49,9 @@ import numpy as np
 
 from models.commission.leakage import leaked_series
 from models.detector.metrics import auroc
-from service.commands.gate import DEFAULT_GATE_DIR, anomaly_type, map_with_progress, read_manifests
+from service.commands.gate import anomaly_type, map_with_progress, read_manifests
 from service.errors import UsageError
-from service.model_paths import DEFAULT_DETECTOR_DIR
+from service.model_paths import DEFAULT_DETECTOR_DIR, DEFAULT_GATE_DIR
 
 if TYPE_CHECKING:
     from service.dicom_series import SeriesFiles

@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from test_cli_database import assert_one_line, run_gatekeeper
 
-from models.segmenter.evaluate_gate import feedback_report, feedback_summary
+from models.segmenter.evaluate_gate_feedback import feedback_report, feedback_summary
 from service.db.schema import alembic_config
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import ContourFeedback, Series, SeriesScore, User, WorklistItem

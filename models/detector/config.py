@@ -8,7 +8,8 @@ from pathlib import Path
 
 from service.imaging import AGGREGATIONS
 
-FAMILIES = ("dcgan", "stylegan2", "aae")
+#: Network families of `--family` (model.json `family`); the detector families are `models.detector.family.FAMILIES`.
+NETWORK_FAMILIES = ("dcgan", "stylegan2", "aae")
 #: How the patch recipe turns a patch's reconstruction into its raw score (models/detector/patch/networks.py).
 PATCH_SCORES = ("local", "mean")
 SIZES = (64, 128, 256)
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--family",
         default="dcgan",
-        choices=FAMILIES,
+        choices=NETWORK_FAMILIES,
         help="network family (default dcgan): dcgan and stylegan2 are trained as a GAN, then the encoder "
         "izi_f-style against the frozen generator (f-AnoGAN); aae (--recipe patch only) trains the DCGAN networks as "
         "an adversarial autoencoder first (encoder and generator together: L1 reconstruction of coarse-noised "

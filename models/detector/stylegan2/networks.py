@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.detector.config import FAMILIES, SIZES
+from models.detector.config import NETWORK_FAMILIES, SIZES
 
 SQRT2 = math.sqrt(2.0)
 
@@ -481,8 +481,8 @@ def build_networks(family: str, size: int, *, z_dim: int = 128, conditioned: boo
     Raises:
         ValueError: unknown family or unsupported size.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}.")
+    if family not in NETWORK_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(NETWORK_FAMILIES)}, got {family!r}.")
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(map(str, SIZES))}, got {size}.")
     if family == "stylegan2":

@@ -230,7 +230,7 @@ def aggregate_slice_scores(scores: np.ndarray, method: str) -> float:
 
 # --- v2 (patch, multi-window) input: fixed pixel spacing, body-centred field, window channels, patches ----
 #
-# The patch recipe (`gatekeeper train detector --recipe patch`, models/detector/train_patch.py) sees
+# The patch recipe (`gatekeeper train detector --recipe patch`, models/detector/patch/train.py) sees
 # each slice resampled to a fixed pixel spacing in a fixed field centred on the body, as several CT
 # windows stacked as channels, cut into small patches on a regular grid whose centre lies in the body.
 # Every number below is written to the model's model.json, so serving reads it from there.

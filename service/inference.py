@@ -1,6 +1,6 @@
 """Scoring CT series with the exported detector — ONNX Runtime only, no torch.
 
-Every number comes from the model folder's `model.json` (written by `models/detector/export.py`
+Every number comes from the model folder's `model.json` (written by `models/detector/stylegan2/export.py`
 and `train.py`): input size, position method and normalisation, series aggregation, threshold.
 ONNX Runtime sessions are created once per `Detector`; the CUDA execution provider is used when
 this onnxruntime build has it, the CPU provider otherwise, and the provider in use is logged.

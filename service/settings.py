@@ -245,7 +245,7 @@ class Settings(BaseSettings):
     # registered as the active ones on first use when the registry has none of a kind.
     detector_model_dir: Path = _REPO_DIR / "models" / "detector" / "default"
     segmenter_model_dir: Path = _REPO_DIR / "models" / "segmenter" / "default"
-    # The gate's folder (gate.json: its calibrated thresholds and fusion rule, service/gate.py), used
+    # The gate's folder (gate.json: its calibrated thresholds and fusion rule, service/gate/), used
     # like the model folders above. Without a gate.json there, and none registered, the workers use
     # the rules-only gate (the detector's flag, the geometry, no liver).
     gate_model_dir: Path = _REPO_DIR / "models" / "gate" / "default"

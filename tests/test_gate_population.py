@@ -23,7 +23,8 @@ from service.calibration_population import calibration_population, read_active_g
 from service.commands.status import collect_status, format_report
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, ModelKind
-from service.gate import content_version
+from service.gate import Gate, content_version
+from service.gate.config import population_block, read_config, write_gate
 from service.model_registry import promote, register
 from service.settings import Settings
 from service.web.app import create_app
@@ -63,6 +64,36 @@ def test_site_block_reads_its_fields_and_a_bad_block_does_not_raise() -> None:
     assert calibration_population(None).words() == "not calibrated (rules-only gate)"
     # Not a mapping: read as absent (the shipped mix), not an error.
     assert calibration_population({"calibration_population": "site", "data": {"series": 3}}).series == 3
+
+
+def test_writer_checks_and_writes_the_block_and_the_gate_loads(tmp_path: Path) -> None:
+    config, reference = read_config(SHIPPED_GATE)
+    assert reference is not None
+    block = {"kind": "site", "series": 120, "date": "2026-11-30", "report": "reports/site-a.html"}
+    path = write_gate(tmp_path / "g", config, reference, command="test", data=config["data"], population=block)
+    written = json.loads(path.read_text())
+    assert written["calibration_population"] == block and written["version"] == content_version(written)
+    gate = Gate.load(tmp_path / "g")  # the version hash covers the block: an edited block is refused
+    assert (
+        calibration_population(gate.config).words()
+        == "site data: 120 normal series, 2026-11-30, report reports/site-a.html"
+    )
+    # Strict on output: each wrong field named, nothing written.
+    for bad, field in (
+        ({**block, "kind": "hospital"}, "calibration_population.kind"),
+        ({**block, "series": 0}, "calibration_population.series"),
+        ({**block, "date": "30/11/2026"}, "calibration_population.date"),
+        ({**block, "report": ""}, "calibration_population.report"),
+        ({**block, "patients": 3}, "unknown field 'patients'"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            write_gate(tmp_path / "bad", config, reference, command="test", data=config["data"], population=bad)
+        assert not (tmp_path / "bad").exists()
+    assert population_block({"kind": "phantom", "series": 60, "date": "2026-12-07T14:47:02+00:00"})["kind"] == "phantom"
+    # Without a block (the shipped gate's case) none is written.
+    plain = {k: v for k, v in config.items() if k != "calibration_population"}
+    unblocked = json.loads(write_gate(tmp_path / "p", plain, reference, command="t", data=config["data"]).read_text())
+    assert "calibration_population" not in unblocked
 
 
 # --- a running app ---------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.calibration_population import read_active_gate
 from service.db.tables import Export, ExportState, Series, utc_now
 from service.lifecycle import FINAL_STATES, WORKING_STATES, SeriesState
 from service.settings import Settings, load_settings_or_exit
@@ -290,6 +289,9 @@ def _gate_status(*, settings: Settings, sessions: sessionmaker[Session], finding
 
     A gate.json that cannot be read is a finding (every series' segment task would fail on it).
     """
+    # Imported when run: the gate package loads scipy, which building `gatekeeper`'s parser need not.
+    from service.calibration_population import read_active_gate
+
     with sessions() as session:
         gate = read_active_gate(session=session, settings=settings)
     if gate.problem:

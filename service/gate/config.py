@@ -1,4 +1,5 @@
-"""gate.json: its fields and checks, reading it with the reference it names, writing both, its version.
+"""gate.json: its fields and checks, reading it with the reference it names, writing both, its version,
+and the population it was calibrated on (`calibration_population`: the shipped phantom mix, or a site's series).
 
 A calibrated gate.json holds the signals' calibrations (`signals`), the fusion rule and its cut
 (`fusion`), the bands, the plain rules, the test-time views and the reference .npz's name and SHA-256;
@@ -12,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,25 @@ def content_version(config: Mapping[str, Any]) -> str:
 
 
 def write_gate(
-    folder: Path, config: dict[str, Any], reference: Reference, *, command: str, data: Mapping[str, Any]
+    folder: Path,
+    config: dict[str, Any],
+    reference: Reference,
+    *,
+    command: str,
+    data: Mapping[str, Any],
+    population: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write gate.json and its reference .npz to `folder`; returns gate.json's path."""
+    """Write gate.json and its reference .npz to `folder`; returns gate.json's path.
+
+    `population` (or `config["calibration_population"]`): what the gate was calibrated on, written as
+    gate.json's `calibration_population` block (`population_block`); without either, none is written and
+    readers take the gate for one calibrated on the shipped phantom mix.
+
+    Raises:
+        ValueError: the population block is wrong (the message names the field), before anything is written.
+    """
+    block = population if population is not None else config.get("calibration_population")
+    checked = population_block(block) if block is not None else None
     folder.mkdir(parents=True, exist_ok=True)
     ref_path = folder / REFERENCE_FILE
     with open(ref_path, "wb") as f:
@@ -86,10 +104,166 @@ def write_gate(
         **config,
     }
     full["reference"] = {**config.get("reference", {}), "file": REFERENCE_FILE, "sha256": _sha256(ref_path)}
+    if checked is not None:
+        full["calibration_population"] = checked
     full["version"] = content_version(full)
     path = folder / "gate.json"
     path.write_text(json.dumps(full, indent=1, default=float) + "\n")
     return path
+
+
+#: What `calibration_population.kind` may say: the gatekeeper's phantom, or the site's own series.
+POPULATION_KINDS = ("phantom", "site")
+
+
+@dataclass(frozen=True)
+class CalibrationPopulation:
+    """The normal series a gate's cut was calibrated on, as gate.json's `calibration_population` says.
+
+    `kind`: "phantom" or "site"; "none" for the rules-only gate (nothing calibrated); "unknown" when
+    the block is there but says something else. `shipped`: gate.json has no block (the gate shipped
+    with the code, calibrated on the phantom's clinic mix): the numbers then come from its `data`
+    (series, split, data hash) and `created`. `series`: how many normal series; `date`: when
+    (ISO date); `report`: path or URL of the commissioning report; `site`: the site's (or phantom
+    site profile's) name.
+    """
+
+    kind: str
+    shipped: bool = False
+    series: int | None = None
+    date: str | None = None
+    report: str | None = None
+    site: str | None = None
+    split: str | None = None
+    data_hash: str | None = None
+
+    def words(self) -> str:
+        """One line for people: "the shipped phantom mix: 60 normal series …" or "site data: 120 series, …"."""
+        if self.kind == "none":
+            return "not calibrated (rules-only gate)"
+        count = f"{self.series} normal series" if self.series is not None else "series count not recorded"
+        if self.shipped:
+            where = ", ".join(
+                part
+                for part in (
+                    f"{self.split} split" if self.split else "",
+                    f"data {self.data_hash}" if self.data_hash else "",
+                )
+                if part
+            )
+            when = f", calibrated {self.date}" if self.date else ""
+            return f"the shipped phantom mix: {count}" + (f" ({where})" if where else "") + when
+        label = {"site": "site data", "phantom": "phantom data"}.get(self.kind, f"{self.kind} data")
+        parts = [count, self.date or "date not recorded"]
+        if self.site:
+            parts.insert(0, self.site)
+        if self.report:
+            parts.append(f"report {self.report}")
+        return f"{label}: " + ", ".join(parts)
+
+    @property
+    def report_url(self) -> str | None:
+        """`report` when it is an http(s) URL (a page may link it), else None."""
+        if self.report and self.report.lower().startswith(("http://", "https://")):
+            return self.report
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "shipped": self.shipped,
+            "series": self.series,
+            "date": self.date,
+            "report": self.report,
+            "site": self.site,
+            "split": self.split,
+            "data_hash": self.data_hash,
+        }
+
+
+def calibration_population(config: Mapping[str, Any] | None) -> CalibrationPopulation:
+    """What a gate.json says about its calibration population; tolerant: never raises.
+
+    `config` None: the rules-only gate. No `calibration_population` block: the shipped phantom mix,
+    with `data.series`, `data.split`, `data.hash` and the date of `created`. A block
+    ``{"kind": "phantom" | "site", "series": N, "date": "...", "report": "path or URL", "site": "..."}``:
+    those fields, each optional; a kind outside `POPULATION_KINDS` reads as "unknown".
+    """
+    if config is None:
+        return CalibrationPopulation(kind="none")
+    block = config.get("calibration_population")
+    if not isinstance(block, Mapping):
+        raw = config.get("data")
+        data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        return CalibrationPopulation(
+            kind="phantom",
+            shipped=True,
+            series=_count(data.get("series")),
+            date=_text(config.get("created"), 10),
+            split=_text(data.get("split")),
+            data_hash=_text(data.get("hash"), 16),
+        )
+    kind = block.get("kind")
+    return CalibrationPopulation(
+        kind=kind if kind in POPULATION_KINDS else "unknown",
+        series=_count(block.get("series")),
+        date=_text(block.get("date"), 32),
+        report=_text(block.get("report"), 1000),
+        site=_text(block.get("site"), 200),
+    )
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative whole count, from an int or its decimal string; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _text(value: Any, limit: int = 200) -> str | None:
+    """A non-empty string cut to `limit` characters; None for anything else."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()[:limit]
+    return None
+
+
+def population_block(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A `calibration_population` block checked for writing: `kind` (one of `POPULATION_KINDS`), `series`
+    (a whole number >= 1), `date` (ISO date, or date and time), optional `report` (path or URL) and `site`.
+
+    Raises:
+        ValueError: an unknown field, or a field missing or wrong (the message names it).
+    """
+    unknown = sorted(set(block) - {"kind", "series", "date", "report", "site"})
+    if unknown:
+        raise ValueError(
+            f"calibration_population: unknown field {unknown[0]!r}; expected kind, series, date, report, site"
+        )
+    if block.get("kind") not in POPULATION_KINDS:
+        raise ValueError(
+            f"calibration_population.kind must be one of {', '.join(POPULATION_KINDS)}, got {block.get('kind')!r}"
+        )
+    series = block.get("series")
+    if isinstance(series, bool) or not isinstance(series, int) or series < 1:
+        raise ValueError(f"calibration_population.series must be a whole number >= 1, got {series!r}")
+    date = block.get("date")
+    try:
+        dt.date.fromisoformat(str(date)[:10])
+    except ValueError:
+        raise ValueError(f"calibration_population.date must be an ISO date (YYYY-MM-DD), got {date!r}") from None
+    out: dict[str, Any] = {"kind": block["kind"], "series": series, "date": str(date)}
+    for key in ("report", "site"):
+        value = block.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"calibration_population.{key} must be a non-empty string, got {value!r}")
+        out[key] = value.strip()
+    return out
 
 
 def _sha256(path: Path) -> str:

@@ -20,6 +20,7 @@ from test_web import Env, make_settings
 from web_support import ANOMALY, FLAGGED_GATE, seed_database, serve, write_phantom
 
 from service.calibration_population import calibration_population, read_active_gate
+from service.commands.gate import population_of
 from service.commands.status import collect_status, format_report
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Base, ModelKind
@@ -94,6 +95,32 @@ def test_writer_checks_and_writes_the_block_and_the_gate_loads(tmp_path: Path) -
     plain = {k: v for k, v in config.items() if k != "calibration_population"}
     unblocked = json.loads(write_gate(tmp_path / "p", plain, reference, command="t", data=config["data"]).read_text())
     assert "calibration_population" not in unblocked
+
+
+def test_calibrate_gate_writes_phantom_or_site_population(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    run = tmp_path / "clinic"
+    run.mkdir()
+    manifest = {
+        "series": [{"series_instance_uid": "1.2.1", "site": {"name": "site-b"}}, {"series_instance_uid": "1.2.2"}]
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    used: Any = [SimpleNamespace(series_instance_uid=uid) for uid in ("1.2.1", "1.2.2")]
+    phantom = population_of(run, used, report=None, site=None)
+    assert {k: phantom[k] for k in ("kind", "series", "site")} == {
+        "kind": "phantom",
+        "series": 2,
+        "site": "default, site-b",
+    }
+    assert population_block(phantom) == phantom  # what write_gate accepts
+    site = population_of(run, [*used, SimpleNamespace(series_instance_uid="9.9")], report=SITE_REPORT, site="Site A")
+    assert {k: site[k] for k in ("kind", "series", "site", "report")} == {
+        "kind": "site",
+        "series": 3,
+        "site": "Site A",
+        "report": SITE_REPORT,
+    }
 
 
 # --- a running app ---------------------------------------------------------------------------------

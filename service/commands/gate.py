@@ -2,6 +2,7 @@
 
     gatekeeper calibrate gate --data DIR [--split validation] --out models/gate/default
         [--false-flag-rate 0.05] [--segmenter DIR] [--detector DIR] [--jobs N]
+        [--population-report PATH_OR_URL] [--population-site NAME]
 
 Every CT series under `--data` that its phantom manifest(s) call normal (no anomaly) and put in
 `--split` is segmented with the test-time views and scored by the detector; `service.gate.calibrate`
@@ -9,12 +10,15 @@ fits the Mahalanobis reference and the liver's HU band, each signal's centre and
 cut at `--false-flag-rate` (see `service.gate`). Without a manifest, every CT series is taken as
 normal (a hospital's own normal validation series); a manifest whose entries carry no split uses all
 its normal series. Nothing is fitted on anomalous series. Writes gate.json and its reference file to
-`--out`. ONNX Runtime only (no torch).
+`--out`. ONNX Runtime only (no torch). gate.json's `calibration_population` says what the gate was
+calibrated on (`population_of`): "phantom" data (every series in a phantom manifest) or a "site"'s own
+series, how many, the date, and `--population-report` / `--population-site` when given.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -78,6 +82,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="cache of the measurements (pickle written by this command): reused when it exists, so that a "
         "recalibration at another --false-flag-rate does not segment again",
     )
+    g.add_argument(
+        "--population-report",
+        default=None,
+        metavar="PATH_OR_URL",
+        help="the report on the calibration data (e.g. the commissioning report), written to gate.json's "
+        "calibration_population; status, /readyz and the worklist header show it",
+    )
+    g.add_argument(
+        "--population-site",
+        default=None,
+        metavar="NAME",
+        help="the site whose series these are (default: the phantom site profile for phantom data, none otherwise)",
+    )
     g.set_defaults(func=run)
 
 
@@ -94,6 +111,29 @@ def read_manifests(root: Path) -> dict[str, dict[str, Any]]:
             if isinstance(e, dict) and "series_instance_uid" in e:
                 entries[e["series_instance_uid"]] = {**e, "_root": str(manifest.parent)}
     return entries
+
+
+def population_of(
+    root: Path, used: list[dicom_series.SeriesFiles], *, report: str | None, site: str | None
+) -> dict[str, Any]:
+    """gate.json's `calibration_population` for a calibration on `used` under `root`: kind "phantom" when
+    every series has a phantom manifest entry (site: the phantom site profile, when not the default one),
+    else "site"; `series` how many, `date` today (UTC), and `report` and `site` when given."""
+    entries = read_manifests(root)
+    phantom = bool(used) and all(g.series_instance_uid in entries for g in used)
+    if site is None and phantom:
+        profiles = {str((entries[g.series_instance_uid].get("site") or {}).get("name", "default")) for g in used}
+        site = None if profiles == {"default"} else ", ".join(sorted(profiles))
+    block: dict[str, Any] = {
+        "kind": "phantom" if phantom else "site",
+        "series": len(used),
+        "date": dt.datetime.now(dt.UTC).date().isoformat(),
+    }
+    if report is not None:
+        block["report"] = report
+    if site is not None:
+        block["site"] = site
+    return block
 
 
 def anomaly_type(entry: dict[str, Any] | None) -> str:
@@ -236,6 +276,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--false-flag-rate must be in (0, 0.5), got {args.false_flag_rate}")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    for flag, value in (("--population-report", args.population_report), ("--population-site", args.population_site)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} must not be empty")
     groups = normal_series(args.data, args.split)
     detector_dir = str(args.detector or DEFAULT_DETECTOR_DIR)
     try:
@@ -287,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
         "seconds_per_series": round(sum(seconds) / max(len(seconds), 1), 2),
     }
     command = "gatekeeper calibrate gate " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-    path = write_gate(args.out, config, reference, command=command, data=data)
+    population = population_of(args.data, used, report=args.population_report, site=args.population_site)
+    path = write_gate(args.out, config, reference, command=command, data=data, population=population)
     fusion = config["fusion"]
     print(
         f"gate calibrated on {len(used)} normal series in {time.monotonic() - t0:.0f} s: "

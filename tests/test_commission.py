@@ -116,6 +116,9 @@ def test_every_model_lists_the_series_it_was_trained_or_calibrated_on(site: Site
     assert detector["calibrated_on_series"] == roles["detector_validation"]
     gate = json.loads((site.out / "models" / "gate" / "gate.json").read_text())
     assert gate["data"]["calibrated_on_series"] == roles["gate_calibration"]
+    population = gate["calibration_population"]
+    assert population["kind"] == "site" and population["series"] == len(roles["gate_calibration"])
+    assert population["report"] == str((site.out / "report.html").resolve())
     seg = json.loads((site.out / "models" / "segmenter" / "model.json").read_text())
     held = set(roles["held_out"])
     assert seen_series(seg) and not seen_series(seg) & held

@@ -13,6 +13,7 @@ series (`data.calibrated_on_series`).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import pickle
@@ -155,5 +156,11 @@ def calibrate_gate(
         "seconds": round(time.monotonic() - t0, 1),
     }
     command = "gatekeeper " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_gate(out, config, reference, command=command, data=data)
+    population = {
+        "kind": "site",
+        "series": len(used),
+        "date": dt.date.today().isoformat(),
+        "report": str((root / "report.html").resolve()),
+    }
+    write_gate(out, config, reference, command=command, data=data, population=population)
     return out, calibrated_on

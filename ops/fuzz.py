@@ -869,7 +869,7 @@ def start_listener(work: Path, admin_url: str) -> RunningListener:
     )
     from alembic import command
 
-    from service import db_cli
+    from service.commands import db as db_cli
 
     command.upgrade(db_cli.alembic_config(database_url), "head")  # in this process: no second interpreter start
     log_path = work / "listener.log"

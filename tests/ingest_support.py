@@ -212,7 +212,9 @@ def listener_process(settings: Settings, log_path: Path) -> Iterator[subprocess.
     finally:
         if process.poll() is None:
             process.terminate()
-            process.wait(timeout=30)
+            # A listener still re-indexing its series folders at start-up stops after that step; on a
+            # loaded 2-core machine that can take longer than a quiet one suggests.
+            process.wait(timeout=120)
         log.close()
 
 

@@ -84,7 +84,9 @@ def forward_settings(tmp_path: Path, url: str, *, port: int, ae_title: str = "OR
         tmp_path / "var",
         url,
         "memory://",
-        quiet_period_s=0.5,
+        # Long enough that a loaded machine's pauses between the instances of one storescu association
+        # do not complete the series early (a later instance would then supersede that version).
+        quiet_period_s=3.0,
         segmentation_mode="forward",
         forward_host="127.0.0.1",
         forward_port=port,

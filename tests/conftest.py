@@ -165,11 +165,26 @@ def redis_url() -> Iterator[str]:
 
 #: Fixtures that need a running server: a test that uses one is in the integration tier.
 SERVER_FIXTURES = frozenset({"postgres_url", "postgres_db_url", "redis_url"})
+#: Modules whose tests train or evaluate models, write phantom series or start `gatekeeper` processes
+#: (seconds to minutes each): the slow tier, with the longest tests of the unmarked ones measured.
+SLOW_MODULES = frozenset(
+    {
+        "test_cli_database",
+        "test_detector_eval",
+        "test_detector_eval_patch",
+        "test_detector_training",
+        "test_gate_eval",
+        "test_phantom",
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that uses a server fixture `integration`, so that `make test-fast` (the unit tier,
-    `-m "not integration and not slow"`) never waits on PostgreSQL or Redis."""
+    """Mark every test that uses a server fixture `integration` and every test of `SLOW_MODULES` `slow`, so
+    that `make test-fast` (the unit tier, `-m "not integration and not slow"`) never waits on PostgreSQL,
+    Redis, a training run or a child process."""
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=DEFAULT_SITE.name,
         help="with 'dataset --clinic': acquire the mix as this site does, with its own patients "
         "(patient seeds disjoint from every other site's); docs/phantom-sites.md has the numbers. "
-        + "; ".join(f"{site.name}: {site.summary}" for site in SITES.values())
+        + "; ".join(f"{site.name}: {site.summary}" for site in SITES.values()).replace("%", "%%")
         + f" (default {DEFAULT_SITE.name})",
     )
     p.add_argument(

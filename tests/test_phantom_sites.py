@@ -193,3 +193,18 @@ def test_site_specs_reject_a_site_outside_the_clinic_mix():
         replace(spec, site="site-b", scan_range=None)
     with pytest.raises(ValueError, match="brings its own"):
         replace(spec, anomaly="tumor", phase="non_contrast")
+
+
+def test_validation_series_sets_the_validation_split_and_keeps_the_default_mix() -> None:
+    default = clinic_specs(seed=0, test_series=20, matrix=64, noise_sigma=12, site=SITES["site-b"])
+    larger = clinic_specs(seed=0, test_series=20, validation_series=9, matrix=64, noise_sigma=12, site=SITES["site-b"])
+    assert sum(s.split == "validation" for s in default) == 2  # 12 % of 20, at least 2
+    assert sum(s.split == "validation" for s in larger) == 9
+    assert sum(s.split == "test" for s in larger) == 20
+    assert len({s.patient_seed for s in larger}) == len(larger)  # every series its own patient
+    # Left out, the mix is the one made before the option existed.
+    assert clinic_specs(seed=0, test_series=20, validation_series=None, matrix=64, noise_sigma=12) == clinic_specs(
+        seed=0, test_series=20, matrix=64, noise_sigma=12
+    )
+    with pytest.raises(ValueError, match="at least 2"):
+        clinic_specs(seed=0, test_series=20, validation_series=1, matrix=64, noise_sigma=12)

@@ -99,6 +99,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         + f" (default {DEFAULT_SITE.name})",
     )
     p.add_argument(
+        "--validation-series",
+        type=int,
+        default=None,
+        help="with 'dataset --clinic': normal validation series (default 12 %% of --series), e.g. 96 to "
+        "commission a gate on; another number draws other patients",
+    )
+    p.add_argument(
         "--split",
         choices=["train", "validation", "test"],
         default=None,
@@ -145,6 +152,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError("--clinic has no train split; --split must be validation, test or absent")
         if args.slices is not None:
             raise UsageError("--clinic plans realistic scan ranges; --slices does not apply")
+        if args.validation_series is not None and args.validation_series < 2:
+            raise UsageError(f"--validation-series must be >= 2, got {args.validation_series}")
+    elif args.validation_series is not None:
+        raise UsageError("--validation-series applies to 'gatekeeper phantom dataset --clinic' only")
 
 
 def prepare_output(out: Path, force: bool) -> None:
@@ -175,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             specs = clinic_specs(
                 seed=args.seed,
                 test_series=args.series or CLINIC_TEST_SERIES,
+                validation_series=args.validation_series,
                 matrix=args.matrix,
                 noise_sigma=args.noise_sigma,
                 site=SITES[args.site],

@@ -454,17 +454,21 @@ CLINIC_SEED_OFFSET = DEFAULT_SITE.seed_offset
 SITE_SEED_RANGE = 1_000_000
 
 
-def clinic_plan(test_series: int) -> list[tuple[str, str | None, str | None, str | None]]:
+def clinic_plan(
+    test_series: int, validation_series: int | None = None
+) -> list[tuple[str, str | None, str | None, str | None]]:
     """(split, anomaly, grade, off-target scan range) of every series of a clinic mix, unshuffled.
 
     `test_series` test series: round(15 %) anomalous, spread as evenly as counts allow over the
     anomaly types, each type's series graded subtle, moderate, gross in turn; max(1, round(1.4 %))
     each of chest-only, pelvis-only and partly covered livers; the rest normal. Plus
-    round(12 % of `test_series`) (at least 2) normal validation series.
+    `validation_series` normal validation series (default: round(12 % of `test_series`), at least 2).
 
     Raises:
-        ValueError: if `test_series` cannot hold one series of each kind.
+        ValueError: if `test_series` cannot hold one series of each kind, or `validation_series` < 2.
     """
+    if validation_series is not None and validation_series < 2:
+        raise ValueError(f"a clinic validation split needs at least 2 series, got {validation_series}.")
     n_off = max(1, round(CLINIC_OFF_TARGET_FRACTION * test_series))
     n_anomalous = max(len(ANOMALY_TYPES), round(CLINIC_ANOMALOUS_FRACTION * test_series))
     if test_series < n_anomalous + len(OFF_TARGET_RANGES) * n_off + 1:
@@ -473,7 +477,7 @@ def clinic_plan(test_series: int) -> list[tuple[str, str | None, str | None, str
             f"got {test_series}."
         )
     plan: list[tuple[str, str | None, str | None, str | None]] = []
-    n_validation = max(2, round(CLINIC_VALIDATION_FRACTION * test_series))
+    n_validation = validation_series or max(2, round(CLINIC_VALIDATION_FRACTION * test_series))
     plan += [("validation", None, None, None)] * n_validation
     per_type = [
         n_anomalous // len(ANOMALY_TYPES) + (i < n_anomalous % len(ANOMALY_TYPES)) for i in range(len(ANOMALY_TYPES))
@@ -490,6 +494,7 @@ def clinic_specs(
     *,
     seed: int,
     test_series: int = CLINIC_TEST_SERIES,
+    validation_series: int | None = None,
     matrix: int,
     noise_sigma: float,
     site: SiteProfile = DEFAULT_SITE,
@@ -506,14 +511,16 @@ def clinic_specs(
     `site` (`sites.SITES`) acquires the mix with its protocol and its own patients: seeds from
     [site.seed_offset, site.seed_offset + 1e6), disjoint from every other site's, and
     `site.non_contrast_share` of the series without an anomaly rendered without contrast. The
-    default site's mix is the one this function always made.
+    default site's mix is the one this function always made. `validation_series` sets the size
+    of the validation split (e.g. 96 normals to commission on); left out, the mix is unchanged.
 
     Raises:
         ValueError: if `test_series` is too small for the mix (see `clinic_plan`).
     """
     stream = [seed, 0xC11, test_series] + ([] if site is DEFAULT_SITE else [site.code])
+    stream += [] if validation_series is None else [0x7A1, validation_series]
     rng = np.random.default_rng(stream)
-    plan = clinic_plan(test_series)
+    plan = clinic_plan(test_series, validation_series)
     n_validation = sum(1 for split, *_ in plan if split == "validation")
     order = np.concatenate([np.arange(n_validation), n_validation + rng.permutation(len(plan) - n_validation)])
     plan = [plan[i] for i in order]

@@ -1,7 +1,8 @@
 """The demo's ending: on a terminal it stays up until Ctrl-C; without one it ends by itself.
 
 The whole demo takes minutes; these tests check the decision (`keep_running`) on real pseudo-
-terminals and pipes, and the wait (`stay_up`) with real signals in a child process.
+terminals and pipes, the wait (`stay_up`) with real signals in a child process, and the verdict per
+series (`safe_outcome`, `delivered_dice` on a real phantom series).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from service.commands.demo import keep_running, stay_up
+from service.commands.demo import SAFE_DICE, delivered_dice, keep_running, safe_outcome, stay_up
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,3 +108,49 @@ def test_stay_up_ends_cleanly_on_ctrl_c_or_sigterm(signum: int, expected: str) -
             child.wait()
     assert child.returncode == 0, err
     assert out.strip() == expected and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("expected", "route", "dice", "ok"),
+    [
+        ("auto", "auto", 0.97, True),
+        ("auto", "worklist", None, False),
+        ("safe", "worklist", None, True),
+        ("safe", "auto", SAFE_DICE, True),
+        ("safe", "auto", 0.90, False),  # a failure delivered unflagged
+        ("safe", "auto", None, False),  # delivered, Dice unknown: not shown to be safe
+        ("safe", "failed", None, False),
+    ],
+)
+def test_an_anomaly_may_go_through_only_with_a_correct_contour(expected, route, dice, ok) -> None:
+    assert safe_outcome(expected, route, dice) is ok
+
+
+def test_safe_outcome_refuses_an_unknown_expectation() -> None:
+    with pytest.raises(ValueError, match="expected"):
+        safe_outcome("maybe", "auto", 1.0)
+
+
+def test_delivered_dice_compares_the_seg_with_the_phantom_truth(tmp_path: Path) -> None:
+    import numpy as np
+    import pydicom
+
+    from service.phantom.generate import SeriesSpec, generate_run
+
+    spec = SeriesSpec(folder="s", patient_seed=3, series_seed=4, anomaly=None, num_slices=12, matrix=64)
+    generate_run([spec], tmp_path, progress=False)
+    folder = tmp_path / "s"
+    truth = (folder / "ground_truth" / "organs.seg.dcm").read_bytes()
+    assert delivered_dice(truth, folder) == 1.0
+    # The same SEG with the liver's frames emptied: no overlap left.
+    ds = pydicom.dcmread(folder / "ground_truth" / "organs.seg.dcm")
+    liver = next(s.SegmentNumber for s in ds.SegmentSequence if s.SegmentLabel.lower() == "liver")
+    frames = ds.pixel_array.copy()
+    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == liver:
+            frames[i] = 0
+    packed = np.packbits(frames.reshape(-1), bitorder="little")
+    ds.PixelData = packed.tobytes() + (b"\0" if packed.size % 2 else b"")
+    out = tmp_path / "empty.seg.dcm"
+    ds.save_as(out)
+    assert delivered_dice(out.read_bytes(), folder) == 0.0

@@ -7,12 +7,14 @@
 3. pushes the study with DCMTK `storescu`, as a PACS or scanner would;
 4. waits until every series has ended its automatic journey and prints per series: the route, the
    gate's fused evidence against its cut, and either "SEG delivered to PACS" (checked through
-   Orthanc's REST API: the SEG is there and references the series) or the worklist URL with the
-   gate's reasons in words (every series is segmented first; a worklisted one keeps a draft);
+   Orthanc's REST API: the SEG is there and references the series; its liver Dice against the
+   phantom's truth) or the worklist URL with the gate's reasons in words (every series is segmented
+   first; a worklisted one keeps a draft);
 5. on a terminal (stdin and stdout both a TTY, `keep_running`): leaves the worklist and Orthanc
    running so the links work, prints the worklist's login and Orthanc's web page, and waits for
    Ctrl-C (or SIGTERM); without a terminal (CI, scripts) it goes straight on to
-6. stop everything it started. Exit 0 when every series ended where it should.
+6. stop everything it started. Exit 0 when every series ended where it should (`safe_outcome`): the
+   normal one delivered, and each anomaly either on the worklist or delivered with a correct contour.
 
 Everything it writes lies under --out (default out/demo): `study/`, `var/` (the gatekeeper's
 storage and database), `orthanc/`, and the logs of the processes it ran.
@@ -40,12 +42,16 @@ from typing import Any, TextIO
 from service import dcmtk
 from service.errors import UsageError
 
-# (folder label, phantom anomaly or None, its severity grade, what the gatekeeper should do with it)
+# (folder label, phantom anomaly or None, its severity grade, what the gatekeeper should do with it:
+# "auto" — segmented and delivered; "safe" — the gate's contract: on the worklist, or delivered with a
+# contour that is right, Dice >= SAFE_DICE against the phantom's truth; see `safe_outcome`)
 DEMO_SERIES = (
     ("normal", None, None, "auto"),
-    ("stent", "stent", "gross", "worklist"),
-    ("tumor", "tumor", "gross", "worklist"),
+    ("stent", "stent", "gross", "safe"),
+    ("tumor", "tumor", "gross", "safe"),
 )
+#: The Dice below which a delivered contour counts as a failure the gate should have flagged.
+SAFE_DICE = 0.95
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-dosimetrist-password"
 CALLING_AE = "DEMO_SCANNER"
 WAIT_TIMEOUT_S = 480.0
@@ -85,6 +91,11 @@ def _rest(port: int, path: str, body: bytes | None = None) -> Any:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def _rest_bytes(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+        return bytes(response.read())
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
@@ -195,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             f"(quiet period {settings.quiet_period_s:g} s)\n",
             flush=True,
         )
-        ok = _report(rows, manifest, orthanc_http=orthanc_http, web_port=web_port)
+        ok = _report(rows, manifest, study, orthanc_http=orthanc_http, web_port=web_port)
         if keep_running(sys.stdin, sys.stdout):
             print(
                 f"\n[demo] still running, so that the links work:\n"
@@ -388,8 +399,42 @@ def _final_rows(settings: Any, series_uids: list[str]) -> dict[str, dict[str, An
         engine.dispose()
 
 
-def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthanc_http: int, web_port: int) -> bool:
-    """Print one line per series; True when each went where `DEMO_SERIES` expects."""
+def safe_outcome(expected: str, route: str | None, dice: float | None) -> bool:
+    """Whether a demo series ended as `DEMO_SERIES` expects.
+
+    "auto": delivered. "safe": what the gate promises — a contour the segmenter got wrong (Dice <
+    `SAFE_DICE` against the phantom's truth) never goes out unflagged: on the worklist, or delivered
+    with a measured Dice of at least `SAFE_DICE`. An anomaly the segmenter contours correctly may go
+    through; the gate flags failures, not findings.
+    """
+    if expected == "auto":
+        return route == "auto"
+    if expected == "safe":
+        return route == "worklist" or (route == "auto" and dice is not None and dice >= SAFE_DICE)
+    raise ValueError(f"expected must be 'auto' or 'safe', got {expected!r}")
+
+
+def delivered_dice(seg_file: bytes, series_folder: Path) -> float:
+    """Dice of the liver in the delivered SEG (`seg_file`) against the phantom's truth in `series_folder`."""
+    from io import BytesIO
+
+    import pydicom
+
+    from service.contours.reading import ct_headers, read_liver_mask
+    from service.settings import get_settings
+
+    names = get_settings().liver_structure_names
+    headers = ct_headers(sorted(series_folder.glob("*.dcm")))
+    _, delivered = read_liver_mask(pydicom.dcmread(BytesIO(seg_file)), headers, names)
+    _, truth = read_liver_mask(pydicom.dcmread(series_folder / "ground_truth" / "organs.seg.dcm"), headers, names)
+    total = int(delivered.sum()) + int(truth.sum())
+    return 2.0 * int((delivered & truth).sum()) / total if total else 1.0
+
+
+def _report(
+    rows: dict[str, dict[str, Any]], manifest: dict[str, Any], study: Path, *, orthanc_http: int, web_port: int
+) -> bool:
+    """Print one line per series; True when each ended as `DEMO_SERIES` expects (`safe_outcome`)."""
     ok = True
     for (label, _, _, expected), entry in zip(DEMO_SERIES, manifest["series"], strict=True):
         uid = entry["series_instance_uid"]
@@ -399,6 +444,7 @@ def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthan
             if row["fused"] is not None and row["cut"] is not None
             else "no gate evidence"
         )
+        dice = None
         if row["state"] == "delivered" and row["seg_uid"]:
             found = _rest(orthanc_http, "/tools/lookup", row["seg_uid"].encode())
             ids = [item["ID"] for item in found if item["Type"] == "Instance"]
@@ -408,7 +454,8 @@ def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthan
                 else []
             )
             if ids and refs and refs[0].get("SeriesInstanceUID") == uid:
-                outcome = "SEG delivered to PACS"
+                dice = delivered_dice(_rest_bytes(orthanc_http, f"/instances/{ids[0]}/file"), study / entry["folder"])
+                outcome = f"SEG delivered to PACS (liver Dice {dice:.3f} against the phantom's truth)"
             else:
                 outcome = "SEG NOT found in the PACS"
                 ok = False
@@ -420,5 +467,7 @@ def _report(rows: dict[str, dict[str, Any]], manifest: dict[str, Any], *, orthan
         print(f"  {label:<15} route {route:<22} {score:<34} {outcome}")
         for words in row["reasons"]:
             print(f"  {'':<15} - {words}")
-        ok = ok and row["route"] == expected
+        if expected == "safe" and row["route"] == "auto" and dice is not None and dice >= SAFE_DICE:
+            print(f"  {'':<15} - an anomaly contoured correctly: the gate flags failures, not findings")
+        ok = ok and safe_outcome(expected, row["route"], dice)
     return ok

@@ -85,9 +85,9 @@ def trained(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return out, time.monotonic() - t0
 
 
-def test_smoke_training_is_fast_losses_fall_and_model_json_is_complete(trained: tuple[Path, float]) -> None:
-    out, seconds = trained
-    assert seconds < 180, f"smoke training took {seconds:.0f} s"
+def test_smoke_training_losses_fall_and_model_json_is_complete(trained: tuple[Path, float]) -> None:
+    # No wall-time bound here: speed is measured by `gatekeeper bench`, not by a test on a noisy machine.
+    out, _ = trained
     meta = json.loads((out / "model.json").read_text())
     for key in (
         "size",

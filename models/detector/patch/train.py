@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +54,8 @@ from models.detector.stylegan2.train import (
     MM_PER_UNIT,
     Trainer,
     _Clock,
-    _curve_summary,
-    _position_quality,
-    _versions,
     check_args,
+    training_record,
 )
 from service import imaging
 from service.errors import UsageError
@@ -622,35 +619,17 @@ def _train(args: argparse.Namespace) -> Path:
         "files": {p.stem: p.name for p in paths},
         "onnx_opset": OPSET,
         **calibration.as_dict(),
-        "training": {
-            "command": _command(args),
-            "seed": args.seed,
-            "max_series": args.max_series,
-            "device": str(device),
-            "device_name": platform.processor(),
-            "data": str(args.data),
-            "data_hash_sha256": data_hash,
-            "train_series": len(data.train),
-            "train_slices": int(sum(s.num_slices for s in data.train)),
-            "train_patches": int(sum(s.centres.shape[0] for s in trainer.train_series)),
-            "validation_series": len(data.validation),
-            "trained_on_series": sorted(s.series_instance_uid for s in data.train),
-            "calibrated_on_series": sorted(s.series_instance_uid for s in data.validation),
-            "skipped_series": data.skipped,
-            "steps": trainer.steps,
-            "seconds": {k: round(v, 1) for k, v in trainer.clock.elapsed.items()},
-            "wall_seconds": round(time.monotonic() - t0, 1),
-            "batch": args.batch,
-        },
-        "versions": _versions(),
-        "metrics": {
-            "position_loss": _curve_summary(trainer.history["position"]),
-            "gan_d_loss": _curve_summary(trainer.history["gan"], 1),
-            "gan_g_loss": _curve_summary(trainer.history["gan"], 2),
-            "encoder_loss": _curve_summary(trainer.history["encoder"]),
-            "position_quality_validation": _position_quality(trainer, data.validation),
-            "gan_diverged": trainer.diverged,
-        },
+        **training_record(
+            args,
+            trainer,
+            data,
+            command=_command(args),
+            device=device,
+            data_hash=data_hash,
+            t0=t0,
+            max_series=args.max_series,
+            train_patches=int(sum(s.centres.shape[0] for s in trainer.train_series)),
+        ),
     }
     (args.out / "model.json").write_text(json.dumps(model, indent=1))
     log.info("model written to %s in %.0f s", args.out, time.monotonic() - t0)

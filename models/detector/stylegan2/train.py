@@ -432,6 +432,51 @@ def _curve_summary(history: list[list[float]], col: int = 1) -> dict[str, float]
     return {"first": round(float(vals[:w].mean()), 5), "last": round(float(vals[-w:].mean()), 5), "points": len(vals)}
 
 
+def training_record(
+    args: argparse.Namespace,
+    trainer: Trainer,
+    data: Dataset,
+    *,
+    command: str,
+    device: torch.device,
+    data_hash: str,
+    t0: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """model.json's `training` (how, on what, for how long; `extra` added to it), `versions` and `metrics`
+    blocks, the same for every family trained by a `Trainer`."""
+    return {
+        "training": {
+            "command": command,
+            "seed": args.seed,
+            **extra,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "data": str(args.data),
+            "data_hash_sha256": data_hash,
+            "train_series": len(data.train),
+            "train_slices": int(sum(s.num_slices for s in data.train)),
+            "validation_series": len(data.validation),
+            "trained_on_series": sorted(s.series_instance_uid for s in data.train),
+            "calibrated_on_series": sorted(s.series_instance_uid for s in data.validation),
+            "skipped_series": data.skipped,
+            "steps": trainer.steps,
+            "seconds": {k: round(v, 1) for k, v in trainer.clock.elapsed.items()},
+            "wall_seconds": round(time.monotonic() - t0, 1),
+            "batch": args.batch,
+        },
+        "versions": _versions(),
+        "metrics": {
+            "position_loss": _curve_summary(trainer.history["position"]),
+            "gan_d_loss": _curve_summary(trainer.history["gan"], 1),
+            "gan_g_loss": _curve_summary(trainer.history["gan"], 2),
+            "encoder_loss": _curve_summary(trainer.history["encoder"]),
+            "position_quality_validation": _position_quality(trainer, data.validation),
+            "gan_diverged": trainer.diverged,
+        },
+    }
+
+
 def train_detector(args: argparse.Namespace) -> Path:
     """Run every phase, calibrate, export; return the model folder.
 
@@ -542,33 +587,7 @@ def _train(args: argparse.Namespace) -> Path:
         "files": {p.stem: p.name for p in paths},
         "onnx_opset": OPSET,
         **calibration.as_dict(),
-        "training": {
-            "command": command,
-            "seed": args.seed,
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "data": str(args.data),
-            "data_hash_sha256": data_hash,
-            "train_series": len(data.train),
-            "train_slices": int(sum(s.num_slices for s in data.train)),
-            "validation_series": len(data.validation),
-            "trained_on_series": sorted(s.series_instance_uid for s in data.train),
-            "calibrated_on_series": sorted(s.series_instance_uid for s in data.validation),
-            "skipped_series": data.skipped,
-            "steps": trainer.steps,
-            "seconds": {k: round(v, 1) for k, v in trainer.clock.elapsed.items()},
-            "wall_seconds": round(time.monotonic() - t0, 1),
-            "batch": args.batch,
-        },
-        "versions": _versions(),
-        "metrics": {
-            "position_loss": _curve_summary(trainer.history["position"]),
-            "gan_d_loss": _curve_summary(trainer.history["gan"], 1),
-            "gan_g_loss": _curve_summary(trainer.history["gan"], 2),
-            "encoder_loss": _curve_summary(trainer.history["encoder"]),
-            "position_quality_validation": _position_quality(trainer, data.validation),
-            "gan_diverged": trainer.diverged,
-        },
+        **training_record(args, trainer, data, command=command, device=device, data_hash=data_hash, t0=t0),
     }
     (args.out / "model.json").write_text(json.dumps(model, indent=1))
     log.info("model written to %s in %.0f s", args.out, time.monotonic() - t0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ from ingest_support import (
 )
 from pydantic import ValidationError
 
+from service.errors import UsageError
 from service.ingest.listener import AccessPolicy
 from service.lifecycle import SeriesState
 from service.settings import Settings
@@ -101,3 +103,33 @@ def test_listener_on_default_sqlite_serves_concurrent_senders_and_series_lists_t
     missing = run_gatekeeper("series", "complete", "1.2.3.4", env=env)
     assert missing.returncode == 1 and "no receiving version" in missing.stdout
     db.close()
+
+
+def _flags(**values: object) -> argparse.Namespace:
+    names = ("ae_title", "bind", "port", "allow_ae", "allow_ip", "web_port")
+    return argparse.Namespace(**{name: values.get(name) for name in names})
+
+
+def test_listen_and_serve_apply_their_flags_over_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from service.commands.ingest import listen_settings
+    from service.commands.serve import serve_settings
+    from service.settings import get_settings
+
+    monkeypatch.setenv("GATEKEEPER_STORAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("GATEKEEPER_PORT", "11112")
+    get_settings.cache_clear()
+    try:
+        _check_flags(listen_settings, serve_settings)
+    finally:
+        get_settings.cache_clear()
+
+
+def _check_flags(listen_settings, serve_settings) -> None:  # type: ignore[no-untyped-def]
+    listen = listen_settings(_flags(port=4242, allow_ae=["PACS1"], allow_ip=["10.0.0.0/8"]))
+    assert (listen.port, listen.allowed_ae_titles) == (4242, ["PACS1"])
+    serve = serve_settings(_flags(bind="127.0.0.1", web_port=8123))
+    assert serve.web_port == 8123 and serve.port == 11112 and serve.allowed_ae_titles == ["*"]  # loopback default
+    with pytest.raises(UsageError, match="invalid port"):
+        listen_settings(_flags(port=70000, allow_ae=["PACS1"], allow_ip=["10.0.0.0/8"]))
+    with pytest.raises(UsageError, match="invalid web_port"):
+        serve_settings(_flags(bind="127.0.0.1", web_port=0))

@@ -117,29 +117,43 @@ def _check_metrics_port(port: int | None) -> None:
         raise UsageError(f"--metrics-port must be 1 to 65535, got {port}")
 
 
+#: (argparse dest, Settings field) of the listener's flags, shared by `listen` and `serve`.
+LISTENER_FLAGS = (
+    ("ae_title", "ae_title"),
+    ("bind", "bind_address"),
+    ("port", "port"),
+    ("allow_ae", "allowed_ae_titles"),
+    ("allow_ip", "allowed_networks"),
+)
+
+
+def settings_values(args: argparse.Namespace, flags: tuple[tuple[str, str], ...] = LISTENER_FLAGS) -> dict[str, Any]:
+    """The configured settings' values with the given flags applied (a flag that is set wins)."""
+    base = load_settings_or_exit()
+    overrides = {name: getattr(args, flag) for flag, name in flags if getattr(args, flag) is not None}
+    return {**base.model_dump(), **overrides}
+
+
+def validated_settings(values: dict[str, Any]) -> Settings:
+    """`Settings` from `values`, validated like the environment.
+
+    Raises:
+        UsageError: a value is invalid (the message names the field).
+    """
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise UsageError(f"invalid {'/'.join(map(str, error['loc']))}: {error['msg']}") from None
+
+
 def listen_settings(args: argparse.Namespace) -> Settings:
     """The settings with the command-line flags applied (flags win); validated like the rest.
 
     Raises:
         UsageError: a flag value is invalid, or an allow-list is empty.
     """
-    base = load_settings_or_exit()
-    overrides: dict[str, Any] = {}
-    for flag, name in (
-        ("ae_title", "ae_title"),
-        ("bind", "bind_address"),
-        ("port", "port"),
-        ("allow_ae", "allowed_ae_titles"),
-        ("allow_ip", "allowed_networks"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides[name] = value
-    try:
-        settings = Settings.model_validate({**base.model_dump(), **overrides})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise UsageError(f"invalid {'/'.join(map(str, error['loc']))}: {error['msg']}") from None
+    settings = validated_settings(settings_values(args))
     if not settings.allowed_ae_titles:
         raise UsageError(
             "no calling AE title is allowed: use --allow-ae TITLE or GATEKEEPER_ALLOWED_AE_TITLES ('*' for any)"

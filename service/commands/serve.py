@@ -27,14 +27,13 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 from alembic import command as alembic_command
 from alembic.util.exc import CommandError
 
 from service.db.schema import alembic_config, check_database, masked_url
 from service.errors import DatabaseNotReady, UsageError
-from service.settings import Settings, load_settings_or_exit, settings_environment
+from service.settings import Settings, settings_environment
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +75,9 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     Raises:
         UsageError: a flag value is invalid, or the allow-lists are empty on a non-loopback bind.
     """
-    from pydantic import ValidationError
+    from service.commands.ingest import LISTENER_FLAGS, settings_values, validated_settings
 
-    base = load_settings_or_exit()
-    overrides: dict[str, Any] = {}
-    for flag, name in (
-        ("ae_title", "ae_title"),
-        ("bind", "bind_address"),
-        ("port", "port"),
-        ("allow_ae", "allowed_ae_titles"),
-        ("allow_ip", "allowed_networks"),
-        ("web_port", "web_port"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides[name] = value
-    values = {**base.model_dump(), **overrides}
+    values = settings_values(args, (*LISTENER_FLAGS, ("web_port", "web_port")))
     try:
         loopback = ipaddress.ip_address(values["bind_address"]).is_loopback
     except ValueError:
@@ -99,11 +85,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     if loopback and not values["allowed_networks"] and not values["allowed_ae_titles"]:
         values["allowed_networks"], values["allowed_ae_titles"] = LOOPBACK_NETWORKS, ["*"]
         log.warning("no allow-lists configured: accepting any calling AE title from this machine only")
-    try:
-        settings = Settings.model_validate(values)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise UsageError(f"invalid {'/'.join(map(str, error['loc']))}: {error['msg']}") from None
+    settings = validated_settings(values)
     if not settings.allowed_ae_titles or not settings.allowed_networks:
         raise UsageError(
             "the listener needs allow-lists: use --allow-ae TITLE and --allow-ip CIDR "

@@ -32,6 +32,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 REAL_CT_REPORT = DOCS / "evaluation" / "real-ct" / "report.json"
 GATE_CLINIC_REPORT = DOCS / "evaluation" / "gate-clinic" / "report.json"
+SITE_B_REPORT = DOCS / "evaluation" / "commission-site-b" / "report.json"
 # The pages this test keeps link-clean (the others have owners of their own).
 OWN_PAGES = ["operator-guide.md", "architecture.md", "settings.md", "results.md", "results-log.md"]
 
@@ -154,6 +155,28 @@ def test_readme_gate_figures_are_the_committed_clinic_report() -> None:
     (paragraph,) = [p for p in readme.split("\n\n") if f"{report['series']} synthetic series" in p]
     paragraph = " ".join(paragraph.split())
     assert f"gate `{report['gate']['version']}` on segmenter `{report['meta']['segmenter_version']}`" in paragraph
+
+
+def site_b_phrases(report: dict[str, Any]) -> list[str]:
+    """The README's site-B sentence: before and after commissioning, as the committed report has them."""
+    phrases = [f"**{report['normals_used']}** of its normal series"]
+    for side in ("before", "after"):
+        o = report[side]
+        phrases.append(
+            f"**{o['manual_share'] * 100:.1f} %** to a person (recall of Dice < 0.95 "
+            f"**{o['recall_dice_lt_095']:.2f}**, **{o['normals_to_manual'] * 100:.1f} %** of normals)"
+        )
+    return phrases
+
+
+def test_site_b_report_has_the_issue_format_and_the_readme_its_numbers() -> None:
+    report = _report(SITE_B_REPORT)
+    assert {"site_profile", "normals_used", "failure_prevalence", "before", "after"} <= set(report)
+    assert report["normals_used"] <= 96
+    for side in ("before", "after"):
+        assert {"manual_share", "recall_dice_lt_095", "normals_to_manual"} <= set(report[side])
+    readme = " ".join(_readme().split())
+    assert [phrase for phrase in site_b_phrases(report) if phrase not in readme] == []
 
 
 @pytest.mark.parametrize("report_dir", ["gate-clinic", "gate-test50", "gate-large300"])

@@ -193,3 +193,11 @@ def test_leaked_series_names_the_model_and_the_series(tmp_path: Path) -> None:
     assert leaked_series(["9.9"], {"--model": tmp_path}) is None
     problem = leaked_series(["9.9", "1.2.3"], {"--model": tmp_path})
     assert problem is not None and "1.2.3" in problem and "--model" in problem
+
+
+def test_false_flag_reasons_read_as_words_in_the_html() -> None:
+    from models.commission.report import _reasons
+
+    assert _reasons({}) == "none"
+    assert _reasons({"metal": 1, "gate_evidence": 2}) == "gate_evidence 2, metal 1"
+    assert _reasons({"<b>": 1}) == "&lt;b&gt; 1"

@@ -66,6 +66,11 @@ def next_steps(candidates: dict[str, str | None], shadow_days: int) -> list[str]
     return steps
 
 
+def _reasons(counts: dict[str, int]) -> str:
+    """ "gate_evidence 2, metal 1" (escaped), or "none" when no normal was flagged."""
+    return html.escape(", ".join(f"{k} {v}" for k, v in sorted(counts.items()))) if counts else "none"
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -148,7 +153,7 @@ def render_html(report: dict[str, Any], images: dict[str, str]) -> str:
         "<h2>False flags of held-out normals</h2>",
         f"<p><b>{ev['false_flags']} of {ev['held_out_normals']}</b> held-out normal series were sent to manual "
         f"contouring: {_pct(ev['false_flag_rate'])} (exact 95 % CI {_pct(lo)} – {_pct(hi)}); target "
-        f"{_pct(ev['target_false_flag_rate'])}. Reasons: {html.escape(json.dumps(ev['false_flag_reasons']))}.</p>",
+        f"{_pct(ev['target_false_flag_rate'])}. Reasons: {_reasons(ev['false_flag_reasons'])}.</p>",
     ]
     if "fused" in images:
         parts.append(f"<img alt='fused statistic' src='data:image/png;base64,{images['fused']}'>")

@@ -38,6 +38,8 @@ def test_quick_curve_writes_the_report_and_resumes_without_redoing_work(
     assert {"failures", "per_type", "normals_minus_shipped", "chosen_types"} <= set(details)
     assert {"tumor", "truncation", "normal"} <= set(details["per_type"])
     assert (out / "curve.png").stat().st_size > 1000
+    assert report["wall_s"] > 0 and report["series_s"] > 0
+    assert 0 < report["fine_tune_s"] <= report["wall_s"]
     results = sorted((out / "runs").glob("*/result.json"))
     assert [p.parent.name for p in results] == [
         "gan-k002",
@@ -54,3 +56,5 @@ def test_quick_curve_writes_the_report_and_resumes_without_redoing_work(
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads((out / "report.json").read_text())
     assert again["strategies"] == report["strategies"]
+    # the cost of the whole experiment survives the resume: the fine-tunes and series are not re-timed
+    assert (again["fine_tune_s"], again["series_s"]) == (report["fine_tune_s"], report["series_s"])

@@ -33,6 +33,7 @@ DOCS = ROOT / "docs"
 REAL_CT_REPORT = DOCS / "evaluation" / "real-ct" / "report.json"
 GATE_CLINIC_REPORT = DOCS / "evaluation" / "gate-clinic" / "report.json"
 SITE_B_REPORT = DOCS / "evaluation" / "commission-site-b" / "report.json"
+ACTIVE_LEARNING_REPORT = DOCS / "evaluation" / "active-learning-curve" / "report.json"
 # The pages this test keeps link-clean (the others have owners of their own).
 OWN_PAGES = ["operator-guide.md", "architecture.md", "settings.md", "results.md", "results-log.md"]
 
@@ -177,6 +178,29 @@ def test_site_b_report_has_the_issue_format_and_the_readme_its_numbers() -> None
         assert {"manual_share", "recall_dice_lt_095", "normals_to_manual"} <= set(report[side])
     readme = " ".join(_readme().split())
     assert [phrase for phrase in site_b_phrases(report) if phrase not in readme] == []
+
+
+def active_learning_phrases(report: dict[str, Any]) -> list[str]:
+    """The README's label-efficiency sentence: random's Dice at its largest budget, and per strategy the
+    labels it needs to reach that Dice, as the committed report has them."""
+    random = report["strategies"]["random"]
+    phrases = [f"with **{report['random_max_budget']}** contours a mean Dice of **{random['dice'][-1]:.3f}**"]
+    for name, budget in report["labels_to_match_random"].items():
+        if name != "random":
+            phrases.append(f"`{name}` **{budget}**" if budget is not None else f"`{name}` **not within 40**")
+    return phrases
+
+
+def test_active_learning_report_has_the_issue_format_and_the_readme_its_numbers() -> None:
+    report = _report(ACTIVE_LEARNING_REPORT)
+    assert report["random_max_budget"] == max(report["budgets"])
+    assert {"gan", "gate", "entropy", "diverse", "random"} <= set(report["strategies"])
+    for curve in report["strategies"].values():
+        assert curve["budgets"] == report["budgets"] and len(curve["dice"]) == len(curve["budgets"])
+    assert report["setup"]["pool_series"] >= 200 and report["setup"]["random_repeats"] >= 3
+    assert (ACTIVE_LEARNING_REPORT.parent / "curve.png").is_file()
+    readme = " ".join(_readme().split())
+    assert [phrase for phrase in active_learning_phrases(report) if phrase not in readme] == []
 
 
 @pytest.mark.parametrize("report_dir", ["gate-clinic", "gate-test50", "gate-large300"])

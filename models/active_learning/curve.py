@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGETS = (5, 10, 20, 40)
 QUICK = {"pool_series": 16, "test_per_type": 1, "budgets": (2, 4), "strategies": ("gan", "random"), "steps": 3}
 QUICK_TYPES = ("tumor", "truncation")
-#: Seconds per series to render and score it at matrix 256 on one core (measured: the estimate's prior).
-SECONDS_PER_SERIES_256 = 9.0
+#: Seconds per series to render and score it at matrix 256 in one of two processes on 2 cores (measured
+#: 2026-12-07: 196 pool series in 73 min with --jobs 2; the estimate's prior).
+SECONDS_PER_SERIES_256 = 45.0
 
 
 def register(what: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -136,8 +137,16 @@ def run_cli(args: argparse.Namespace) -> int:
     results, shipped = fine_tune_all(
         args=args, opts=opts, runs=runs, out=out, model_dirs=model_dirs, pool=pool, test=test, replay=replay_plan
     )
-    report = write_report(args=args, opts=opts, out=out, results=results, shipped=shipped, pool=pool, test=test)
-    report["wall_s"] = round(time.monotonic() - t0, 1)
+    report = write_report(
+        args=args,
+        opts=opts,
+        out=out,
+        results=results,
+        shipped=shipped,
+        pool=pool,
+        test=test,
+        wall_s=time.monotonic() - t0,
+    )
     print(
         f"report written to {out / 'report.json'} and {out / 'curve.png'}; labels to match random at "
         f"K={report['random_max_budget']}: {json.dumps(report['labels_to_match_random'])}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,6 +194,7 @@ def _score_one(job: tuple[PlannedSeries, str, dict[str, str], bool]) -> dict[str
     from service.segmentation import frame_series, prepare_volume
 
     planned, folder, model_dirs, with_scores = job
+    t0 = time.monotonic()
     models = _models(model_dirs)
     series, liver = render(planned.spec)
     scores: dict[str, Any] = {
@@ -232,6 +234,7 @@ def _score_one(job: tuple[PlannedSeries, str, dict[str, str], bool]) -> dict[str
         liver=framing.mask_to_field(liver),
     )
     tmp.replace(path)
+    scores["seconds"] = round(time.monotonic() - t0, 2)
     path.with_suffix(".json").write_text(json.dumps(scores) + "\n")
     return scores
 

@@ -98,8 +98,14 @@ def write_report(
     shipped: dict[str, float],
     pool: list[dict[str, Any]],
     test: list[dict[str, Any]],
+    wall_s: float,
 ) -> dict[str, Any]:
     """Write DIR/report.json and DIR/curve.png; return the report.
+
+    `wall_s`: this invocation's wall time; `fine_tune_s` sums every run's own time, cached ones
+    included, and `series_s` every series' render-and-score time (one process each; None when a
+    series was cached by a version that did not time it), so a run continued after a stop still
+    states what the whole experiment cost.
 
     `strategies[NAME]`: `budgets`, `dice` (mean Dice on the held-out failures; random: mean over its
     seeds per series), `ci` (95 % bootstrap over test series), `details` per budget (per type,
@@ -138,6 +144,11 @@ def write_report(
         "labels_to_match_random": labels_to_match(strategies, target),
         "measured_on": "mean 3-D Dice over the held-out anomalous series (failures), network resolution",
         "budgets": list(opts["budgets"]),
+        "wall_s": round(wall_s, 1),
+        "fine_tune_s": round(sum(r["seconds"] for r in results.values()), 1),
+        "series_s": (
+            round(sum(s["seconds"] for s in pool + test), 1) if all("seconds" in s for s in pool + test) else None
+        ),
         "shipped": shipped_summary,
         "setup": {
             "pool_series": len(pool),
